@@ -1,0 +1,195 @@
+"""The catalog of a cache root: list, find, describe and verify entries."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from embedkit.errors import CacheNotFoundError
+from embedkit.store.entry import FeatureEntry, _read_attrs, entry_relpaths, resolve_entry
+from embedkit.store.root import CacheRoot
+
+__all__ = [
+    "EntrySummary",
+    "find_entry",
+    "list_entries",
+    "render_entries",
+    "render_info",
+    "verify_root",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class EntrySummary:
+    """One row of ``embedkit cache ls``."""
+
+    relpath: str
+    digest: str
+    dataset: str
+    model: str
+    resolution: int
+    poolings: dict[str, int]  # pooling -> feature dim (last axis)
+    n_images: int
+    storage_dtype: str
+    complete: bool
+    units_done: int
+    units_total: int
+    bytes_on_disk: int
+    created_at: str
+    created_by: str
+
+    @property
+    def status(self) -> str:
+        return "complete" if self.complete else f"partial {self.units_done}/{self.units_total}"
+
+
+def _summary(root: CacheRoot, relpath: str) -> EntrySummary:
+    attrs = _read_attrs(root, relpath)
+    key = attrs["key"]
+    prov = attrs.get("provenance") or {}
+    by = prov.get("created_by") or attrs.get("created_by") or {}
+    if isinstance(by, dict):
+        by = f"{by.get('user', '')}@{by.get('host', '?')}".lstrip("@")
+    units = [n for n in root.listdir(f"{relpath}/units") if n.endswith(".json")]
+    return EntrySummary(
+        relpath=relpath,
+        digest=str(attrs.get("digest", "")),
+        dataset=key["dataset"],
+        model=key["model"],
+        resolution=int(key["resolution"]),
+        poolings={p: int(spec["shape"][-1]) for p, spec in attrs["poolings"].items()},
+        n_images=int(attrs["n_images"]),
+        storage_dtype=key["storage_dtype"],
+        complete=root.exists(f"{relpath}/COMPLETE.json"),
+        units_done=len(units),
+        units_total=int(attrs["n_units"]),
+        bytes_on_disk=root.size_bytes(relpath),
+        created_at=str(prov.get("created_at") or attrs.get("created_at", "")),
+        created_by=str(by),
+    )
+
+
+def list_entries(root: CacheRoot) -> list[EntrySummary]:
+    """Every entry under ``root`` (complete and partial), sorted by path."""
+    out = []
+    for relpath in entry_relpaths(root):
+        try:
+            out.append(_summary(root, relpath))
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+            continue  # not an embedkit entry, or its layout was never finished
+    return out
+
+
+def find_entry(root: CacheRoot, query: str, *, allow_partial: bool = True) -> FeatureEntry:
+    """Open the entry named by a full digest, a unique digest prefix (>= 6), or a path.
+
+    A path may be relative to the root or absolute; an absolute local path outside the root
+    is opened against its own root (three levels up: ``<root>/<dataset>/<model>/<x>.zarr``).
+    """
+    q = query.strip()
+    path = Path(q)
+    if path.is_absolute():
+        if root.local_path is not None and path.resolve().is_relative_to(root.local_path):
+            return FeatureEntry.open(
+                root,
+                path.resolve().relative_to(root.local_path).as_posix(),
+                allow_partial=allow_partial,
+            )
+        resolved = path.resolve()
+        if len(resolved.parts) < 4:
+            raise CacheNotFoundError(
+                f"{q} is not a cache entry path (<root>/<dataset>/<model>/<x>.zarr)."
+            )
+        other = CacheRoot.from_uri(resolved.parents[2])
+        return FeatureEntry.open(other, "/".join(resolved.parts[-3:]), allow_partial=allow_partial)
+    return FeatureEntry.open(root, resolve_entry(root, q), allow_partial=allow_partial)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def render_entries(summaries: list[EntrySummary]) -> Table:
+    """A rich table for ``embedkit cache ls``."""
+    table = Table(title="Feature cache entries")
+    for col in (
+        "digest",
+        "dataset",
+        "model",
+        "res",
+        "poolings",
+        "N",
+        "dtype",
+        "status",
+        "size",
+        "created",
+    ):
+        table.add_column(col, justify="right" if col in {"res", "N", "size"} else "left")
+    for s in summaries:
+        table.add_row(
+            s.digest[:12],
+            s.dataset,
+            s.model,
+            str(s.resolution),
+            ", ".join(f"{p}:{d}" for p, d in s.poolings.items()),
+            str(s.n_images),
+            s.storage_dtype,
+            s.status,
+            _human(s.bytes_on_disk),
+            f"{s.created_at} {s.created_by}".strip(),
+        )
+    return table
+
+
+def render_info(info: dict[str, Any]) -> str:
+    """Readable text for ``embedkit cache info`` (from :meth:`FeatureEntry.info`)."""
+    key = info["key"]
+    lines = [
+        f"entry      {info['uri']}",
+        f"digest     {info['digest']}",
+        f"dataset    {key['dataset']}  ({info['n_images']} images)",
+        f"model      {key['model']}  weights {key['weights']}",
+        f"resolution {key['resolution']} px  compute {key['compute_dtype']}  "
+        f"storage {key['storage_dtype']}",
+        f"preprocess {key['preprocessing']}",
+        "poolings   "
+        + ", ".join(
+            f"{p} {spec['dtype']} {tuple(spec['shape'])}" for p, spec in info["poolings"].items()
+        ),
+        f"units      {info['units_done']} of {info['units_total']} written "
+        f"({info['unit_rows']} rows each)",
+        f"on disk    {_human(info['bytes_on_disk'])}  compression {info.get('compression')}",
+        f"created    {info.get('created_at')} by {info.get('created_by')}",
+    ]
+    done = info.get("completion")
+    if done:
+        lines.append(
+            f"complete   {done['completed_at']} after {done['elapsed_s']} s; "
+            f"{done['n_valid']} valid, {len(done['skipped'])} skipped"
+        )
+    else:
+        lines.append("complete   no (partial entry)")
+    if info.get("provenance"):
+        lines.append("provenance " + json.dumps(info["provenance"], sort_keys=True, default=str))
+    return "\n".join(lines)
+
+
+def verify_root(root: CacheRoot) -> dict[str, list[str]]:
+    """Problems per entry relpath (an empty list means that entry is healthy)."""
+    results: dict[str, list[str]] = {}
+    for relpath in entry_relpaths(root):
+        try:
+            entry = FeatureEntry.open(root, relpath, allow_partial=True)
+        except (CacheNotFoundError, KeyError, ValueError) as exc:
+            results[relpath] = [f"cannot open: {exc}"]
+            continue
+        results[relpath] = entry.verify()
+    return results

@@ -1,0 +1,818 @@
+"""One feature cache entry: a Zarr v3 group written unit by unit, resumable, verified.
+
+Layout inside ``<root>/<key.relpath()>``::
+
+    zarr.json                 group attrs: key, provenance, unit_rows, n_units, poolings, ...
+    features/<pooling>        (N, D) or (N, h, w, D); one chunk per work unit, no sharding
+    ids                       (N,) str
+    valid                     (N,) bool, False for images skipped as unreadable
+    units/<u:06d>.json        per-unit completion record, written atomically after its chunks
+    COMPLETE.json             written last by finalize(); the entry is complete iff it exists
+
+Each work unit is exactly one chunk of every array, so writers of different units never touch
+the same object (zarr loses data when writers share a shard). Two writers of the *same* unit are
+prevented by :meth:`FeatureEntry.lock` (local roots) or by running one writer per entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import operator
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import filelock
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+from zarr.core.array_spec import ArrayConfigParams
+from zarr.core.buffer.cpu import NDBuffer
+
+from embedkit.errors import (
+    CacheNotFoundError,
+    CacheWriteError,
+    EntryExistsError,
+    IncompleteEntryError,
+    IntegrityError,
+)
+from embedkit.store.key import CacheKey, digest_ids
+from embedkit.store.root import CacheRoot
+
+__all__ = [
+    "COMPRESSIONS",
+    "DERIVED_POOLINGS",
+    "ZSTD_LEVEL",
+    "FeatureEntry",
+    "entry_relpaths",
+    "remove_entry",
+    "resolve_entry",
+]
+
+#: Derived poolings served by concatenating stored ones along the feature axis.
+DERIVED_POOLINGS: dict[str, tuple[str, ...]] = {
+    "cls+mean": ("cls", "mean"),
+    "pooled+mean": ("pooled", "mean"),
+}
+#: ``compression=`` choices for new entries.
+COMPRESSIONS = ("zstd", "none")
+#: zstd level for new entries: level 1 saves ~8% on float16 features at ~0.9 GB/s per core;
+#: higher levels save nothing more and are slower (see benchmarks/RESULTS.md).
+ZSTD_LEVEL = 1
+LAYOUT_VERSION = 1
+PATCH_POOLING = "patch"
+
+_RUNTIME_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
+_UNIT_FILE = re.compile(r"^(\d{6})\.json$")
+_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="embedkit-sha256")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _writer() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _sha256(a: np.ndarray) -> str:
+    # hashlib releases the GIL on large buffers, so this runs beside zarr's encoding.
+    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data).hexdigest()
+
+
+def _nonfinite_rows(a: np.ndarray) -> np.ndarray:
+    """Boolean (rows,) mask of rows holding NaN or Inf."""
+    flat = a.reshape(a.shape[0], -1)
+    if a.dtype == np.float16:
+        bits = flat.view(np.uint16) & np.uint16(0x7C00)
+        return np.asarray((bits == np.uint16(0x7C00)).any(axis=1))
+    if a.dtype == np.float32:
+        bits32 = flat.view(np.uint32) & np.uint32(0x7F800000)
+        return np.asarray((bits32 == np.uint32(0x7F800000)).any(axis=1))
+    return np.asarray(~np.isfinite(flat).all(axis=1))
+
+
+def _fmt_ids(ids: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(ids[:limit])
+    return shown + (f", ... and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def _lock_for(root: CacheRoot, relpath: str) -> contextlib.AbstractContextManager[Any]:
+    if root.local_path is None:
+        return contextlib.nullcontext()
+    path = root.local_path / f"{relpath}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One lock object per path in this process: re-entrant here, exclusive across processes.
+    return filelock.FileLock(str(path), is_singleton=True, thread_local=False)
+
+
+def entry_relpaths(root: CacheRoot) -> list[str]:
+    """Relative paths of every entry directory under ``root`` (``<dataset>/<model>/<x>.zarr``)."""
+    return [p for p in root.glob("*/*/*.zarr") if root.exists(f"{p}/zarr.json")]
+
+
+def _read_attrs(root: CacheRoot, relpath: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(root.read_bytes(f"{relpath}/zarr.json"))
+    except FileNotFoundError as exc:
+        raise CacheNotFoundError(
+            f"No cache entry at {root.url(relpath)}. List entries with `embedkit cache ls`."
+        ) from exc
+    attrs = meta.get("attributes", {})
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def resolve_entry(root: CacheRoot, query: str | CacheKey) -> str:
+    """Relative path of the entry named by a key, a relative path, or a digest (prefix >= 6)."""
+    if isinstance(query, CacheKey):
+        return query.relpath()
+    q = query.strip().rstrip("/")
+    if q.endswith(".zarr") or "/" in q:
+        return q
+    if not re.fullmatch(r"[0-9a-f]{6,64}", q):
+        raise CacheNotFoundError(
+            f"Expected a cache entry digest (at least 6 hex characters) or an entry path, "
+            f"got {query!r} instead. List entries with `embedkit cache ls`."
+        )
+    matches = []
+    for rp in entry_relpaths(root):
+        short = rp.rsplit("-", 1)[-1].removesuffix(".zarr")
+        if not short.startswith(q[:16]):
+            continue
+        if len(q) > 16 and not str(_read_attrs(root, rp).get("digest", "")).startswith(q):
+            continue
+        matches.append(rp)
+    if not matches:
+        raise CacheNotFoundError(
+            f"No cache entry under {root.url()} has a digest starting with {q!r}. "
+            "List entries with `embedkit cache ls`."
+        )
+    if len(matches) > 1:
+        raise CacheNotFoundError(
+            f"The digest prefix {q!r} is ambiguous; it matches {len(matches)} entries:\n"
+            + "\n".join(f"  {m}" for m in matches)
+            + "\nGive more characters of the digest."
+        )
+    return matches[0]
+
+
+class FeatureEntry:
+    """A feature cache entry. Build it with :meth:`create_or_open` (writers) or :meth:`open`."""
+
+    def __init__(
+        self, root: CacheRoot, relpath: str, attrs: Mapping[str, Any], *, writable: bool
+    ) -> None:
+        self.root = root
+        self.relpath = relpath
+        self.key = CacheKey.from_dict(attrs["key"])
+        self.unit_rows = int(attrs["unit_rows"])
+        self.n_units = int(attrs["n_units"])
+        self.n_images = int(attrs["n_images"])
+        self.attrs = dict(attrs)
+        self.shapes: dict[str, tuple[int, ...]] = {
+            name: tuple(spec["shape"][1:]) for name, spec in attrs["poolings"].items()
+        }
+        self.dtypes: dict[str, np.dtype[Any]] = {
+            name: np.dtype(spec["dtype"]) for name, spec in attrs["poolings"].items()
+        }
+        self._writable = writable
+        self._store = root.zarr_store(relpath, read_only=not writable)
+        self._arrays: dict[str, zarr.Array] = {}
+        self._ids: tuple[str, ...] | None = None
+        self._row_of: dict[str, int] | None = None
+
+    # ---- construction -------------------------------------------------------------------
+
+    @classmethod
+    def create_or_open(
+        cls,
+        root: CacheRoot,
+        key: CacheKey,
+        *,
+        ids: Sequence[str],
+        shapes: Mapping[str, tuple[int, ...]],
+        unit_rows: int,
+        provenance: Mapping[str, object],
+        compression: str = "zstd",
+    ) -> FeatureEntry:
+        """Create the entry for ``key``, or reopen it to resume.
+
+        ``shapes`` maps each pooling of ``key.poolings`` to its per-image shape, e.g.
+        ``{"cls": (768,), "patch": (32, 32, 768)}``. An existing entry must match ``key``,
+        ``ids`` and ``shapes`` (else :class:`IntegrityError`); its ``unit_rows`` and
+        compression are kept.
+        """
+        ids = list(ids)
+        if len(ids) != key.n_images:
+            raise IntegrityError(
+                f"Expected {key.n_images} image ids (key.n_images), got {len(ids)} instead."
+            )
+        if digest_ids(ids) != key.ids_digest:
+            raise IntegrityError(
+                "The image ids do not match key.ids_digest: the key was built for another id "
+                "list or order. Build the key with digest_ids(ids) of these ids."
+            )
+        if set(shapes) != set(key.poolings):
+            raise IntegrityError(
+                f"Expected shapes for exactly the key's poolings {list(key.poolings)}, "
+                f"got {sorted(shapes)} instead."
+            )
+        norm_shapes = {p: tuple(int(d) for d in shapes[p]) for p in key.poolings}
+        for p, shape in norm_shapes.items():
+            if not shape or any(d <= 0 for d in shape):
+                raise IntegrityError(f"Pooling {p!r}: expected a per-image shape, got {shape}.")
+        if isinstance(unit_rows, bool) or not isinstance(unit_rows, int) or unit_rows <= 0:
+            raise ValueError(f"Expected unit_rows > 0, got {unit_rows!r} instead.")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"Expected compression in {COMPRESSIONS}, got {compression!r}.")
+
+        relpath = key.relpath()
+        with _lock_for(root, relpath):
+            attrs = cls._existing_attrs(root, relpath)
+            if attrs is None:
+                attrs = cls._create(
+                    root, relpath, key, ids, norm_shapes, unit_rows, provenance, compression
+                )
+            entry = cls(root, relpath, attrs, writable=True)
+            if entry.key != key:
+                raise IntegrityError(
+                    f"The entry at {entry.uri} holds another key (digest {entry.key.digest()}, "
+                    f"expected {key.digest()}). Remove it with --overwrite."
+                )
+            if entry.shapes != norm_shapes:
+                raise IntegrityError(
+                    f"The entry at {entry.uri} stores shapes {entry.shapes}, but this run "
+                    f"produces {norm_shapes}. The encoder output changed without a key change; "
+                    "fix the key (weights/preprocessing) or remove the entry with --overwrite."
+                )
+            return entry
+
+    @staticmethod
+    def _existing_attrs(root: CacheRoot, relpath: str) -> dict[str, Any] | None:
+        """Attrs of a fully laid-out entry, or None (missing, or creation was interrupted)."""
+        try:
+            meta = json.loads(root.read_bytes(f"{relpath}/zarr.json"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        attrs = meta.get("attributes") or {}
+        return attrs if attrs.get("layout_version") == LAYOUT_VERSION else None
+
+    @staticmethod
+    def _create(
+        root: CacheRoot,
+        relpath: str,
+        key: CacheKey,
+        ids: Sequence[str],
+        shapes: Mapping[str, tuple[int, ...]],
+        unit_rows: int,
+        provenance: Mapping[str, object],
+        compression: str,
+    ) -> dict[str, Any]:
+        if root.exists(relpath):
+            root.remove_tree(relpath)  # half-created earlier: no unit can have been written
+        n = key.n_images
+        unit_rows = min(unit_rows, n)
+        n_units = -(-n // unit_rows)
+        compressors = [ZstdCodec(level=ZSTD_LEVEL)] if compression == "zstd" else None
+        poolings: dict[str, dict[str, Any]] = {}
+        store = root.zarr_store(relpath)
+        try:
+            zarr.create_group(store, zarr_format=3, overwrite=True)
+            for p in key.poolings:
+                dtype = "float16" if p == PATCH_POOLING else key.storage_dtype
+                shape = (n, *shapes[p])
+                zarr.create_array(
+                    store,
+                    name=f"features/{p}",
+                    shape=shape,
+                    dtype=dtype,
+                    chunks=(unit_rows, *shapes[p]),
+                    compressors=compressors,
+                    filters=None,
+                    fill_value=0,
+                    dimension_names=None,
+                    config=_RUNTIME_CONFIG,
+                )
+                poolings[p] = {"shape": list(shape), "dtype": dtype}
+            ids_arr = zarr.create_array(
+                store, name="ids", shape=(n,), dtype=str, chunks=(min(n, 1 << 18),)
+            )
+            ids_arr[:] = np.array(list(ids), dtype=object)
+            zarr.create_array(
+                store,
+                name="valid",
+                shape=(n,),
+                dtype="bool",
+                chunks=(unit_rows,),
+                compressors=None,
+                fill_value=False,
+                config=_RUNTIME_CONFIG,
+            )
+            attrs: dict[str, Any] = {
+                "embedkit": "feature-entry",
+                "key": key.to_dict(),
+                "digest": key.digest(),
+                "provenance": dict(provenance),
+                "unit_rows": unit_rows,
+                "n_units": n_units,
+                "n_images": n,
+                "poolings": poolings,
+                "compression": {"name": compression, "level": ZSTD_LEVEL}
+                if compression == "zstd"
+                else {"name": "none"},
+                "created_at": _now(),
+                "created_unix": time.time(),
+                "created_by": _writer(),
+                # Written last (one metadata PUT / file write): marks the layout as complete.
+                "layout_version": LAYOUT_VERSION,
+            }
+            zarr.open_group(store, mode="r+").attrs.put(attrs)
+        except OSError as exc:
+            raise CacheWriteError(
+                f"Cannot create the cache entry {root.url(relpath)}: {exc}. "
+                "Check permissions and free space, or choose another --cache."
+            ) from exc
+        return attrs
+
+    @classmethod
+    def open(
+        cls,
+        root: CacheRoot,
+        key_or_relpath_or_digest: CacheKey | str,
+        *,
+        allow_partial: bool = False,
+    ) -> FeatureEntry:
+        """Open an entry for reading; incomplete entries need ``allow_partial=True``."""
+        relpath = resolve_entry(root, key_or_relpath_or_digest)
+        attrs = cls._existing_attrs(root, relpath)
+        if attrs is None:
+            raise CacheNotFoundError(
+                f"No cache entry at {root.url(relpath)}. Run `embedkit extract` to create it, "
+                "or list existing entries with `embedkit cache ls`."
+            )
+        entry = cls(root, relpath, attrs, writable=False)
+        if not allow_partial and not entry.is_complete:
+            raise IncompleteEntryError(
+                f"The cache entry {entry.uri} is incomplete: {len(entry.done_units())} of "
+                f"{entry.n_units} units written; rerun the same `embedkit extract` command to "
+                "finish it, or pass --allow-partial to read what is there."
+            )
+        return entry
+
+    # ---- basic facts --------------------------------------------------------------------
+
+    @property
+    def uri(self) -> str:
+        """Absolute path or URL of the entry."""
+        return self.root.url(self.relpath)
+
+    path = uri
+
+    @property
+    def poolings(self) -> tuple[str, ...]:
+        return tuple(self.shapes)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        if self._ids is None:
+            self._ids = tuple(str(x) for x in np.asarray(self._array("ids")[:]).tolist())
+        return self._ids
+
+    def _array(self, name: str) -> zarr.Array:
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = zarr.open_array(self._store, path=name, config=_RUNTIME_CONFIG)
+            self._arrays[name] = arr
+        return arr
+
+    def _feature(self, pooling: str) -> zarr.Array:
+        return self._array(f"features/{pooling}")
+
+    def unit_bounds(self, u: int) -> tuple[int, int]:
+        """Rows ``[start, stop)`` of unit ``u``."""
+        if not 0 <= u < self.n_units:
+            raise IndexError(f"Expected a unit in [0, {self.n_units}), got {u} instead.")
+        start = u * self.unit_rows
+        return start, min(start + self.unit_rows, self.n_images)
+
+    def _unit_path(self, u: int) -> str:
+        return f"{self.relpath}/units/{u:06d}.json"
+
+    def done_units(self) -> set[int]:
+        """Units whose completion record exists."""
+        done = set()
+        for name in self.root.listdir(f"{self.relpath}/units"):
+            m = _UNIT_FILE.match(name)
+            if m and int(m.group(1)) < self.n_units:
+                done.add(int(m.group(1)))
+        return done
+
+    def pending_units(self) -> list[int]:
+        """Units without a completion record, in order."""
+        done = self.done_units()
+        return [u for u in range(self.n_units) if u not in done]
+
+    def unit_record(self, u: int) -> dict[str, Any]:
+        """The completion record of unit ``u``."""
+        self.unit_bounds(u)
+        try:
+            record: dict[str, Any] = json.loads(self.root.read_bytes(self._unit_path(u)))
+        except FileNotFoundError as exc:
+            raise IncompleteEntryError(f"Unit {u} of {self.uri} has not been written.") from exc
+        return record
+
+    @property
+    def is_complete(self) -> bool:
+        return self.root.exists(f"{self.relpath}/COMPLETE.json")
+
+    def completion(self) -> dict[str, Any] | None:
+        """The COMPLETE.json record, or None while incomplete."""
+        try:
+            record: dict[str, Any] = json.loads(
+                self.root.read_bytes(f"{self.relpath}/COMPLETE.json")
+            )
+        except FileNotFoundError:
+            return None
+        return record
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive per-entry writer lock, held by the engine for the whole extraction.
+
+        Local roots: a :class:`filelock.FileLock` on ``<entry>.lock`` (re-entrant within one
+        process). Other roots: a no-op; only one writer per entry is supported there until
+        leases land.
+        """
+        with _lock_for(self.root, self.relpath):
+            yield
+
+    # ---- writing ------------------------------------------------------------------------
+
+    def write_unit(
+        self,
+        u: int,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        valid: np.ndarray,
+        skipped: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Write the features of unit ``u`` (all stored poolings), then its completion record.
+
+        Rows where ``valid`` is False are stored as zeros and must be listed in ``skipped``
+        as ``(image_id, reason)``. NaN/Inf in valid rows, including float16 overflow of the
+        cast, raise :class:`IntegrityError` naming the image ids.
+        """
+        if not self._writable:
+            raise CacheWriteError(
+                f"{self.uri} was opened for reading; use FeatureEntry.create_or_open to write."
+            )
+        u = operator.index(u)
+        start, stop = self.unit_bounds(u)
+        rows = stop - start
+        if self.root.exists(self._unit_path(u)):
+            raise EntryExistsError(
+                f"Unit {u} of {self.uri} is already written; units are immutable "
+                "(remove the entry with --overwrite to recompute it)."
+            )
+        if set(arrays) != set(self.shapes):
+            raise IntegrityError(
+                f"Unit {u}: expected arrays for poolings {sorted(self.shapes)}, "
+                f"got {sorted(arrays)} instead."
+            )
+        valid = np.asarray(valid)
+        if valid.dtype != np.bool_ or valid.shape != (rows,):
+            raise IntegrityError(
+                f"Unit {u}: expected `valid` as a bool array of shape ({rows},), got "
+                f"{valid.dtype} {valid.shape} instead."
+            )
+        unit_ids = self.ids[start:stop]
+        invalid_ids = {unit_ids[i] for i in np.flatnonzero(~valid)}
+        skipped = [(str(i), str(why)) for i, why in skipped]
+        if {i for i, _ in skipped} != invalid_ids:
+            raise IntegrityError(
+                f"Unit {u}: `skipped` must list exactly the images marked invalid; invalid "
+                f"without a reason: {_fmt_ids(sorted(invalid_ids - {i for i, _ in skipped}))}; "
+                "listed but valid or not in this unit: "
+                f"{_fmt_ids(sorted({i for i, _ in skipped} - invalid_ids))}."
+            )
+
+        stored: dict[str, np.ndarray] = {}
+        for name, src in arrays.items():
+            src = np.asarray(src)
+            expected = (rows, *self.shapes[name])
+            if src.shape != expected:
+                raise IntegrityError(
+                    f"Unit {u}, pooling {name!r}: expected shape {expected}, got {src.shape}."
+                )
+            if src.dtype.kind not in "fiu":
+                raise IntegrityError(
+                    f"Unit {u}, pooling {name!r}: expected a numeric array, got {src.dtype}."
+                )
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below
+                out = np.ascontiguousarray(src.astype(self.dtypes[name], copy=False))
+            bad = _nonfinite_rows(out) & valid
+            if bad.any():
+                bad_ids = [unit_ids[i] for i in np.flatnonzero(bad)]
+                src_bad = _nonfinite_rows(src) & valid if src.dtype.kind == "f" else bad & False
+                if src_bad.any():
+                    why = "contain NaN or Inf"
+                    fix = "Check the encoder, its compute dtype and the inputs."
+                else:
+                    why = (
+                        f"overflow {self.dtypes[name]} when cast from {src.dtype} "
+                        f"(|x| > {float(np.finfo(self.dtypes[name]).max)})"
+                    )
+                    fix = "Use storage dtype float32 if such values are legitimate."
+                raise IntegrityError(
+                    f"Unit {u}, pooling {name!r}: the features of {len(bad_ids)} image(s) {why}: "
+                    f"{_fmt_ids(bad_ids)}. {fix}"
+                )
+            if not valid.all():
+                if np.shares_memory(out, src):
+                    out = out.copy()
+                out[~valid] = 0
+            stored[name] = out
+
+        valid_u8 = np.ascontiguousarray(valid)
+        futures: dict[str, Future[str]] = {
+            f"features/{name}": _HASHERS.submit(_sha256, a) for name, a in stored.items()
+        }
+        futures["valid"] = _HASHERS.submit(_sha256, valid_u8)
+        try:
+            for name, a in stored.items():
+                self._feature(name)[start:stop] = a
+            self._array("valid")[start:stop] = valid_u8
+        except OSError as exc:
+            raise CacheWriteError(f"Writing unit {u} of {self.uri} failed: {exc}") from exc
+        record = {
+            "unit": u,
+            "rows": [start, stop],
+            "checksums": {name: f.result() for name, f in futures.items()},
+            "n_valid": int(valid.sum()),
+            "skipped": [list(s) for s in skipped],
+            "written_at": _now(),
+            "writer": _writer(),
+        }
+        self.root.write_bytes_atomic(self._unit_path(u), json.dumps(record).encode())
+
+    def finalize(self, extra: Mapping[str, object] | None = None) -> None:
+        """Write COMPLETE.json once every unit has its record; the entry is then immutable."""
+        if self.is_complete:
+            raise EntryExistsError(
+                f"{self.uri} is already complete; completed entries are immutable."
+            )
+        missing = self.pending_units()
+        if missing:
+            raise IncompleteEntryError(
+                f"Cannot finalize {self.uri}: {len(missing)} of {self.n_units} units are not "
+                f"written (units {_fmt_ids([str(m) for m in missing], 20)}). Write them first."
+            )
+        n_valid = 0
+        skipped: list[list[str]] = []
+        for u in range(self.n_units):
+            record = self.unit_record(u)
+            n_valid += int(record["n_valid"])
+            skipped.extend(record["skipped"])
+        now = time.time()
+        completion: dict[str, Any] = {
+            "completed_at": _now(),
+            "elapsed_s": round(now - float(self.attrs.get("created_unix", now)), 3),
+            "n_valid": n_valid,
+            "skipped": skipped,
+            "writer": _writer(),
+        }
+        completion.update(extra or {})
+        self.root.write_bytes_atomic(
+            f"{self.relpath}/COMPLETE.json", json.dumps(completion).encode()
+        )
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def _components(self, pooling: str) -> tuple[str, ...]:
+        if pooling in self.shapes:
+            return (pooling,)
+        parts = DERIVED_POOLINGS.get(pooling)
+        if parts is not None and all(p in self.shapes for p in parts):
+            return parts
+        derivable = [d for d, ps in DERIVED_POOLINGS.items() if all(p in self.shapes for p in ps)]
+        raise CacheNotFoundError(
+            f"Pooling {pooling!r} is not stored in {self.uri}; stored: {list(self.shapes)}"
+            + (f", derived: {derivable}" if derivable else "")
+            + ". Re-extract with that pooling to add it."
+        )
+
+    def row_of(self, image_id: str) -> int:
+        if self._row_of is None:
+            self._row_of = {i: r for r, i in enumerate(self.ids)}
+        return self._row_of[image_id]
+
+    def _select(
+        self, ids: Sequence[str] | None, rows: np.ndarray | slice | None
+    ) -> slice | np.ndarray:
+        if ids is not None and rows is not None:
+            raise ValueError("Pass either ids= or rows=, not both.")
+        if ids is not None:
+            if self._row_of is None:
+                self._row_of = {i: r for r, i in enumerate(self.ids)}
+            lookup = self._row_of
+            missing = [i for i in ids if i not in lookup]
+            if missing:
+                raise CacheNotFoundError(
+                    f"{len(missing)} of {len(ids)} requested ids are not in {self.uri}: "
+                    f"{_fmt_ids(missing)}. The entry was extracted for another image list."
+                )
+            return np.fromiter((lookup[i] for i in ids), dtype=np.int64, count=len(ids))
+        if rows is None:
+            return slice(0, self.n_images)
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.n_images)
+            if step == 1:
+                return slice(start, max(start, stop))
+            return np.arange(start, stop, step, dtype=np.int64)
+        idx = np.asarray(rows)
+        if idx.dtype == np.bool_:
+            if idx.shape != (self.n_images,):
+                raise IndexError(f"Expected a bool mask of shape ({self.n_images},).")
+            return np.flatnonzero(idx)
+        idx = idx.astype(np.int64, copy=False).reshape(-1)
+        if idx.size and (idx.min() < -self.n_images or idx.max() >= self.n_images):
+            raise IndexError(f"Row index out of range for {self.n_images} rows.")
+        return np.where(idx < 0, idx + self.n_images, idx)
+
+    def _read_into(self, arr: zarr.Array, sel: slice | np.ndarray, out: np.ndarray) -> None:
+        if out.dtype != arr.dtype:  # cast chunk by chunk: memory stays one chunk
+            if isinstance(sel, slice):
+                for s in range(sel.start, sel.stop, self.unit_rows):
+                    e = min(s + self.unit_rows, sel.stop)
+                    out[s - sel.start : e - sel.start] = arr[s:e]
+            else:
+                for s in range(0, len(sel), self.unit_rows):
+                    part = sel[s : s + self.unit_rows]
+                    out[s : s + len(part)] = arr.get_orthogonal_selection((part,))
+            return
+        buf = NDBuffer.from_numpy_array(out)
+        if isinstance(sel, slice):
+            arr.get_basic_selection(sel, out=buf)
+        elif len(sel):
+            arr.get_orthogonal_selection((sel,), out=buf)
+
+    def read(
+        self,
+        pooling: str,
+        *,
+        ids: Sequence[str] | None = None,
+        rows: np.ndarray | slice | None = None,
+        out_dtype: Any = None,
+    ) -> np.ndarray:
+        """Features of one pooling (stored or derived, e.g. ``"cls+mean"``).
+
+        All rows by default, or the rows of ``ids`` (in that order) or ``rows``. Only the
+        chunks holding those rows are read; the output is allocated once and filled in place.
+        The stored dtype is returned unless ``out_dtype`` is given.
+        """
+        parts = self._components(pooling)
+        sel = self._select(ids, rows)
+        n = (sel.stop - sel.start) if isinstance(sel, slice) else len(sel)
+        if len(parts) == 1:
+            dtype = np.dtype(out_dtype) if out_dtype is not None else self.dtypes[parts[0]]
+            out = np.empty((n, *self.shapes[parts[0]]), dtype=dtype)
+            self._read_into(self._feature(parts[0]), sel, out)
+            return out
+        for p in parts:
+            if len(self.shapes[p]) != 1:
+                raise ValueError(f"Derived pooling {pooling!r} needs 1-D parts; {p} is not.")
+        dtype = (
+            np.dtype(out_dtype)
+            if out_dtype is not None
+            else np.result_type(*(self.dtypes[p] for p in parts))
+        )
+        width = sum(self.shapes[p][0] for p in parts)
+        out = np.empty((n, width), dtype=dtype)
+        offset = 0
+        for p in parts:
+            d = self.shapes[p][0]
+            self._read_into(self._feature(p), sel, out[:, offset : offset + d])
+            offset += d
+        return out
+
+    def valid_mask(self) -> np.ndarray:
+        """(N,) bool: False for images skipped as unreadable (and for unwritten units)."""
+        return np.asarray(self._array("valid")[:], dtype=bool)
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(image_id, reason)`` of every skipped image written so far."""
+        done = self.completion()
+        if done is not None:
+            return [(str(i), str(r)) for i, r in done["skipped"]]
+        out: list[tuple[str, str]] = []
+        for u in sorted(self.done_units()):
+            out.extend((str(i), str(r)) for i, r in self.unit_record(u)["skipped"])
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """Key, provenance, completion, units done/total, bytes on disk, shapes."""
+        return {
+            "relpath": self.relpath,
+            "uri": self.uri,
+            "digest": self.key.digest(),
+            "key": self.key.to_dict(),
+            "provenance": self.attrs.get("provenance", {}),
+            "created_at": self.attrs.get("created_at"),
+            "created_by": self.attrs.get("created_by"),
+            "complete": self.is_complete,
+            "completion": self.completion(),
+            "units_done": len(self.done_units()),
+            "units_total": self.n_units,
+            "unit_rows": self.unit_rows,
+            "n_images": self.n_images,
+            "poolings": self.attrs["poolings"],
+            "compression": self.attrs.get("compression"),
+            "bytes_on_disk": self.root.size_bytes(self.relpath),
+        }
+
+    def verify(self) -> list[str]:
+        """Re-read everything and return the problems found; ``[]`` means healthy."""
+        problems: list[str] = []
+        arrays: dict[str, zarr.Array] = {}
+        for name, spec in self.attrs["poolings"].items():
+            try:
+                arr = self._feature(name)
+            except (FileNotFoundError, KeyError) as exc:
+                problems.append(f"features/{name}: array missing ({exc})")
+                continue
+            if list(arr.shape) != list(spec["shape"]) or str(arr.dtype) != spec["dtype"]:
+                problems.append(
+                    f"features/{name}: expected {spec['dtype']} {tuple(spec['shape'])} per attrs, "
+                    f"found {arr.dtype} {arr.shape}"
+                )
+                continue
+            if arr.chunks[0] != self.unit_rows:
+                problems.append(f"features/{name}: chunk rows {arr.chunks[0]} != {self.unit_rows}")
+            arrays[f"features/{name}"] = arr
+        try:
+            stored_ids = self.ids
+            if len(stored_ids) != self.n_images or digest_ids(stored_ids) != self.key.ids_digest:
+                problems.append("ids: the stored image ids do not match key.ids_digest")
+        except (FileNotFoundError, KeyError) as exc:
+            problems.append(f"ids: array missing ({exc})")
+        arrays["valid"] = self._array("valid")
+        done = self.done_units()
+        for u in range(self.n_units):
+            start, stop = self.unit_bounds(u)
+            if u not in done:
+                problems.append(f"unit {u} (rows {start}-{stop}): no completion record")
+                continue
+            record = self.unit_record(u)
+            if record.get("rows") != [start, stop]:
+                problems.append(f"unit {u}: record rows {record.get('rows')} != [{start}, {stop}]")
+            valid = np.asarray(arrays["valid"][start:stop], dtype=bool)
+            for name, arr in arrays.items():
+                data = np.asarray(arr[start:stop])
+                want = record.get("checksums", {}).get(name)
+                if want is None:
+                    problems.append(f"unit {u}: no checksum recorded for {name}")
+                elif _sha256(data.astype(arr.dtype, copy=False)) != want:
+                    problems.append(f"unit {u} (rows {start}-{stop}): checksum mismatch in {name}")
+                if name.startswith("features/"):
+                    bad = _nonfinite_rows(data) & valid
+                    if bad.any():
+                        bad_ids = [self.ids[start + i] for i in np.flatnonzero(bad)]
+                        problems.append(f"unit {u}: NaN/Inf in {name} for {_fmt_ids(bad_ids)}")
+            if int(valid.sum()) != record.get("n_valid"):
+                problems.append(
+                    f"unit {u}: {int(valid.sum())} valid rows, record says {record.get('n_valid')}"
+                )
+        if not self.is_complete:
+            problems.append(
+                f"no COMPLETE.json: entry incomplete ({len(done)} of {self.n_units} units written)"
+            )
+        return problems
+
+
+def remove_entry(root: CacheRoot, key: CacheKey | str) -> None:
+    """Delete an entry (for ``--overwrite``); refused while another process holds its lock."""
+    relpath = resolve_entry(root, key)
+    if not root.exists(relpath):
+        raise CacheNotFoundError(f"No cache entry at {root.url(relpath)}; nothing to remove.")
+    lock = _lock_for(root, relpath)
+    if isinstance(lock, filelock.BaseFileLock):
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout as exc:
+            raise CacheWriteError(
+                f"{root.url(relpath)} is being written by another process (lock {lock.lock_file} "
+                "is held); wait for it to finish or stop it before --overwrite."
+            ) from exc
+        try:
+            root.remove_tree(relpath)
+        finally:
+            lock.release()
+    else:
+        root.remove_tree(relpath)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from embedkit.errors import CacheWriteError
+from embedkit.store import CacheRoot
+
+
+def test_bytes_listing_and_removal(root: CacheRoot) -> None:
+    root.write_bytes_atomic("a/b/one.json", b"1")
+    root.write_bytes_atomic("a/b/one.json", b"22")  # replace
+    root.write_bytes_atomic("a/c/two.json", b"3")
+    assert root.read_bytes("a/b/one.json") == b"22"
+    assert root.exists("a/b")
+    assert not root.exists("a/zz")
+    assert root.listdir("a") == ["b", "c"]
+    assert root.listdir("missing") == []
+    assert root.glob("*/*/*.json") == ["a/b/one.json", "a/c/two.json"]
+    assert root.size_bytes("a") == 3
+    with pytest.raises(FileNotFoundError):
+        root.read_bytes("a/nope.json")
+    root.remove_tree("a/b")
+    assert root.glob("*/*/*.json") == ["a/c/two.json"]
+    with pytest.raises(ValueError, match="whole cache root"):
+        root.remove_tree("")
+    if root.is_local:
+        assert not [p for p in os.listdir(root.url("a/c")) if p.endswith(".tmp")]
+
+
+def test_local_root_created(tmp_path: Path) -> None:
+    root = CacheRoot.from_uri(tmp_path / "x" / "y")
+    assert root.is_local
+    assert (tmp_path / "x" / "y").is_dir()
+    assert CacheRoot.from_uri(f"file://{tmp_path}/x/y").local_path == root.local_path
+    assert not CacheRoot.from_uri("memory://somewhere").is_local
+
+
+def test_root_under_a_file_is_rejected(tmp_path: Path) -> None:
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(CacheWriteError, match=r"plain-file/cache.*Choose another --cache"):
+        CacheRoot.from_uri(blocker / "cache")
+    with pytest.raises(CacheWriteError, match="not a directory"):
+        CacheRoot.from_uri(blocker)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_root_is_rejected(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(CacheWriteError, match="not writable"):
+            CacheRoot.from_uri(ro)
+    finally:
+        ro.chmod(0o755)
