@@ -1,0 +1,51 @@
+"""Encoders: the registry of named models, per-family adapters, loading and pooling."""
+
+from embedkit.models import catalog as _catalog  # registers the shipped entries
+from embedkit.models.families import FamilyAdapter, Tokens, get_family, list_families
+from embedkit.models.loading import LoadedEncoder, load_encoder, weights_fingerprint
+from embedkit.models.pooling import (
+    DERIVED_POOLINGS,
+    UnknownPoolingError,
+    available_poolings,
+    derive,
+    derived_components,
+    pool,
+    pooling_dims,
+    stored_poolings,
+)
+from embedkit.models.registry import (
+    EncoderSpec,
+    HubRef,
+    get_spec,
+    list_specs,
+    register,
+    resolve,
+    validate_resolution,
+)
+
+del _catalog
+
+__all__ = [
+    "DERIVED_POOLINGS",
+    "EncoderSpec",
+    "FamilyAdapter",
+    "HubRef",
+    "LoadedEncoder",
+    "Tokens",
+    "UnknownPoolingError",
+    "available_poolings",
+    "derive",
+    "derived_components",
+    "get_family",
+    "get_spec",
+    "list_families",
+    "list_specs",
+    "load_encoder",
+    "pool",
+    "pooling_dims",
+    "register",
+    "resolve",
+    "stored_poolings",
+    "validate_resolution",
+    "weights_fingerprint",
+]
