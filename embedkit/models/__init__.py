@@ -2,7 +2,14 @@
 
 from embedkit.models import catalog as _catalog  # registers the shipped entries
 from embedkit.models.families import FamilyAdapter, Tokens, get_family, list_families
-from embedkit.models.loading import LoadedEncoder, load_encoder, weights_fingerprint
+from embedkit.models.listing import render_specs, spec_summary
+from embedkit.models.loading import (
+    EncoderIdentity,
+    LoadedEncoder,
+    identify_encoder,
+    load_encoder,
+    weights_fingerprint,
+)
 from embedkit.models.pooling import (
     DERIVED_POOLINGS,
     UnknownPoolingError,
@@ -27,6 +34,7 @@ del _catalog
 
 __all__ = [
     "DERIVED_POOLINGS",
+    "EncoderIdentity",
     "EncoderSpec",
     "FamilyAdapter",
     "HubRef",
@@ -38,13 +46,16 @@ __all__ = [
     "derived_components",
     "get_family",
     "get_spec",
+    "identify_encoder",
     "list_families",
     "list_specs",
     "load_encoder",
     "pool",
     "pooling_dims",
     "register",
+    "render_specs",
     "resolve",
+    "spec_summary",
     "stored_poolings",
     "validate_resolution",
     "weights_fingerprint",

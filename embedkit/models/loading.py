@@ -49,9 +49,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
+    "EncoderIdentity",
     "LoadedEncoder",
     "default_cache_dir",
     "hub_spec",
+    "identify_encoder",
     "load_encoder",
     "materialise_tiny",
     "parse_dtype",
@@ -127,8 +129,61 @@ class LoadedEncoder:
         return {name: value.float() for name, value in features.items()}
 
 
+@dataclass(frozen=True)
+class EncoderIdentity:
+    """Which weights a name refers to, found without building the model.
+
+    Enough to compute a feature-cache key, so a cache hit never loads a (7B) checkpoint.
+    """
+
+    spec: EncoderSpec
+    source: str  # "hub:org/name@<commit>", "local:/abs/dir" or "tiny:test/..."
+    weights_fingerprint: str
+    directory: Path  # the checkpoint folder (hub: the snapshot folder)
+    hub_id: str | None = None
+    revision: str | None = None
+
+
+def identify_encoder(
+    name: str, *, revision: str | None = None, cache_dir: str | Path | None = None
+) -> EncoderIdentity:
+    """Resolve ``name`` to its spec and weights fingerprint (hub: downloads config.json only)."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = resolve(name)
+    if isinstance(target, EncoderSpec) and target.tiny_config is not None:
+        _no_revision(revision, name)
+        directory = materialise_tiny(target, root)
+        return EncoderIdentity(
+            target, f"tiny:{target.name}", weights_fingerprint(directory, root), directory
+        )
+    if isinstance(target, EncoderSpec) and target.hub_id is None:  # a local directory
+        _no_revision(revision, name)
+        directory = Path(target.name)
+        return EncoderIdentity(
+            target, f"local:{directory}", weights_fingerprint(directory, root), directory
+        )
+    hub_id = target.hub_id
+    if hub_id is None:  # unreachable: tiny and local specs are handled above
+        raise ModelLoadError(f"{name}: the registry entry has neither hub_id nor tiny_config")
+    config, snapshot = hub_config(hub_id, revision=revision)
+    adapter = family_for_model_type(config.model_type, where=hub_id)
+    if isinstance(target, EncoderSpec):
+        if adapter.name != target.family:
+            raise ModelLoadError(
+                f"{target.name}: {hub_id} is a {config.model_type!r} checkpoint, but the "
+                f"registry entry expects family {target.family!r}"
+            )
+        spec = target
+    else:
+        spec = spec_from_config(config, name=hub_id, hub_id=hub_id, files=snapshot)
+    commit = snapshot.name
+    return EncoderIdentity(
+        spec, f"hub:{hub_id}@{commit}", f"commit:{commit}", snapshot, hub_id, revision
+    )
+
+
 def load_encoder(
-    name: str,
+    name: str | EncoderIdentity,
     *,
     device: str | torch.device = "cpu",
     dtype: str = "fp32",
@@ -137,53 +192,50 @@ def load_encoder(
 ) -> LoadedEncoder:
     """Load ``name`` (registered name, alias, local directory or hub id) as a frozen encoder.
 
+    ``name`` may also be an :class:`EncoderIdentity` from :func:`identify_encoder`.
     ``cache_dir`` is embedkit's cache root (tiny models, fingerprint memo); hub downloads stay in
     the Hugging Face cache. ``revision`` (branch, tag or commit) applies to hub models only.
     """
     torch_dtype = parse_dtype(dtype)
     target_device = torch.device(device)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = resolve(name)
-    if isinstance(target, EncoderSpec) and target.tiny_config is not None:
-        _no_revision(revision, name)
-        directory = materialise_tiny(target, root)
-        model = _from_directory(directory, get_family(target.family), torch_dtype)
-        _check_matches(model, target)
-        source, fingerprint = f"tiny:{target.name}", weights_fingerprint(directory, root)
-        spec = target
-    elif isinstance(target, EncoderSpec) and target.hub_id is None:  # a local directory
-        _no_revision(revision, name)
-        directory = Path(target.name)
-        model = _from_directory(directory, get_family(target.family), torch_dtype)
-        source, fingerprint = f"local:{directory}", weights_fingerprint(directory, root)
-        spec = target
+    ident = (
+        name
+        if isinstance(name, EncoderIdentity)
+        else identify_encoder(name, revision=revision, cache_dir=cache_dir)
+    )
+    adapter = get_family(ident.spec.family)
+    if ident.hub_id is None:
+        with _quiet_if(ident.spec.tiny_config is not None):
+            model = _from_directory(ident.directory, adapter, torch_dtype)
     else:
-        hub_id = target.hub_id
-        if hub_id is None:  # unreachable: tiny and local specs are handled above
-            raise ModelLoadError(f"{name}: the registry entry has neither hub_id nor tiny_config")
-        config, snapshot = hub_config(hub_id, revision=revision)
-        adapter = family_for_model_type(config.model_type, where=hub_id)
-        model = _from_pretrained(adapter, hub_id, torch_dtype, config=config, revision=revision)
-        commit = snapshot.name
-        if isinstance(target, EncoderSpec):
-            if adapter.name != target.family:
-                raise ModelLoadError(
-                    f"{target.name}: {hub_id} is a {config.model_type!r} checkpoint, but the "
-                    f"registry entry expects family {target.family!r}"
-                )
-            _check_matches(model, target)
-            spec = target
-        else:
-            params = sum(p.numel() for p in model.parameters())
-            spec = spec_from_config(
-                config, name=hub_id, hub_id=hub_id, files=snapshot, params=params
-            )
-        source, fingerprint = f"hub:{hub_id}@{commit}", f"commit:{commit}"
+        config = adapter.config_class.from_pretrained(ident.directory)
+        model = _from_pretrained(
+            adapter, ident.hub_id, torch_dtype, config=config, revision=ident.revision
+        )
+    if ident.spec.tiny_config is not None or ident.hub_id is not None:
+        _check_matches(model, ident.spec)
     model.eval()
     model.requires_grad_(False)
     module: torch.nn.Module = model
     module.to(target_device)
-    return LoadedEncoder(spec, model, source, fingerprint, target_device, torch_dtype)
+    return LoadedEncoder(
+        ident.spec, model, ident.source, ident.weights_fingerprint, target_device, torch_dtype
+    )
+
+
+@contextlib.contextmanager
+def _quiet_if(quiet: bool) -> Iterator[None]:
+    """Hide transformers' progress bars (for tiny models, which load instantly)."""
+    from transformers.utils import logging as hf_logging
+
+    if not quiet or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def _no_revision(revision: str | None, name: str) -> None:
@@ -352,7 +404,8 @@ def materialise_tiny(spec: EncoderSpec, cache_dir: Path) -> Path:
         model = adapter.model_class(adapter.build_config(spec.tiny_config), **adapter.model_kwargs)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
     try:
-        model.save_pretrained(tmp)
+        with _quiet_if(True):
+            model.save_pretrained(tmp)
         os.rename(tmp, final)
     except OSError:
         if not (final / "config.json").is_file():

@@ -1,0 +1,364 @@
+"""The `embedkit` command line. Each command parses its options and calls one library function."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from embedkit.errors import EmbedkitError
+
+app = typer.Typer(
+    name="embedkit",
+    help=(
+        "Frozen-feature embedding store and probing toolkit for vision foundation models in "
+        "medical imaging. Extract features once into a shared Zarr cache, then probe from it."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+manifest_app = typer.Typer(help="Validate data manifests.", no_args_is_help=True)
+cache_app = typer.Typer(help="List, inspect and verify feature cache entries.", no_args_is_help=True)
+app.add_typer(manifest_app, name="manifest")
+app.add_typer(cache_app, name="cache")
+
+# Wide tables when output goes to a file or CI log (rich would assume 80 columns).
+out = Console() if sys.stdout.isatty() else Console(width=200)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
+
+ManifestOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--manifest",
+        "-m",
+        help="Data manifest (YAML). Default: ./data_manifest.yaml.",
+        dir_okay=False,
+    ),
+]
+CacheOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cache",
+        "-c",
+        help="Cache root: a local or shared path, or an fsspec URL (s3://bucket/prefix). "
+        "Default: the manifest's `cache`.",
+    ),
+]
+
+
+class DtypeChoice(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class StorageChoice(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+class ResizeChoice(str, Enum):
+    squash = "squash"
+    pad = "pad"
+    crop = "crop"
+
+
+class BadImageChoice(str, Enum):
+    fail = "fail"
+    skip = "skip"
+
+
+def _cache_uri(cache: str | None, manifest: Path | None) -> str:
+    if cache is not None:
+        return cache
+    from embedkit.manifest import load_manifest
+
+    return load_manifest(manifest).cache
+
+
+@manifest_app.command("check")
+def manifest_check(
+    manifest: Annotated[
+        Path | None,
+        typer.Argument(help="Manifest file (default ./data_manifest.yaml).", dir_okay=False),
+    ] = None,
+    dataset: Annotated[
+        list[str] | None, typer.Option("--dataset", "-d", help="Only this dataset (repeatable).")
+    ] = None,
+    check_files: Annotated[
+        bool, typer.Option("--check-files", help="Also check that every image file exists.")
+    ] = False,
+) -> None:
+    """Load each dataset of a manifest and report images, labels, splits and patient leakage.
+
+    Prints, per dataset: the image count, each label's positive / negative / ignored counts,
+    split sizes by image and by patient, and whether any patient appears in two splits.
+    Exits non-zero if a dataset fails to load or a split leaks patients.
+    """
+    from embedkit.manifest import check_dataset, load_manifest, render_report
+
+    man = load_manifest(manifest)
+    names = dataset or list(man.datasets)
+    failed = False
+    for name in names:
+        report = check_dataset(man.dataset(name), check_files=check_files)
+        out.print(render_report(report))
+        failed = failed or not report.ok
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("models")
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    include_test: Annotated[
+        bool, typer.Option("--test/--no-test", help="Include the tiny random test models.")
+    ] = True,
+) -> None:
+    """List the encoder registry: names, hub ids, sizes, patch sizes and whether gated.
+
+    Any Hugging Face hub id (org/name) or a local directory in transformers format can be
+    used as --model too.
+    """
+    from embedkit.models import list_specs, render_specs, spec_summary
+
+    specs = [s for s in list_specs() if include_test or not s.name.startswith("test/")]
+    if as_json:
+        out.print_json(json.dumps([spec_summary(s) for s in specs]))
+    else:
+        out.print(render_specs(specs))
+
+
+@app.command("extract")
+def extract(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="Registry name (see `embedkit models`, e.g. dinov3/vitb16 or dinov3-7b), a "
+            "Hugging Face hub id, or a local directory with config.json + model.safetensors.",
+        ),
+    ],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name in the manifest.")],
+    resolution: Annotated[
+        int, typer.Option("--resolution", "-r", help="Square input size in pixels (e.g. 224, 512, 1024).")
+    ],
+    patch_tokens: Annotated[
+        bool,
+        typer.Option(
+            "--patch-tokens/--no-patch-tokens",
+            help="Also store the patch-token grid (float16; large). The standard poolings "
+            "(cls and mean, or pooled and mean for ConvNeXt; cls+mean is derived) are always stored.",
+        ),
+    ] = False,
+    dtype: Annotated[
+        DtypeChoice, typer.Option(help="Compute dtype; auto = bf16 on GPU, fp32 on CPU.")
+    ] = DtypeChoice.auto,
+    storage_dtype: Annotated[
+        StorageChoice, typer.Option(help="dtype of the stored features.")
+    ] = StorageChoice.float16,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    workers: Annotated[
+        int, typer.Option(min=0, help="Image-loading worker processes (0 = in the main process).")
+    ] = 2,
+    unit_rows: Annotated[
+        int, typer.Option(min=1, help="Images per resumable work unit (one chunk per pooling).")
+    ] = 1024,
+    resize: Annotated[
+        ResizeChoice,
+        typer.Option(help="squash: resize to a square; pad: letterbox; crop: centre square."),
+    ] = ResizeChoice.squash,
+    snap_resolution: Annotated[
+        bool,
+        typer.Option(
+            help="If the resolution is not a multiple of the model's patch size, use the nearest "
+            "one instead of stopping (the used size is recorded in the cache key)."
+        ),
+    ] = False,
+    on_bad_image: Annotated[
+        BadImageChoice,
+        typer.Option(
+            help="fail: stop after listing every unreadable image (finished work is kept); "
+            "skip: leave them out and record their IDs in the entry."
+        ),
+    ] = BadImageChoice.fail,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Delete an existing entry with the same key and recompute.")
+    ] = False,
+    cache: CacheOpt = None,
+    manifest: ManifestOpt = None,
+) -> None:
+    """Run a frozen encoder over a dataset at one resolution into the feature cache.
+
+    The entry is keyed by everything that determines its bytes (model and weights
+    fingerprint, resolution, preprocessing, dtypes, image list). An existing complete entry
+    is reused without computing anything; an interrupted one resumes where it stopped. Every
+    standard pooling comes from the same forward pass, so asking later for another pooling
+    never re-runs the encoder.
+    """
+    from embedkit.extract import ExtractionRequest
+    from embedkit.extract import extract as run
+    from embedkit.progress import rich_progress
+
+    request = ExtractionRequest(
+        model=model,
+        dataset=dataset,
+        resolution=resolution,
+        patch_tokens=patch_tokens,
+        dtype=dtype.value,
+        storage_dtype=storage_dtype.value,
+        batch_size=batch_size,
+        device=device,
+        num_workers=workers,
+        unit_rows=unit_rows,
+        resize=resize.value,
+        snap_resolution=snap_resolution,
+        on_bad_image=on_bad_image.value,
+        revision=revision,
+        overwrite=overwrite,
+    )
+    result = run(request, manifest=manifest, cache=cache, progress=rich_progress)
+    entry = result.entry
+    if result.reused:
+        out.print(f"[green]found[/green] {entry.uri} (complete; nothing to compute)")
+    else:
+        out.print(
+            f"[green]wrote[/green] {entry.uri}: {result.images_computed} images in "
+            f"{result.elapsed_s:.1f} s ({result.images_per_s:.1f} img/s)"
+        )
+    if result.skipped:
+        err.print(f"[yellow]{len(result.skipped)} unreadable images skipped[/yellow] (recorded in the entry)")
+    out.print(f"key {entry.key.digest()}")
+
+
+@cache_app.command("ls")
+def cache_ls(
+    cache: CacheOpt = None,
+    manifest: ManifestOpt = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Only this dataset.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List the entries of a cache root: dataset, model, resolution, poolings, size, state."""
+    from embedkit.store import CacheRoot, list_entries, render_entries
+
+    root = CacheRoot.from_uri(_cache_uri(cache, manifest))
+    rows = [
+        s
+        for s in list_entries(root)
+        if (dataset is None or s.dataset == dataset) and (model is None or s.model == model)
+    ]
+    if as_json:
+        out.print_json(json.dumps([dataclasses.asdict(s) for s in rows]))
+    elif not rows:
+        err.print(f"no entries in {root.uri}")
+    else:
+        out.print(render_entries(rows))
+
+
+@cache_app.command("info")
+def cache_info(
+    query: Annotated[str, typer.Argument(help="Entry digest (or a unique prefix of it) or path.")],
+    cache: CacheOpt = None,
+    manifest: ManifestOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show one entry's key, provenance, completion and size."""
+    from embedkit.store import CacheRoot, find_entry, render_info
+
+    root = CacheRoot.from_uri(_cache_uri(cache, manifest))
+    info = find_entry(root, query).info()
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+    else:
+        out.print(render_info(info))
+
+
+@cache_app.command("verify")
+def cache_verify(
+    query: Annotated[
+        str | None, typer.Argument(help="One entry (digest prefix or path); default: all.")
+    ] = None,
+    cache: CacheOpt = None,
+    manifest: ManifestOpt = None,
+) -> None:
+    """Re-check entries: completion, shapes, IDs, per-unit checksums, no NaN/Inf.
+
+    Exits non-zero if any entry has a problem.
+    """
+    from embedkit.store import CacheRoot, find_entry, verify_root
+
+    root = CacheRoot.from_uri(_cache_uri(cache, manifest))
+    if query is not None:
+        entry = find_entry(root, query)
+        problems = {entry.relpath: entry.verify()}
+    else:
+        problems = verify_root(root)
+    bad = 0
+    for relpath, issues in problems.items():
+        if issues:
+            bad += 1
+            err.print(f"[red]BAD[/red] {relpath}")
+            for issue in issues:
+                err.print(f"    {issue}")
+        else:
+            out.print(f"[green]ok[/green]  {relpath}")
+    out.print(f"{len(problems) - bad} ok, {bad} with problems")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the demo data and cache go.")] = Path(
+        "embedkit-demo"
+    ),
+    patients: Annotated[int, typer.Option(min=1, help="Synthetic patients.")] = 100,
+    images_per_patient: Annotated[int, typer.Option(min=1)] = 3,
+    size: Annotated[int, typer.Option(min=64, help="Image size in pixels.")] = 1024,
+    model: Annotated[
+        str, typer.Option(help="Encoder for the demo extraction (random tiny by default).")
+    ] = "test/tiny-dinov3-vit",
+    resolution: Annotated[
+        list[int] | None, typer.Option("--resolution", "-r", help="Repeatable. Default 224 and 512.")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=0)] = 2,
+) -> None:
+    """Build the synthetic demo dataset, check it, and extract it at 224 and 512 px.
+
+    Runs offline. The default model is a tiny DINOv3 ViT with RANDOM weights, so the features
+    exercise the pipeline but mean nothing; pass e.g. --model dinov3/vitb16 (or a local
+    checkpoint directory) to run the same with real weights.
+    """
+    from embedkit.demo import run_demo
+
+    run_demo(
+        out_dir,
+        patients=patients,
+        images_per_patient=images_per_patient,
+        size=size,
+        model=model,
+        resolutions=tuple(resolution or (224, 512)),
+        workers=workers,
+        console=out,
+    )
+
+
+def main() -> None:
+    """Console entry point: user errors print one clear message (no traceback) and exit 2."""
+    try:
+        app()
+    except EmbedkitError as exc:
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,420 @@
+"""The extraction engine: manifest split ─► loader ─► frozen encoder ─► poolings ─► store units.
+
+One call of :func:`extract` produces (or finds) one cache entry. The work is cut into units of
+``unit_rows`` consecutive images, each written with its own completion record, so a run that is
+interrupted at any moment (Ctrl-C, SIGKILL, a full disk) resumes from its finished units. Batches
+never straddle a unit and always start at the same rows, so a resumed run feeds the encoder the
+very same batches as an uninterrupted one and the stored features are bit-identical.
+
+Data loading runs in worker processes (``num_workers``) and overlaps the forward pass; a
+background thread writes finished units while the encoder works on the next ones.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import platform
+import queue
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from embedkit.data.dataset import Batch, ImageDataset, collate
+from embedkit.data.transforms import Preprocessing
+from embedkit.errors import BadImagesError, EmbedkitError
+from embedkit.manifest import DatasetTable, Manifest, load_manifest
+from embedkit.models import (
+    EncoderIdentity,
+    EncoderSpec,
+    LoadedEncoder,
+    identify_encoder,
+    load_encoder,
+    pooling_dims,
+    stored_poolings,
+    validate_resolution,
+)
+from embedkit.store import CacheKey, CacheRoot, FeatureEntry, canonical_json, digest_ids
+from embedkit.store.entry import remove_entry
+
+ComputeDtype = Literal["auto", "fp32", "bf16", "fp16"]
+StorageDtype = Literal["float16", "float32"]
+BadImagePolicy = Literal["fail", "skip"]
+ResizePolicy = Literal["squash", "pad", "crop"]
+
+#: Images per work unit: one Zarr chunk per pooling, one completion record.
+DEFAULT_UNIT_ROWS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractionRequest:
+    """What to extract. Everything that changes the stored bytes ends up in the cache key."""
+
+    model: str
+    dataset: str
+    resolution: int
+    patch_tokens: bool = False
+    dtype: ComputeDtype = "auto"
+    storage_dtype: StorageDtype = "float16"
+    batch_size: int = 32
+    device: str = "auto"
+    num_workers: int = 2
+    unit_rows: int = DEFAULT_UNIT_ROWS
+    resize: ResizePolicy = "squash"
+    snap_resolution: bool = False
+    on_bad_image: BadImagePolicy = "fail"
+    revision: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("resolution", "batch_size", "unit_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Expected a positive integer for {name}, got {value!r} instead")
+        if self.num_workers < 0:
+            raise ValueError(f"Expected num_workers >= 0, got {self.num_workers} instead")
+
+
+@dataclass(slots=True)
+class ExtractionResult:
+    """What :func:`extract` did: the entry, and whether it computed anything."""
+
+    entry: FeatureEntry
+    computed_units: int
+    reused: bool
+    elapsed_s: float
+    images_computed: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_computed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+ProgressFactory = Callable[[int, str], AbstractContextManager[Callable[[int], None]]]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; an unavailable CUDA is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EmbedkitError(
+            f"--device {device} was asked for, but torch sees no CUDA device "
+            f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch"
+        )
+    return dev
+
+
+def resolve_dtype(dtype: ComputeDtype, device: torch.device) -> str:
+    """``auto`` is bf16 on GPU and fp32 on CPU (bf16 is ~6x slower than fp32 on CPUs)."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def content_fingerprint(ids: Sequence[str], paths: Sequence[Path]) -> str:
+    """A cheap fingerprint of the image files: sha256 over every (id, file size).
+
+    Sizes catch replaced or re-encoded files without reading them; a missing file counts as
+    size -1 (and is then reported by the bad-image policy when read).
+    """
+    h = hashlib.sha256()
+    for image_id, path in zip(ids, paths, strict=True):
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = -1
+        h.update(f"{image_id}\0{size}\n".encode())
+    return h.hexdigest()
+
+
+def _package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("embedkit", "torch", "transformers", "zarr", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractionPlan:
+    """The resolved request: spec, preprocessing and the cache key, before any compute."""
+
+    request: ExtractionRequest
+    table: DatasetTable
+    spec: EncoderSpec
+    preprocessing: Preprocessing
+    device: torch.device
+    compute_dtype: str
+    poolings: tuple[str, ...]
+    shapes: dict[str, tuple[int, ...]]
+    key: CacheKey
+
+
+def plan_extraction(
+    request: ExtractionRequest, manifest: Manifest, encoder: EncoderIdentity
+) -> ExtractionPlan:
+    """Resolve everything that determines the entry's bytes and build its cache key.
+
+    Needs only the encoder's identity (spec + weights fingerprint), not its weights.
+    """
+    table = manifest.dataset(request.dataset).load()
+    spec = encoder.spec
+    size = validate_resolution(spec, request.resolution, snap=request.snap_resolution)
+    preprocessing = Preprocessing(size=size, resize=request.resize, mean=spec.mean, std=spec.std)
+    device = resolve_device(request.device)
+    compute_dtype = resolve_dtype(request.dtype, device)
+    poolings = tuple(p for p in stored_poolings(spec) if p != "patch" or request.patch_tokens)
+    shapes = pooling_dims(spec, poolings, resolution=size)
+    key = CacheKey(
+        dataset=request.dataset,
+        model=spec.name,
+        weights=encoder.weights_fingerprint,
+        resolution=size,
+        preprocessing=canonical_json(preprocessing.describe()),
+        compute_dtype=compute_dtype,
+        storage_dtype=request.storage_dtype,
+        poolings=tuple(sorted(poolings)),
+        ids_digest=digest_ids(table.ids),
+        content_digest=content_fingerprint(table.ids, table.paths),
+        n_images=len(table.ids),
+    )
+    return ExtractionPlan(
+        request, table, spec, preprocessing, device, compute_dtype, poolings, shapes, key
+    )
+
+
+def _unit_batches(entry: FeatureEntry, units: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row batches that start at each unit's first row and never cross a unit boundary."""
+    batches = []
+    for u in units:
+        start, stop = entry.unit_bounds(u)
+        batches.extend(
+            list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)
+        )
+    return batches
+
+
+class _UnitWriter:
+    """Writes finished units on a background thread, so writes overlap the forward pass."""
+
+    def __init__(self, entry: FeatureEntry) -> None:
+        self._entry = entry
+        self._queue: queue.Queue[tuple[int, dict[str, np.ndarray], np.ndarray, list] | None]
+        self._queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name="embedkit-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            u, arrays, valid, skipped = item
+            try:
+                self._entry.write_unit(u, arrays, valid=valid, skipped=skipped)
+                self.written += 1
+            except BaseException as exc:  # re-raised on the main thread
+                self._error = exc
+
+    def submit(self, u: int, arrays: dict[str, np.ndarray], valid: np.ndarray, skipped: list) -> None:
+        self.raise_if_failed()
+        self._queue.put((u, arrays, valid, skipped))
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.raise_if_failed()
+
+
+class _UnitBuffer:
+    """Collects one unit's rows until all of them have been computed."""
+
+    def __init__(self, start: int, stop: int, shapes: dict[str, tuple[int, ...]]) -> None:
+        n = stop - start
+        self.start = start
+        self.remaining = n
+        self.arrays = {name: np.zeros((n, *shape), dtype=np.float32) for name, shape in shapes.items()}
+        self.valid = np.zeros(n, dtype=bool)
+        self.skipped: list[tuple[str, str]] = []
+        self.failed = False
+
+
+def _batches_from_loader(
+    dataset: ImageDataset, batches: list[list[int]], num_workers: int, pin: bool
+) -> Iterator[Batch]:
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    yield from loader
+
+
+def run_extraction(
+    plan: ExtractionPlan,
+    encoder: LoadedEncoder,
+    entry: FeatureEntry,
+    *,
+    units: Sequence[int] | None = None,
+    progress: ProgressFactory | None = None,
+) -> ExtractionResult:
+    """Compute and write the given units (default: every pending unit) of ``entry``."""
+    request = plan.request
+    todo = sorted(entry.pending_units() if units is None else units)
+    batches = _unit_batches(entry, todo, request.batch_size)
+    n_images = sum(len(b) for b in batches)
+    dataset = ImageDataset(plan.table.ids, plan.table.paths, plan.preprocessing)
+    buffers: dict[int, _UnitBuffer] = {}
+    failures: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = []
+    writer = _UnitWriter(entry)
+    started = time.perf_counter()
+    stored = tuple(plan.shapes)
+    bar = progress(n_images, f"{plan.spec.name} @ {plan.key.resolution}px") if progress else None
+    with bar if bar is not None else nullcontext(lambda _n: None) as advance:
+        try:
+            for batch in _batches_from_loader(
+                dataset, batches, request.num_workers, pin=plan.device.type == "cuda"
+            ):
+                first = int(batch.indices[0])
+                u = first // entry.unit_rows
+                start, stop = entry.unit_bounds(u)
+                buf = buffers.setdefault(u, _UnitBuffer(start, stop, plan.shapes))
+                feats = encoder.encode(batch.pixels.to(plan.device, non_blocking=True), stored)
+                ok = batch.ok.numpy()
+                rows = batch.indices.numpy() - start
+                for name in stored:
+                    buf.arrays[name][rows] = feats[name].float().cpu().numpy()
+                for row, good, image_id, err in zip(rows, ok, batch.ids, batch.errors, strict=True):
+                    if good:
+                        buf.valid[row] = True
+                    elif request.on_bad_image == "skip":
+                        for arr in buf.arrays.values():
+                            arr[row] = 0.0
+                        buf.skipped.append((image_id, err))
+                    else:
+                        failures.append((image_id, err))
+                        buf.failed = True
+                buf.remaining -= len(rows)
+                if buf.remaining == 0:
+                    del buffers[u]
+                    skipped.extend(buf.skipped)
+                    if not buf.failed:
+                        writer.submit(u, buf.arrays, buf.valid, buf.skipped)
+                advance(len(rows))
+        finally:
+            writer.close()
+    elapsed = time.perf_counter() - started
+    if failures:
+        raise BadImagesError(failures, total=n_images)
+    return ExtractionResult(
+        entry=entry,
+        computed_units=writer.written,
+        reused=False,
+        elapsed_s=elapsed,
+        images_computed=n_images,
+        skipped=skipped,
+    )
+
+
+def _provenance(plan: ExtractionPlan, encoder: EncoderIdentity) -> dict[str, object]:
+    device_name = (
+        torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else platform.processor()
+    )
+    return {
+        "model": plan.spec.name,
+        "family": plan.spec.family,
+        "source": encoder.source,
+        "revision": plan.request.revision,
+        "weights_fingerprint": encoder.weights_fingerprint,
+        "compute_dtype": plan.compute_dtype,
+        "storage_dtype": plan.request.storage_dtype,
+        "resolution": plan.key.resolution,
+        "requested_resolution": plan.request.resolution,
+        "preprocessing": plan.preprocessing.describe(),
+        "poolings": list(plan.poolings),
+        "dataset": plan.request.dataset,
+        "n_images": len(plan.table.ids),
+        "batch_size": plan.request.batch_size,
+        "device": f"{plan.device.type}:{device_name}",
+        "versions": _package_versions(),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created_by": f"{getpass.getuser()}@{socket.gethostname()}",
+        "command": " ".join(sys.argv),
+    }
+
+
+def extract(
+    request: ExtractionRequest,
+    *,
+    manifest: Manifest | str | os.PathLike[str] | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    progress: ProgressFactory | None = None,
+    model_cache_dir: str | os.PathLike[str] | None = None,
+) -> ExtractionResult:
+    """Extract ``request`` into the cache (or find it there) and return the entry.
+
+    ``manifest`` is a loaded manifest or a path (default ``./data_manifest.yaml``); ``cache`` a
+    cache root path or URL (default: the manifest's ``cache``). An existing complete entry is
+    returned without computing anything; an interrupted one is finished.
+    """
+    man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    root = CacheRoot.from_uri(str(cache) if cache is not None else man.cache)
+    identity = identify_encoder(request.model, revision=request.revision, cache_dir=model_cache_dir)
+    plan = plan_extraction(request, man, identity)
+    started = time.perf_counter()
+    existing = root.exists(plan.key.relpath())
+    if existing and request.overwrite:
+        remove_entry(root, plan.key)
+    elif existing:
+        found = FeatureEntry.open(root, plan.key, allow_partial=True)
+        if found.is_complete:
+            return ExtractionResult(found, 0, True, 0.0, 0, found.skipped())
+    entry = FeatureEntry.create_or_open(
+        root,
+        plan.key,
+        ids=plan.table.ids,
+        shapes=plan.shapes,
+        unit_rows=request.unit_rows,
+        provenance=_provenance(plan, identity),
+    )
+    with entry.lock():
+        if entry.is_complete:  # another process finished it while we waited for the lock
+            return ExtractionResult(entry, 0, True, 0.0, 0, entry.skipped())
+        encoder = load_encoder(identity, device=plan.device, dtype=plan.compute_dtype)
+        result = run_extraction(plan, encoder, entry, progress=progress)
+        elapsed = time.perf_counter() - started
+        entry.finalize(
+            {
+                "elapsed_s": round(elapsed, 3),
+                "images_per_s_last_run": round(result.images_per_s, 3),
+            }
+        )
+    result.elapsed_s = elapsed
+    return result

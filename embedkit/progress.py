@@ -1,0 +1,58 @@
+"""Progress bars for long work (rich), as small context managers the library can accept.
+
+Library functions take an optional ``progress`` factory ``(total, description) -> context manager
+yielding advance(n)``; the CLI passes :func:`rich_progress`, Python users may pass nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. ``37.2 img/s``."""
+
+    def __init__(self, unit: str = "img") -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.1f} {self.unit}/s", style="progress.data.speed")
+
+
+@contextmanager
+def rich_progress(
+    total: int, description: str, *, console: Console | None = None, unit: str = "img"
+) -> Iterator[Callable[[int], None]]:
+    """A progress bar with count, rate, elapsed and remaining time; yields ``advance(n)``."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console or Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(description, total=total)
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+
+        yield advance
