@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +26,9 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 manifest_app = typer.Typer(help="Validate data manifests.", no_args_is_help=True)
-cache_app = typer.Typer(help="List, inspect and verify feature cache entries.", no_args_is_help=True)
+cache_app = typer.Typer(
+    help="List, inspect and verify feature cache entries.", no_args_is_help=True
+)
 app.add_typer(manifest_app, name="manifest")
 app.add_typer(cache_app, name="cache")
 
@@ -54,25 +56,25 @@ CacheOpt = Annotated[
 ]
 
 
-class DtypeChoice(str, Enum):
+class DtypeChoice(StrEnum):
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
 
 
-class StorageChoice(str, Enum):
+class StorageChoice(StrEnum):
     float16 = "float16"
     float32 = "float32"
 
 
-class ResizeChoice(str, Enum):
+class ResizeChoice(StrEnum):
     squash = "squash"
     pad = "pad"
     crop = "crop"
 
 
-class BadImageChoice(str, Enum):
+class BadImageChoice(StrEnum):
     fail = "fail"
     skip = "skip"
 
@@ -150,14 +152,18 @@ def extract(
     ],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name in the manifest.")],
     resolution: Annotated[
-        int, typer.Option("--resolution", "-r", help="Square input size in pixels (e.g. 224, 512, 1024).")
+        int,
+        typer.Option(
+            "--resolution", "-r", help="Square input size in pixels (e.g. 224, 512, 1024)."
+        ),
     ],
     patch_tokens: Annotated[
         bool,
         typer.Option(
             "--patch-tokens/--no-patch-tokens",
             help="Also store the patch-token grid (float16; large). The standard poolings "
-            "(cls and mean, or pooled and mean for ConvNeXt; cls+mean is derived) are always stored.",
+            "(cls and mean, or pooled and mean for ConvNeXt; cls+mean is derived) are always "
+            "stored.",
         ),
     ] = False,
     dtype: Annotated[
@@ -192,7 +198,9 @@ def extract(
             "skip: leave them out and record their IDs in the entry."
         ),
     ] = BadImageChoice.fail,
-    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision (branch, tag or commit).")
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Delete an existing entry with the same key and recompute.")
     ] = False,
@@ -238,7 +246,10 @@ def extract(
             f"{result.elapsed_s:.1f} s ({result.images_per_s:.1f} img/s)"
         )
     if result.skipped:
-        err.print(f"[yellow]{len(result.skipped)} unreadable images skipped[/yellow] (recorded in the entry)")
+        err.print(
+            f"[yellow]{len(result.skipped)} unreadable images skipped[/yellow] "
+            "(recorded in the entry)"
+        )
     out.print(f"key {entry.key.digest()}")
 
 
@@ -246,7 +257,9 @@ def extract(
 def cache_ls(
     cache: CacheOpt = None,
     manifest: ManifestOpt = None,
-    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Only this dataset.")] = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", "-d", help="Only this dataset.")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
@@ -321,9 +334,9 @@ def cache_verify(
 
 @app.command("demo")
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Where the demo data and cache go.")] = Path(
-        "embedkit-demo"
-    ),
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Where the demo data and cache go.")
+    ] = Path("embedkit-demo"),
     patients: Annotated[int, typer.Option(min=1, help="Synthetic patients.")] = 100,
     images_per_patient: Annotated[int, typer.Option(min=1)] = 3,
     size: Annotated[int, typer.Option(min=64, help="Image size in pixels.")] = 1024,
@@ -331,7 +344,8 @@ def demo(
         str, typer.Option(help="Encoder for the demo extraction (random tiny by default).")
     ] = "test/tiny-dinov3-vit",
     resolution: Annotated[
-        list[int] | None, typer.Option("--resolution", "-r", help="Repeatable. Default 224 and 512.")
+        list[int] | None,
+        typer.Option("--resolution", "-r", help="Repeatable. Default 224 and 512."),
     ] = None,
     workers: Annotated[int, typer.Option(min=0)] = 2,
 ) -> None:
@@ -360,5 +374,7 @@ def main() -> None:
     try:
         app()
     except EmbedkitError as exc:
-        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(
+            f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)

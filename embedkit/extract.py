@@ -202,7 +202,7 @@ def plan_extraction(
 
 def _unit_batches(entry: FeatureEntry, units: Sequence[int], batch_size: int) -> list[list[int]]:
     """Row batches that start at each unit's first row and never cross a unit boundary."""
-    batches = []
+    batches: list[list[int]] = []
     for u in units:
         start, stop = entry.unit_bounds(u)
         batches.extend(
@@ -234,7 +234,9 @@ class _UnitWriter:
             except BaseException as exc:  # re-raised on the main thread
                 self._error = exc
 
-    def submit(self, u: int, arrays: dict[str, np.ndarray], valid: np.ndarray, skipped: list) -> None:
+    def submit(
+        self, u: int, arrays: dict[str, np.ndarray], valid: np.ndarray, skipped: list
+    ) -> None:
         self.raise_if_failed()
         self._queue.put((u, arrays, valid, skipped))
 
@@ -255,7 +257,9 @@ class _UnitBuffer:
         n = stop - start
         self.start = start
         self.remaining = n
-        self.arrays = {name: np.zeros((n, *shape), dtype=np.float32) for name, shape in shapes.items()}
+        self.arrays = {
+            name: np.zeros((n, *shape), dtype=np.float32) for name, shape in shapes.items()
+        }
         self.valid = np.zeros(n, dtype=bool)
         self.skipped: list[tuple[str, str]] = []
         self.failed = False
@@ -345,7 +349,9 @@ def run_extraction(
 
 def _provenance(plan: ExtractionPlan, encoder: EncoderIdentity) -> dict[str, object]:
     device_name = (
-        torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else platform.processor()
+        torch.cuda.get_device_name(plan.device)
+        if plan.device.type == "cuda"
+        else platform.processor()
     )
     return {
         "model": plan.spec.name,
@@ -386,7 +392,11 @@ def extract(
     """
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     root = CacheRoot.from_uri(str(cache) if cache is not None else man.cache)
-    identity = identify_encoder(request.model, revision=request.revision, cache_dir=model_cache_dir)
+    identity = identify_encoder(
+        request.model,
+        revision=request.revision,
+        cache_dir=Path(model_cache_dir) if model_cache_dir is not None else None,
+    )
     plan = plan_extraction(request, man, identity)
     started = time.perf_counter()
     existing = root.exists(plan.key.relpath())

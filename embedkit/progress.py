@@ -32,7 +32,9 @@ class RateColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:,.1f} {self.unit}/s", style="progress.data.speed")
+        return Text(
+            "" if speed is None else f"{speed:,.1f} {self.unit}/s", style="progress.data.speed"
+        )
 
 
 @contextmanager

@@ -59,5 +59,7 @@ def render_specs(specs: Sequence[EncoderSpec]) -> Table:
             source,
             access,
         )
-    table.caption = "Also accepted: any Hugging Face hub id (org/name) or a local checkpoint folder."
+    table.caption = (
+        "Also accepted: any Hugging Face hub id (org/name) or a local checkpoint folder."
+    )
     return table

@@ -421,7 +421,11 @@ def materialise_tiny(spec: EncoderSpec, cache_dir: Path) -> Path:
 def _weight_files(directory: Path) -> list[Path]:
     weights = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
     if not weights:
-        raise ModelLoadError(f"{directory}: no *.safetensors (or *.bin) weight files")
+        raise ModelLoadError(
+            f"{directory}: no *.safetensors (or *.bin) weight files; expected a transformers "
+            "checkpoint folder (config.json + model.safetensors), as written by save_pretrained "
+            "or `hf download REPO --local-dir DIR`"
+        )
     return [directory / "config.json", *weights]
 
 

@@ -647,6 +647,15 @@ class FeatureEntry:
         return np.where(idx < 0, idx + self.n_images, idx)
 
     def _read_into(self, arr: zarr.Array, sel: slice | np.ndarray, out: np.ndarray) -> None:
+        try:
+            self._read_chunks_into(arr, sel, out)
+        except RuntimeError as exc:  # the codec of a damaged chunk (e.g. zstd) fails to decode
+            raise IntegrityError(
+                f"{self.uri}: {arr.path} cannot be decoded ({exc}); the entry is damaged. "
+                "Run `embedkit cache verify` to see which units, then re-extract with --overwrite."
+            ) from exc
+
+    def _read_chunks_into(self, arr: zarr.Array, sel: slice | np.ndarray, out: np.ndarray) -> None:
         if out.dtype != arr.dtype:  # cast chunk by chunk: memory stays one chunk
             if isinstance(sel, slice):
                 for s in range(sel.start, sel.stop, self.unit_rows):
@@ -772,9 +781,19 @@ class FeatureEntry:
             record = self.unit_record(u)
             if record.get("rows") != [start, stop]:
                 problems.append(f"unit {u}: record rows {record.get('rows')} != [{start}, {stop}]")
-            valid = np.asarray(arrays["valid"][start:stop], dtype=bool)
+            try:
+                valid = np.asarray(arrays["valid"][start:stop], dtype=bool)
+            except Exception as exc:  # a corrupt chunk fails in the codec, whatever its type
+                problems.append(f"unit {u} (rows {start}-{stop}): valid cannot be decoded ({exc})")
+                continue
             for name, arr in arrays.items():
-                data = np.asarray(arr[start:stop])
+                try:
+                    data = np.asarray(arr[start:stop])
+                except Exception as exc:
+                    problems.append(
+                        f"unit {u} (rows {start}-{stop}): {name} cannot be decoded ({exc})"
+                    )
+                    continue
                 want = record.get("checksums", {}).get(name)
                 if want is None:
                     problems.append(f"unit {u}: no checksum recorded for {name}")

@@ -1,4 +1,4 @@
-"""Fixtures for extraction tests: a small demo dataset with its manifest, an isolated model cache."""
+"""Fixtures for extraction tests: a small demo dataset, its manifest, an isolated model cache."""
 
 from __future__ import annotations
 

@@ -36,7 +36,9 @@ def _request(model: str = "test/tiny-dinov3-vit", **kw: object) -> ExtractionReq
     return ExtractionRequest(**base)  # type: ignore[arg-type]
 
 
-def _direct_forward(model: str, manifest: Path, model_cache: Path, size: int) -> dict[str, np.ndarray]:
+def _direct_forward(
+    model: str, manifest: Path, model_cache: Path, size: int
+) -> dict[str, np.ndarray]:
     """The reference: our own forward pass over the same preprocessed pixels, sliced by hand."""
     table = load_manifest(manifest).dataset("demo").load()
     enc = load_encoder(model, cache_dir=model_cache)
@@ -69,7 +71,9 @@ def test_stored_features_equal_a_direct_forward_pass(
         np.testing.assert_allclose(stored.astype(np.float32), ref, rtol=2e-3, atol=2e-3)
     if "cls" in reference:
         both = entry.read("cls+mean")
-        np.testing.assert_array_equal(both, np.concatenate([entry.read("cls"), entry.read("mean")], 1))
+        np.testing.assert_array_equal(
+            both, np.concatenate([entry.read("cls"), entry.read("mean")], 1)
+        )
 
 
 def test_existing_entry_is_reused_without_loading_the_model(
@@ -143,7 +147,9 @@ def broken_copy(demo_data: Path, tmp_path: Path) -> tuple[Path, list[str]]:
     copy = tmp_path / "broken"
     shutil.copytree(demo_data / "images", copy / "images")
     shutil.copy(demo_data / "index.csv", copy / "index.csv")
-    table = load_manifest(write_manifest(copy, cache=str(tmp_path / "cache"))).dataset("demo").load()
+    table = (
+        load_manifest(write_manifest(copy, cache=str(tmp_path / "cache"))).dataset("demo").load()
+    )
     bad = [table.ids[1], table.ids[17]]
     for image_id in bad:
         path = table.paths[table.ids.index(image_id)]

@@ -1,0 +1,126 @@
+"""The command line as users call it: exit codes, messages, and the demo end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from embedkit.cli import app, main
+from embedkit.errors import IntegrityError
+from embedkit.store import CacheRoot, FeatureEntry
+
+runner = CliRunner()
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Run through `main` (which turns user errors into exit 2) and capture everything."""
+    import sys
+
+    old = sys.argv
+    sys.argv = ["embedkit", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_help_lists_the_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("extract", "models", "demo", "manifest", "cache"):
+        assert command in result.output
+
+
+def test_models_lists_the_registry() -> None:
+    result = runner.invoke(app, ["models", "--json"])
+    assert result.exit_code == 0
+    assert '"dinov3/vit7b16"' in result.output and '"dinov3-7b"' in result.output
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli-demo") / "demo"
+    result = runner.invoke(
+        app,
+        ["demo", "--out", str(out), "--patients", "6", "--size", "128", "--workers", "0"],
+        env={"XDG_CACHE_HOME": str(out.parent / "xdg"), "COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "RANDOM" in result.output and "224px" in result.output and "512px" in result.output
+    return out
+
+
+def test_demo_builds_checks_and_extracts_two_resolutions(demo_run: Path) -> None:
+    entries = sorted(p.name for p in demo_run.glob("cache/demo/*/*.zarr"))
+    assert len(entries) == 2 and entries[0].startswith("224px-") and entries[1].startswith("512px-")
+    assert all((p / "COMPLETE.json").is_file() for p in demo_run.glob("cache/demo/*/*.zarr"))
+
+
+def test_cache_ls_info_verify_and_corruption(
+    demo_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = str(demo_run / "manifest.yaml")
+    code, output = _run(["cache", "ls", "--manifest", manifest], capsys)
+    assert code == 0 and output.count("complete") == 2
+    code, output = _run(["cache", "ls", "--json", "--manifest", manifest], capsys)
+    rows = json.loads(output)
+    assert code == 0 and sorted(r["resolution"] for r in rows) == [224, 512]
+    code, output = _run(["cache", "info", rows[0]["digest"][:8], "--manifest", manifest], capsys)
+    assert code == 0 and "test/tiny-dinov3-vit" in output
+    code, output = _run(["cache", "verify", "--manifest", manifest], capsys)
+    assert code == 0 and "2 ok, 0 with problems" in output
+
+    # Flip bytes of one stored chunk behind the store's back: verify must name the entry.
+    chunk = next(p for p in (demo_run / "cache").rglob("features/cls/c/*/*") if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[-8:] = bytes(255 - b for b in data[-8:])
+    chunk.write_bytes(bytes(data))
+    code, output = _run(["cache", "verify", "--manifest", manifest], capsys)
+    assert code == 1 and "1 with problems" in output and "BAD" in output
+    assert "cannot be decoded" in output or "checksum mismatch" in output
+    # Readers never hand out damaged features: they raise an IntegrityError instead.
+    entry = FeatureEntry.open(CacheRoot.from_uri(str(demo_run / "cache")), str(chunk.parents[4]))
+    with pytest.raises(IntegrityError):
+        entry.read("cls")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "dinov3/vitb61", "--resolution", "224"], "did you mean 'dinov3/vitb16'"),
+        (["--model", "test/tiny-dinov2", "--resolution", "512"], "nearest valid: 504 or 518"),
+        (
+            ["--model", "test/tiny-dinov3-vit", "--resolution", "224", "-d", "nih"],
+            "no dataset 'nih'",
+        ),
+    ],
+)
+def test_user_errors_exit_2_with_the_fix_and_no_traceback(
+    demo_run: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    full = ["extract", "--manifest", str(demo_run / "manifest.yaml"), *args]
+    if "-d" not in args:
+        full += ["--dataset", "demo"]
+    code, output = _run(full, capsys)
+    assert code == 2
+    assert message in " ".join(output.split())
+    assert "Traceback" not in output
+
+
+def test_manifest_check_reports_and_fails_on_a_broken_manifest(
+    demo_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, output = _run(["manifest", "check", str(demo_run / "manifest.yaml")], capsys)
+    assert code == 0 and "Cardiomegaly" in output
+    broken = tmp_path / "broken.yaml"
+    broken.write_text((demo_run / "manifest.yaml").read_text().replace("separator", "seperator"))
+    code, output = _run(["manifest", "check", str(broken)], capsys)
+    assert code == 2 and "did you mean 'separator'" in output and "Traceback" not in output
