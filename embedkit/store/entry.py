@@ -711,6 +711,11 @@ class FeatureEntry:
             offset += d
         return out
 
+    def read_rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Row numbers of ``ids`` in this entry (missing ids raise CacheNotFoundError)."""
+        sel = self._select(ids, None)
+        return np.asarray(sel, dtype=np.int64)
+
     def valid_mask(self) -> np.ndarray:
         """(N,) bool: False for images skipped as unreadable (and for unwritten units)."""
         return np.asarray(self._array("valid")[:], dtype=bool)

@@ -1,0 +1,57 @@
+"""Features joined with labels: what probes read from the cache.
+
+:func:`split_features` takes a cache entry and the manifest's dataset table and returns one
+split's features, image IDs, targets and label masks, joined by image ID (never by position, so
+an entry stays usable when the index is reordered). Images skipped as unreadable at extraction
+time are left out, and how many is reported on the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from embedkit.manifest import DatasetTable
+from embedkit.store import FeatureEntry
+
+
+@dataclass(frozen=True, eq=False)
+class SplitFeatures:
+    """One split, aligned row by row: ``X[i]`` is image ``ids[i]`` with targets ``y[i]``."""
+
+    split: str
+    pooling: str
+    X: np.ndarray  # (n, D), the stored dtype (float16 by default): cast blockwise when computing
+    ids: tuple[str, ...]
+    y: np.ndarray  # (n, L) float32 multi-label or (n,) int64 multi-class
+    mask: np.ndarray  # same leading shape as y: True where the label counts
+    patients: tuple[str, ...]
+    n_skipped: int  # images of the split left out because they were unreadable at extraction
+
+    def as_torch(self) -> torch.Tensor:
+        """The features as a torch tensor sharing memory with ``X``."""
+        return torch.from_numpy(self.X)
+
+
+def split_features(
+    entry: FeatureEntry, table: DatasetTable, split: str, pooling: str = "cls+mean"
+) -> SplitFeatures:
+    """Features, targets and masks of ``split`` (``train``, ``val`` or ``test``)."""
+    rows = table.indices(split)
+    ids = [table.ids[r] for r in rows]
+    X = entry.read(pooling, ids=ids)
+    valid = entry.valid_mask()[entry.read_rows(ids)]
+    keep = np.flatnonzero(valid)
+    labels = table.labels
+    return SplitFeatures(
+        split=split,
+        pooling=pooling,
+        X=X[keep] if len(keep) < len(ids) else X,
+        ids=tuple(ids[i] for i in keep),
+        y=labels.y[rows[keep]],
+        mask=labels.mask[rows[keep]],
+        patients=tuple(table.patients[r] for r in rows[keep]),
+        n_skipped=len(ids) - len(keep),
+    )
