@@ -236,7 +236,14 @@ def extract(
         revision=revision,
         overwrite=overwrite,
     )
-    result = run(request, manifest=manifest, cache=cache, progress=rich_progress)
+    try:
+        result = run(request, manifest=manifest, cache=cache, progress=rich_progress)
+    except KeyboardInterrupt:
+        err.print(
+            "[yellow]interrupted[/yellow]: every finished unit is saved; rerun the same command "
+            "to resume from there."
+        )
+        raise typer.Exit(130) from None
     entry = result.entry
     if result.reused:
         out.print(f"[green]found[/green] {entry.uri} (complete; nothing to compute)")
