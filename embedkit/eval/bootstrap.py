@@ -1,0 +1,286 @@
+"""Bootstrap confidence intervals, paired bootstrap tests and multiple-testing corrections.
+
+Protocol (CXR study, PROTOCOLS.md "Metrics"): 1,000 bootstrap resamples of the test set, **the same
+resample indices for every model compared**, 95% percentile CI, paired bootstrap p-value for model A
+vs model B.
+
+Sharing the indices: :func:`bootstrap_indices` is deterministic (same ``n``, ``n_boot``, ``seed``
+and ``strata`` give the same array on every machine, numpy ``PCG64``), but a comparison must not
+rely on callers regenerating it: draw the array once and pass the *same* array to
+:func:`bootstrap_ci` for every model and to :func:`paired_bootstrap_test`.
+
+Paired bootstrap p-value (two-sided), with ``B`` replicates of the difference
+``Δ*_b = m(A on resample b) - m(B on resample b)``::
+
+    p = min(1, 2 * min((1 + #{Δ*_b <= 0}) / (B + 1), (1 + #{Δ*_b >= 0}) / (B + 1)))
+
+(the "+1" correction keeps p > 0 with finitely many replicates; identical models give p = 1).
+Replicates on which the metric is undefined (NaN, e.g. a resample without positives for every
+label) are dropped and counted in the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from embedkit.errors import EmbedkitError, did_you_mean
+from embedkit.eval import metrics as M
+
+__all__ = [
+    "BootstrapCI",
+    "BootstrapError",
+    "PairedTest",
+    "adjust_pvalues",
+    "bootstrap_ci",
+    "bootstrap_indices",
+    "metric_function",
+    "paired_bootstrap_test",
+]
+
+MetricFn = Callable[[NDArray[Any], NDArray[np.bool_] | None, NDArray[Any]], float]
+# Vectorised form: (y, mask, scores, weights (B, N)) -> (B,)
+_WeightedFn = Callable[
+    [NDArray[Any], NDArray[np.bool_] | None, NDArray[Any], NDArray[np.float64]], NDArray[Any]
+]
+
+
+class BootstrapError(EmbedkitError, ValueError):
+    """Bootstrap inputs that do not fit (indices of the wrong size, unknown metric)."""
+
+
+class BootstrapCI(NamedTuple):
+    """Point estimate on the full data and a percentile interval from the replicates."""
+
+    point: float
+    low: float
+    high: float
+    n_valid: int  # replicates on which the metric was defined
+
+
+class PairedTest(NamedTuple):
+    """Difference A - B on the full data, its percentile CI and the two-sided bootstrap p-value."""
+
+    delta: float
+    ci: tuple[float, float]
+    p_value: float
+    n_valid: int
+
+
+def _macro_auroc_weighted(
+    y: NDArray[Any], mask: NDArray[np.bool_] | None, s: NDArray[Any], w: NDArray[np.float64]
+) -> NDArray[Any]:
+    return np.asarray(M.nanmean_or_nan(M.auroc_columns(y, mask, s, w), axis=1))
+
+
+def _ovr_weighted(
+    y: NDArray[Any], mask: NDArray[np.bool_] | None, s: NDArray[Any], w: NDArray[np.float64]
+) -> NDArray[Any]:
+    return np.asarray(M.ovr_macro_auroc(y, s, mask, w))
+
+
+_METRICS: dict[str, MetricFn] = {
+    "macro_auroc": M.macro_auroc,
+    "macro_ap": M.macro_ap,
+    "auroc": lambda y, m, s: M.auroc(y, s, m),
+    "average_precision": lambda y, m, s: M.average_precision(y, s, m),
+    "accuracy": lambda y, m, s: M.accuracy(y, s, m),
+    "balanced_accuracy": lambda y, m, s: M.balanced_accuracy(y, s, m),
+    "ovr_macro_auroc": lambda y, m, s: float(M.ovr_macro_auroc(y, s, m)),
+}
+_WEIGHTED: dict[str, _WeightedFn] = {
+    "macro_auroc": _macro_auroc_weighted,
+    "auroc": _macro_auroc_weighted,  # one column: its mean is itself
+    "ovr_macro_auroc": _ovr_weighted,
+}
+
+
+def metric_function(metric: str | MetricFn) -> MetricFn:
+    """Resolve a metric name (``macro_auroc``, ``macro_ap``, ``auroc``, ``average_precision``,
+    ``accuracy``, ``balanced_accuracy``, ``ovr_macro_auroc``) or pass a callable
+    ``f(y, mask, scores) -> float`` through."""
+    if callable(metric):
+        return metric
+    if metric not in _METRICS:
+        raise BootstrapError(
+            f"Invalid metric '{metric}', choose one of {sorted(_METRICS)}"
+            f"{did_you_mean(metric, _METRICS)}"
+        )
+    return _METRICS[metric]
+
+
+def bootstrap_indices(
+    n: int, n_boot: int = 1000, seed: int = 0, strata: ArrayLike | None = None
+) -> NDArray[np.int64]:
+    """``(n_boot, n)`` resample indices (rows drawn with replacement), deterministic in the seed.
+
+    With ``strata`` (``(n,)`` labels, e.g. the positive/negative status of a rare finding or a
+    site id) each replicate resamples within every stratum, keeping stratum sizes fixed. Draw it
+    once per comparison and pass the same array to every model's CI and to the paired test.
+    """
+    if n < 1 or n_boot < 1:
+        raise BootstrapError(f"Expected n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}.")
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        return rng.integers(0, n, size=(n_boot, n), dtype=np.int64)
+    groups = np.asarray(strata)
+    if groups.shape != (n,):
+        raise BootstrapError(f"Expected strata of shape ({n},), got {groups.shape} instead.")
+    out = np.empty((n_boot, n), dtype=np.int64)
+    for value in np.unique(groups):
+        members = np.flatnonzero(groups == value)
+        out[:, members] = members[rng.integers(0, members.size, size=(n_boot, members.size))]
+    return out
+
+
+def _counts(indices: NDArray[np.int64], n: int) -> NDArray[np.float64]:
+    """(B, n) bootstrap counts: how often each row is drawn in each replicate."""
+    n_boot = indices.shape[0]
+    flat = (indices + (np.arange(n_boot, dtype=np.int64) * n)[:, None]).ravel()
+    return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+
+
+def _replicates(
+    y: NDArray[Any],
+    mask: NDArray[np.bool_] | None,
+    scores: NDArray[Any],
+    metric: str | MetricFn,
+    indices: NDArray[np.int64],
+) -> NDArray[np.float64]:
+    n = y.shape[0]
+    if indices.ndim != 2 or (indices.size and (indices.min() < 0 or indices.max() >= n)):
+        raise BootstrapError(
+            f"Expected bootstrap indices of shape (B, n) with values in [0, {n}), got "
+            f"shape {indices.shape}; draw them with bootstrap_indices({n}, ...)."
+        )
+    if isinstance(metric, str) and metric in _WEIGHTED:
+        fn = _WEIGHTED[metric]
+        out = np.empty(indices.shape[0])
+        block = max(1, 2**24 // max(n, 1))  # bound the (block, n) counts matrix to ~128 MB
+        for lo in range(0, indices.shape[0], block):
+            out[lo : lo + block] = fn(y, mask, scores, _counts(indices[lo : lo + block], n))
+        return out
+    fn_plain = metric_function(metric)
+    return np.array(
+        [fn_plain(y[i], None if mask is None else mask[i], scores[i]) for i in indices],
+        dtype=np.float64,
+    )
+
+
+def _check(
+    y: ArrayLike, mask: ArrayLike | None, *scores: ArrayLike
+) -> tuple[NDArray[Any], NDArray[np.bool_] | None, list[NDArray[Any]]]:
+    y_arr = np.asarray(y)
+    m_arr = None if mask is None else np.asarray(mask, dtype=bool)
+    s_arrs = [np.asarray(s) for s in scores]
+    for s in s_arrs:
+        if s.shape[0] != y_arr.shape[0]:
+            raise BootstrapError(
+                f"Expected scores with {y_arr.shape[0]} rows like the targets, got {s.shape}."
+            )
+    return y_arr, m_arr, s_arrs
+
+
+def _percentiles(values: NDArray[np.float64], level: float) -> tuple[float, float]:
+    if not 0.0 < level < 1.0:
+        raise BootstrapError(f"Expected a confidence level in (0, 1), got {level}.")
+    if values.size == 0:
+        return (float("nan"), float("nan"))
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(values, [alpha, 1.0 - alpha])
+    return (float(low), float(high))
+
+
+def bootstrap_ci(
+    y: ArrayLike,
+    mask: ArrayLike | None,
+    scores: ArrayLike,
+    metric: str | MetricFn = "macro_auroc",
+    indices: NDArray[np.int64] | None = None,
+    level: float = 0.95,
+) -> BootstrapCI:
+    """Point estimate and percentile CI of ``metric`` over bootstrap resamples of the rows.
+
+    ``indices`` defaults to ``bootstrap_indices(N)`` (1,000 replicates, seed 0, CXR study);
+    comparisons must pass one shared array. ``macro_auroc`` / ``auroc`` / ``ovr_macro_auroc``
+    use the vectorised weighted-rank AUROC; other metrics loop over the replicates.
+    """
+    y_arr, m_arr, (s_arr,) = _check(y, mask, scores)
+    idx = bootstrap_indices(y_arr.shape[0]) if indices is None else np.asarray(indices)
+    point = float(metric_function(metric)(y_arr, m_arr, s_arr))
+    reps = _replicates(y_arr, m_arr, s_arr, metric, idx)
+    reps = reps[~np.isnan(reps)]
+    low, high = _percentiles(reps, level)
+    return BootstrapCI(point, low, high, int(reps.size))
+
+
+def paired_bootstrap_test(
+    y: ArrayLike,
+    mask: ArrayLike | None,
+    scores_a: ArrayLike,
+    scores_b: ArrayLike,
+    indices: NDArray[np.int64],
+    metric: str | MetricFn = "macro_auroc",
+    level: float = 0.95,
+) -> PairedTest:
+    """Paired bootstrap comparison of two models' scores on the same test set.
+
+    Both models are evaluated on the same resamples (``indices``); returns the difference
+    ``metric(A) - metric(B)`` on the full data, the percentile CI of the replicate differences, and
+    the two-sided p-value ``min(1, 2 * min((1 + #{Δ* <= 0}), (1 + #{Δ* >= 0})) / (B + 1))``.
+    """
+    y_arr, m_arr, (sa, sb) = _check(y, mask, scores_a, scores_b)
+    idx = np.asarray(indices)
+    fn = metric_function(metric)
+    delta = float(fn(y_arr, m_arr, sa) - fn(y_arr, m_arr, sb))
+    diffs = _replicates(y_arr, m_arr, sa, metric, idx) - _replicates(y_arr, m_arr, sb, metric, idx)
+    diffs = diffs[~np.isnan(diffs)]
+    n_valid = int(diffs.size)
+    if n_valid == 0:
+        return PairedTest(delta, (float("nan"), float("nan")), float("nan"), 0)
+    le = (1 + int(np.sum(diffs <= 0))) / (n_valid + 1)
+    ge = (1 + int(np.sum(diffs >= 0))) / (n_valid + 1)
+    p = min(1.0, 2.0 * min(le, ge))
+    return PairedTest(delta, _percentiles(diffs, level), p, n_valid)
+
+
+def adjust_pvalues(
+    p: ArrayLike, method: Literal["holm", "bonferroni", "fdr_bh"] = "holm"
+) -> NDArray[np.float64]:
+    """Adjust p-values for multiple comparisons; NaN entries stay NaN and do not count.
+
+    ``bonferroni``: ``min(1, m p)``. ``holm`` (step-down, family-wise): sorted ascending,
+    ``p_(i) * (m - i + 1)``, made non-decreasing by a running max, capped at 1. ``fdr_bh``
+    (Benjamini-Hochberg, false discovery rate): ``p_(i) * m / i``, made non-increasing from the
+    largest by a running min, capped at 1.
+    """
+    p_arr = np.asarray(p, dtype=np.float64)
+    out = np.full(p_arr.shape, np.nan)
+    finite = ~np.isnan(p_arr)
+    values = p_arr[finite]
+    if values.size and ((values < 0) | (values > 1)).any():
+        raise BootstrapError("Expected p-values in [0, 1].")
+    m = values.size
+    if m == 0:
+        return out
+    order = np.argsort(values, kind="stable")
+    ranked = values[order]
+    rank = np.arange(1, m + 1)
+    if method == "bonferroni":
+        adj_sorted = ranked * m
+    elif method == "holm":
+        adj_sorted = np.maximum.accumulate(ranked * (m - rank + 1))
+    elif method == "fdr_bh":
+        adj_sorted = np.minimum.accumulate((ranked * m / rank)[::-1])[::-1]
+    else:
+        choices = ["holm", "bonferroni", "fdr_bh"]
+        raise BootstrapError(
+            f"Invalid method '{method}', choose one of {choices}{did_you_mean(method, choices)}"
+        )
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(adj_sorted, 1.0)
+    out[finite] = adjusted
+    return out

@@ -1,0 +1,185 @@
+"""Where probe arithmetic happens: row blocks of (possibly huge) feature matrices, and backends.
+
+Feature matrices arrive as numpy float16 / float32 ``(N, D)`` and may be far larger than memory
+allows in float32 (814k x 8192 float16 = 13 GB). Nothing here makes a float32 copy of a whole
+matrix: :class:`RowBlocks` hands out row blocks converted (and optionally standardised) in the
+compute dtype, and keeps them resident only while their total size stays under
+``max_resident_bytes``; above that, blocks are re-read from the source on every pass.
+:func:`column_stats` computes the standardisation mean / std by blocks in float64 (Chan et al.'s
+pairwise update, numerically stable).
+
+The GPU path is torch on CUDA (``device="cuda"``); see the probes' ``device`` argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from embedkit.errors import EmbedkitError
+
+__all__ = [
+    "DEFAULT_MAX_RESIDENT_BYTES",
+    "ProbeInputError",
+    "RowBlocks",
+    "Source",
+    "block_rows_for",
+    "check_features",
+    "column_stats",
+    "safe_scale",
+    "torch_dtype",
+]
+
+DEFAULT_MAX_RESIDENT_BYTES = 2**30
+_BLOCK_BYTES = 2**26  # ~64 MB per converted block
+
+
+class ProbeInputError(EmbedkitError, ValueError):
+    """Features, targets or masks that a probe cannot use (shape, dtype, values)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Rows ``array[rows]`` (all rows when ``rows`` is None) of one feature matrix, not copied."""
+
+    array: NDArray[Any]
+    rows: NDArray[np.int64] | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.array.shape[0] if self.rows is None else self.rows.shape[0])
+
+    def read(self, start: int, stop: int) -> NDArray[Any]:
+        if self.rows is None:
+            return np.asarray(self.array[start:stop])
+        return np.asarray(self.array[self.rows[start:stop]])
+
+    def read_rows(self, local: NDArray[np.int64]) -> NDArray[Any]:
+        """Rows at positions ``local`` (sorted) of this source."""
+        return np.asarray(self.array[local if self.rows is None else self.rows[local]])
+
+
+def check_features(X: Any, name: str = "X") -> NDArray[Any]:
+    """Accept a 2-D float16/float32/float64 array (memory maps included) without copying."""
+    arr = X if isinstance(X, np.ndarray) else np.asarray(X)
+    if arr.ndim != 2:
+        raise ProbeInputError(f"Expected {name} of shape (N, D), got {arr.shape} instead.")
+    if arr.dtype not in (np.float16, np.float32, np.float64):
+        raise ProbeInputError(
+            f"Expected {name} as float16, float32 or float64, got {arr.dtype} instead."
+        )
+    return arr
+
+
+def block_rows_for(n_features: int, itemsize: int) -> int:
+    """Rows per block so that one converted block takes about 64 MB."""
+    return max(64, _BLOCK_BYTES // max(1, n_features * itemsize))
+
+
+def column_stats(
+    sources: Sequence[Source], block_rows: int | None = None
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Column mean and population std (ddof 0, as ``StandardScaler``) over all rows, by blocks.
+
+    Each block is converted to float64 and merged with Chan et al.'s update, so float16 input is
+    never copied whole; the result does not depend on the block size beyond rounding.
+    """
+    n_features = int(sources[0].array.shape[1])
+    rows = block_rows or block_rows_for(n_features, 8)
+    count = 0
+    mean = np.zeros(n_features)
+    m2 = np.zeros(n_features)
+    for src in sources:
+        for start in range(0, src.n_rows, rows):
+            block = src.read(start, min(start + rows, src.n_rows)).astype(np.float64)
+            nb = block.shape[0]
+            bmean = block.mean(axis=0)
+            bm2 = ((block - bmean) ** 2).sum(axis=0)
+            delta = bmean - mean
+            total = count + nb
+            mean = mean + delta * (nb / total)
+            m2 = m2 + bm2 + delta**2 * (count * nb / total)
+            count = total
+    if count == 0:
+        raise ProbeInputError("Expected at least one row of features, got none.")
+    return mean, np.sqrt(m2 / count)
+
+
+def safe_scale(std: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Std with zeros replaced by 1 (constant features stay constant), as ``StandardScaler``."""
+    return np.where(std > 0, std, 1.0)
+
+
+class RowBlocks:
+    """Row blocks of one or more sources as ``(start, stop, tensor)`` in the compute dtype.
+
+    ``mean`` / ``scale`` (``(D,)``) standardise each block as it is converted. Blocks are cached
+    when the converted total fits in ``max_resident_bytes`` (a converted copy is then kept, which
+    is what makes the many passes of an iterative solver fast); otherwise they are streamed.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        mean: NDArray[np.float64] | None = None,
+        scale: NDArray[np.float64] | None = None,
+        block_rows: int | None = None,
+        max_resident_bytes: int = DEFAULT_MAX_RESIDENT_BYTES,
+    ) -> None:
+        self.sources = list(sources)
+        self.n_features = int(self.sources[0].array.shape[1])
+        self.n_rows = sum(s.n_rows for s in self.sources)
+        self.dtype = dtype
+        self.device = device
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.block_rows = block_rows or block_rows_for(self.n_features, itemsize)
+        self._mean = None if mean is None else torch.as_tensor(mean, dtype=dtype, device=device)
+        self._inv = None if scale is None else torch.as_tensor(1.0 / scale, dtype=dtype).to(device)
+        self._resident = self.n_rows * self.n_features * itemsize <= max_resident_bytes
+        self._cache: list[tuple[int, int, torch.Tensor]] | None = None
+
+    def _convert(self, block: NDArray[Any]) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(block)).to(device=self.device, dtype=self.dtype)
+        if self._mean is not None:
+            t = t - self._mean
+        if self._inv is not None:
+            t = t * self._inv
+        return t
+
+    def _generate(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        offset = 0
+        for src in self.sources:
+            for start in range(0, src.n_rows, self.block_rows):
+                stop = min(start + self.block_rows, src.n_rows)
+                yield offset + start, offset + stop, self._convert(src.read(start, stop))
+            offset += src.n_rows
+
+    def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        if not self._resident:
+            yield from self._generate()
+            return
+        if self._cache is None:
+            self._cache = list(self._generate())
+        yield from self._cache
+
+
+def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float64`` / ``torch.float32`` from a dtype or its name."""
+    resolved: torch.dtype | None
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        resolved = {"float64": torch.float64, "float32": torch.float32}.get(str(dtype))
+        if resolved is None:
+            raise ProbeInputError(f"Expected dtype 'float64' or 'float32', got {dtype!r} instead.")
+    if resolved not in (torch.float64, torch.float32):
+        raise ProbeInputError(f"Expected torch.float64 or torch.float32, got {resolved} instead.")
+    return resolved
