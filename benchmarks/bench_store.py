@@ -3,17 +3,22 @@
     python benchmarks/bench_store.py                    # 200,000 x 1024 float16, ~1-2 min
     python benchmarks/bench_store.py --rows 20000       # quick check
 
-For each configuration the same matrix is written through ``FeatureEntry.write_unit`` (all
-units, in order, sha256 checksums and NaN/overflow checks included) + ``finalize`` and read back
-with ``read("cls")`` from a local temporary root; the baseline is ``np.save`` + ``np.load`` of the
-same array to the same filesystem. Both run with a warm page cache (every file is read right
-after it was written, nothing is dropped), so the comparison is fair but flatters both; take the
-best of ``--repeat`` runs. Temporary data is deleted at the end.
+For each configuration (compression x fsync) the same matrix is written through
+``FeatureEntry.write_unit`` (all units, in order, crc32c checksums, NaN/overflow checks and
+atomic unit records included) + ``finalize`` and read back with ``read("cls")`` from a local
+temporary root. Baselines on the same filesystem: ``np.save`` (page cache only, like the store
+with ``FSYNC=False``), ``np.save`` + ``fsync`` (as durable as the store's default), ``np.load``.
+``zarr-python`` rows run the same entries with the direct chunk engine switched off (the code
+path of fsspec roots, and what local roots used before). All runs are interleaved, repetition by
+repetition, and the best of ``--repeat`` is reported, since the machine is shared. Everything
+reads warm data (written just before, never dropped from the page cache). Temporary data is
+deleted at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -21,109 +26,130 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import zarr
 
+import embedkit.store.entry as entry_mod
 from embedkit.store import CacheKey, CacheRoot, FeatureEntry, canonical_json, digest_ids
 
 
-def best_of(repeat: int, fn: Callable[[], object]) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def save_fsync(path: Path, data: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--dim", type=int, default=1024)
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--unit-rows", type=int, nargs="+", default=[16384])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--unit-rows", type=int, default=16384)
     ap.add_argument("--compression", nargs="+", default=["zstd", "none"])
-    ap.add_argument("--concurrency", type=int, default=10, help="zarr async.concurrency")
-    ap.add_argument(
-        "--workers", type=int, default=0, help="zarr threading.max_workers (0: zarr's default)"
-    )
+    ap.add_argument("--no-zarr", action="store_true", help="skip the zarr-python rows")
     ap.add_argument("--tmp", default=None, help="directory for temporary data")
     args = ap.parse_args()
 
-    zarr.config.set(
-        {"async.concurrency": args.concurrency, "threading.max_workers": args.workers or None}
-    )
     n, d = args.rows, args.dim
     rng = np.random.default_rng(0)
     data = rng.standard_normal((n, d), dtype=np.float32).astype(np.float16)
     gb = data.nbytes / 1e9
     ids = [f"img{i:07d}" for i in range(n)]
+    configs = [(c, True, True) for c in args.compression]  # (compression, fsync, fast engine)
+    configs += [(c, False, True) for c in args.compression]
+    if not args.no_zarr:
+        configs += [(c, False, False) for c in args.compression]
+    times: dict[str, list[float]] = {}
+    sizes: dict[str, int] = {}
     tmp = Path(tempfile.mkdtemp(prefix="embedkit-bench-", dir=args.tmp))
     print(f"matrix {n} x {d} float16 = {data.nbytes / 1e6:.0f} MB raw; tmp {tmp}")
+    npy = tmp / "baseline.npy"
+    real_layout = FeatureEntry._layout
     try:
-        npy = tmp / "baseline.npy"
-        t_save = best_of(args.repeat, lambda: np.save(npy, data))
-        t_load = best_of(args.repeat, lambda: np.load(npy))
-        print(
-            f"{'np.save / np.load':34s} write {gb / t_save:5.2f} GB/s   "
-            f"read {gb / t_load:5.2f} GB/s   disk {npy.stat().st_size / 1e6:6.0f} MB"
-        )
-        for compression in args.compression:
-            for unit_rows in args.unit_rows:
-                t_w, t_r = [], []
-                size = 0
-                for rep in range(args.repeat):
-                    root = CacheRoot.from_uri(tmp / f"root-{compression}-{unit_rows}-{rep}")
-                    key = CacheKey(
-                        dataset="bench",
-                        model="bench/model",
-                        weights="w",
-                        resolution=224,
-                        preprocessing=canonical_json({"rep": rep}),
-                        compute_dtype="fp32",
-                        storage_dtype="float16",
-                        poolings=("cls",),
-                        ids_digest=digest_ids(ids),
-                        content_digest="0" * 64,
-                        n_images=n,
-                    )
-                    entry = FeatureEntry.create_or_open(
-                        root,
-                        key,
-                        ids=ids,
-                        shapes={"cls": (d,)},
-                        unit_rows=unit_rows,
-                        provenance={},
-                        compression=compression,
-                    )
-                    ones = np.ones(unit_rows, bool)
-                    t = time.perf_counter()
+        for rep in range(args.repeat):
+            times.setdefault("np.save", []).append(timed(lambda: np.save(npy, data)))
+            times.setdefault("np.load", []).append(timed(lambda: np.load(npy)))
+            times.setdefault("np.save+fsync", []).append(timed(lambda: save_fsync(npy, data)))
+            sizes["np"] = npy.stat().st_size
+            for compression, fsync, fast in configs:
+                label = f"{compression} {'fsync' if fsync else 'no-fsync'}" + (
+                    "" if fast else " zarr-python"
+                )
+                entry_mod.FSYNC = fsync
+                FeatureEntry._layout = real_layout if fast else lambda self, name: None  # type: ignore[method-assign]
+                root = CacheRoot.from_uri(tmp / f"root-{rep}")
+                key = CacheKey(
+                    dataset="bench",
+                    model="bench/model",
+                    weights="w",
+                    resolution=224,
+                    preprocessing=canonical_json({"label": label}),
+                    compute_dtype="fp32",
+                    storage_dtype="float16",
+                    poolings=("cls",),
+                    ids_digest=digest_ids(ids),
+                    content_digest="0" * 64,
+                    n_images=n,
+                )
+                entry = FeatureEntry.create_or_open(
+                    root,
+                    key,
+                    ids=ids,
+                    shapes={"cls": (d,)},
+                    unit_rows=args.unit_rows,
+                    provenance={},
+                    compression=compression,
+                )
+                ones = np.ones(entry.unit_rows, bool)
+
+                def write(entry: FeatureEntry = entry, ones: np.ndarray = ones) -> None:
                     for u in range(entry.n_units):
                         s, e = entry.unit_bounds(u)
                         entry.write_unit(u, {"cls": data[s:e]}, valid=ones[: e - s])
                     entry.finalize()
-                    t_w.append(time.perf_counter() - t)
-                    reader = FeatureEntry.open(root, key)
-                    t = time.perf_counter()
-                    out = reader.read("cls")
-                    t_r.append(time.perf_counter() - t)
-                    if rep == 0:
-                        if not np.array_equal(out, data):
-                            raise SystemExit("read back differs from what was written")
-                        size = du(root.local_path / entry.relpath)  # type: ignore[operator]
-                    shutil.rmtree(root.local_path)  # type: ignore[arg-type]
-                w, r = min(t_w), min(t_r)
-                label = f"FeatureEntry {compression} unit_rows={unit_rows}"
-                print(
-                    f"{label:34s} write {gb / w:5.2f} GB/s ({t_save / w:4.2f}x np.save)   "
-                    f"read {gb / r:5.2f} GB/s ({t_load / r:4.2f}x np.load)   "
-                    f"disk {size / 1e6:6.0f} MB ({size / data.nbytes:.3f} of raw)"
+
+                times.setdefault(f"{label} write", []).append(timed(write))
+                reader = FeatureEntry.open(root, key)
+                out: list[np.ndarray] = []
+                times.setdefault(f"{label} read", []).append(
+                    timed(lambda r=reader, o=out: o.append(r.read("cls")))
                 )
+                if not np.array_equal(out[0], data):
+                    raise SystemExit(f"{label}: read back differs from what was written")
+                sizes[label] = du(root.local_path / entry.relpath)  # type: ignore[operator]
+                shutil.rmtree(root.local_path / entry.relpath)  # type: ignore[operator]
     finally:
+        FeatureEntry._layout = real_layout  # type: ignore[method-assign]
+        entry_mod.FSYNC = True
         shutil.rmtree(tmp, ignore_errors=True)
+
+    best = {k: min(v) for k, v in times.items()}
+    print(f"best of {args.repeat}, unit_rows={args.unit_rows}")
+    print(
+        f"{'np.save / np.load':30s} write {gb / best['np.save']:5.2f} GB/s   "
+        f"read {gb / best['np.load']:5.2f} GB/s   disk {sizes['np'] / 1e6:6.0f} MB"
+    )
+    print(f"{'np.save + fsync':30s} write {gb / best['np.save+fsync']:5.2f} GB/s")
+    for compression, fsync, fast in configs:
+        label = f"{compression} {'fsync' if fsync else 'no-fsync'}" + (
+            "" if fast else " zarr-python"
+        )
+        w, r = best[f"{label} write"], best[f"{label} read"]
+        vs_sync = f" {best['np.save+fsync'] / w:4.2f}x np.save+fsync" if fsync else ""
+        print(
+            f"{label:30s} write {gb / w:5.2f} GB/s ({best['np.save'] / w:4.2f}x np.save{vs_sync})"
+            f"   read {gb / r:5.2f} GB/s ({best['np.load'] / r:4.2f}x np.load)"
+            f"   disk {sizes[label] / 1e6:6.0f} MB ({sizes[label] / data.nbytes:.3f} of raw)"
+        )
 
 
 if __name__ == "__main__":

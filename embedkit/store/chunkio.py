@@ -1,0 +1,284 @@
+"""Fast local I/O for the chunk files of the store's Zarr v3 arrays (same format as zarr-python).
+
+zarr-python stays in charge of metadata (``zarr.json``), of non-local (fsspec) roots and of
+fancy-index reads. For arrays on a local directory whose codec chain is exactly
+``bytes(little endian)`` optionally followed by ``zstd`` (no filters, no sharding) and whose
+chunks span every axis but the first, this module reads and writes the chunk files directly:
+
+* chunk ``i`` holds rows ``[i * chunk_rows, (i + 1) * chunk_rows)``; its file is
+  ``<array dir>/<key>`` with ``key`` from the array's own chunk key encoding (``c/<i>/0/...``);
+* the file is the raw C-order little-endian bytes of the full chunk (the edge chunk is padded
+  with the fill value, as zarr-python does), or one zstd frame of those bytes made by the same
+  ``numcodecs.zstd.Zstd`` (level, checksum flag) zarr-python uses, so files are byte-identical.
+
+Writes go straight from the caller's array to the file (one ``os.write``; zero padding of an
+uncompressed edge chunk is a sparse ``ftruncate``); full reads go straight from the file into
+the caller's preallocated output (``readinto`` for raw chunks, zstd decompression into place),
+chunks in parallel on a 2-thread pool (file I/O, zstd and crc32c release the GIL).
+
+Crash guarantee (used by ``FeatureEntry.write_unit``): with ``durable=True`` a chunk file is
+``fdatasync``-ed before :meth:`ChunkLayout.write_chunk` returns, and the directories whose
+entries it created or changed are returned so the caller can ``fsync`` them once per unit
+(:func:`fsync_dirs`). The caller writes the unit's completion record (itself written to a
+temporary file, fsync-ed, then renamed) only after that, so after a crash or power loss a
+unit record can only exist if every chunk of the unit is on stable storage; a unit without a
+record is simply rewritten on resume (files are overwritten with ``O_TRUNC``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from numcodecs.zstd import Zstd
+from zarr.codecs import BytesCodec, ZstdCodec
+
+__all__ = ["POOL", "ChunkDecodeError", "ChunkLayout", "fsync_dirs", "zstd_content_size"]
+
+#: Shared by every entry of the process: the machine has 2 cores; more threads only contend.
+POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="embedkit-chunkio")
+
+
+class ChunkDecodeError(RuntimeError):
+    """A chunk file is truncated or cannot be decoded (the entry is damaged)."""
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data.nbytes:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def _readinto_all(fd: int, buf: memoryview, offset: int) -> int:
+    got = 0
+    while got < buf.nbytes:
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def zstd_content_size(frame: bytes | bytearray) -> int | None:
+    """Decompressed size declared in a zstd frame header, or None if absent or not zstd."""
+    if len(frame) < 6 or frame[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    fhd = frame[4]
+    fcs_flag, single_segment, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+    pos = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    size = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+    if size == 0 or len(frame) < pos + size:
+        return None
+    value = int.from_bytes(frame[pos : pos + size], "little")
+    return value + 256 if size == 2 else value
+
+
+def fsync_dirs(dirs: Iterable[Path]) -> None:
+    """fsync each directory (makes new or replaced entries in it durable)."""
+    for d in sorted(set(dirs)):
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _makedirs(d: Path) -> list[Path]:
+    """Create ``d`` and missing parents; return the directories whose entries changed."""
+    missing: list[Path] = []
+    p = d
+    while not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    changed = [p] if missing else []
+    for m in reversed(missing):
+        m.mkdir(exist_ok=True)  # another writer of another unit may race us: fine
+        changed.append(m)
+    return changed[:-1] if changed else []  # ``d`` itself is added by the caller
+
+
+class ChunkLayout:
+    """Where and how the chunks of one array live on a local disk. Build with :meth:`of`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        shape: tuple[int, ...],
+        chunk_rows: int,
+        dtype: np.dtype[Any],
+        fill_value: Any,
+        zstd: Zstd | None,
+        key: Callable[[tuple[int, ...]], str],
+    ) -> None:
+        self.directory = directory
+        self.shape = shape
+        self.chunk_rows = chunk_rows
+        self.dtype = dtype
+        self.chunk_shape = (chunk_rows, *shape[1:])
+        self.row_nbytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self.chunk_nbytes = chunk_rows * self.row_nbytes
+        self.fill = np.full((), fill_value, dtype=dtype)
+        self.zero_fill = not any(self.fill.tobytes())
+        self.zstd = zstd
+        self._key = key
+        self._tail = (0,) * (len(shape) - 1)
+
+    @classmethod
+    def of(cls, arr: zarr.Array, directory: Path) -> ChunkLayout | None:
+        """The layout of ``arr`` stored under ``directory``, or None if this engine can't."""
+        meta = arr.metadata
+        if getattr(meta, "zarr_format", None) != 3:
+            return None
+        codecs = tuple(getattr(meta, "codecs", ()))
+        if not codecs or not isinstance(codecs[0], BytesCodec):
+            return None
+        zstd: Zstd | None = None
+        if len(codecs) == 2 and isinstance(codecs[1], ZstdCodec):
+            zstd = Zstd(level=codecs[1].level, checksum=codecs[1].checksum)
+        elif len(codecs) != 1:
+            return None
+        dtype = np.dtype(arr.dtype)
+        if dtype.kind not in "biuf" or dtype.byteorder == ">":
+            return None
+        endian = codecs[0].endian
+        if dtype.itemsize > 1 and (endian is None or endian.value != "little"):
+            return None
+        chunks = tuple(arr.chunks)
+        shape = tuple(arr.shape)
+        if not shape or chunks[1:] != shape[1:] or chunks[0] <= 0:
+            return None
+        return cls(directory, shape, chunks[0], dtype, meta.fill_value, zstd, meta.encode_chunk_key)
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.shape[0] // self.chunk_rows)
+
+    def chunk_path(self, i: int) -> Path:
+        return self.directory / self._key((i, *self._tail))
+
+    def chunk_bounds(self, i: int) -> tuple[int, int]:
+        start = i * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.shape[0])
+
+    # ---- writing ------------------------------------------------------------------------
+
+    def write_chunk(self, i: int, rows: np.ndarray, *, durable: bool) -> list[Path]:
+        """Write chunk ``i`` from ``rows`` (its rows, C-contiguous, this dtype).
+
+        With ``durable`` the file is fdatasync-ed; returns the directories to fsync for its
+        directory entry to be durable too (see the module docstring).
+        """
+        start, stop = self.chunk_bounds(i)
+        if rows.shape != (stop - start, *self.shape[1:]) or rows.dtype != self.dtype:
+            raise ValueError(
+                f"chunk {i}: expected {self.dtype} {(stop - start, *self.shape[1:])}, "
+                f"got {rows.dtype} {rows.shape}"
+            )
+        rows = np.ascontiguousarray(rows)
+        pad = self.chunk_rows - rows.shape[0]
+        sparse_pad = 0
+        if self.zstd is not None or (pad and not self.zero_fill):
+            if pad:
+                full = np.empty(self.chunk_shape, dtype=self.dtype)
+                full[: rows.shape[0]] = rows
+                full[rows.shape[0] :] = self.fill
+                rows = full
+            flat = rows.reshape(-1).view(np.uint8)
+            payload = memoryview(self.zstd.encode(flat)) if self.zstd is not None else flat.data
+        else:
+            payload = rows.reshape(-1).view(np.uint8).data
+            sparse_pad = pad * self.row_nbytes
+        path = self.chunk_path(i)
+        dirs = _makedirs(path.parent)
+        dirs.append(path.parent)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, payload.cast("B"))
+            if sparse_pad:
+                os.ftruncate(fd, payload.nbytes + sparse_pad)  # a hole reads back as zeros
+            if durable:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        return dirs
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def _read_chunk(self, i: int, lo: int, hi: int, out: np.ndarray) -> None:
+        """Rows ``[lo, hi)`` of chunk ``i`` into ``out`` (shape ``(hi - lo, ...)``)."""
+        path = self.chunk_path(i)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            out[...] = self.fill  # never written: zarr semantics
+            return
+        try:
+            size = os.fstat(fd).st_size
+            direct = out.dtype == self.dtype and out.flags.c_contiguous
+            if self.zstd is None:
+                if size != self.chunk_nbytes:
+                    raise ChunkDecodeError(
+                        f"chunk file {path} holds {size} bytes, expected {self.chunk_nbytes}"
+                    )
+                dest = out if direct else np.empty((hi - lo, *self.shape[1:]), self.dtype)
+                view = dest.reshape(-1).view(np.uint8).data
+                if _readinto_all(fd, view, lo * self.row_nbytes) != view.nbytes:
+                    raise ChunkDecodeError(f"chunk file {path} is shorter than expected")
+                if not direct:
+                    out[...] = dest
+                return
+            data = bytearray(size)
+            if _readinto_all(fd, memoryview(data), 0) != size:
+                raise ChunkDecodeError(f"chunk file {path} changed while being read")
+        finally:
+            os.close(fd)
+        declared = zstd_content_size(data)
+        if declared is None:  # a frame without content size (another writer): stream it
+            try:
+                flat = np.frombuffer(self.zstd.decode(data), dtype=np.uint8)
+            except (RuntimeError, ValueError) as exc:
+                raise ChunkDecodeError(f"chunk file {path} cannot be decoded: {exc}") from exc
+            if flat.nbytes != self.chunk_nbytes:
+                raise ChunkDecodeError(
+                    f"chunk file {path} decodes to {flat.nbytes} bytes, "
+                    f"expected {self.chunk_nbytes}"
+                )
+            out[...] = flat.view(self.dtype).reshape(self.chunk_shape)[lo:hi]
+            return
+        if declared != self.chunk_nbytes:
+            raise ChunkDecodeError(
+                f"chunk file {path} is not a zstd frame of {self.chunk_nbytes} bytes "
+                f"(header declares {declared})"
+            )
+        whole = direct and lo == 0 and hi == self.chunk_rows
+        dest = out if whole else np.empty(self.chunk_shape, self.dtype)
+        try:
+            self.zstd.decode(data, out=dest.reshape(-1).view(np.uint8))
+        except (RuntimeError, ValueError) as exc:
+            raise ChunkDecodeError(f"chunk file {path} cannot be decoded: {exc}") from exc
+        if not whole:
+            out[...] = dest[lo:hi]
+
+    def read_rows(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows ``[start, stop)`` into ``out`` (any dtype/strides numpy can assign to)."""
+        if out.shape != (stop - start, *self.shape[1:]):
+            raise ValueError(f"expected out of shape {(stop - start, *self.shape[1:])}")
+        jobs: list[Future[None]] = []
+        for i in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
+            c0, c1 = self.chunk_bounds(i)
+            lo, hi = max(start, c0), min(stop, c1)
+            if lo >= hi:
+                continue
+            part = out[lo - start : hi - start]
+            jobs.append(POOL.submit(self._read_chunk, i, lo - c0, hi - c0, part))
+        try:
+            for job in jobs:
+                job.result()
+        finally:
+            for job in jobs:
+                job.cancel()
