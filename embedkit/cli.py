@@ -204,6 +204,31 @@ def extract(
     overwrite: Annotated[
         bool, typer.Option(help="Delete an existing entry with the same key and recompute.")
     ] = False,
+    shard: Annotated[
+        str,
+        typer.Option(
+            help="none: a full replica per rank; fsdp: split the weights over the ranks "
+            "(FSDP2, needs >= 2 ranks); auto: replicas if the model fits the device, else fsdp.",
+        ),
+    ] = "none",
+    compile_model: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="torch.compile the encoder.")
+    ] = False,
+    auto_batch: Annotated[
+        bool,
+        typer.Option(
+            help="GPU: find the largest batch (up to 8x --batch-size) that fits, backing off "
+            "on out-of-memory. Ignored on CPU."
+        ),
+    ] = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Launch this many ranks on this node with torchrun (data parallel; one GPU "
+            "each). For several nodes, run torchrun yourself (docs/scale-out.md).",
+        ),
+    ] = 1,
     cache: CacheOpt = None,
     manifest: ManifestOpt = None,
 ) -> None:
@@ -219,6 +244,14 @@ def extract(
     from embedkit.extract import extract as run
     from embedkit.progress import rich_progress
 
+    if shard not in ("none", "fsdp", "auto"):
+        raise typer.BadParameter(
+            f"expected none, fsdp or auto, got {shard!r}", param_hint="--shard"
+        )
+    if nproc > 1:
+        from embedkit.distributed import launch_torchrun
+
+        raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
     request = ExtractionRequest(
         model=model,
         dataset=dataset,
@@ -235,6 +268,9 @@ def extract(
         on_bad_image=on_bad_image.value,
         revision=revision,
         overwrite=overwrite,
+        shard=shard,  # type: ignore[arg-type]  # checked above
+        compile=compile_model,
+        auto_batch=auto_batch,
     )
     try:
         result = run(request, manifest=manifest, cache=cache, progress=rich_progress)
@@ -245,13 +281,18 @@ def extract(
         )
         raise typer.Exit(130) from None
     entry = result.entry
+    if result.rank != 0:
+        return  # rank 0 of a torchrun job reports for the whole job
     if result.reused:
         out.print(f"[green]found[/green] {entry.uri} (complete; nothing to compute)")
     else:
         out.print(
             f"[green]wrote[/green] {entry.uri}: {result.images_computed} images in "
             f"{result.elapsed_s:.1f} s ({result.images_per_s:.1f} img/s)"
+            + (f" on {result.world_size} ranks" if result.world_size > 1 else "")
         )
+        if result.throughput is not None:
+            out.print(f"throughput: {result.throughput.render()}")
     if result.skipped:
         err.print(
             f"[yellow]{len(result.skipped)} unreadable images skipped[/yellow] "
@@ -337,6 +378,75 @@ def cache_verify(
     out.print(f"{len(problems) - bad} ok, {bad} with problems")
     if bad:
         raise typer.Exit(1)
+
+
+class ProbeChoice(StrEnum):
+    linear = "linear"
+    knn = "knn"
+    fewshot = "fewshot"
+
+
+@app.command("probe")
+def probe(
+    kind: Annotated[
+        ProbeChoice,
+        typer.Option(
+            "--kind",
+            "-k",
+            help="linear: logistic regression, C chosen on val (DINOv2 grid); knn: cosine kNN, "
+            "k chosen on val; fewshot: 1-16 examples per class/label, 5 draws.",
+        ),
+    ],
+    model: Annotated[str, typer.Option("--model", help="Model of the cached features.")],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset in the manifest.")],
+    resolution: Annotated[int, typer.Option("--resolution", "-r", help="Resolution in px.")],
+    pooling: Annotated[
+        str | None,
+        typer.Option(
+            help="cls, mean, cls+mean (pooled, pooled+mean for ConvNeXt). Default: cls+mean for "
+            "linear and few-shot, cls for kNN."
+        ),
+    ] = None,
+    entry: Annotated[
+        str | None, typer.Option(help="Cache entry digest (prefix) when several entries match.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for bootstrap and few-shot draws.")] = 0,
+    n_boot: Annotated[int, typer.Option(min=1, help="Bootstrap resamples for the CIs.")] = 1000,
+    results: Annotated[
+        Path, typer.Option("--out", "-o", help="Results directory (JSON + Parquet records).")
+    ] = Path("embedkit-results"),
+    overwrite: Annotated[
+        bool, typer.Option(help="Recompute even if an identical record exists.")
+    ] = False,
+    cache: CacheOpt = None,
+    manifest: ManifestOpt = None,
+) -> None:
+    """Fit a probe on cached features and report test metrics with 95% bootstrap CIs.
+
+    Reads a complete cache entry (never re-extracts), joins labels and splits from the manifest
+    by image id, and writes a self-describing record (cache key, hyper-parameters, chosen C/k,
+    metrics, per-label table, test scores for paired tests) to --out. An identical earlier run
+    is reused unless --overwrite.
+    """
+    from embedkit.probe import ProbeRequest, render_record, run_probe
+
+    request = ProbeRequest(
+        kind=kind.value,
+        model=model,
+        dataset=dataset,
+        resolution=resolution,
+        pooling=pooling,
+        entry=entry,
+        seed=seed,
+        n_boot=n_boot,
+        overwrite=overwrite,
+    )
+    outcome = run_probe(request, manifest=manifest, cache=cache, results=results)
+    out.print(render_record(outcome.record))
+    for note in outcome.record.notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}")
+    state = "found (identical run)" if outcome.reused else "wrote"
+    out.print(f"{state} {outcome.path}")
 
 
 @app.command("demo")

@@ -1,7 +1,8 @@
 """`embedkit demo`: the whole pipeline on the synthetic demo dataset, offline.
 
 Builds the demo images (resumable), checks the manifest, extracts features with a tiny
-random-weight encoder at each resolution, and lists the cache. The manifest it uses is
+random-weight encoder at each resolution, lists the cache, and runs the linear, kNN and
+few-shot probes on every entry, ending with a comparison table. The manifest it uses is
 ``./data_manifest.yaml`` when that file defines a ``demo`` dataset stored in ``out_dir``;
 otherwise it writes ``<out_dir>/manifest.yaml`` (demo data + a cache inside ``out_dir``).
 """
@@ -13,10 +14,13 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from embedkit.data.demo import FINDINGS, DemoSpec, generate_demo
+from embedkit.errors import EmbedkitError
 from embedkit.extract import ExtractionRequest, ExtractionResult, extract
 from embedkit.manifest import Manifest, check_dataset, load_manifest, render_report
+from embedkit.probe import PROBE_KINDS, ProbeRequest, comparison_table, run_probe
 from embedkit.progress import rich_progress
 from embedkit.store import CacheRoot, list_entries, render_entries
 
@@ -74,9 +78,14 @@ def run_demo(
     resolutions: tuple[int, ...] = (224, 512),
     workers: int = 2,
     batch_size: int = 16,
+    probe_max_iter: int = 200,
     console: Console | None = None,
 ) -> list[ExtractionResult]:
-    """Generate, check and extract the demo dataset; return one result per resolution."""
+    """Generate, check, extract and probe the demo dataset; return one result per resolution.
+
+    The demo's linear probes stop L-BFGS after ``probe_max_iter`` iterations per C (recorded in
+    each result) to keep the demo quick; `embedkit probe` uses the protocol's 1000.
+    """
     con = console or Console()
     out = Path(out_dir)
     spec = DemoSpec(n_patients=patients, images_per_patient=images_per_patient, size=size)
@@ -118,8 +127,28 @@ def run_demo(
         results.append(result)
     root = CacheRoot.from_uri(man.cache)
     con.print(render_entries(list_entries(root)))
+    records = []
+    con.print(f"[bold]probes[/bold] (results in {out / 'results'})")
+    for resolution in resolutions:
+        for kind in PROBE_KINDS:
+            probe_request = ProbeRequest(
+                kind=kind,  # type: ignore[arg-type]
+                model=model,
+                dataset=DEMO_DATASET,
+                resolution=resolution,
+                shots=(1, 2, 4, 8),
+                max_iter=probe_max_iter,
+            )
+            try:
+                outcome = run_probe(probe_request, manifest=man, results=out / "results")
+            except EmbedkitError as exc:  # e.g. too few patients for few-shot draws
+                con.print(f"  [yellow]{kind} @ {resolution}px skipped[/yellow]: {escape(str(exc))}")
+                continue
+            records.append(outcome.record)
+    con.print(comparison_table(records))
     con.print(
         f"Next: embedkit cache info {results[0].entry.key.short()} --manifest {man.path}  |  "
-        f"embedkit cache verify --manifest {man.path}"
+        f"embedkit probe --kind linear --model {model} --dataset {DEMO_DATASET} "
+        f"--resolution {resolutions[0]} --manifest {man.path} --out {out / 'results'}"
     )
     return results

@@ -23,15 +23,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 
+from embedkit import distributed
 from embedkit.data.dataset import Batch, ImageDataset, collate
 from embedkit.data.transforms import Preprocessing
 from embedkit.errors import BadImagesError, EmbedkitError
@@ -48,11 +49,13 @@ from embedkit.models import (
 )
 from embedkit.store import CacheKey, CacheRoot, FeatureEntry, canonical_json, digest_ids
 from embedkit.store.entry import remove_entry
+from embedkit.throughput import ModelShape, ThroughputReport
 
 ComputeDtype = Literal["auto", "fp32", "bf16", "fp16"]
 StorageDtype = Literal["float16", "float32"]
 BadImagePolicy = Literal["fail", "skip"]
 ResizePolicy = Literal["squash", "pad", "crop"]
+ShardPolicy = Literal["none", "fsdp", "auto"]
 
 #: Images per work unit: one Zarr chunk per pooling, one completion record.
 DEFAULT_UNIT_ROWS = 1024
@@ -77,6 +80,9 @@ class ExtractionRequest:
     on_bad_image: BadImagePolicy = "fail"
     revision: str | None = None
     overwrite: bool = False
+    shard: ShardPolicy = "none"
+    compile: bool = False
+    auto_batch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("resolution", "batch_size", "unit_rows"):
@@ -97,6 +103,9 @@ class ExtractionResult:
     elapsed_s: float
     images_computed: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    rank: int = 0
+    world_size: int = 1
+    throughput: ThroughputReport | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -287,8 +296,13 @@ def run_extraction(
     *,
     units: Sequence[int] | None = None,
     progress: ProgressFactory | None = None,
+    min_forwards: int = 0,
 ) -> ExtractionResult:
-    """Compute and write the given units (default: every pending unit) of ``entry``."""
+    """Compute and write the given units (default: every pending unit) of ``entry``.
+
+    ``min_forwards``: run dummy one-image forwards after the real batches until at least this
+    many forward calls were made (FSDP ranks must all make the same number of calls).
+    """
     request = plan.request
     todo = sorted(entry.pending_units() if units is None else units)
     batches = _unit_batches(entry, todo, request.batch_size)
@@ -332,6 +346,9 @@ def run_extraction(
                     if not buf.failed:
                         writer.submit(u, buf.arrays, buf.valid, buf.skipped)
                 advance(len(rows))
+            side = plan.key.resolution
+            for _ in range(min_forwards - len(batches)):
+                encoder.encode(torch.zeros(1, 3, side, side, device=plan.device), stored)
         finally:
             writer.close()
     elapsed = time.perf_counter() - started
@@ -398,33 +415,202 @@ def extract(
         cache_dir=Path(model_cache_dir) if model_cache_dir is not None else None,
     )
     plan = plan_extraction(request, man, identity)
-    started = time.perf_counter()
-    existing = root.exists(plan.key.relpath())
-    if existing and request.overwrite:
-        remove_entry(root, plan.key)
-    elif existing:
-        found = FeatureEntry.open(root, plan.key, allow_partial=True)
-        if found.is_complete:
-            return ExtractionResult(found, 0, True, 0.0, 0, found.skipped())
-    entry = FeatureEntry.create_or_open(
+    with distributed.session(plan.device) as ctx:
+        if ctx.device != plan.device:
+            plan = replace(plan, device=ctx.device)
+        if not ctx.distributed:
+            return _extract_one(plan, identity, root, progress)
+        return _extract_ranks(plan, identity, root, ctx, progress)
+
+
+def _load(
+    plan: ExtractionPlan, identity: EncoderIdentity, ctx: distributed.DistContext
+) -> LoadedEncoder:
+    """The encoder as this request asks: replica or FSDP shard, optionally compiled."""
+    from embedkit.models.sharding import load_sharded_encoder, resolve_shard
+
+    request = plan.request
+    mode = resolve_shard(
+        request.shard,
+        _shape(plan, identity),
+        side=plan.key.resolution,
+        batch_size=request.batch_size,
+        device=plan.device,
+        world_size=ctx.world_size,
+        local_world_size=ctx.env.local_world_size,
+        dtype=plan.compute_dtype,
+    )
+    if mode == "fsdp":
+        encoder = load_sharded_encoder(
+            identity, ctx.mesh(), device=plan.device, dtype=plan.compute_dtype
+        )
+    else:
+        encoder = load_encoder(identity, device=plan.device, dtype=plan.compute_dtype)
+        if plan.spec.patch_size is None and plan.device.type == "cuda":
+            cast(Any, encoder.model).to(memory_format=torch.channels_last)
+    if request.compile:
+        encoder.model = torch.compile(encoder.model, dynamic=False)  # type: ignore[assignment]
+    return encoder
+
+
+def _shape(plan: ExtractionPlan, identity: EncoderIdentity) -> ModelShape:
+    from embedkit.models.registry import read_config_json
+
+    return ModelShape.from_config(plan.spec, read_config_json(identity.directory))
+
+
+def _auto_batch(
+    plan: ExtractionPlan, encoder: LoadedEncoder, ctx: distributed.DistContext
+) -> ExtractionPlan:
+    """``--auto-batch``: the largest batch (up to 8x --batch-size) that fits, on every rank."""
+    from embedkit.throughput import largest_batch
+
+    if not plan.request.auto_batch or plan.device.type != "cuda":
+        return plan  # on CPU memory is not the limit: keep --batch-size
+    side, stored = plan.key.resolution, tuple(plan.shapes)
+
+    def attempt(n: int) -> None:
+        encoder.encode(torch.zeros(n, 3, side, side, device=plan.device), stored)
+        torch.cuda.synchronize(plan.device)
+
+    start = plan.request.batch_size
+    found = largest_batch(attempt, start=start, limit=min(8 * start, plan.request.unit_rows))
+    best = int(ctx.min(found))
+    return replace(plan, request=replace(plan.request, batch_size=best))
+
+
+def _report(
+    plan: ExtractionPlan,
+    identity: EncoderIdentity,
+    images: int,
+    seconds: float,
+    devices: int,
+) -> ThroughputReport:
+    from embedkit.throughput import device_peak_tflops, flops_per_image
+
+    name, peak = device_peak_tflops(plan.device)
+    per_image = flops_per_image(_shape(plan, identity), plan.key.resolution)
+    return ThroughputReport(images, seconds, per_image, devices, name, peak)
+
+
+def _finish(entry: FeatureEntry, elapsed: float, result: ExtractionResult) -> None:
+    entry.finalize(
+        {"elapsed_s": round(elapsed, 3), "images_per_s_last_run": round(result.images_per_s, 3)}
+    )
+
+
+def _open_entry(plan: ExtractionPlan, identity: EncoderIdentity, root: CacheRoot) -> FeatureEntry:
+    return FeatureEntry.create_or_open(
         root,
         plan.key,
         ids=plan.table.ids,
         shapes=plan.shapes,
-        unit_rows=request.unit_rows,
+        unit_rows=plan.request.unit_rows,
         provenance=_provenance(plan, identity),
     )
+
+
+def _existing(plan: ExtractionPlan, root: CacheRoot) -> FeatureEntry | None:
+    """The complete entry of ``plan`` if there is one (after ``--overwrite`` removed it: None)."""
+    if not root.exists(plan.key.relpath()):
+        return None
+    if plan.request.overwrite:
+        remove_entry(root, plan.key)
+        return None
+    found = FeatureEntry.open(root, plan.key, allow_partial=True)
+    return found if found.is_complete else None
+
+
+def _extract_one(
+    plan: ExtractionPlan,
+    identity: EncoderIdentity,
+    root: CacheRoot,
+    progress: ProgressFactory | None,
+) -> ExtractionResult:
+    started = time.perf_counter()
+    found = _existing(plan, root)
+    if found is not None:
+        return ExtractionResult(found, 0, True, 0.0, 0, found.skipped())
+    entry = _open_entry(plan, identity, root)
     with entry.lock():
         if entry.is_complete:  # another process finished it while we waited for the lock
             return ExtractionResult(entry, 0, True, 0.0, 0, entry.skipped())
-        encoder = load_encoder(identity, device=plan.device, dtype=plan.compute_dtype)
+        ctx = distributed.DistContext(distributed.rank_env({}), plan.device, None)
+        encoder = _load(plan, identity, ctx)
+        plan = _auto_batch(plan, encoder, ctx)
         result = run_extraction(plan, encoder, entry, progress=progress)
         elapsed = time.perf_counter() - started
-        entry.finalize(
-            {
-                "elapsed_s": round(elapsed, 3),
-                "images_per_s_last_run": round(result.images_per_s, 3),
-            }
-        )
+        _finish(entry, elapsed, result)
     result.elapsed_s = elapsed
+    result.throughput = _report(plan, identity, result.images_computed, elapsed, 1)
     return result
+
+
+def _extract_ranks(
+    plan: ExtractionPlan,
+    identity: EncoderIdentity,
+    root: CacheRoot,
+    ctx: distributed.DistContext,
+    progress: ProgressFactory | None,
+) -> ExtractionResult:
+    """One rank of a torchrun job; every rank of the job calls this with the same plan.
+
+    Locking: only rank 0 takes the entry's file lock, and holds it from before it reads the
+    pending units until after it finalizes. Other ranks never touch the lock while rank 0 holds
+    it; they write only units of the pending list rank 0 read under the lock, split disjointly
+    by :func:`distributed.assign_units`. So two *jobs* (or a job and a single process) exclude
+    each other through rank 0's lock, and the ranks of one job cannot deadlock on it.
+    """
+    started = time.perf_counter()
+    # Rank 0 creates (or removes, with --overwrite) the entry; then the others open it. Both
+    # steps take the lock briefly, before rank 0 holds it for the whole run.
+    found = _existing(plan, root) if ctx.is_main else None
+    entry = _open_entry(plan, identity, root) if ctx.is_main and found is None else None
+    ctx.barrier()
+    if ctx.broadcast(found is not None):
+        done = FeatureEntry.open(root, plan.key)
+        return ExtractionResult(done, 0, True, 0.0, 0, done.skipped(), ctx.rank, ctx.world_size)
+    if entry is None:
+        entry = _open_entry(plan, identity, root)
+    ctx.barrier()
+    lock = entry.lock() if ctx.is_main else nullcontext()
+    with lock:
+        pending = None if entry.is_complete else entry.pending_units()
+        pending = ctx.broadcast(pending)
+        if pending is None:  # another job finished it while rank 0 waited for the lock
+            ctx.barrier()
+            return ExtractionResult(
+                entry, 0, True, 0.0, 0, entry.skipped(), ctx.rank, ctx.world_size
+            )
+        mine = distributed.assign_units(pending, ctx.rank, ctx.world_size)
+        encoder = _load(plan, identity, ctx)
+        plan = _auto_batch(plan, encoder, ctx)
+        forwards = len(_unit_batches(entry, mine, plan.request.batch_size))
+        min_forwards = int(ctx.max(forwards)) if _is_sharded(encoder) else 0
+        result = run_extraction(
+            plan,
+            encoder,
+            entry,
+            units=mine,
+            progress=progress if ctx.is_main else None,
+            min_forwards=min_forwards,
+        )
+        images = int(ctx.sum(result.images_computed))
+        seconds = ctx.max(result.elapsed_s)
+        units_written = int(ctx.sum(result.computed_units))
+        ctx.barrier()  # every rank's units are written (run_extraction joins its writer)
+        elapsed = time.perf_counter() - started
+        if ctx.is_main:
+            _finish(entry, elapsed, result)
+    ctx.barrier()  # no rank reports success before the entry is complete
+    result.elapsed_s = elapsed
+    result.rank, result.world_size = ctx.rank, ctx.world_size
+    result.computed_units, result.images_computed = units_written, images
+    result.throughput = _report(plan, identity, images, seconds, ctx.world_size)
+    return result
+
+
+def _is_sharded(encoder: LoadedEncoder) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in encoder.model.parameters())

@@ -134,13 +134,18 @@ class ResultsDir:
             return None
         return load_record(path)
 
-    def write(self, record: ResultRecord, scores: ScoreTable, *, overwrite: bool = False) -> Path:
+    def write(
+        self, record: ResultRecord, scores: ScoreTable | None, *, overwrite: bool = False
+    ) -> Path:
+        """Write the scores (if any) and then the JSON record; refuse to replace one silently."""
         json_path, parquet_path = self.paths(record)
         if json_path.exists() and not overwrite:
             raise EntryExistsError(
                 f"{json_path} exists; pass --overwrite to replace this result record"
             )
-        _atomic_write(parquet_path, lambda tmp: pq.write_table(scores.to_table(), tmp))
+        if scores is not None:
+            table = scores.to_table()
+            _atomic_write(parquet_path, lambda tmp: pq.write_table(table, tmp))
         text = json.dumps(asdict(record), indent=1, sort_keys=True, default=_json_default)
         _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text + "\n"))
         return json_path

@@ -1,0 +1,53 @@
+"""FSDP2 with 2 CPU ranks: half the parameter bytes per rank, features equal the replica."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import extract_args, free_port, run, torchrun
+from .test_dist_extract import entry_at
+
+pytestmark = pytest.mark.slow
+
+#: FSDP gathers the very same fp32 weights; only reduction order could differ. Observed: 0.
+ATOL = 1e-6
+
+
+def test_sharded_encoder_holds_half_the_weights_and_matches(
+    dist_env: dict[str, str], tmp_path: Path
+) -> None:
+    worker = Path(__file__).with_name("fsdp_worker.py")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+        str(worker), str(tmp_path),
+    ]  # fmt: skip
+    run(cmd, dist_env)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    total = reports[0]["total"]
+    assert total > 100_000  # 42k fp32 parameters
+    for rep in reports:
+        assert 0.45 * total <= rep["resident"] <= 0.55 * total
+        assert rep["max_abs_diff"] <= ATOL
+    assert abs(sum(r["resident"] for r in reports) - total) <= 0.01 * total
+
+
+def test_extract_with_shard_fsdp_equals_replica(
+    dist_data: Path, dist_env: dict[str, str], tmp_path: Path
+) -> None:
+    model = "test/tiny-dinov3-vit"
+    # 5 units over 2 ranks with --unit-rows 5: rank 0 has 3 units (6 batches), rank 1 has 2
+    # units (4 batches + 2 dummy forwards): the uneven split must not hang the all-gathers.
+    replica = extract_args(model, dist_data, tmp_path / "replica", "--unit-rows", "5")
+    sharded = extract_args(model, dist_data, tmp_path / "fsdp", "--unit-rows", "5")
+    run(torchrun(2, replica), dist_env)
+    run(torchrun(2, [*sharded, "--shard", "fsdp"]), dist_env)
+    a, b = entry_at(tmp_path / "replica"), entry_at(tmp_path / "fsdp")
+    assert b.is_complete and a.key == b.key and b.n_units == 5
+    for pooling in ("cls", "mean"):
+        np.testing.assert_allclose(b.read(pooling), a.read(pooling), atol=ATOL, rtol=0)

@@ -1,0 +1,86 @@
+"""`run_probe`: cached features ─► probe ─► metrics with CIs ─► a reusable result record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from embedkit.errors import CacheNotFoundError, EmbedkitError
+from embedkit.extract import ExtractionRequest, extract
+from embedkit.manifest import load_manifest
+from embedkit.probe import ProbeRequest, run_probe
+from embedkit.results import load_scores
+
+
+@pytest.fixture
+def extracted(demo_manifest: Path, model_cache: Path) -> Path:
+    request = ExtractionRequest(
+        model="test/tiny-dinov3-vit", dataset="demo", resolution=224, num_workers=0, unit_rows=8
+    )
+    extract(request, manifest=demo_manifest, model_cache_dir=model_cache)
+    return demo_manifest
+
+
+def _probe(kind: str, **kw: object) -> ProbeRequest:
+    args: dict[str, object] = {
+        "kind": kind,
+        "model": "test/tiny-dinov3-vit",
+        "dataset": "demo",
+        "resolution": 224,
+        "max_iter": 100,
+        "n_boot": 200,
+    }
+    args.update(kw)
+    return ProbeRequest(**args)  # type: ignore[arg-type]
+
+
+def test_linear_probe_record_metrics_match_its_saved_scores(
+    extracted: Path, tmp_path: Path
+) -> None:
+    outcome = run_probe(_probe("linear"), manifest=extracted, results=tmp_path)
+    record = outcome.record
+    assert not outcome.reused and outcome.path.is_file()
+    assert record.pooling == "cls+mean" and record.task == "multilabel"
+    assert np.isclose(record.selected["C"], np.logspace(-6, 5, 45)).any()  # the DINOv2 grid
+    table = load_manifest(extracted).dataset("demo").load()
+    scores = load_scores(outcome.path)
+    assert scores.ids == tuple(table.ids[i] for i in table.indices("test"))
+    aurocs = []
+    for j, row in enumerate(record.per_label):
+        y, m, s = scores.y[:, j], scores.mask[:, j], scores.scores[:, j]
+        if row["auroc"] is None:
+            assert len(np.unique(y[m])) < 2  # undefined exactly when one class is missing
+            continue
+        expected = roc_auc_score(y[m], s[m])
+        assert row["auroc"] == pytest.approx(expected)
+        assert row["low"] <= row["auroc"] <= row["high"]
+        aurocs.append(expected)
+    assert record.metrics["macro_auroc"]["point"] == pytest.approx(np.mean(aurocs))
+    assert record.entry["digest"] and record.n["test"] == len(scores.ids)
+
+
+def test_identical_probe_is_reused_and_overwrite_recomputes(
+    extracted: Path, tmp_path: Path
+) -> None:
+    first = run_probe(_probe("knn"), manifest=extracted, results=tmp_path)
+    again = run_probe(_probe("knn"), manifest=extracted, results=tmp_path)
+    assert again.reused and again.path == first.path
+    assert again.record.metrics == first.record.metrics
+    assert 1 <= again.record.selected["k"] <= first.record.n["train"]
+    other_seed = run_probe(_probe("knn", seed=1), manifest=extracted, results=tmp_path)
+    assert not other_seed.reused and other_seed.path != first.path
+    redone = run_probe(_probe("knn", overwrite=True), manifest=extracted, results=tmp_path)
+    assert not redone.reused and redone.path == first.path
+
+
+def test_missing_entry_says_which_command_extracts_it(demo_manifest: Path, tmp_path: Path) -> None:
+    with pytest.raises(CacheNotFoundError, match="embedkit extract --model test/tiny-dinov3-vit"):
+        run_probe(_probe("linear", resolution=256), manifest=demo_manifest, results=tmp_path)
+
+
+def test_fewshot_with_too_few_patients_is_a_clear_error(extracted: Path, tmp_path: Path) -> None:
+    with pytest.raises(EmbedkitError, match="eligible patients"):
+        run_probe(_probe("fewshot", shots=(16,)), manifest=extracted, results=tmp_path)
