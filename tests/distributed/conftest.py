@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,20 +41,15 @@ def dist_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def torchrun(nproc: int, args: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
+        # Standalone rendezvous on localhost:0: torchrun binds a free loopback port itself, so
+        # concurrent test runs never race for a port picked in advance.
+        "--standalone",
         "-m",
         "embedkit",
         *args,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import extract_args, free_port, run, torchrun
+from .conftest import extract_args, run, torchrun
 from .test_dist_extract import entry_at
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def test_sharded_encoder_holds_half_the_weights_and_matches(
     worker = Path(__file__).with_name("fsdp_worker.py")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+        "--standalone",
         str(worker), str(tmp_path),
     ]  # fmt: skip
     run(cmd, dist_env)
