@@ -68,6 +68,18 @@ class StorageChoice(StrEnum):
     float32 = "float32"
 
 
+class ShardChoice(StrEnum):
+    none = "none"
+    fsdp = "fsdp"
+    auto = "auto"
+
+
+class DeviceMapChoice(StrEnum):
+    auto = "auto"
+    balanced = "balanced"
+    sequential = "sequential"
+
+
 class ResizeChoice(StrEnum):
     squash = "squash"
     pad = "pad"
@@ -205,12 +217,19 @@ def extract(
         bool, typer.Option(help="Delete an existing entry with the same key and recompute.")
     ] = False,
     shard: Annotated[
-        str,
+        ShardChoice,
         typer.Option(
             help="none: a full replica per rank; fsdp: split the weights over the ranks "
             "(FSDP2, needs >= 2 ranks); auto: replicas if the model fits the device, else fsdp.",
         ),
-    ] = "none",
+    ] = ShardChoice.none,
+    device_map: Annotated[
+        DeviceMapChoice | None,
+        typer.Option(
+            help="One process, layers spread over all visible GPUs (accelerate): for a model "
+            "no single GPU holds when torchrun + --shard fsdp is not an option. No speed-up.",
+        ),
+    ] = None,
     compile_model: Annotated[
         bool, typer.Option("--compile/--no-compile", help="torch.compile the encoder.")
     ] = False,
@@ -244,10 +263,6 @@ def extract(
     from embedkit.extract import extract as run
     from embedkit.progress import rich_progress
 
-    if shard not in ("none", "fsdp", "auto"):
-        raise typer.BadParameter(
-            f"expected none, fsdp or auto, got {shard!r}", param_hint="--shard"
-        )
     if nproc > 1:
         from embedkit.distributed import launch_torchrun
 
@@ -268,7 +283,8 @@ def extract(
         on_bad_image=on_bad_image.value,
         revision=revision,
         overwrite=overwrite,
-        shard=shard,  # type: ignore[arg-type]  # checked above
+        shard=shard.value,
+        device_map=device_map.value if device_map is not None else None,
         compile=compile_model,
         auto_batch=auto_batch,
     )

@@ -81,10 +81,16 @@ class ExtractionRequest:
     revision: str | None = None
     overwrite: bool = False
     shard: ShardPolicy = "none"
+    device_map: str | None = None  # "auto": one process, layers over all GPUs (accelerate)
     compile: bool = False
     auto_batch: bool = False
 
     def __post_init__(self) -> None:
+        if self.device_map is not None and self.shard != "none":
+            raise EmbedkitError(
+                "--device-map and --shard are two ways to split a model: use --shard fsdp "
+                "under torchrun (data parallel, faster) or --device-map auto in one process"
+            )
         for name in ("resolution", "batch_size", "unit_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -445,7 +451,17 @@ def _load(
             identity, ctx.mesh(), device=plan.device, dtype=plan.compute_dtype
         )
     else:
-        encoder = load_encoder(identity, device=plan.device, dtype=plan.compute_dtype)
+        if request.device_map is not None and ctx.world_size > 1:
+            raise EmbedkitError(
+                f"--device-map places one model over all GPUs of one process; it cannot run "
+                f"in each of {ctx.world_size} torchrun ranks. Use --shard fsdp instead."
+            )
+        encoder = load_encoder(
+            identity,
+            device=plan.device,
+            dtype=plan.compute_dtype,
+            device_map=request.device_map,
+        )
         if plan.spec.patch_size is None and plan.device.type == "cuda":
             cast(Any, encoder.model).to(memory_format=torch.channels_last)
     if request.compile:

@@ -189,10 +189,14 @@ def load_encoder(
     dtype: str = "fp32",
     revision: str | None = None,
     cache_dir: str | Path | None = None,
+    device_map: str | None = None,
 ) -> LoadedEncoder:
     """Load ``name`` (registered name, alias, local directory or hub id) as a frozen encoder.
 
     ``name`` may also be an :class:`EncoderIdentity` from :func:`identify_encoder`.
+    ``device_map="auto"`` places the layers over every visible GPU (and the CPU when they are
+    full) in one process with accelerate: for encoders no single GPU holds. It gives no
+    speed-up over one GPU; ``device`` is then ignored and inputs go to the first layer's device.
     ``cache_dir`` is embedkit's cache root (tiny models, fingerprint memo); hub downloads stay in
     the Hugging Face cache. ``revision`` (branch, tag or commit) applies to hub models only.
     """
@@ -206,18 +210,26 @@ def load_encoder(
     adapter = get_family(ident.spec.family)
     if ident.hub_id is None:
         with _quiet_if(ident.spec.tiny_config is not None):
-            model = _from_directory(ident.directory, adapter, torch_dtype)
+            model = _from_directory(ident.directory, adapter, torch_dtype, device_map)
     else:
         config = adapter.config_class.from_pretrained(ident.directory)
         model = _from_pretrained(
-            adapter, ident.hub_id, torch_dtype, config=config, revision=ident.revision
+            adapter,
+            ident.hub_id,
+            torch_dtype,
+            config=config,
+            revision=ident.revision,
+            device_map=device_map,
         )
     if ident.spec.tiny_config is not None or ident.hub_id is not None:
         _check_matches(model, ident.spec)
     model.eval()
     model.requires_grad_(False)
     module: torch.nn.Module = model
-    module.to(target_device)
+    if device_map is None:
+        module.to(target_device)
+    else:  # accelerate placed the layers; inputs go where the first parameters are
+        target_device = next(module.parameters()).device
     return LoadedEncoder(
         ident.spec, model, ident.source, ident.weights_fingerprint, target_device, torch_dtype
     )
@@ -265,6 +277,7 @@ def _from_pretrained(
     *,
     config: PretrainedConfig | None = None,
     revision: str | None = None,
+    device_map: str | None = None,
 ) -> PreTrainedModel:
     """``from_pretrained`` that refuses checkpoints with missing or mismatched weights."""
     kwargs: dict[str, Any] = dict(adapter.model_kwargs)
@@ -272,6 +285,8 @@ def _from_pretrained(
         kwargs["config"] = config
     if revision is not None:
         kwargs["revision"] = revision
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     with _hub_errors(str(source), revision):
         loaded: Any = adapter.model_class.from_pretrained(
             source, dtype=dtype, output_loading_info=True, **kwargs
@@ -287,10 +302,12 @@ def _from_pretrained(
     return model
 
 
-def _from_directory(directory: Path, adapter: FamilyAdapter, dtype: torch.dtype) -> PreTrainedModel:
+def _from_directory(
+    directory: Path, adapter: FamilyAdapter, dtype: torch.dtype, device_map: str | None = None
+) -> PreTrainedModel:
     read_config_json(directory)  # a clear error when config.json is missing
     try:
-        return _from_pretrained(adapter, directory, dtype)
+        return _from_pretrained(adapter, directory, dtype, device_map=device_map)
     except ModelLoadError:
         raise
     except (OSError, ValueError) as exc:

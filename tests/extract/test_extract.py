@@ -13,7 +13,7 @@ import torch
 import embedkit.extract as extract_mod
 from embedkit.data.readers import read_image
 from embedkit.data.transforms import Preprocessing
-from embedkit.errors import BadImagesError, IncompleteEntryError
+from embedkit.errors import BadImagesError, EmbedkitError, IncompleteEntryError
 from embedkit.extract import ExtractionRequest, extract, plan_extraction
 from embedkit.manifest import load_manifest
 from embedkit.models import identify_encoder, load_encoder
@@ -185,3 +185,24 @@ def test_bad_images_skipped_are_recorded(
     valid = entry.valid_mask()
     assert valid.sum() == 22 and not valid[1] and not valid[17]
     assert np.all(entry.read("cls")[~valid] == 0)
+
+
+def test_device_map_auto_loads_through_accelerate_and_gives_the_same_features(
+    demo_manifest: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    enc = load_encoder("test/tiny-dinov3-vit", cache_dir=model_cache, device_map="auto")
+    assert enc.device.type == "cpu"  # no GPU here: accelerate keeps every layer on the CPU
+    plain = extract(_request(), manifest=demo_manifest, model_cache_dir=model_cache).entry
+    mapped = extract(
+        _request(device_map="auto"),
+        manifest=demo_manifest,
+        cache=tmp_path / "mapped",
+        model_cache_dir=model_cache,
+    ).entry
+    assert mapped.key == plain.key  # layer placement does not change what is stored
+    np.testing.assert_array_equal(mapped.read("cls+mean"), plain.read("cls+mean"))
+
+
+def test_device_map_and_shard_are_exclusive() -> None:
+    with pytest.raises(EmbedkitError, match="two ways to split a model"):
+        _request(device_map="auto", shard="fsdp")
