@@ -465,6 +465,41 @@ def probe(
     out.print(f"{state} {outcome.path}")
 
 
+class CorrectionChoice(StrEnum):
+    holm = "holm"
+    bonferroni = "bonferroni"
+    fdr_bh = "fdr_bh"
+
+
+@app.command("report")
+def report(
+    results: Annotated[
+        Path, typer.Option("--results", help="Results directory written by `embedkit probe`.")
+    ] = Path("embedkit-results"),
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where the report files go.")] = Path(
+        "embedkit-report"
+    ),
+    correction: Annotated[
+        CorrectionChoice, typer.Option(help="Multiple-comparison correction of the p-values.")
+    ] = CorrectionChoice.holm,
+) -> None:
+    """Build a comparison report from result records alone (no features, no models).
+
+    Writes summary.md/.csv (macro AUROC with 95% CI per dataset x model x resolution x method),
+    per_label.md/.csv, comparisons.md/.csv (paired bootstrap tests between runs on the same test
+    images: resolutions, models and methods, with the chosen correction), PNG plots (AUROC vs
+    resolution with CI bands, per-label deltas, few-shot curves) and report.html, one
+    self-contained page that opens offline.
+    """
+    from embedkit.report import build_report
+
+    built = build_report(results, out_dir, correction=correction.value)
+    out.print(
+        f"{len(built.summary)} runs, {len(built.comparisons)} paired comparisons -> "
+        f"{built.html} (+ {len(built.files) - 1} files in {out_dir})"
+    )
+
+
 @app.command("demo")
 def demo(
     out_dir: Annotated[

@@ -22,6 +22,7 @@ from embedkit.extract import ExtractionRequest, ExtractionResult, extract
 from embedkit.manifest import Manifest, check_dataset, load_manifest, render_report
 from embedkit.probe import PROBE_KINDS, ProbeRequest, comparison_table, run_probe
 from embedkit.progress import rich_progress
+from embedkit.report import build_report
 from embedkit.store import CacheRoot, list_entries, render_entries
 
 DEMO_DATASET = "demo"
@@ -146,6 +147,9 @@ def run_demo(
                 continue
             records.append(outcome.record)
     con.print(comparison_table(records))
+    if records:
+        built = build_report(out / "results", out / "report")
+        con.print(f"report: {built.html} ({len(built.comparisons)} paired comparisons)")
     con.print(
         f"Next: embedkit cache info {results[0].entry.key.short()} --manifest {man.path}  |  "
         f"embedkit probe --kind linear --model {model} --dataset {DEMO_DATASET} "

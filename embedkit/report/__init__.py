@@ -1,0 +1,14 @@
+"""Comparison reports built from result records alone: tables, paired tests, plots, HTML."""
+
+from embedkit.report.build import ReportFiles, build_report
+from embedkit.report.compare import Comparison, compare_records
+from embedkit.report.tables import SummaryRow, summary_rows
+
+__all__ = [
+    "Comparison",
+    "ReportFiles",
+    "SummaryRow",
+    "build_report",
+    "compare_records",
+    "summary_rows",
+]

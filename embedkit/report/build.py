@@ -1,0 +1,228 @@
+"""`embedkit report`: every output of a comparison report, from result records alone.
+
+Writes ``summary.md`` / ``summary.csv`` (headline metric with 95% CI per dataset x model x
+resolution x method), ``per_label.md`` / ``per_label.csv``, ``comparisons.md`` /
+``comparisons.csv`` (paired bootstrap tests with multiple-comparison correction), PNG plots,
+and ``report.html``: one self-contained page (plots embedded) that opens offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from embedkit.errors import CacheNotFoundError
+from embedkit.report import plots
+from embedkit.report.compare import Comparison, compare_records, comparisons_markdown
+from embedkit.report.tables import (
+    SummaryRow,
+    per_label_markdown,
+    summary_rows,
+    to_csv,
+    to_markdown,
+)
+from embedkit.results import ResultRecord, load_record
+
+
+@dataclass
+class ReportFiles:
+    out: Path
+    summary: list[SummaryRow]
+    comparisons: list[Comparison]
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def html(self) -> Path:
+        return self.out / "report.html"
+
+
+def _records(results: Path) -> list[tuple[ResultRecord, Path]]:
+    paths = sorted(p for p in results.rglob("*.json") if not p.name.startswith("."))
+    return [(load_record(p), p) for p in paths]
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _per_label_rows(records: list[ResultRecord]) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for r in records:
+        for row in r.per_label:
+            rows.append(
+                {
+                    "dataset": r.dataset,
+                    "model": r.model,
+                    "resolution": r.resolution,
+                    "method": r.kind,
+                    **row,
+                }
+            )
+    return rows
+
+
+def _html(title: str, sections: list[tuple[str, str]], images: list[Path]) -> str:
+    figs = "\n".join(
+        f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}"/><figcaption>{html.escape(p.stem)}'
+        "</figcaption></figure>"
+        for p in images
+    )
+    body = "\n".join(f"<h2>{html.escape(h)}</h2>\n{content}" for h, content in sections)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; max-width: 1200px; }}
+table {{ border-collapse: collapse; margin: 1rem 0; font-size: 0.85rem; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; }}
+th {{ background: #f3f3f3; }}
+figure {{ display: inline-block; margin: 0.5rem; }} img {{ max-width: 560px; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+{body}
+<h2>Figures</h2>
+{figs}
+</body></html>
+"""
+
+
+def _table_html(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _ci(point: float, low: float | None, high: float | None) -> str:
+    return f"{point:.3f}" if low is None or high is None else f"{point:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def build_report(
+    results: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    correction: Literal["holm", "bonferroni", "fdr_bh"] = "holm",
+    n_boot: int = 1000,
+) -> ReportFiles:
+    """Read every record under ``results`` and write the report files to ``out``."""
+    root = Path(results)
+    pairs = _records(root)
+    if not pairs:
+        raise CacheNotFoundError(
+            f"no result records under {root}; run `embedkit probe ...` first (or pass --results)"
+        )
+    records = [r for r, _ in pairs]
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = summary_rows(records)
+    comparisons = compare_records(pairs, n_boot=n_boot, correction=correction)
+    report = ReportFiles(out_dir, rows, comparisons)
+    report.files += [
+        _write(out_dir / "summary.md", to_markdown(rows)),
+        _write(out_dir / "summary.csv", to_csv(rows)),
+        _write(
+            out_dir / "per_label.md",
+            "\n".join(per_label_markdown(r) for r in records if r.per_label),
+        ),
+        _write(out_dir / "per_label.csv", to_csv_dicts(_per_label_rows(records))),
+        _write(out_dir / "comparisons.md", comparisons_markdown(comparisons, correction)),
+        _write(out_dir / "comparisons.csv", to_csv(comparisons)),
+    ]
+    images = (
+        plots.auroc_vs_resolution(rows, out_dir)
+        + plots.per_label_deltas(records, out_dir)
+        + plots.fewshot_curves(records, out_dir)
+    )
+    report.files += images
+    summary_table = _table_html(
+        [
+            "dataset",
+            "model",
+            "res",
+            "method",
+            "pooling",
+            "metric",
+            "value [95% CI]",
+            "n test",
+            "chosen",
+        ],
+        [
+            [
+                s.dataset,
+                s.model,
+                str(s.resolution),
+                s.method,
+                s.pooling,
+                s.metric,
+                _ci(s.point, s.low, s.high),
+                str(s.n_test),
+                s.chosen,
+            ]
+            for s in rows
+        ],
+    )
+    comparison_table = _table_html(
+        ["dataset", "axis", "A", "B", "Δ (A − B) [95% CI]", "p", f"p ({correction})"],
+        [
+            [
+                c.dataset,
+                c.axis,
+                c.a,
+                c.b,
+                f"{c.delta:+.3f} [{c.low:+.3f}, {c.high:+.3f}]",
+                f"{c.p_value:.3g}",
+                f"{c.p_adjusted:.3g}",
+            ]
+            for c in comparisons
+        ],
+    )
+    per_label = "".join(
+        f"<h3>{html.escape(f'{r.dataset} · {r.model} · {r.resolution}px · {r.kind}')}</h3>"
+        + _table_html(
+            ["label", "AUROC [95% CI]", "AP", "pos/neg"],
+            [
+                [
+                    row["label"],
+                    "undefined"
+                    if row["auroc"] is None
+                    else _ci(row["auroc"], row["low"], row["high"]),
+                    "-" if row["ap"] is None else f"{row['ap']:.3f}",
+                    f"{row['n_pos']}/{row['n_neg']}",
+                ]
+                for row in r.per_label
+            ],
+        )
+        for r in records
+        if r.per_label
+    )
+    page = _html(
+        "embedkit comparison report",
+        [
+            ("Headline metric per dataset × model × resolution × method", summary_table),
+            ("Paired comparisons (paired bootstrap, shared resamples)", comparison_table),
+            ("Per-label results", per_label),
+        ],
+        images,
+    )
+    report.files.append(_write(out_dir / "report.html", page))
+    return report
+
+
+def to_csv_dicts(rows: list[dict[str, object]]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()

@@ -1,0 +1,107 @@
+"""Report figures (matplotlib, headless): AUROC vs resolution, per-label deltas, few-shot curves."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+import matplotlib.pyplot as plt
+
+from embedkit.report.tables import SummaryRow
+from embedkit.results import ResultRecord
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def auroc_vs_resolution(rows: Sequence[SummaryRow], out: Path) -> list[Path]:
+    """One figure per dataset: a line per (model, method) with its 95% CI band."""
+    paths = []
+    by_dataset: dict[str, dict[tuple[str, str], list[SummaryRow]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for row in rows:
+        if row.method != "fewshot":
+            by_dataset[row.dataset][(row.model, row.method)].append(row)
+    for dataset, series in sorted(by_dataset.items()):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for (model, method), points in sorted(series.items()):
+            points = sorted(points, key=lambda r: r.resolution)
+            res = [p.resolution for p in points]
+            ax.plot(res, [p.point for p in points], marker="o", label=f"{model} · {method}")
+            lows = [p.low for p in points if p.low is not None]
+            highs = [p.high for p in points if p.high is not None]
+            if len(lows) == len(highs) == len(points):
+                ax.fill_between(res, lows, highs, alpha=0.15)
+        ax.set_xlabel("resolution (px)")
+        ax.set_ylabel("macro AUROC (test, 95% CI)")
+        ax.set_title(f"{dataset}: AUROC vs resolution")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out / f"auroc_vs_resolution_{dataset}.png"))
+    return paths
+
+
+def per_label_deltas(records: Sequence[ResultRecord], out: Path) -> list[Path]:
+    """Per-label AUROC change from the lowest to the highest resolution of each model/method."""
+    paths = []
+    groups: dict[tuple[str, str, str], list[ResultRecord]] = defaultdict(list)
+    for r in records:
+        if r.per_label:
+            groups[(r.dataset, r.model, r.kind)].append(r)
+    for (dataset, model, kind), runs in sorted(groups.items()):
+        if len(runs) < 2:
+            continue
+        runs.sort(key=lambda r: r.resolution)
+        low, high = runs[0], runs[-1]
+        lo = {row["label"]: row["auroc"] for row in low.per_label}
+        names = [
+            row["label"]
+            for row in high.per_label
+            if row["auroc"] is not None and lo.get(row["label"]) is not None
+        ]
+        deltas = [
+            next(r["auroc"] for r in high.per_label if r["label"] == n) - lo[n] for n in names
+        ]
+        fig, ax = plt.subplots(figsize=(6.4, 0.35 * len(names) + 1.5))
+        ax.barh(names, deltas, color=["tab:green" if d >= 0 else "tab:red" for d in deltas])
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel(f"AUROC {high.resolution}px − {low.resolution}px")
+        ax.set_title(f"{dataset} · {model} · {kind}", fontsize=9)
+        safe = f"{dataset}_{model}_{kind}".replace("/", "--")
+        paths.append(_save(fig, out / f"per_label_delta_{safe}.png"))
+    return paths
+
+
+def fewshot_curves(records: Sequence[ResultRecord], out: Path) -> list[Path]:
+    """Mean test AUROC vs shots (log2 axis) with the 95% CI over draws."""
+    runs = [r for r in records if r.kind == "fewshot"]
+    by_dataset: dict[str, list[ResultRecord]] = defaultdict(list)
+    for r in runs:
+        by_dataset[r.dataset].append(r)
+    paths = []
+    for dataset, group in sorted(by_dataset.items()):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for r in sorted(group, key=lambda r: (r.model, r.resolution)):
+            shots = sorted(r.metrics, key=lambda s: int(s.split("-")[0]))
+            key = "macro_auroc" if "macro_auroc" in r.metrics[shots[0]] else "ovr_macro_auroc"
+            xs = [int(s.split("-")[0]) for s in shots]
+            mean = [r.metrics[s][key]["mean"] for s in shots]
+            ax.plot(xs, mean, marker="o", label=f"{r.model} · {r.resolution}px")
+            lows = [r.metrics[s][key]["ci_low"] for s in shots]
+            highs = [r.metrics[s][key]["ci_high"] for s in shots]
+            ax.fill_between(xs, lows, highs, alpha=0.15)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training examples per class / label")
+        ax.set_ylabel("macro AUROC (test)")
+        ax.set_title(f"{dataset}: few-shot")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out / f"fewshot_{dataset}.png"))
+    return paths

@@ -1,0 +1,117 @@
+"""The headline table: one row per result record (dataset x model x resolution x method)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from embedkit.results import ResultRecord
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRow:
+    dataset: str
+    model: str
+    resolution: int
+    method: str  # probe kind or finetuning method
+    pooling: str
+    metric: str
+    point: float
+    low: float | None
+    high: float | None
+    n_test: int
+    chosen: str
+    record_id: str
+
+
+def headline(record: ResultRecord) -> tuple[str, float, float | None, float | None]:
+    """(metric name, point, CI low, CI high) of the record's main metric.
+
+    Multi-label: macro AUROC; multi-class: one-vs-rest macro AUROC; few-shot: the largest shot
+    count's mean over draws with its 95% t-interval.
+    """
+    metrics = record.metrics
+    if record.kind == "fewshot":
+        shots = max(metrics, key=lambda s: int(s.split("-")[0]))
+        name = "macro_auroc" if "macro_auroc" in metrics[shots] else "ovr_macro_auroc"
+        m = metrics[shots][name]
+        return f"{shots} {name}", m["mean"], m.get("ci_low"), m.get("ci_high")
+    name = "macro_auroc" if "macro_auroc" in metrics else "ovr_macro_auroc"
+    m = metrics[name]
+    return name, m["point"], m["low"], m["high"]
+
+
+def summary_rows(records: Sequence[ResultRecord]) -> list[SummaryRow]:
+    rows = []
+    for r in records:
+        name, point, low, high = headline(r)
+        chosen = ", ".join(f"{k}={v:g}" for k, v in r.selected.items())
+        rows.append(
+            SummaryRow(
+                r.dataset,
+                r.model,
+                r.resolution,
+                r.kind,
+                r.pooling,
+                name,
+                point,
+                low,
+                high,
+                r.n.get("test", 0),
+                chosen,
+                r.record_id,
+            )
+        )
+    return sorted(rows, key=lambda s: (s.dataset, s.model, s.method, s.resolution))
+
+
+def _ci(point: float, low: float | None, high: float | None) -> str:
+    if low is None or high is None:
+        return f"{point:.3f}"
+    return f"{point:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def to_markdown(rows: Sequence[SummaryRow]) -> str:
+    head = (
+        "| dataset | model | res | method | pooling | metric | value [95% CI] | n test | chosen |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for s in rows:
+        lines.append(
+            f"| {s.dataset} | {s.model} | {s.resolution} | {s.method} | {s.pooling} | {s.metric} "
+            f"| {_ci(s.point, s.low, s.high)} | {s.n_test} | {s.chosen} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: Sequence[object]) -> str:
+    buf = io.StringIO()
+    items = [asdict(r) for r in rows]  # type: ignore[call-overload]
+    if items:
+        writer = csv.DictWriter(buf, fieldnames=list(items[0]))
+        writer.writeheader()
+        writer.writerows(items)
+    return buf.getvalue()
+
+
+def per_label_markdown(record: ResultRecord) -> str:
+    lines = [
+        f"#### {record.dataset} · {record.model} · {record.resolution}px · {record.kind}",
+        "",
+        "| label | AUROC [95% CI] | AP | sens | spec | pos/neg |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in record.per_label:
+        if row["auroc"] is None:
+            lines.append(
+                f"| {row['label']} | undefined | - | - | - | {row['n_pos']}/{row['n_neg']} |"
+            )
+            continue
+        lines.append(
+            f"| {row['label']} | {_ci(row['auroc'], row['low'], row['high'])} | {row['ap']:.3f} "
+            f"| {row['sensitivity']:.3f} | {row['specificity']:.3f} "
+            f"| {row['n_pos']}/{row['n_neg']} |"
+        )
+    return "\n".join(lines) + "\n"
