@@ -465,6 +465,45 @@ def probe(
     out.print(f"{state} {outcome.path}")
 
 
+@app.command("run")
+def run_pipeline_cmd(
+    pipeline: Annotated[
+        Path, typer.Argument(help="Pipeline file, e.g. pipelines/demo.yaml.", dir_okay=False)
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan (cached vs to run, compute) only.")
+    ] = False,
+    manifest: ManifestOpt = None,
+    cache: CacheOpt = None,
+    results: Annotated[
+        Path | None, typer.Option(help="Results directory (default: the pipeline's).")
+    ] = None,
+    report_dir: Annotated[
+        Path | None, typer.Option("--report", help="Report directory (default: the pipeline's).")
+    ] = None,
+) -> None:
+    """Run a whole study: datasets x models x resolutions x {extract, probes, finetune}, then
+    the report.
+
+    Prints the plan first (what is cached or done, and the estimated forward compute of each
+    extraction from FLOPs per image). Finished steps are skipped, so rerunning after a kill
+    continues; a failing step is reported and the others still run (exit status 1 at the end).
+    """
+    from embedkit.pipeline import run_pipeline
+
+    summary = run_pipeline(
+        pipeline,
+        manifest=manifest,
+        cache=cache,
+        results=results,
+        report=report_dir,
+        dry_run=dry_run,
+        console=out,
+    )
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 class CorrectionChoice(StrEnum):
     holm = "holm"
     bonferroni = "bonferroni"

@@ -19,6 +19,10 @@ class ManifestError(EmbedkitError, ValueError):
     """The data manifest, an index file or a label is invalid."""
 
 
+class ConfigError(EmbedkitError, ValueError):
+    """A pipeline file or an option value is invalid."""
+
+
 class ImageReadError(EmbedkitError, ValueError):
     """One image could not be decoded (corrupt, truncated, unsupported)."""
 

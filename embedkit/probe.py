@@ -221,6 +221,29 @@ def _point(part: SplitFeatures, scores: np.ndarray) -> float:
     return float(macro_auroc(part.y, part.mask, scores))
 
 
+def probe_plan(request: ProbeRequest, entry: FeatureEntry) -> tuple[str, dict[str, Any], str, str]:
+    """(pooling, hyper-parameters, record id, record relpath) of ``request`` on ``entry``.
+
+    The record id covers the entry digest, the kind, every hyper-parameter and the seed, so an
+    identical run finds its record without computing anything.
+    """
+    pooling = request.pooling or _default_pooling(request.kind, entry)
+    params: dict[str, Any] = {"pooling": pooling, "n_boot": request.n_boot}
+    if request.kind == "linear":
+        params.update(
+            Cs="10^linspace(-6, 5, 45)", standardize=True, select="joint", max_iter=request.max_iter
+        )
+    elif request.kind == "knn":
+        params.update(ks=list(request.ks), temperature=0.07)
+    else:
+        params.update(shots=list(request.shots), draws=request.draws, classifier="linear", C=1.0)
+    identity = {"entry": entry.key.digest(), "kind": request.kind, "params": params}
+    rid = record_id({**identity, "seed": request.seed})
+    model = entry.key.model.replace("/", "--")
+    relpath = f"{request.dataset}/{model}/{entry.key.resolution}px/{request.kind}-{rid}"
+    return pooling, params, rid, relpath
+
+
 def run_probe(
     request: ProbeRequest,
     *,
@@ -234,24 +257,8 @@ def run_probe(
     entry = find_probe_entry(
         root, request.dataset, request.model, request.resolution, request.entry
     )
-    pooling = request.pooling or _default_pooling(request.kind, entry)
-    params: dict[str, Any] = {"pooling": pooling, "n_boot": request.n_boot}
-    if request.kind == "linear":
-        params.update(
-            Cs="10^linspace(-6, 5, 45)", standardize=True, select="joint", max_iter=request.max_iter
-        )
-    elif request.kind == "knn":
-        params.update(ks=list(request.ks), temperature=0.07)
-    else:
-        params.update(shots=list(request.shots), draws=request.draws, classifier="linear", C=1.0)
-    identity = {"entry": entry.key.digest(), "kind": request.kind, "params": params}
-    rid = record_id({**identity, "seed": request.seed})
-    model = entry.key.model
+    pooling, params, rid, relpath = probe_plan(request, entry)
     out = ResultsDir(results)
-    relpath = (
-        f"{request.dataset}/{model.replace('/', '--')}/{entry.key.resolution}px/"
-        f"{request.kind}-{rid}"
-    )
     found = out.find(relpath)
     if found is not None and not request.overwrite:
         return ProbeOutcome(found, (out.root / relpath).with_suffix(".json"), True)
@@ -306,7 +313,7 @@ def run_probe(
         record_id=rid,
         kind=request.kind,
         dataset=request.dataset,
-        model=model,
+        model=entry.key.model,
         resolution=entry.key.resolution,
         pooling=pooling,
         task=task,
@@ -403,6 +410,7 @@ __all__ = [
     "ProbeRequest",
     "comparison_table",
     "find_probe_entry",
+    "probe_plan",
     "render_record",
     "run_probe",
 ]

@@ -202,3 +202,21 @@ def largest_batch(try_batch: Callable[[int], None], *, start: int, limit: int = 
             return good
         else:
             n = (good + bad) // 2
+
+
+#: Transformer depth by width for the registry's ViTs (S/B: 12, L: 24, H+: 32, g/7B: 40).
+_VIT_LAYERS_BY_DIM = {384: 12, 768: 12, 1024: 24, 1280: 32, 1536: 40, 4096: 40}
+
+
+def shape_from_spec(spec: EncoderSpec) -> ModelShape:
+    """A :class:`ModelShape` from registry facts alone (no config.json needed), for planning.
+
+    ViT depth comes from the width (the registry's families follow the standard S/B/L/H/g
+    layouts); use :meth:`ModelShape.from_config` when the checkpoint's config is at hand.
+    """
+    if spec.patch_size is None:
+        return ModelShape(spec.params, spec.embed_dim, 1, 4, 0, "convnet", spec.gflops_224)
+    layers = _VIT_LAYERS_BY_DIM.get(spec.embed_dim, 12)
+    return ModelShape(
+        spec.params, spec.embed_dim, layers, spec.patch_size, spec.num_register_tokens
+    )

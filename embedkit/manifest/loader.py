@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from embedkit.errors import ManifestError, did_you_mean
+from embedkit.errors import EmbedkitError, ManifestError, did_you_mean
 from embedkit.manifest.schema import DatasetConfig, ManifestFile
 
 DEFAULT_MANIFEST = "data_manifest.yaml"
@@ -60,6 +60,18 @@ def load_manifest(path: str | os.PathLike[str] | None = None) -> Manifest:
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{source}: cannot read the manifest: {exc}") from None
     return parse_manifest(data, path=source)
+
+
+def read_yaml(source: Path, error: type[EmbedkitError] = ManifestError) -> object:
+    """Parse a YAML file, refusing duplicate keys; problems raise ``error`` naming the line."""
+    if not source.is_file():
+        raise error(f"{source}: file not found")
+    try:
+        return yaml.load(source.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise error(f"{source}: not valid YAML: {_yaml_problem(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{source}: cannot read the file: {exc}") from None
 
 
 def parse_manifest(data: object, *, path: Path) -> Manifest:
@@ -116,16 +128,19 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 # ---- pydantic errors → sentences ---------------------------------------------------------------
 
 
-def format_validation_error(exc: ValidationError, *, source: str) -> str:
-    """One ``source: location: problem`` line per error."""
-    lines = [f"{source}: {_describe(error)}" for error in exc.errors()]
+def format_validation_error(
+    exc: ValidationError, *, source: str, root: type[BaseModel] | None = None
+) -> str:
+    """One ``source: location: problem`` line per error; ``root`` is the validated model
+    (default: the manifest file), used to name the valid fields of the offending level."""
+    lines = [f"{source}: {_describe(error, root or ManifestFile)}" for error in exc.errors()]
     if len(lines) == 1:
         return lines[0]
     return f"{source}: {len(lines)} problems:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def _describe(error: Any) -> str:
-    where, model = _walk(error["loc"])
+def _describe(error: Any, root: type[BaseModel]) -> str:
+    where, model = _walk(error["loc"], root)
     kind = error["type"]
     value = error.get("input")
     ctx = error.get("ctx") or {}
@@ -162,11 +177,11 @@ def _describe(error: Any) -> str:
     return f"{where}: {message}, got {type(value).__name__} {value!r}"
 
 
-def _walk(loc: tuple[int | str, ...]) -> tuple[str, type[BaseModel] | None]:
+def _walk(loc: tuple[int | str, ...], root: type[BaseModel]) -> tuple[str, type[BaseModel] | None]:
     """Dotted location without union tags, and the model that holds the last key."""
     parts: list[str] = []
-    current: Any = ManifestFile
-    holder: type[BaseModel] | None = ManifestFile
+    current: Any = root
+    holder: type[BaseModel] | None = root
     for item in loc:
         members = _model_union(current)
         if members:  # pydantic puts the union tag ('separated', 'patient') in the location
