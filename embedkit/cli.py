@@ -396,6 +396,101 @@ def cache_verify(
         raise typer.Exit(1)
 
 
+def _copy_entry_cli(
+    src_uri: str, dst_uri: str, query: str, *, overwrite: bool, verify: bool
+) -> None:
+    from embedkit.store import CacheRoot, CopiedObject, copy_entry
+
+    copied = [0, 0]  # bytes copied, bytes already there
+
+    def count(obj: CopiedObject) -> None:
+        copied[1 if obj.skipped else 0] += obj.size
+
+    entry = copy_entry(
+        CacheRoot.from_uri(src_uri),
+        CacheRoot.from_uri(dst_uri),
+        query,
+        verify=verify,
+        overwrite=overwrite,
+        on_object=count,
+    )
+    out.print(
+        f"[green]copied[/green] {entry.relpath} to {entry.root.uri}: {copied[0] / 1e6:.1f} MB "
+        f"copied, {copied[1] / 1e6:.1f} MB already there"
+        + (", verified" if verify else ", NOT verified")
+    )
+
+
+@cache_app.command("push")
+def cache_push(
+    query: Annotated[str, typer.Argument(help="Entry digest (or a unique prefix) or path.")],
+    to: Annotated[str, typer.Option("--to", help="Destination root (path or s3://...).")],
+    cache: CacheOpt = None,
+    manifest: ManifestOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing destination entry.")] = False,
+    verify: Annotated[
+        bool, typer.Option(help="Check the copy against the checksums before completing it.")
+    ] = True,
+) -> None:
+    """Copy a complete entry from the cache root to another root, verified; resumable."""
+    _copy_entry_cli(_cache_uri(cache, manifest), to, query, overwrite=overwrite, verify=verify)
+
+
+@cache_app.command("pull")
+def cache_pull(
+    query: Annotated[str, typer.Argument(help="Entry digest (or a unique prefix) or path.")],
+    from_: Annotated[str, typer.Option("--from", help="Source root (path or s3://...).")],
+    cache: CacheOpt = None,
+    manifest: ManifestOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing local entry.")] = False,
+    verify: Annotated[
+        bool, typer.Option(help="Check the copy against the checksums before completing it.")
+    ] = True,
+) -> None:
+    """Copy a complete entry from another root into the cache root, verified; resumable."""
+    _copy_entry_cli(from_, _cache_uri(cache, manifest), query, overwrite=overwrite, verify=verify)
+
+
+@cache_app.command("gc")
+def cache_gc(
+    cache: CacheOpt = None,
+    manifest: ManifestOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only list what would be removed.")
+    ] = False,
+    partial_older_than: Annotated[
+        str,
+        typer.Option(help="Remove partial entries idle for longer than this (7d, 12h, 2w)."),
+    ] = "7d",
+    unused_since: Annotated[
+        str | None,
+        typer.Option(help="Also remove complete entries not read since this date (YYYY-MM-DD)."),
+    ] = None,
+) -> None:
+    """Remove abandoned partial entries and, on request, complete entries unused since a date.
+
+    Entries whose lock is held (a writer is running) are never removed.
+    """
+    import datetime as dt
+
+    from embedkit.store import CacheRoot, collect_garbage, parse_age
+
+    try:
+        age = parse_age(partial_older_than)
+        since = None if unused_since is None else dt.datetime.fromisoformat(unused_since)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    root = CacheRoot.from_uri(_cache_uri(cache, manifest))
+    found = collect_garbage(root, partial_older_than=age, unused_since=since, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for cand in found:
+        out.print(f"{verb} {cand.relpath}  ({cand.reason}, {cand.size_bytes / 1e6:.1f} MB)")
+    freed = sum(c.size_bytes for c in found)
+    out.print(
+        f"{verb} {len(found)} entries, {freed / 1e6:.1f} MB" + (" freed" if not dry_run else "")
+    )
+
+
 class ProbeChoice(StrEnum):
     linear = "linear"
     knn = "knn"

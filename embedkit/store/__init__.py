@@ -9,6 +9,7 @@ from embedkit.store.catalog import (
     verify_root,
 )
 from embedkit.store.entry import DERIVED_POOLINGS, FeatureEntry, remove_entry
+from embedkit.store.gc import GcCandidate, collect_garbage, parse_age, plan_gc
 from embedkit.store.key import (
     FEATURE_FORMAT_VERSION,
     CacheKey,
@@ -16,20 +17,28 @@ from embedkit.store.key import (
     canonical_json,
     digest_ids,
 )
-from embedkit.store.root import CacheRoot
+from embedkit.store.root import CacheRoot, ObjectStat
+from embedkit.store.transfer import CopiedObject, copy_entry
 
 __all__ = [
     "DERIVED_POOLINGS",
     "FEATURE_FORMAT_VERSION",
     "CacheKey",
     "CacheRoot",
+    "CopiedObject",
     "EntrySummary",
     "FeatureEntry",
+    "GcCandidate",
     "InvalidKeyError",
+    "ObjectStat",
     "canonical_json",
+    "collect_garbage",
+    "copy_entry",
     "digest_ids",
     "find_entry",
     "list_entries",
+    "parse_age",
+    "plan_gc",
     "remove_entry",
     "render_entries",
     "render_info",

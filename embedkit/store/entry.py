@@ -8,6 +8,8 @@ Layout inside ``<root>/<key.relpath()>``::
     valid                     (N,) bool, False for images skipped as unreadable
     units/<u:06d>.json        per-unit completion record, written atomically after its chunks
     COMPLETE.json             written last by finalize(); the entry is complete iff it exists
+    last_used.json            touched by the first read of an entry object, at most once a day
+                              (for ``embedkit cache gc --unused-since``); not part of the data
 
 Each work unit is exactly one chunk of every array, so writers of different units never touch
 the same object (zarr loses data when writers share a shard). Two writers of the *same* unit are
@@ -71,6 +73,7 @@ __all__ = [
     "COMPRESSIONS",
     "DERIVED_POOLINGS",
     "FSYNC",
+    "LAST_USED_FILE",
     "ZSTD_LEVEL",
     "FeatureEntry",
     "entry_relpaths",
@@ -99,6 +102,9 @@ CHECKSUM_ALGORITHM = "crc32c" if google_crc32c.implementation == "c" else "sha25
 
 _RUNTIME_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 _UNIT_FILE = re.compile(r"^(\d{6})\.json$")
+#: Usage mark of an entry (see the layout above) and how often readers refresh it.
+LAST_USED_FILE = "last_used.json"
+LAST_USED_INTERVAL_S = 86400.0
 
 
 def _now() -> str:
@@ -244,6 +250,7 @@ class FeatureEntry:
         self._layouts: dict[str, ChunkLayout | None] = {}
         self._ids: tuple[str, ...] | None = None
         self._row_of: dict[str, int] | None = None
+        self._use_noted = False
 
     # ---- construction -------------------------------------------------------------------
 
@@ -291,6 +298,7 @@ class FeatureEntry:
             raise ValueError(f"Expected compression in {COMPRESSIONS}, got {compression!r}.")
 
         relpath = key.relpath()
+        root.require_writable("create or resume a cache entry in")
         with _lock_for(root, relpath):
             attrs = cls._existing_attrs(root, relpath)
             if attrs is None:
@@ -393,10 +401,7 @@ class FeatureEntry:
             }
             zarr.open_group(store, mode="r+").attrs.put(attrs)
         except OSError as exc:
-            raise CacheWriteError(
-                f"Cannot create the cache entry {root.url(relpath)}: {exc}. "
-                "Check permissions and free space, or choose another --cache."
-            ) from exc
+            raise root.write_error(f"create the cache entry {relpath} in", exc) from exc
         return attrs
 
     @classmethod
@@ -620,7 +625,7 @@ class FeatureEntry:
                 for name, a in targets.items():
                     self._array(name)[start:stop] = a
         except OSError as exc:
-            raise CacheWriteError(f"Writing unit {u} of {self.uri} failed: {exc}") from exc
+            raise self.root.write_error(f"write unit {u} of {self.relpath} in", exc) from exc
         record = {
             "unit": u,
             "rows": [start, stop],
@@ -787,6 +792,12 @@ class FeatureEntry:
         """
         parts = self._components(pooling)
         sel = self._select(ids, rows)
+        if not self._use_noted and not self._writable:  # a reader: mark the entry as used
+            self._use_noted = True
+            if self.is_complete:
+                self.root.touch(
+                    f"{self.relpath}/{LAST_USED_FILE}", min_interval_s=LAST_USED_INTERVAL_S
+                )
         n = (sel.stop - sel.start) if isinstance(sel, slice) else len(sel)
         if len(parts) == 1:
             dtype = np.dtype(out_dtype) if out_dtype is not None else self.dtypes[parts[0]]
@@ -925,6 +936,7 @@ def remove_entry(root: CacheRoot, key: CacheKey | str) -> None:
     relpath = resolve_entry(root, key)
     if not root.exists(relpath):
         raise CacheNotFoundError(f"No cache entry at {root.url(relpath)}; nothing to remove.")
+    root.require_writable(f"remove {relpath} from")
     lock = _lock_for(root, relpath)
     if isinstance(lock, filelock.BaseFileLock):
         try:

@@ -1,11 +1,21 @@
 """Cache roots: a local directory or an fsspec URL, behind one small backend-neutral interface.
 
 Paths given to the methods are relative to the root and use ``/`` separators.
+
+Credentials for remote roots come from the usual configuration of the fsspec backend (for S3:
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ENDPOINT_URL`` / profiles, or
+``FSSPEC_S3_*`` variables) or from ``storage_options``; they live only in this in-memory object
+and are never written into an entry.
+
+A root you cannot write (read-only credentials or permissions) still opens: listing and
+reading work, and every write raises :class:`CacheWriteError` naming the root and the fix.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import fnmatch
+import json
 import os
 import shutil
 import tempfile
@@ -13,7 +23,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 from zarr.abc.store import Store
@@ -21,7 +31,18 @@ from zarr.storage import FsspecStore, LocalStore
 
 from embedkit.errors import CacheWriteError
 
-__all__ = ["CacheRoot"]
+__all__ = ["CacheRoot", "ObjectStat"]
+
+#: Remote filesystems are opened without listing caches: other processes and zarr's own
+#: filesystem instance write to the same prefix, and a stale listing would hide their objects.
+_REMOTE_DEFAULTS: dict[str, Any] = {"use_listings_cache": False}
+
+
+class ObjectStat(NamedTuple):
+    """Size and modification time (UTC) of one file or object."""
+
+    size: int
+    mtime: _dt.datetime | None
 
 
 def _join(*parts: str) -> str:
@@ -37,6 +58,8 @@ class CacheRoot:
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     _fs: Any = field(default=None, repr=False, compare=False)
     _base: str = field(default="", repr=False, compare=False)
+    #: False when the root is known to be read-only for us (every write then raises).
+    writable: bool = field(default=True, compare=False)
 
     @classmethod
     def from_uri(
@@ -46,24 +69,50 @@ class CacheRoot:
 
         ``uri`` is a local path, a ``file://`` URL, or any fsspec URL (``memory://``,
         ``s3://bucket/prefix``, ``gs://...``); ``storage_options`` go to the fsspec filesystem.
-        A local root that cannot be created or written raises :class:`CacheWriteError`.
+        A local root that cannot be created raises :class:`CacheWriteError`; an existing root
+        we may not write opens read-only (``writable`` is False).
         """
         options = dict(storage_options or {})
         text = str(uri)
         if isinstance(uri, Path) or "://" not in text or text.startswith("file://"):
             path = Path(text.removeprefix("file://")).expanduser().resolve()
-            _ensure_writable(path)
-            return cls(uri=str(path), local_path=path, storage_options=options)
-        fs, base = fsspec.core.url_to_fs(text, **options)
+            writable = _ensure_writable(path)
+            return cls(uri=str(path), local_path=path, storage_options=options, writable=writable)
+        fs, base = fsspec.core.url_to_fs(text, **{**_REMOTE_DEFAULTS, **options})
         base = base.rstrip("/")
+        writable = True
         try:
             fs.makedirs(base, exist_ok=True)
+        except PermissionError:
+            writable = False  # e.g. read-only credentials on a bucket: reading still works
         except OSError as exc:
             raise CacheWriteError(
                 f"Cannot create the cache root {text}: {exc}. Check the credentials and the "
                 "bucket, or choose another --cache."
             ) from exc
-        return cls(uri=text.rstrip("/"), storage_options=options, _fs=fs, _base=base)
+        return cls(
+            uri=text.rstrip("/"), storage_options=options, _fs=fs, _base=base, writable=writable
+        )
+
+    def require_writable(self, what: str = "write to") -> None:
+        """Raise :class:`CacheWriteError` if this root is known to be read-only."""
+        if not self.writable:
+            raise self.write_error(what, PermissionError("the root is read-only for this user"))
+
+    def write_error(self, what: str, exc: BaseException) -> CacheWriteError:
+        """The error for a failed write: names the root, the cause and the fix."""
+        if isinstance(exc, PermissionError):
+            fix = (
+                "You have read access only: listing and reading work, writing does not. Use "
+                "credentials or an account with write access to this root"
+                + ("" if self.is_local else " (e.g. s3:PutObject and s3:DeleteObject on it)")
+                + ", or choose another --cache you can write to."
+            )
+            return CacheWriteError(f"Cannot {what} {self.url()}: permission denied ({exc}). {fix}")
+        return CacheWriteError(
+            f"Cannot {what} {self.url()}: {exc}. Check permissions and free space, or choose "
+            "another --cache."
+        )
 
     @property
     def is_local(self) -> bool:
@@ -89,15 +138,24 @@ class CacheRoot:
         if self.local_path is not None:
             return LocalStore(self.local_path / relpath, read_only=read_only)
         return FsspecStore.from_url(
-            self.url(relpath), storage_options=dict(self.storage_options), read_only=read_only
+            self.url(relpath),
+            storage_options={**_REMOTE_DEFAULTS, **self.storage_options},
+            read_only=read_only,
         )
 
     def write_bytes_atomic(self, relpath: str, data: bytes) -> None:
         """Write ``data`` so that readers see either nothing or all of it.
 
         Local: a temporary file in the same directory, fsync, then ``os.replace``. Object
-        stores: a single PUT, which is atomic.
+        stores: a single PUT, which is atomic. Failures raise :class:`CacheWriteError`.
         """
+        self.require_writable()
+        try:
+            self._write_bytes_atomic(relpath, data)
+        except OSError as exc:
+            raise self.write_error(f"write {relpath} in", exc) from exc
+
+    def _write_bytes_atomic(self, relpath: str, data: bytes) -> None:
         if self.local_path is None:
             self._fs.pipe_file(self._fsabs(relpath), data)
             return
@@ -120,6 +178,72 @@ class CacheRoot:
             return (self.local_path / relpath).read_bytes()
         data = self._fs.cat_file(self._fsabs(relpath))
         return bytes(data)
+
+    def stat(self, relpath: str) -> ObjectStat | None:
+        """Size and mtime of the file ``relpath``, or None if it does not exist."""
+        if self.local_path is not None:
+            try:
+                st = (self.local_path / relpath).stat()
+            except FileNotFoundError:
+                return None
+            return ObjectStat(st.st_size, _dt.datetime.fromtimestamp(st.st_mtime, _dt.UTC))
+        try:
+            info = self._fs.info(self._fsabs(relpath))
+        except FileNotFoundError:
+            return None
+        return _object_stat(info)
+
+    def files(self, relpath: str) -> dict[str, ObjectStat]:
+        """Every file under ``relpath`` (paths relative to ``relpath``), with size and mtime.
+
+        Temporary files of interrupted atomic writes are left out.
+        """
+        out: dict[str, ObjectStat] = {}
+        if self.local_path is not None:
+            top = self.local_path / relpath
+            for dirpath, _, names in os.walk(top):
+                for name in names:
+                    if name.endswith(".tmp") and name.startswith("."):
+                        continue
+                    full = Path(dirpath) / name
+                    try:
+                        st = full.stat()
+                    except FileNotFoundError:
+                        continue
+                    out[full.relative_to(top).as_posix()] = ObjectStat(
+                        st.st_size, _dt.datetime.fromtimestamp(st.st_mtime, _dt.UTC)
+                    )
+            return dict(sorted(out.items()))
+        base = self._fsabs(relpath).rstrip("/")
+        try:
+            found = self._fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        for name, info in found.items():
+            rel = str(name).lstrip("/").removeprefix(base.lstrip("/")).lstrip("/")
+            if rel and info.get("type", "file") != "directory":
+                out[rel] = _object_stat(info)
+        return dict(sorted(out.items()))
+
+    def touch(self, relpath: str, *, min_interval_s: float) -> bool:
+        """Write a small timestamp object at ``relpath`` unless one is younger than the interval.
+
+        Best effort (for "last used" marks): a read-only root is left alone. Returns whether it
+        wrote.
+        """
+        if not self.writable:
+            return False
+        now = _dt.datetime.now(_dt.UTC)
+        try:
+            st = self.stat(relpath)
+            mtime = st.mtime if st is not None else None
+            if mtime is not None and (now - mtime).total_seconds() < min_interval_s:
+                return False
+            body = json.dumps({"last_used": now.isoformat(timespec="seconds")}).encode()
+            self.write_bytes_atomic(relpath, body)
+        except OSError:  # CacheWriteError included: usage marks never fail a read
+            return False
+        return True
 
     def exists(self, relpath: str) -> bool:
         """Whether ``relpath`` (file or directory) exists."""
@@ -169,6 +293,13 @@ class CacheRoot:
         """Delete ``relpath`` and everything under it; missing is not an error."""
         if not relpath.strip("/"):
             raise ValueError("Refusing to remove the whole cache root.")
+        self.require_writable(f"remove {relpath} from")
+        try:
+            self._remove_tree(relpath)
+        except OSError as exc:
+            raise self.write_error(f"remove {relpath} from", exc) from exc
+
+    def _remove_tree(self, relpath: str) -> None:
         if self.local_path is not None:
             target = self.local_path / relpath
             if target.is_dir():
@@ -181,7 +312,22 @@ class CacheRoot:
             self._fs.rm(path, recursive=True)
 
 
-def _ensure_writable(path: Path) -> None:
+def _object_stat(info: Mapping[str, Any]) -> ObjectStat:
+    """Size and mtime from an fsspec ``info`` dict (s3: LastModified, memory: created)."""
+    raw = info.get("LastModified", info.get("mtime", info.get("created")))
+    mtime: _dt.datetime | None = None
+    if isinstance(raw, _dt.datetime):
+        mtime = raw if raw.tzinfo else raw.replace(tzinfo=_dt.UTC)
+    elif isinstance(raw, int | float):
+        mtime = _dt.datetime.fromtimestamp(raw, _dt.UTC)
+    elif isinstance(raw, str):
+        mtime = _dt.datetime.fromisoformat(raw)
+        mtime = mtime if mtime.tzinfo else mtime.replace(tzinfo=_dt.UTC)
+    return ObjectStat(int(info.get("size") or 0), mtime)
+
+
+def _ensure_writable(path: Path) -> bool:
+    """Create ``path`` if needed; whether we may write there (False: open read-only)."""
     hint = "Choose another --cache (a directory you can write to)."
     if path.exists() and not path.is_dir():
         raise CacheWriteError(f"The cache root {path} exists but is not a directory. {hint}")
@@ -189,9 +335,14 @@ def _ensure_writable(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CacheWriteError(f"Cannot create the cache root {path}: {exc}. {hint}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        return False
     probe = path / f".embedkit-write-test-{uuid.uuid4().hex}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
+    except PermissionError:
+        return False
     except OSError as exc:
         raise CacheWriteError(f"The cache root {path} is not writable: {exc}. {hint}") from exc
+    return True

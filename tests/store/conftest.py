@@ -1,9 +1,13 @@
-"""One store test suite, every backend: each test taking ``root`` runs on local and memory://."""
+"""One store test suite, every backend: each test taking ``root`` runs on local, memory:// and
+s3:// (a moto S3 server on 127.0.0.1, one per session, credentials from the environment).
+"""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -12,13 +16,68 @@ import pytest
 
 from embedkit.store import CacheKey, CacheRoot, canonical_json, digest_ids
 
-BACKENDS = ["local", "memory"]
+BACKENDS = ["local", "memory", "s3"]
+S3_BUCKET = "embedkit-test"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running moto S3 server and the environment that points s3fs/boto at it."""
+
+    endpoint_url: str
+    bucket: str
+    env: dict[str, str]
+
+    def new_uri(self) -> str:
+        return f"s3://{self.bucket}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A moto S3 server bound to 127.0.0.1 for the session, with fake credentials in os.environ.
+
+    The credentials reach s3fs the usual way (AWS_* variables); nothing passes them explicitly.
+    """
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "embedkit-test-key-id",
+        "AWS_SECRET_ACCESS_KEY": "embedkit-test-secret-5f3a9c",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "FSSPEC_S3_ENDPOINT_URL"):
+            mp.delenv(name, raising=False)
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem().mkdir(S3_BUCKET)
+        try:
+            yield S3Server(endpoint_url=endpoint, bucket=S3_BUCKET, env=env)
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            server.stop()
 
 
 @pytest.fixture(params=BACKENDS)
 def root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CacheRoot]:
     if request.param == "local":
         yield CacheRoot.from_uri(tmp_path / "cache")
+        return
+    if request.param == "s3":
+        server: S3Server = request.getfixturevalue("s3_server")
+        s3_root = CacheRoot.from_uri(server.new_uri())
+        yield s3_root
+        if s3_root.exists(""):
+            s3_root._fs.rm(s3_root._fsabs(""), recursive=True)
         return
     name = f"embedkit-test-{uuid.uuid4().hex}"
     yield CacheRoot.from_uri(f"memory://{name}")

@@ -1,0 +1,111 @@
+"""Full-read throughput of one entry from a local S3 server (moto) vs from local disk.
+
+    python benchmarks/bench_remote_read.py                 # 50,000 x 1024 float16, ~1 min
+    python benchmarks/bench_remote_read.py --rows 10000    # quick check
+
+Writes one entry (``cls``, float16, zstd, ``--unit-rows`` rows per chunk object) to a local
+temporary root, pushes it with ``copy_entry`` to a moto S3 server on 127.0.0.1 (started here,
+fake credentials in the environment), then reads ``read("cls")`` in full from both roots,
+``--repeat`` times interleaved, and reports the best of each and their ratio. moto runs in this
+process (a thread sharing the GIL) and serves from memory, so the S3 figure is a floor for the
+client-side cost of the fsspec/zarr path, not a prediction for a real S3 bucket over a network.
+Requires ``pip install "moto[server]" s3fs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from embedkit.store import CacheKey, CacheRoot, FeatureEntry, canonical_json, copy_entry, digest_ids
+
+
+def build_entry(root: CacheRoot, rows: int, dim: int, unit_rows: int) -> FeatureEntry:
+    ids = [f"img{i:07d}" for i in range(rows)]
+    key = CacheKey(
+        dataset="bench",
+        model="bench/remote",
+        weights="0" * 40,
+        resolution=224,
+        preprocessing=canonical_json({"resize": "shorter"}),
+        compute_dtype="fp32",
+        storage_dtype="float16",
+        poolings=("cls",),
+        ids_digest=digest_ids(ids),
+        content_digest=digest_ids([*ids, "bench"]),
+        n_images=rows,
+    )
+    entry = FeatureEntry.create_or_open(
+        root, key, ids=ids, shapes={"cls": (dim,)}, unit_rows=unit_rows, provenance={}
+    )
+    rng = np.random.default_rng(0)
+    for u in range(entry.n_units):
+        s, e = entry.unit_bounds(u)
+        feats = rng.standard_normal((e - s, dim), dtype=np.float32)
+        entry.write_unit(u, {"cls": feats}, valid=np.ones(e - s, bool))
+    entry.finalize()
+    return entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--unit-rows", type=int, default=4096)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="bench-remote-"))
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem().mkdir("embedkit-bench")
+        local = CacheRoot.from_uri(tmp / "cache")
+        remote = CacheRoot.from_uri("s3://embedkit-bench/cache")
+        entry = build_entry(local, args.rows, args.dim, args.unit_rows)
+        t = time.perf_counter()
+        copy_entry(local, remote, entry.relpath)
+        push_s = time.perf_counter() - t
+        nbytes = args.rows * args.dim * 2
+        best = {"local": float("inf"), "s3": float("inf")}
+        for _ in range(args.repeat):
+            for name, root in (("local", local), ("s3", remote)):
+                reader = FeatureEntry.open(root, entry.relpath)
+                t = time.perf_counter()
+                data = reader.read("cls")
+                best[name] = min(best[name], time.perf_counter() - t)
+                assert data.shape == (args.rows, args.dim)
+        print(
+            f"entry: {args.rows} x {args.dim} float16 ({nbytes / 1e6:.0f} MB), "
+            f"{entry.n_units} chunk objects of {args.unit_rows} rows, zstd"
+        )
+        print(f"push local -> s3 (copy + verify): {push_s:.2f} s, {nbytes / push_s / 1e6:.0f} MB/s")
+        for name, secs in best.items():
+            print(f"full read {name:5s}: {secs:.3f} s, {nbytes / secs / 1e9:.2f} GB/s")
+        print(f"ratio local / s3 throughput: {best['s3'] / best['local']:.1f}x")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
