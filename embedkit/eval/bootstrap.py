@@ -44,7 +44,7 @@ __all__ = [
 MetricFn = Callable[[NDArray[Any], NDArray[np.bool_] | None, NDArray[Any]], float]
 # Vectorised form: (y, mask, scores, weights (B, N)) -> (B,)
 _WeightedFn = Callable[
-    [NDArray[Any], NDArray[np.bool_] | None, NDArray[Any], NDArray[np.float64]], NDArray[Any]
+    [NDArray[Any], NDArray[np.bool_] | None, NDArray[Any], NDArray[Any]], NDArray[Any]
 ]
 
 
@@ -71,13 +71,13 @@ class PairedTest(NamedTuple):
 
 
 def _macro_auroc_weighted(
-    y: NDArray[Any], mask: NDArray[np.bool_] | None, s: NDArray[Any], w: NDArray[np.float64]
+    y: NDArray[Any], mask: NDArray[np.bool_] | None, s: NDArray[Any], w: NDArray[Any]
 ) -> NDArray[Any]:
     return np.asarray(M.nanmean_or_nan(M.auroc_columns(y, mask, s, w), axis=1))
 
 
 def _ovr_weighted(
-    y: NDArray[Any], mask: NDArray[np.bool_] | None, s: NDArray[Any], w: NDArray[np.float64]
+    y: NDArray[Any], mask: NDArray[np.bool_] | None, s: NDArray[Any], w: NDArray[Any]
 ) -> NDArray[Any]:
     return np.asarray(M.ovr_macro_auroc(y, s, mask, w))
 
@@ -136,11 +136,12 @@ def bootstrap_indices(
     return out
 
 
-def _counts(indices: NDArray[np.int64], n: int) -> NDArray[np.float64]:
-    """(B, n) bootstrap counts: how often each row is drawn in each replicate."""
+def _counts(indices: NDArray[np.int64], n: int) -> NDArray[np.int64]:
+    """(B, n) bootstrap counts: how often each row is drawn in each replicate (integers, so the
+    weighted AUROC sums are exact)."""
     n_boot = indices.shape[0]
     flat = (indices + (np.arange(n_boot, dtype=np.int64) * n)[:, None]).ravel()
-    return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+    return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n)
 
 
 def _replicates(

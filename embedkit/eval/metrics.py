@@ -48,7 +48,7 @@ __all__ = [
 FloatArray = NDArray[np.float64]
 
 # Replicates handled together by auroc_columns: bounds the (block, n) float64 temporaries.
-_WEIGHT_BLOCK = 128
+_WEIGHT_BLOCK = 256
 
 
 class MetricInputError(EmbedkitError, ValueError):
@@ -119,9 +119,11 @@ def auroc_columns(
     """
     pos, valid, s = _as_2d(y, mask, scores)
     n, n_labels = s.shape
-    w_all: FloatArray | None = None
+    w_all: NDArray[Any] | None = None
     if weights is not None:
-        w_all = np.asarray(weights, dtype=np.float64)
+        w_all = np.asarray(weights)
+        if not np.issubdtype(w_all.dtype, np.integer):
+            w_all = w_all.astype(np.float64, copy=False)
         if w_all.ndim != 2 or w_all.shape[1] != n:
             raise MetricInputError(
                 f"Expected weights of shape (B, {n}), got {w_all.shape} instead."
@@ -129,25 +131,35 @@ def auroc_columns(
     n_rep = 1 if w_all is None else w_all.shape[0]
     out = np.full((n_rep, n_labels), np.nan)
     for label in range(n_labels):
-        rows = np.flatnonzero(valid[:, label])
-        if rows.size == 0:
+        col = s[:, label]
+        pos_rows = np.flatnonzero(valid[:, label] & pos[:, label])
+        neg_rows = np.flatnonzero(valid[:, label] & ~pos[:, label])
+        if pos_rows.size == 0 or neg_rows.size == 0:
             continue
-        order = rows[np.argsort(s[rows, label], kind="stable")]
-        sorted_scores = s[order, label]
-        is_pos = pos[order, label]
-        starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-        for lo in range(0, n_rep, _WEIGHT_BLOCK):
-            if w_all is None:
-                w = np.ones((1, order.size))
-            else:
-                w = w_all[lo : lo + _WEIGHT_BLOCK][:, order]
-            pos_w = np.add.reduceat(np.where(is_pos, w, 0.0), starts, axis=1)
-            neg_w = np.add.reduceat(np.where(is_pos, 0.0, w), starts, axis=1)
-            below = np.cumsum(neg_w, axis=1) - neg_w
-            num = (pos_w * (below + 0.5 * neg_w)).sum(axis=1)
-            den = pos_w.sum(axis=1) * neg_w.sum(axis=1)
+        # Negatives sorted by score; for each positive, the negatives strictly below (lo) and
+        # below-or-tied (hi): num = sum_pos w_i (W_neg(< s_i) + 0.5 W_neg(== s_i)).
+        neg_rows = neg_rows[np.argsort(col[neg_rows], kind="stable")]
+        neg_scores = col[neg_rows]
+        lo = np.searchsorted(neg_scores, col[pos_rows], side="left")
+        hi = np.searchsorted(neg_scores, col[pos_rows], side="right")
+        ties = bool((hi != lo).any())
+        if w_all is None:
+            num = float(lo.sum()) + (0.5 * float((hi - lo).sum()) if ties else 0.0)
+            out[0, label] = num / (pos_rows.size * neg_rows.size)
+            continue
+        for b0 in range(0, n_rep, _WEIGHT_BLOCK):
+            w = w_all[b0 : b0 + _WEIGHT_BLOCK]
+            wn = w[:, neg_rows]
+            cum = np.zeros((w.shape[0], neg_rows.size + 1), dtype=np.result_type(wn, np.int64))
+            np.cumsum(wn, axis=1, out=cum[:, 1:])
+            wp = w[:, pos_rows]
+            below = cum[:, lo] + cum[:, hi] if ties else cum[:, lo]
+            num = np.einsum("ij,ij->i", wp, below).astype(np.float64)
+            if ties:
+                num *= 0.5
+            den = wp.sum(axis=1).astype(np.float64) * cum[:, -1].astype(np.float64)
             with np.errstate(invalid="ignore", divide="ignore"):
-                out[lo : lo + w.shape[0], label] = np.where(den > 0, num / den, np.nan)
+                out[b0 : b0 + w.shape[0], label] = np.where(den > 0, num / den, np.nan)
     return out[0] if w_all is None else out
 
 

@@ -22,7 +22,13 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 
 from embedkit.errors import NotFittedError
-from embedkit.probes.backends import ProbeInputError, block_rows_for, check_features, torch_dtype
+from embedkit.probes.backends import (
+    DEFAULT_MAX_RESIDENT_BYTES,
+    ProbeInputError,
+    block_rows_for,
+    check_features,
+    torch_dtype,
+)
 
 __all__ = ["DINO_KS", "KNNProbe"]
 
@@ -40,8 +46,27 @@ def _ordered(sims: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tenso
 
 def _block_topk(sims: torch.Tensor, offset: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic top k of a (q, n) similarity block: among ties at the k-th value the lowest
-    column indices win (``torch.topk`` alone leaves that unspecified)."""
+    column indices win (``torch.topk`` alone leaves that unspecified).
+
+    Fast path: one ``torch.topk`` of k + 1 values; only the rows whose k-th and (k + 1)-th values
+    tie (where topk's choice among equal values could matter) go through the exact tie-aware
+    selection."""
     k = min(k, sims.shape[1])
+    if k == sims.shape[1]:
+        cols = torch.arange(k, device=sims.device).expand(sims.shape[0], k)
+        return _ordered(sims, cols + offset, k)
+    vals, cols = torch.topk(sims, k + 1, dim=1, sorted=True)
+    tied = vals[:, k - 1] == vals[:, k]
+    s, i = _ordered(vals[:, :k], cols[:, :k] + offset, k)
+    if bool(tied.any()):
+        rows = tied.nonzero().flatten()
+        s_t, i_t = _block_topk_exact(sims[rows], offset, k)
+        s[rows], i[rows] = s_t, i_t
+    return s, i
+
+
+def _block_topk_exact(sims: torch.Tensor, offset: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tie-aware top k: every value above the k-th, then the lowest columns among the ties."""
     kth = torch.topk(sims, k, dim=1).values[:, -1:]
     above = sims > kth
     tied = sims == kth
@@ -69,6 +94,7 @@ class KNNProbe:
         dtype: torch.dtype | str = torch.float32,
         task: Literal["auto", "multilabel", "multiclass"] = "auto",
         train_block_size: int | None = None,
+        max_resident_bytes: int = DEFAULT_MAX_RESIDENT_BYTES,
     ) -> None:
         self.k = k
         self.temperature = temperature
@@ -77,6 +103,7 @@ class KNNProbe:
         self.dtype = dtype
         self.task = task
         self.train_block_size = train_block_size
+        self.max_resident_bytes = max_resident_bytes
 
     @property
     def _ks(self) -> list[int]:
@@ -102,6 +129,7 @@ class KNNProbe:
         dt = torch_dtype(self.dtype)
         dev = torch.device(self.device)
         self._X = arr
+        self._cache: tuple[int, list[tuple[int, torch.Tensor]]] | None = None
         rows = self.train_block_size or block_rows_for(arr.shape[1], 8)
         inv = np.empty(arr.shape[0])
         for lo in range(0, arr.shape[0], rows):
@@ -137,18 +165,40 @@ class KNNProbe:
         )
         return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
+    def _train_blocks(self, k: int) -> list[tuple[int, torch.Tensor]] | None:
+        """Normalised training blocks ``(start, block)`` in the compute dtype, cached when they
+        fit in ``max_resident_bytes``; None when they must be streamed."""
+        n_train, n_features = self._X.shape
+        itemsize = torch.empty((), dtype=torch_dtype(self.dtype)).element_size()
+        if n_train * n_features * itemsize > self.max_resident_bytes:
+            return None
+        rows = self.train_block_size or max(k, 16384)
+        cache = getattr(self, "_cache", None)
+        if cache is None or cache[0] != rows:
+            cache = (rows, [(lo, self._train_block(lo, rows)) for lo in range(0, n_train, rows)])
+            self._cache = cache
+        return cache[1]
+
+    def _train_block(self, lo: int, rows: int) -> torch.Tensor:
+        block = torch.from_numpy(np.ascontiguousarray(self._X[lo : lo + rows])).to(
+            device=torch.device(self.device), dtype=torch_dtype(self.dtype)
+        )
+        return block * self._inv_norm[lo : lo + rows, None]
+
     def _search(self, Q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top k (sims, train indices) of normalised queries ``Q`` against all training rows."""
         n_train = self._X.shape[0]
         rows = self.train_block_size or max(k, 16384)
+        cached = self._train_blocks(k)
+        blocks = (
+            cached
+            if cached is not None
+            else ((lo, self._train_block(lo, rows)) for lo in range(0, n_train, rows))
+        )
         best_s: torch.Tensor | None = None
         best_i: torch.Tensor | None = None
-        for lo in range(0, n_train, rows):
-            block = torch.from_numpy(np.ascontiguousarray(self._X[lo : lo + rows])).to(
-                device=Q.device, dtype=Q.dtype
-            )
-            sims = (Q @ block.T) * self._inv_norm[lo : lo + rows]
-            s, i = _block_topk(sims, lo, k)
+        for lo, block in blocks:
+            s, i = _block_topk(Q @ block.T, lo, k)
             if best_s is None or best_i is None:
                 best_s, best_i = s, i
             else:

@@ -17,7 +17,10 @@ one ``(D + 1, L)`` weight matrix, one matmul per pass over the data, but every l
 curvature history, step size (Armijo backtracking) and stopping test (gradient max-norm <= tol,
 or relative decrease <= ftol = 64 * machine epsilon, scikit-learn / scipy's L-BFGS-B values), and
 converged labels drop out of the matmuls. The C grid is swept as a warm-started path from strong
-to weak regularisation.
+to weak regularisation. L-BFGS is preconditioned (``precondition="auto"``: up to 2,048 features)
+with ``M = a E[x x^T] + I / (C n)`` per label (``a`` the mean logistic curvature; the second-moment
+matrix from <= 32,768 strided rows, eigendecomposed once per fit): the objective, stopping rule
+and optimum are unchanged, but embedding spectra no longer cost hundreds of iterations per C.
 
 :class:`SGDLinearProbe` is the DINOv2 / DINOv3 linear-evaluation head grid: learning rates
 {1e-5 ... 0.1} scaled by batch / 256, SGD with momentum 0.9, no weight decay, cosine schedule,
@@ -60,6 +63,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Rows (evenly strided) used to estimate the second-moment matrix of the preconditioner.
+_PRECOND_ROWS = 32768
+#: ``precondition="auto"`` uses the preconditioner up to this many features (a D x D matrix).
+_PRECOND_MAX_FEATURES = 2048
 
 #: DINOv2 ``log_regression``: C = 10 ** linspace(-6, 5, 45).
 DINOV2_CS: NDArray[np.float64] = np.logspace(-6, 5, 45)
@@ -186,6 +194,26 @@ class _Objective:
         )
         n_valid = self.m.sum(0) if not self.multiclass else self.m.sum().reshape(1)
         self.n_valid = n_valid
+        # Mean logistic curvature sigma(z)(1 - sigma(z)) per column at the last evaluated point.
+        self.curv = torch.full((n_out,), 0.25, dtype=dt, device=dev)
+        self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def eig(self, max_rows: int = _PRECOND_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigen-decomposition ``(s, V)`` of the second-moment matrix ``E[x x^T]`` of the design
+        rows (in the solver's feature space), from at most ``max_rows`` evenly strided rows;
+        computed once per objective in float64."""
+        if self._eig is None:
+            stride = max(1, math.ceil(self.blocks.n_rows / max_rows))
+            D = self.blocks.n_features
+            A = torch.zeros((D, D), dtype=torch.float64, device=self.blocks.device)
+            count = 0
+            for start, _stop, Xb in self.blocks:
+                sub = Xb[(-start) % stride :: stride].to(torch.float64)
+                A.addmm_(sub.T, sub)
+                count += sub.shape[0]
+            s, V = torch.linalg.eigh(A / max(count, 1))
+            self._eig = (s.clamp_min(0.0).to(self.blocks.dtype), V.to(self.blocks.dtype))
+        return self._eig
 
     def reduce(self, per_col: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """(Q,) -> (P,) by problem."""
@@ -213,6 +241,7 @@ class _Objective:
         """
         w, b = W[:-1], W[-1]
         loss = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device)
+        curv = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device)
         G = torch.zeros_like(W)
         for start, stop, Xb in self.blocks:
             Z = torch.addmm(b, Xb, w)
@@ -222,6 +251,7 @@ class _Objective:
                 lse = torch.logsumexp(Z, dim=1)
                 loss[0] += ((lse - Z.gather(1, yb[:, None])[:, 0]) * mb).sum()
                 R = torch.softmax(Z, dim=1)
+                curv += ((R * (1.0 - R)) * mb[:, None]).sum(0)
                 R[torch.arange(R.shape[0], device=R.device), yb] -= 1.0
                 R *= mb[:, None]
             else:
@@ -229,7 +259,9 @@ class _Objective:
                 yb = self.y[start:stop][:, cols]
                 bce = F.binary_cross_entropy_with_logits(Z, yb, reduction="none")
                 loss += (bce * mb).sum(0)
-                R = (torch.sigmoid(Z) - yb) * mb
+                P = torch.sigmoid(Z)
+                curv += (P * (1.0 - P) * mb).sum(0)
+                R = (P - yb) * mb
             G[:-1].addmm_(Xb.T, R)
             G[-1] += R.sum(0)
         prob = self.problem_of_col[cols]
@@ -240,7 +272,26 @@ class _Objective:
         G[:-1] += w / (c * n)
         f = torch.zeros(self.n_problems, dtype=W.dtype, device=W.device)
         f.index_add_(0, prob, loss / n + penalty)
+        self.last_curv = curv / n
         return f, G
+
+    def precondition(
+        self, Q: torch.Tensor, C: torch.Tensor, curv: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
+        """Apply ``M^-1`` to ``Q`` ``(D + 1, len(cols))``, where per column
+        ``M = a E[x x^T] + I / (C n)`` on the weights and ``a`` on the intercept, ``a`` the mean
+        logistic curvature: a positive-definite approximation of the Hessian (exact up to the
+        per-sample curvature spread), used as L-BFGS's initial inverse Hessian."""
+        s, V = self.eig()
+        prob = self.problem_of_col[cols]
+        lam = 1.0 / (C[prob] * self.n_valid[prob])
+        a = curv.clamp_min(1e-6)
+        out = torch.empty_like(Q)
+        U = V.T @ Q[:-1]
+        U /= s[:, None] * a[None, :] + lam[None, :]
+        torch.matmul(V, U, out=out[:-1])
+        out[-1] = Q[-1] / a
+        return out
 
 
 @dataclass
@@ -257,6 +308,7 @@ def _lbfgs(
     max_iter: int,
     tol: float,
     history: int = 10,
+    precondition: bool = True,
 ) -> tuple[torch.Tensor, _SolveInfo]:
     """Minimise every problem of ``obj`` from ``W`` (warm start); returns the new W and status."""
     dev, dt = W.device, W.dtype
@@ -268,11 +320,14 @@ def _lbfgs(
     n_iter = torch.zeros(P, dtype=torch.long, device=dev)
     f = torch.zeros(P, dtype=dt, device=dev)
     G = torch.zeros_like(W)
+    all_cols = torch.arange(W.shape[1], device=dev)
+    curv = obj.curv.clone()
     cols = obj.cols_of(active)
     if cols.numel():
         f_a, G_a = obj.value_grad(W[:, cols], C, cols)
         f = torch.where(active, f_a, f)
         G[:, cols] = G_a
+        curv[cols] = obj.last_curv
     S: list[torch.Tensor] = []
     Yh: list[torch.Tensor] = []
     rho: list[torch.Tensor] = []
@@ -297,21 +352,28 @@ def _lbfgs(
             alphas.append(a)
             q = q - expand(a) * y
         gnorm = torch.sqrt(obj.pdot(G, G)).clamp_min(torch.finfo(dt).tiny)
-        scale = torch.where(have_gamma, gamma, 1.0 / gnorm)
-        d = expand(scale) * q
+        if precondition:
+            d = expand(torch.where(have_gamma, gamma, 1.0)) * obj.precondition(q, C, curv, all_cols)
+        else:
+            d = expand(torch.where(have_gamma, gamma, 1.0 / gnorm)) * q
         for s, y, r, a in zip(S, Yh, rho, reversed(alphas), strict=True):
             d = d + expand(a - r * obj.pdot(y, d)) * s
         gd = obj.pdot(G, d)
         not_descent = active & ~(gd < 0)
         if bool(not_descent.any()):  # reset the memory of those problems
-            d = torch.where(expand(not_descent)[None, :], -G / expand(gnorm)[None, :], d)
+            d0 = (
+                -obj.precondition(G, C, curv, all_cols)
+                if precondition
+                else -G / expand(gnorm)[None, :]
+            )
+            d = torch.where(expand(not_descent)[None, :], d0, d)
             rho = [torch.where(not_descent, 0.0, r) for r in rho]
             have_gamma &= ~not_descent
             gd = obj.pdot(G, d)
         # Armijo backtracking with a step per problem; accepted problems leave the search.
         t = torch.ones(P, dtype=dt, device=dev)
         pending = active.clone()
-        W_new, f_new, G_new = W.clone(), f.clone(), G.clone()
+        W_new, f_new, G_new, curv_new = W.clone(), f.clone(), G.clone(), curv.clone()
         for _ls in range(60):
             cols = obj.cols_of(pending)
             W_try = W[:, cols] + expand(t)[cols] * d[:, cols]
@@ -320,6 +382,7 @@ def _lbfgs(
             ok_cols = ok[obj.problem_of_col[cols]]
             W_new[:, cols[ok_cols]] = W_try[:, ok_cols]
             G_new[:, cols[ok_cols]] = G_try[:, ok_cols]
+            curv_new[cols[ok_cols]] = obj.last_curv[ok_cols]
             f_new = torch.where(ok, f_try, f_new)
             pending &= ~ok
             if not bool(pending.any()):
@@ -338,12 +401,17 @@ def _lbfgs(
             S.pop(0)
             Yh.pop(0)
             rho.pop(0)
-        gamma = torch.where(good, sy / torch.where(good, yy, 1.0), gamma)
+        if precondition:  # H0 = gamma M^-1 with gamma = s'y / y'M^-1 y (preconditioned scaling)
+            yHy = obj.pdot(y_new, obj.precondition(y_new, C, curv_new, all_cols))
+            good &= yHy > 0
+            gamma = torch.where(good, sy / torch.where(good, yHy, 1.0), gamma)
+        else:
+            gamma = torch.where(good, sy / torch.where(good, yy, 1.0), gamma)
         have_gamma |= good
         rel = (f - f_new) / torch.maximum(torch.maximum(f.abs(), f_new.abs()), torch.ones_like(f))
         small = active & ~stalled & (rel <= ftol)
         n_iter += active.long()
-        W, f, G = W_new, f_new, G_new
+        W, f, G, curv = W_new, f_new, G_new, curv_new
         if bool(stalled.any()):
             logger.debug("L-BFGS line search stalled for problems %s", stalled.nonzero().tolist())
         converged |= small | stalled
@@ -524,6 +592,7 @@ class LogisticProbe(_Fitted):
         seed: int = 0,
         history: int = 10,
         max_resident_bytes: int = DEFAULT_MAX_RESIDENT_BYTES,
+        precondition: bool | Literal["auto"] = "auto",
     ) -> None:
         self.Cs = Cs
         self.C = C
@@ -539,6 +608,7 @@ class LogisticProbe(_Fitted):
         self.seed = seed
         self.history = history
         self.max_resident_bytes = max_resident_bytes
+        self.precondition = precondition
 
     # ---- helpers
     def _sorted_cs(self) -> NDArray[np.float64]:
@@ -619,7 +689,22 @@ class LogisticProbe(_Fitted):
         self, obj: _Objective, W0: torch.Tensor, C: NDArray[np.float64]
     ) -> tuple[torch.Tensor, _SolveInfo]:
         C_t = torch.as_tensor(C, dtype=W0.dtype, device=W0.device)
-        return _lbfgs(obj, W0, C_t, max_iter=self.max_iter, tol=self.tol, history=self.history)
+        if self.precondition not in (True, False, "auto"):
+            raise ProbeInputError(
+                f"Invalid precondition {self.precondition!r}, choose one of [True, False, 'auto']."
+            )
+        use = self.precondition is True or (
+            self.precondition == "auto" and obj.blocks.n_features <= _PRECOND_MAX_FEATURES
+        )
+        return _lbfgs(
+            obj,
+            W0,
+            C_t,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            history=self.history,
+            precondition=use,
+        )
 
     def _store(
         self,

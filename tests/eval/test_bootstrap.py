@@ -91,3 +91,27 @@ def test_bad_indices_are_rejected() -> None:
     y, m, s = _task(20)
     with pytest.raises(B.BootstrapError, match="bootstrap_indices"):
         B.bootstrap_ci(y, m, s, indices=B.bootstrap_indices(30, 5))
+
+
+def test_vectorised_replicates_equal_loop_with_ties_and_float_weights() -> None:
+    y, m, s = _task(400, seed=5)
+    s = np.round(s, 1)  # many tied scores, within and across classes
+    idx = B.bootstrap_indices(400, 60, seed=2)
+    fast = B.bootstrap_ci(y, m, s, "macro_auroc", idx)
+    slow = B.bootstrap_ci(y, m, s, lambda yy, mm, ss: M.macro_auroc(yy, mm, ss), idx)
+    assert fast == pytest.approx(slow, abs=1e-12)
+    from sklearn.metrics import roc_auc_score
+
+    j = 0
+    rows = m[:, j]
+    assert M.per_label_auroc(y, m, s)[j] == pytest.approx(roc_auc_score(y[rows, j], s[rows, j]))
+    # Non-integer weights: replicate b with weights w equals the explicit weighted pair count.
+    w = np.random.default_rng(0).random((3, 400))
+    got = M.auroc_columns(y[:, :1], m[:, :1], s[:, :1], w)[:, 0]
+    pos, neg = rows & (y[:, 0] == 1), rows & (y[:, 0] == 0)
+    for b in range(3):
+        wp, wn = w[b, pos], w[b, neg]
+        sp, sn = s[pos, 0], s[neg, 0]
+        gt = (sp[:, None] > sn[None, :]) + 0.5 * (sp[:, None] == sn[None, :])
+        expected = (wp[:, None] * wn[None, :] * gt).sum() / (wp.sum() * wn.sum())
+        assert got[b] == pytest.approx(expected, abs=1e-12)

@@ -103,3 +103,21 @@ def test_float16_input_gives_same_neighbours() -> None:
 def test_not_fitted() -> None:
     with pytest.raises(NotFittedError):
         KNNProbe().predict_proba(np.ones((1, 3)))
+
+
+def test_resident_and_streamed_training_blocks_agree_with_boundary_ties() -> None:
+    rng = np.random.default_rng(3)
+    Xtr = _tied(rng, 400)
+    Xq = _tied(rng, 30)
+    y = (rng.random((400, 2)) < 0.5).astype(float)
+    kwargs = {"k": 15, "dtype": "float64", "block_size": 9, "train_block_size": 70}
+    a = KNNProbe(**kwargs).fit(Xtr, y)  # type: ignore[arg-type]
+    b = KNNProbe(**kwargs, max_resident_bytes=0).fit(Xtr, y)  # type: ignore[arg-type]
+    sa, ia = a.kneighbors(Xq)
+    sb, ib = b.kneighbors(Xq)
+    np.testing.assert_array_equal(ia, ib)
+    np.testing.assert_array_equal(sa, sb)
+    np.testing.assert_allclose(
+        a.predict_proba(Xq, k=15), _reference(Xtr, y, np.ones_like(y, bool), Xq, 15, 0.07),
+        atol=1e-10,
+    )  # fmt: skip

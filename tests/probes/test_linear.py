@@ -158,3 +158,47 @@ def test_sgd_heads_learn_digits_and_pick_from_grid(caplog: pytest.LogCaptureFixt
     assert (
         probe.predict_proba(X[1300:]).argmax(1) == y[1300:]
     ).mean() > 0.85  # logistic probe: ~0.9
+
+
+def _embedding_like(n: int, d: int, labels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Decaying spectrum after a random rotation, non-zero mean: ill-conditioned like embeddings."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    z = (rng.normal(size=(n, d)) * np.arange(1, d + 1) ** -0.8) @ basis.T
+    W = rng.normal(size=(d, labels)) * (rng.random((d, labels)) < 0.2)
+    y = (rng.random((n, labels)) < 1 / (1 + np.exp(-(z @ W * 4.0 - 1.0)))).astype(np.float32)
+    return (z * 3.0 + rng.normal(size=d)).astype(np.float32), y
+
+
+@pytest.mark.parametrize("C", [1e-3, 1.0, 100.0])
+def test_embedding_like_multilabel_matches_sklearn(C: float) -> None:
+    X, Y = _embedding_like(1500, 48, 3)
+    probe = LogisticProbe(C=C).fit(X, Y)
+    Xs = StandardScaler().fit_transform(X.astype(np.float64))
+    ref = np.stack([_sk(Xs, Y[:, j], C).predict_proba(Xs)[:, 1] for j in range(3)], axis=1)
+    assert np.abs(probe.predict_proba(X) - ref).max() < P_TOL
+    assert probe.converged_.all()
+
+
+def test_preconditioner_reaches_the_same_optimum_in_fewer_iterations() -> None:
+    X, Y = _embedding_like(2000, 64, 4, seed=1)
+    for C in (1e-2, 10.0):
+        plain = LogisticProbe(C=C, precondition=False).fit(X, Y)
+        pre = LogisticProbe(C=C, precondition=True).fit(X, Y)
+        assert np.abs(plain.predict_proba(X) - pre.predict_proba(X)).max() < 1e-5
+        assert pre.n_iter_.sum() * 3 < plain.n_iter_.sum()
+    with pytest.raises(ValueError, match="precondition"):
+        LogisticProbe(C=1.0, precondition="yes").fit(X, Y)  # type: ignore[arg-type]
+
+
+def test_preconditioned_multiclass_and_unstandardised_match_sklearn() -> None:
+    X, y, _ = _digits()
+    Xs = StandardScaler().fit_transform(X.astype(np.float64))
+    probe = LogisticProbe(C=0.1, precondition=True).fit(X, y)
+    assert np.abs(probe.predict_proba(X) - _sk(Xs, y, 0.1).predict_proba(Xs)).max() < P_TOL
+    Xe, Y = _embedding_like(1000, 32, 2, seed=2)
+    raw = LogisticProbe(C=0.5, standardize=False, precondition=True).fit(Xe, Y)
+    ref = np.stack(
+        [_sk(Xe.astype(np.float64), Y[:, j], 0.5).predict_proba(Xe)[:, 1] for j in range(2)], 1
+    )
+    assert np.abs(raw.predict_proba(Xe) - ref).max() < P_TOL
