@@ -634,6 +634,109 @@ def report(
     )
 
 
+class FinetuneMethodChoice(StrEnum):
+    full = "full"
+    lora = "lora"
+    bitfit = "bitfit"
+    linear = "linear"
+
+
+@app.command("finetune")
+def finetune(
+    model: Annotated[str, typer.Option("--model", help="Registered model name or hub id.")],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset in the manifest.")],
+    resolution: Annotated[int, typer.Option("--resolution", "-r", help="Resolution in px.")],
+    method: Annotated[
+        FinetuneMethodChoice,
+        typer.Option(
+            help="full: every parameter; lora: LoRA adapters (peft) + head; bitfit: encoder "
+            "biases + head; linear: head only."
+        ),
+    ],
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Peak learning rate. Default: full 1e-5, lora 1e-4, bitfit/linear 1e-3."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    weight_decay: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    warmup: Annotated[float, typer.Option(help="Fraction of steps in linear warm-up.")] = 0.1,
+    layer_decay: Annotated[
+        float, typer.Option(help="Layer-wise lr decay for ViT families (1.0 = off).")
+    ] = 1.0,
+    pooling: Annotated[
+        str | None,
+        typer.Option(help="Head input: mean (ViT default), cls, cls+mean; pooled (ConvNeXt)."),
+    ] = None,
+    augment: Annotated[bool, typer.Option(help="Flip + small rotation on train.")] = True,
+    lora_r: Annotated[int, typer.Option(min=1)] = 16,
+    lora_alpha: Annotated[int, typer.Option(min=1)] = 16,
+    lora_dropout: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.05,
+    lora_targets: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated module names (default per family: q_proj,v_proj)."),
+    ] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="GPU only.")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    n_boot: Annotated[int, typer.Option(min=1, help="Bootstrap resamples for the CIs.")] = 1000,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    num_workers: Annotated[int, typer.Option(min=0)] = 2,
+    results: Annotated[
+        Path, typer.Option("--out", "-o", help="Results directory (records + run checkpoints).")
+    ] = Path("embedkit-results"),
+    overwrite: Annotated[
+        bool, typer.Option(help="Retrain even if an identical record exists.")
+    ] = False,
+    manifest: ManifestOpt = None,
+) -> None:
+    """Finetune an encoder + linear head and write a probe-style result record.
+
+    Same encoder and preprocessing as extraction; AdamW with warm-up + cosine; BCE with
+    pos_weight (multi-label) or cross-entropy; best epoch by validation loss; test metrics with
+    95% bootstrap CIs. Checkpoints go to --out/runs/<run id>/ after every epoch: rerunning the
+    same command after a kill resumes from the last finished epoch.
+    """
+    from embedkit.finetune import FinetuneRequest, run_finetune
+    from embedkit.probe import render_record
+
+    request = FinetuneRequest(
+        model=model,
+        dataset=dataset,
+        resolution=resolution,
+        method=method.value,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        layer_decay=layer_decay,
+        pooling=pooling,
+        augment=augment,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_targets=tuple(t.strip() for t in lora_targets.split(",")) if lora_targets else None,
+        gradient_checkpointing=gradient_checkpointing,
+        seed=seed,
+        n_boot=n_boot,
+        device=device,
+        num_workers=num_workers,
+        overwrite=overwrite,
+    )
+
+    def progress(log: object) -> None:
+        err.print(f"[dim]{escape(str(log))}[/dim]")
+
+    outcome = run_finetune(request, manifest=manifest, results=results, on_epoch=progress)
+    out.print(render_record(outcome.record))
+    for note in outcome.record.notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}")
+    if outcome.resumed_from:
+        err.print(f"resumed after epoch {outcome.resumed_from} from {outcome.run_dir}")
+    state = "found (identical run)" if outcome.reused else "wrote"
+    out.print(f"{state} {outcome.path}")
+
+
 @app.command("demo")
 def demo(
     out_dir: Annotated[

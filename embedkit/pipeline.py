@@ -12,7 +12,6 @@ status is non-zero if there was one. The report is built last, from all records.
 
 from __future__ import annotations
 
-import importlib
 import os
 import traceback
 from collections.abc import Callable
@@ -61,7 +60,7 @@ class ProbeStep(_Strict):
 class FinetuneStep(_Strict):
     method: Literal["full", "lora", "bitfit", "linear"]
     epochs: Annotated[int, Field(ge=1)] = 10
-    lr: Annotated[float, Field(gt=0)] = 1e-4
+    lr: Annotated[float | None, Field(gt=0)] = None  # default: the method's (full: 1e-5)
     batch_size: Annotated[int, Field(ge=1)] = 32
     seed: int = 0
     options: dict[str, Any] = Field(default_factory=dict)  # method-specific (lora_r, ...)
@@ -196,6 +195,14 @@ def _status(ctx: Context, step: Step) -> str:
     from embedkit.probe import find_probe_entry, probe_plan
     from embedkit.store import CacheRoot
 
+    if step.action == "finetune":
+        from embedkit.finetune import finetune_record_relpath
+
+        try:
+            relpath = finetune_record_relpath(_finetune_request(step), ctx.manifest)
+        except EmbedkitError:
+            return "to run"
+        return "done" if (ctx.results / relpath).with_suffix(".json").is_file() else "to run"
     target = resolve(step.model)
     res = step.resolution
     if isinstance(target, EncoderSpec):
@@ -277,13 +284,11 @@ def _run_probe(ctx: Context, step: Step) -> str:
     return "done (reused)" if outcome.reused else "done"
 
 
-def _run_finetune(ctx: Context, step: Step) -> str:
-    try:
-        finetune = importlib.import_module("embedkit.finetune")
-    except ImportError as exc:
-        raise EmbedkitError(f"finetuning is not available in this installation ({exc})") from exc
+def _finetune_request(step: Step) -> Any:
+    from embedkit.finetune import FinetuneRequest
+
     f: FinetuneStep = step.options
-    request = finetune.FinetuneRequest(
+    return FinetuneRequest(
         model=step.model,
         dataset=step.dataset,
         resolution=_effective_resolution(step, snap=True),
@@ -294,8 +299,14 @@ def _run_finetune(ctx: Context, step: Step) -> str:
         seed=f.seed,
         **f.options,
     )
-    outcome = finetune.run_finetune(request, manifest=ctx.manifest, results=ctx.results)
-    return "done (reused)" if getattr(outcome, "reused", False) else "done"
+
+
+def _run_finetune(ctx: Context, step: Step) -> str:
+    from embedkit.finetune import run_finetune
+
+    request = _finetune_request(step)
+    outcome = run_finetune(request, manifest=ctx.manifest, results=ctx.results)
+    return "done (reused)" if outcome.reused else "done"
 
 
 ACTIONS: dict[str, Callable[[Context, Step], str]] = {

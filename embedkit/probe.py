@@ -132,7 +132,7 @@ def _ci(y: np.ndarray, m: np.ndarray, s: np.ndarray, metric: str, idx: np.ndarra
     return {"point": ci.point, "low": ci.low, "high": ci.high}
 
 
-def _evaluate(
+def evaluate_scores(
     test: SplitFeatures, labels: list[str], scores: np.ndarray, n_boot: int, seed: int
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
     """Metrics with bootstrap CIs, the per-label table, and notes on undefined labels."""
@@ -171,7 +171,7 @@ def _evaluate(
     return metrics, per_label, notes
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
     out = {}
     for pkg in ("embedkit", "torch", "numpy", "scikit-learn"):
         try:
@@ -306,7 +306,9 @@ def run_probe(
         fit = _fit_linear if request.kind == "linear" else _fit_knn
         with torch.inference_mode(False):
             scores, selected, extra = fit(request, train, val, test)
-        metrics, per_label, more = _evaluate(test, labels, scores, request.n_boot, request.seed)
+        metrics, per_label, more = evaluate_scores(
+            test, labels, scores, request.n_boot, request.seed
+        )
         notes.extend(more)
         scores_out = ScoreTable(test.ids, tuple(labels), test.y, test.mask, scores)
     record = ResultRecord(
@@ -330,7 +332,7 @@ def run_probe(
         metrics=metrics,
         per_label=per_label,
         n={s: len(p.ids) for s, p in parts.items()},
-        versions=_versions(),
+        versions=package_versions(),
         elapsed_s=round(time.perf_counter() - started, 3),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         notes=notes,
@@ -352,7 +354,7 @@ def render_record(record: ResultRecord) -> Table:
     """Per-label table (or few-shot table) of one record, with the headline in the title."""
     chosen = ", ".join(f"{k}={v:g}" for k, v in record.selected.items())
     title = (
-        f"{record.kind} probe · {record.dataset} · {record.model} · {record.resolution}px · "
+        f"{record.kind} · {record.dataset} · {record.model} · {record.resolution}px · "
         f"{record.pooling}" + (f" · {chosen}" if chosen else "")
     )
     table = Table(title=title, title_justify="left")
@@ -409,7 +411,9 @@ __all__ = [
     "ProbeOutcome",
     "ProbeRequest",
     "comparison_table",
+    "evaluate_scores",
     "find_probe_entry",
+    "package_versions",
     "probe_plan",
     "render_record",
     "run_probe",

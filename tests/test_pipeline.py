@@ -95,6 +95,7 @@ def test_demo_pipeline_dry_run_plans_without_running(study: Path) -> None:
     assert not (study / "cache").exists() and not (study / "results").exists()
     extracts = [s for s in summary.steps if s.action == "extract"]  # type: ignore[attr-defined]
     assert len(extracts) == 4 and all("GFLOP" in s.estimate for s in extracts)
+    assert [s.what for s in summary.steps if s.action == "finetune"] == ["finetune lora"]  # type: ignore[attr-defined]
 
 
 @pytest.mark.slow
@@ -103,7 +104,9 @@ def test_demo_pipeline_runs_end_to_end_then_skips_everything(study: Path) -> Non
     assert not first.failed, [(s.what, s.error) for s in first.failed]  # type: ignore[attr-defined]
     assert (study / "report" / "report.html").is_file()
     records = list((study / "results").rglob("*.json"))
-    assert len(records) == 12  # 2 models x 2 resolutions x 3 probe kinds
+    assert len(records) == 13  # 2 models x 2 resolutions x 3 probe kinds + 1 LoRA finetune
     again = _run(study)
     assert {s.status for s in again.steps} == {"cached", "done"}  # type: ignore[attr-defined]
-    assert len(list((study / "results").rglob("*.json"))) == 12
+    assert len(list((study / "results").rglob("*.json"))) == 13
+    comparisons = (study / "report" / "comparisons.md").read_text()
+    assert "finetune-lora" in comparisons  # probe vs finetune on the same test images

@@ -63,8 +63,22 @@ def s3_server() -> Iterator[S3Server]:
         try:
             yield S3Server(endpoint_url=endpoint, bucket=S3_BUCKET, env=env)
         finally:
+            _close_aiohttp_sessions()
             s3fs.S3FileSystem.clear_instance_cache()
             server.stop()
+
+
+def _close_aiohttp_sessions() -> None:
+    """Close s3fs's aiohttp sessions on fsspec's loop, or aiohttp complains at interpreter exit."""
+    import gc
+
+    import aiohttp
+    from fsspec.asyn import get_loop, sync
+
+    loop = get_loop()
+    for obj in gc.get_objects():
+        if type(obj) is aiohttp.ClientSession and not obj.closed:
+            sync(loop, obj.close)
 
 
 @pytest.fixture(params=BACKENDS)

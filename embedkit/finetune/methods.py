@@ -1,0 +1,166 @@
+"""Finetuning methods: which parameters of a :class:`Classifier` train.
+
+A registry maps a method name to a :class:`Method`; ``prepare`` freezes the whole network, then
+unfreezes (or adds) what the method trains. The head always trains.
+
+- ``full``: every parameter (DINOv2 radiology study: backbone lr 1e-5);
+- ``lora``: low-rank adapters (``peft``) on the family's target modules; defaults from the later
+  CXR study: r 16, alpha 16, dropout 0.05 on the q/v projections;
+- ``bitfit``: the biases of the encoder;
+- ``linear``: nothing in the encoder (a linear probe trained end to end with augmentation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from torch import nn
+
+from embedkit.errors import ConfigError, did_you_mean
+from embedkit.finetune.model import Classifier
+
+__all__ = [
+    "LORA_TARGETS",
+    "METHODS",
+    "LoraSettings",
+    "Method",
+    "count_parameters",
+    "get_method",
+    "lora_targets",
+    "register_method",
+]
+
+#: LoRA target modules per encoder family (transformers 5 module names). ViT families: the query
+#: and value projections; ConvNeXt families: the two pointwise (linear) layers of each block.
+LORA_TARGETS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "dinov3-vit": ("q_proj", "v_proj"),
+        "dinov2": ("q_proj", "v_proj"),
+        "dinov2-reg": ("q_proj", "v_proj"),
+        "vit": ("q_proj", "v_proj"),
+        "dinov3-convnext": ("pointwise_conv1", "pointwise_conv2"),
+        "convnext": ("pwconv1", "pwconv2"),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LoraSettings:
+    """LoRA hyper-parameters; ``targets=None`` means the family default of :data:`LORA_TARGETS`."""
+
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError(
+                f"Expected LoRA r >= 1, alpha > 0 and 0 <= dropout < 1, got r={self.r}, "
+                f"alpha={self.alpha}, dropout={self.dropout} instead"
+            )
+        if self.targets is not None and not self.targets:
+            raise ConfigError("Expected at least one LoRA target module, got none")
+
+
+Prepare = Callable[[Classifier, LoraSettings], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    name: str
+    description: str
+    default_lr: float
+    prepare: Prepare
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"finetuning method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown finetuning method {name!r}{did_you_mean(name, METHODS) or '.'} "
+            f"Methods: {', '.join(METHODS)}"
+        ) from None
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameter counts."""
+    params = list(model.parameters())
+    return {
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "total": sum(p.numel() for p in params),
+    }
+
+
+def _train_only(model: Classifier, keep: Callable[[str], bool]) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("head.") or keep(name))
+
+
+def _full(model: Classifier, _lora: LoraSettings) -> None:
+    _train_only(model, lambda _name: True)
+
+
+def _linear(model: Classifier, _lora: LoraSettings) -> None:
+    _train_only(model, lambda _name: False)
+
+
+def _bitfit(model: Classifier, _lora: LoraSettings) -> None:
+    _train_only(model, lambda name: name.endswith(".bias"))
+
+
+def lora_targets(family: str, settings: LoraSettings) -> tuple[str, ...]:
+    if settings.targets is not None:
+        return settings.targets
+    if family not in LORA_TARGETS:
+        raise ConfigError(
+            f"no default LoRA target modules for family {family!r}; pass --lora-targets "
+            "(module names of nn.Linear layers, e.g. q_proj,v_proj)"
+        )
+    return LORA_TARGETS[family]
+
+
+def _lora(model: Classifier, settings: LoraSettings) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = lora_targets(model.spec.family, settings)
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(targets),
+        bias="none",
+    )
+    try:
+        inject_adapter_in_model(config, model.encoder)
+    except ValueError as exc:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.encoder.named_modules()
+                         if isinstance(m, nn.Linear)})  # fmt: skip
+        raise ConfigError(
+            f"LoRA targets {list(targets)} do not fit {model.spec.name} ({exc}); "
+            f"its linear layers are named: {', '.join(linear)}"
+        ) from exc
+    _train_only(model, lambda name: ".lora_" in name)
+
+
+for _method in (
+    Method("full", "every parameter trains", 1e-5, _full),
+    Method("lora", "LoRA adapters (peft) + head", 1e-4, _lora),
+    Method("bitfit", "encoder biases + head", 1e-3, _bitfit),
+    Method("linear", "head only (encoder frozen)", 1e-3, _linear),
+):
+    register_method(_method)
+del _method

@@ -1,0 +1,541 @@
+"""`embedkit finetune`: train an encoder + linear head, keep the best epoch, evaluate on test.
+
+The run uses the encoder from the registry and the preprocessing of extraction
+(``Preprocessing(size=R, mean=spec.mean, std=spec.std)``), the manifest's train / val / test
+splits, and writes a result record in the probes' format (``kind = "finetune-<method>"``, the
+same test metrics with bootstrap CIs, test scores kept for paired tests), so ``embedkit report``
+compares probes and finetuning on the same test images.
+
+Training: AdamW (weight decay 0 by default), linear warm-up then cosine decay per step,
+optional layer-wise lr decay for ViT families, flip + small-rotation augmentation on train only,
+BCE-with-logits with ``pos_weight = neg / pos`` (multi-label, masked entries ignored) or
+cross-entropy (multi-class). The best epoch is the one with the lowest validation loss. On a GPU,
+bf16 autocast and (if asked) gradient checkpointing; on CPU, fp32 without either.
+
+Resuming: after each epoch a checkpoint is written to ``<results>/runs/<run id>/``; rerunning
+the same request continues from the last finished epoch. Data order, augmentation and dropout
+are seeded per epoch, so on CPU a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from embedkit.data.dataset import ImageDataset, make_loader
+from embedkit.data.transforms import Preprocessing
+from embedkit.errors import ConfigError, EmbedkitError
+from embedkit.extract import resolve_device
+from embedkit.features import SplitFeatures
+from embedkit.finetune import checkpoint as ckpt
+from embedkit.finetune.augment import MAX_ROTATION_DEG, augment
+from embedkit.finetune.losses import masked_loss, pos_weight
+from embedkit.finetune.methods import (
+    LoraSettings,
+    count_parameters,
+    get_method,
+    lora_targets,
+)
+from embedkit.finetune.model import Classifier, default_pooling
+from embedkit.manifest import DatasetTable, Manifest, load_manifest
+from embedkit.models import EncoderSpec, identify_encoder, load_encoder, validate_resolution
+from embedkit.probe import evaluate_scores, package_versions
+from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
+from embedkit.store import canonical_json, digest_ids
+
+__all__ = ["DEFAULT_RESULTS", "EpochLog", "FinetuneOutcome", "FinetuneRequest", "run_finetune"]
+
+DEFAULT_RESULTS = "embedkit-results"
+MethodName = Literal["full", "lora", "bitfit", "linear"]
+
+
+@dataclass(frozen=True, slots=True)
+class FinetuneRequest:
+    """One finetuning run. Every field except ``device``, ``num_workers`` and ``overwrite``
+    is part of the run id (a changed hyper-parameter is a new run, never a resume)."""
+
+    model: str
+    dataset: str
+    resolution: int
+    method: MethodName
+    epochs: int = 10
+    lr: float | None = None  # default: the method's (full 1e-5, lora 1e-4, bitfit/linear 1e-3)
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    warmup: float = 0.1  # fraction of all steps spent in linear warm-up
+    layer_decay: float = 1.0  # layer-wise lr decay (ViT families); 1.0 = off
+    pooling: str | None = None  # default: mean of patch tokens (ViT), pooled (ConvNeXt)
+    augment: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] | None = None
+    gradient_checkpointing: bool = False  # GPU only
+    seed: int = 0
+    n_boot: int = 1000
+    device: str = "auto"
+    num_workers: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        get_method(self.method)  # unknown method -> ConfigError listing the methods
+        problems = [
+            f"{name}={value}"
+            for name, value, ok in (
+                ("epochs", self.epochs, self.epochs >= 1),
+                ("batch_size", self.batch_size, self.batch_size >= 1),
+                ("lr", self.lr, self.lr is None or self.lr > 0),
+                ("weight_decay", self.weight_decay, self.weight_decay >= 0),
+                ("warmup", self.warmup, 0 <= self.warmup < 1),
+                ("layer_decay", self.layer_decay, 0 < self.layer_decay <= 1),
+                ("n_boot", self.n_boot, self.n_boot >= 1),
+                ("num_workers", self.num_workers, self.num_workers >= 0),
+            )
+            if not ok
+        ]
+        if problems:
+            raise ConfigError(
+                "Expected epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0, "
+                "0 <= warmup < 1, 0 < layer_decay <= 1, n_boot >= 1 and num_workers >= 0, got "
+                f"{', '.join(problems)} instead"
+            )
+        if self.lora_targets is not None:
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        self.lora_settings()  # validates r, alpha, dropout, targets
+
+    def lora_settings(self) -> LoraSettings:
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets)
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else get_method(self.method).default_lr
+
+
+@dataclass(frozen=True, slots=True)
+class EpochLog:
+    epoch: int  # 1-based
+    train_loss: float
+    val_loss: float | None
+    lr: float  # head learning rate at the end of the epoch
+    seconds: float
+
+
+@dataclass
+class FinetuneOutcome:
+    record: ResultRecord
+    path: Path
+    reused: bool
+    run_dir: Path
+    resumed_from: int = 0  # finished epochs found in a checkpoint (0: started fresh)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    table: DatasetTable
+    spec: EncoderSpec
+    size: int
+    preprocessing: Preprocessing
+    pooling: str
+    params: dict[str, Any]
+    identity: dict[str, Any]
+    run_id: str
+    relpath: str
+
+
+def _plan(request: FinetuneRequest, manifest: Manifest, cache_dir: Path | None) -> _Plan:
+    ident = identify_encoder(request.model, cache_dir=cache_dir)
+    spec = ident.spec
+    size = validate_resolution(spec, request.resolution)
+    table = manifest.dataset(request.dataset).load()
+    preprocessing = Preprocessing(size=size, mean=spec.mean, std=spec.std)
+    pooling = request.pooling or default_pooling(spec)
+    if request.layer_decay != 1.0 and spec.patch_size is None:
+        raise ConfigError(
+            f"layer-wise lr decay applies to ViT families; {spec.name} is a {spec.family} "
+            "(use --layer-decay 1.0)"
+        )
+    params: dict[str, Any] = {
+        "method": request.method,
+        "epochs": request.epochs,
+        "lr": request.effective_lr,
+        "batch_size": request.batch_size,
+        "weight_decay": request.weight_decay,
+        "warmup": request.warmup,
+        "layer_decay": request.layer_decay,
+        "optimizer": "adamw",
+        "schedule": "linear warm-up + cosine",
+        "augment": f"hflip+rot{MAX_ROTATION_DEG:g}" if request.augment else "none",
+        "loss": "bce-pos_weight" if table.labels.kind == "multilabel" else "cross-entropy",
+        "select": "min val loss",
+        "pooling": pooling,
+        "n_boot": request.n_boot,
+    }
+    if request.method == "lora":
+        lora = request.lora_settings()
+        params["lora"] = {
+            "r": lora.r,
+            "alpha": lora.alpha,
+            "dropout": lora.dropout,
+            "targets": list(lora_targets(spec.family, lora)),
+        }
+    device = resolve_device(request.device)
+    params["precision"] = "bf16-autocast" if device.type == "cuda" else "fp32"
+    params["gradient_checkpointing"] = request.gradient_checkpointing and device.type == "cuda"
+    kind = f"finetune-{request.method}"
+    identity = {
+        "kind": kind,
+        "model": spec.name,
+        "weights": ident.weights_fingerprint,
+        "dataset": request.dataset,
+        "ids": digest_ids(table.ids),
+        "preprocessing": canonical_json(preprocessing.describe()),
+        "params": params,
+        "seed": request.seed,
+    }
+    run_id = record_id(identity)
+    relpath = f"{request.dataset}/{spec.name.replace('/', '--')}/{size}px/{kind}-{run_id}"
+    return _Plan(table, spec, size, preprocessing, pooling, params, identity, run_id, relpath)
+
+
+def finetune_record_relpath(
+    request: FinetuneRequest, manifest: Manifest, cache_dir: Path | None = None
+) -> str:
+    """Where the result record of ``request`` lives under a results folder (without suffix),
+    so planners can tell a finished run from one still to do without training anything."""
+    return _plan(request, manifest, cache_dir).relpath
+
+
+def _layer_id(name: str, n_layers: int) -> int:
+    """0 for embeddings, i + 1 for transformer block i, n_layers + 1 for the rest (norm, head)."""
+    parts = name.split(".")
+    if "embeddings" in parts:
+        return 0
+    for before, after in itertools.pairwise(parts):
+        if before in ("layer", "layers") and after.isdigit():
+            return int(after) + 1
+    return n_layers + 1
+
+
+def _param_groups(
+    model: Classifier, lr: float, weight_decay: float, layer_decay: float
+) -> list[dict[str, Any]]:
+    n_layers = int(getattr(getattr(model.encoder, "config", None), "num_hidden_layers", 0) or 0)
+    groups: dict[int, list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            depth = 0 if layer_decay == 1.0 else n_layers + 1 - _layer_id(name, n_layers)
+            groups.setdefault(depth, []).append(param)
+    return [
+        {"params": ps, "lr": lr * layer_decay**d, "base_lr": lr * layer_decay**d,
+         "weight_decay": weight_decay}
+        for d, ps in sorted(groups.items())
+    ]  # fmt: skip
+
+
+def _lr_factor(step: int, total: int, warmup_steps: int) -> float:
+    """Linear warm-up from 1/warmup_steps to 1, then cosine decay to 0 at ``total``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _targets(table: DatasetTable, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = rows.numpy()
+    return torch.from_numpy(table.labels.y[idx]), torch.from_numpy(table.labels.mask[idx])
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**63)
+
+
+_Targets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # pixels, y, mask
+
+
+@dataclass
+class _Run:
+    request: FinetuneRequest
+    plan: _Plan
+    model: Classifier
+    dataset: ImageDataset
+    device: torch.device
+    weight: torch.Tensor | None
+    skipped: set[str] = field(default_factory=set)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def batches(
+        self, rows: np.ndarray
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(pixels, y, mask) of the readable images among ``rows``, in the given order."""
+        loader = make_loader(
+            self.dataset,
+            batch_size=self.request.batch_size,
+            num_workers=self.request.num_workers,
+            indices=[int(r) for r in rows],
+        )
+        for batch in loader:
+            self.skipped.update(i for i, ok in zip(batch.ids, batch.ok.tolist(), strict=True)
+                                if not ok)  # fmt: skip
+            if not bool(batch.ok.any()):
+                continue
+            y, mask = _targets(self.plan.table, batch.indices[batch.ok])
+            yield batch.pixels[batch.ok].to(self.device), y.to(self.device), mask.to(self.device)
+
+    def loss_sum(self, rows: np.ndarray) -> float:
+        """Mean masked loss over the readable images of ``rows`` (eval mode, no augmentation)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad(), self.autocast():
+            for pixels, y, mask in self.batches(rows):
+                logits = self.model(pixels)
+                total += float(masked_loss(logits, y, mask, self.weight, reduction="sum"))
+                count += int(mask.sum())
+        return total / max(count, 1)
+
+    def scores(self, rows: np.ndarray) -> tuple[list[int], np.ndarray]:
+        """Rows actually scored and their probabilities (sigmoid or softmax)."""
+        self.model.eval()
+        kept: list[int] = []
+        out: list[np.ndarray] = []
+        multiclass = self.plan.table.labels.kind != "multilabel"
+        loader = make_loader(
+            self.dataset, batch_size=self.request.batch_size,
+            num_workers=self.request.num_workers, indices=[int(r) for r in rows],
+        )  # fmt: skip
+        with torch.no_grad(), self.autocast():
+            for batch in loader:
+                if not bool(batch.ok.any()):
+                    continue
+                logits = self.model(batch.pixels[batch.ok].to(self.device)).float()
+                probs = logits.softmax(1) if multiclass else logits.sigmoid()
+                out.append(probs.cpu().numpy().astype(np.float64))
+                kept.extend(int(i) for i in batch.indices[batch.ok])
+        width = len(self.plan.table.labels.names)
+        return kept, np.concatenate(out) if out else np.empty((0, width))
+
+
+def _trainable(model: Classifier) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(model: Classifier, values: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(values) != expected:
+        raise ckpt.CheckpointError(
+            f"the checkpoint holds {len(values)} tensors but this run trains {len(expected)} "
+            "parameters; delete the run folder to start again"
+        )
+    with torch.no_grad():
+        for name, value in values.items():
+            params[name].copy_(value)
+
+
+def _oom(request: FinetuneRequest) -> EmbedkitError:
+    smaller = max(1, request.batch_size // 2)
+    return EmbedkitError(
+        f"out of memory finetuning {request.model} at {request.resolution}px with batch size "
+        f"{request.batch_size}; try --batch-size {smaller}"
+        + (" or --gradient-checkpointing" if not request.gradient_checkpointing else "")
+    )
+
+
+def run_finetune(
+    request: FinetuneRequest,
+    *,
+    manifest: Manifest | str | Path | None = None,
+    results: str | Path = DEFAULT_RESULTS,
+    model_cache_dir: str | Path | None = None,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> FinetuneOutcome:
+    """Finetune, select the best epoch on validation, evaluate on test and write the record.
+
+    An identical finished run is found and returned (``reused``) unless ``overwrite``; an
+    interrupted one resumes from ``<results>/runs/<run id>/``. ``on_epoch`` is called after each
+    epoch's checkpoint is written (progress display; tests use it to simulate a kill).
+    """
+    man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    cache_dir = Path(model_cache_dir) if model_cache_dir is not None else None
+    plan = _plan(request, man, cache_dir)
+    out = ResultsDir(results)
+    run_dir = out.root / "runs" / plan.run_id
+    found = out.find(plan.relpath)
+    if found is not None and not request.overwrite:
+        return FinetuneOutcome(found, (out.root / plan.relpath).with_suffix(".json"), True, run_dir)
+    if request.overwrite:
+        for stale in run_dir.glob("epoch-*.safetensors"):
+            stale.unlink()
+
+    started = time.perf_counter()
+    table = plan.table
+    rows = {s: table.indices(s) for s in ("train", "val", "test")}
+    for name in ("train", "test"):
+        if len(rows[name]) == 0:
+            raise EmbedkitError(
+                f"the {name} split of {request.dataset} is empty; check the manifest's splits"
+            )
+    notes: list[str] = []
+    device = resolve_device(request.device)
+    encoder = load_encoder(request.model, device="cpu", cache_dir=cache_dir)
+    torch.manual_seed(request.seed)
+    model = Classifier(encoder.model, plan.spec, len(table.labels.names), plan.pooling)
+    method = get_method(request.method)
+    method.prepare(model, request.lora_settings())
+    model.to(device)
+    if plan.params["gradient_checkpointing"]:
+        if getattr(model.encoder, "supports_gradient_checkpointing", False):
+            model.encoder.gradient_checkpointing_enable()  # type: ignore[operator]
+        else:
+            notes.append(f"{plan.spec.family} does not support gradient checkpointing; off")
+    counts = count_parameters(model)
+
+    weight: torch.Tensor | None = None
+    train_rows = rows["train"]
+    if table.labels.kind == "multilabel":
+        w, degenerate = pos_weight(table.labels.y[train_rows], table.labels.mask[train_rows])
+        weight = w.to(device)
+        notes.extend(
+            f"'{table.labels.names[j]}' lacks positives or negatives in train: pos_weight 1"
+            for j in degenerate
+        )
+    run = _Run(request, plan, model, ImageDataset(table.ids, table.paths, plan.preprocessing),
+               device, weight)  # fmt: skip
+
+    lr = request.effective_lr
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, lr, request.weight_decay, request.layer_decay), lr=lr
+    )
+    steps_per_epoch = math.ceil(len(train_rows) / request.batch_size)
+    total_steps = steps_per_epoch * request.epochs
+    warmup_steps = max(1, round(request.warmup * total_steps))
+
+    state = ckpt.Checkpoint(plan.run_id, 0, 0, {}, _trainable(model), {}, 0, math.inf)
+    latest = ckpt.latest_checkpoint(run_dir)
+    resumed_from = 0
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, plan.run_id)
+        _load_trainable(model, state.model)
+        optimizer.load_state_dict(state.optimizer)
+        resumed_from = state.epoch
+
+    has_val = len(rows["val"]) > 0
+    if not has_val:
+        notes.append("no validation split: the last epoch is used")
+    try:
+        for epoch in range(state.epoch, request.epochs):
+            tick = time.perf_counter()
+            seed = _epoch_seed(request.seed, epoch)
+            torch.manual_seed(seed)  # dropout (LoRA, drop-path) of this epoch
+            generator = torch.Generator().manual_seed(seed)
+            order = train_rows[torch.randperm(len(train_rows), generator=generator).numpy()]
+            model.train()
+            losses: list[float] = []
+            for pixels, y, mask in run.batches(order):
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * _lr_factor(state.step, total_steps,
+                                                                 warmup_steps)  # fmt: skip
+                if request.augment:
+                    pixels = augment(pixels, generator)
+                with run.autocast():
+                    loss = masked_loss(model(pixels), y, mask, weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                state.step += 1
+                losses.append(float(loss.detach()))
+            val_loss = run.loss_sum(rows["val"]) if has_val else None
+            train_loss = float(np.mean(losses)) if losses else math.nan
+            state.epoch = epoch + 1
+            score = val_loss if val_loss is not None else -float(state.epoch)
+            if score < state.best_loss:
+                state.best_loss, state.best_epoch, state.best = (
+                    score,
+                    state.epoch,
+                    _trainable(model),
+                )
+            log = EpochLog(state.epoch, train_loss, val_loss,
+                           float(optimizer.param_groups[-1]["lr"]),
+                           round(time.perf_counter() - tick, 3))  # fmt: skip
+            state.history.append({k: v for k, v in asdict(log).items() if v is not None})
+            state.model = _trainable(model)
+            state.optimizer = optimizer.state_dict()
+            ckpt.save(run_dir, state)
+            if on_epoch is not None:
+                on_epoch(log)
+    except torch.OutOfMemoryError as exc:
+        raise _oom(request) from exc
+
+    _load_trainable(model, state.best)
+    kept, scores = run.scores(rows["test"])
+    test_rows = np.asarray(kept, dtype=np.int64)
+    labels = list(table.labels.names)
+    test = SplitFeatures(
+        "test", plan.pooling, np.empty((len(test_rows), 0), np.float32),
+        tuple(table.ids[i] for i in test_rows), table.labels.y[test_rows],
+        table.labels.mask[test_rows], tuple(table.patients[i] for i in test_rows),
+        len(rows["test"]) - len(test_rows),
+    )  # fmt: skip
+    metrics, per_label, more = evaluate_scores(test, labels, scores, request.n_boot, request.seed)
+    notes.extend(more)
+    if run.skipped:
+        notes.append(f"{len(run.skipped)} unreadable images left out: {sorted(run.skipped)[:5]}")
+    record = ResultRecord(
+        record_id=plan.run_id,
+        kind=f"finetune-{request.method}",
+        dataset=request.dataset,
+        model=plan.spec.name,
+        resolution=plan.size,
+        pooling=plan.pooling,
+        task=table.labels.kind,
+        labels=labels,
+        entry={
+            "source": encoder.source,
+            "weights": encoder.weights_fingerprint,
+            "preprocessing": plan.identity["preprocessing"],
+            "ids_digest": plan.identity["ids"],
+            "run_dir": str(run_dir),
+        },
+        params=plan.params,
+        selected={"epoch": state.best_epoch, "lr": lr},
+        seed=request.seed,
+        metrics=metrics,
+        per_label=per_label,
+        n={s: len(r) for s, r in rows.items()},
+        versions={**package_versions(), **_peft_version(request.method)},
+        elapsed_s=round(time.perf_counter() - started, 3),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        notes=notes,
+        extra={
+            "parameters": counts,
+            "history": state.history,
+            "best_val_loss": state.best_loss if has_val else None,
+            "resumed_from_epoch": resumed_from,
+            "device": str(device),
+        },
+    )
+    score_table = ScoreTable(test.ids, tuple(labels), test.y, test.mask, scores)
+    path = out.write(record, score_table, overwrite=request.overwrite)
+    return FinetuneOutcome(record, path, False, run_dir, resumed_from, notes)
+
+
+def _peft_version(method: str) -> dict[str, str]:
+    if method != "lora":
+        return {}
+    from importlib.metadata import version
+
+    return {"peft": version("peft")}
