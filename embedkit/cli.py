@@ -27,7 +27,8 @@ app = typer.Typer(
 )
 manifest_app = typer.Typer(help="Validate data manifests.", no_args_is_help=True)
 cache_app = typer.Typer(
-    help="List, inspect and verify feature cache entries.", no_args_is_help=True
+    help="List, inspect, verify, copy (push/pull) and clean up (gc) feature cache entries.",
+    no_args_is_help=True,
 )
 app.add_typer(manifest_app, name="manifest")
 app.add_typer(cache_app, name="cache")
@@ -754,7 +755,7 @@ def demo(
     ] = None,
     workers: Annotated[int, typer.Option(min=0)] = 2,
 ) -> None:
-    """Build the synthetic demo dataset, check it, and extract it at 224 and 512 px.
+    """Build the synthetic demo dataset, check it, extract it at 224 and 512 px, probe, report.
 
     Runs offline. The default model is a tiny DINOv3 ViT with RANDOM weights, so the features
     exercise the pipeline but mean nothing; pass e.g. --model dinov3/vitb16 (or a local
