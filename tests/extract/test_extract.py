@@ -206,3 +206,10 @@ def test_device_map_auto_loads_through_accelerate_and_gives_the_same_features(
 def test_device_map_and_shard_are_exclusive() -> None:
     with pytest.raises(EmbedkitError, match="two ways to split a model"):
         _request(device_map="auto", shard="fsdp")
+
+
+@pytest.mark.parametrize("model", ["test/tiny-dinov3-vit", "test/tiny-dinov2", "test/tiny-vit"])
+def test_vit_encoders_use_sdpa_attention(model: str, model_cache: Path) -> None:
+    """Fused scaled-dot-product attention (the GPU throughput path) is what transformers picks."""
+    enc = load_encoder(model, cache_dir=model_cache)
+    assert enc.model.config._attn_implementation == "sdpa"
