@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -50,6 +49,7 @@ from embedkit.models import (
 from embedkit.store import CacheKey, CacheRoot, FeatureEntry, canonical_json, digest_ids
 from embedkit.store.entry import remove_entry
 from embedkit.throughput import ModelShape, ThroughputReport
+from embedkit.versions import package_versions
 
 ComputeDtype = Literal["auto", "fp32", "bf16", "fp16"]
 StorageDtype = Literal["float16", "float32"]
@@ -155,16 +155,6 @@ def content_fingerprint(ids: Sequence[str], paths: Sequence[Path]) -> str:
             size = -1
         h.update(f"{image_id}\0{size}\n".encode())
     return h.hexdigest()
-
-
-def _package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("embedkit", "torch", "transformers", "zarr", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,7 +382,7 @@ def _provenance(plan: ExtractionPlan, encoder: EncoderIdentity) -> dict[str, obj
         "n_images": len(plan.table.ids),
         "batch_size": plan.request.batch_size,
         "device": f"{plan.device.type}:{device_name}",
-        "versions": _package_versions(),
+        "versions": package_versions(),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "created_by": f"{getpass.getuser()}@{socket.gethostname()}",
         "command": " ".join(sys.argv),

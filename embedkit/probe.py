@@ -21,7 +21,6 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +43,7 @@ from embedkit.models import EncoderSpec, resolve
 from embedkit.probes import FewShotSamplingError, KNNProbe, LogisticProbe, run_fewshot
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
 from embedkit.store import CacheRoot, FeatureEntry, find_entry, list_entries
+from embedkit.versions import package_versions
 
 ProbeKind = Literal["linear", "knn", "fewshot"]
 PROBE_KINDS: tuple[str, ...] = ("linear", "knn", "fewshot")
@@ -169,16 +169,6 @@ def evaluate_scores(
     metrics: dict[str, Any] = {"macro_auroc": _ci(test.y, test.mask, scores, "macro_auroc", idx)}
     metrics["macro_ap"] = float(np.nanmean(aps)) if np.isfinite(aps).any() else None
     return metrics, per_label, notes
-
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("embedkit", "torch", "numpy", "scikit-learn"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def _fit_linear(
@@ -332,7 +322,7 @@ def run_probe(
         metrics=metrics,
         per_label=per_label,
         n={s: len(p.ids) for s, p in parts.items()},
-        versions=package_versions(),
+        versions=package_versions("scikit-learn"),
         elapsed_s=round(time.perf_counter() - started, 3),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         notes=notes,
@@ -413,7 +403,6 @@ __all__ = [
     "comparison_table",
     "evaluate_scores",
     "find_probe_entry",
-    "package_versions",
     "probe_plan",
     "render_record",
     "run_probe",

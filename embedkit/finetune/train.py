@@ -49,9 +49,10 @@ from embedkit.finetune.methods import (
 from embedkit.finetune.model import Classifier, default_pooling
 from embedkit.manifest import DatasetTable, Manifest, load_manifest
 from embedkit.models import EncoderSpec, identify_encoder, load_encoder, validate_resolution
-from embedkit.probe import evaluate_scores, package_versions
+from embedkit.probe import evaluate_scores
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
 from embedkit.store import canonical_json, digest_ids
+from embedkit.versions import package_versions
 
 __all__ = ["DEFAULT_RESULTS", "EpochLog", "FinetuneOutcome", "FinetuneRequest", "run_finetune"]
 
@@ -516,7 +517,7 @@ def run_finetune(
         metrics=metrics,
         per_label=per_label,
         n={s: len(r) for s, r in rows.items()},
-        versions={**package_versions(), **_peft_version(request.method)},
+        versions=package_versions(*(("peft",) if request.method == "lora" else ())),
         elapsed_s=round(time.perf_counter() - started, 3),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         notes=notes,
@@ -531,11 +532,3 @@ def run_finetune(
     score_table = ScoreTable(test.ids, tuple(labels), test.y, test.mask, scores)
     path = out.write(record, score_table, overwrite=request.overwrite)
     return FinetuneOutcome(record, path, False, run_dir, resumed_from, notes)
-
-
-def _peft_version(method: str) -> dict[str, str]:
-    if method != "lora":
-        return {}
-    from importlib.metadata import version
-
-    return {"peft": version("peft")}
