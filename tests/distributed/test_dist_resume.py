@@ -11,30 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from .conftest import extract_args, run, torchrun
 from .test_dist_extract import entry_at
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A local DINOv3 ViT big enough that 2 ranks take several seconds at 256 px."""
-    folder = tmp_path_factory.mktemp("dist-slow-model")
-    torch.manual_seed(0)
-    config = DINOv3ViTConfig(
-        hidden_size=192,
-        num_hidden_layers=4,
-        num_attention_heads=3,
-        intermediate_size=384,
-        patch_size=16,
-        num_register_tokens=4,
-    )
-    DINOv3ViTModel(config).save_pretrained(folder)
-    return folder
 
 
 def _children(pid: int) -> list[int]:

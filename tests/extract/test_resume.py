@@ -12,32 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from embedkit.store import CacheRoot, FeatureEntry, list_entries
 
 from .conftest import cli_env, run_cli, write_manifest
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A local DINOv3 ViT checkpoint big enough that extraction takes a few seconds."""
-    folder = tmp_path_factory.mktemp("slow-model")
-    torch.manual_seed(0)
-    config = DINOv3ViTConfig(
-        hidden_size=192,
-        num_hidden_layers=4,
-        num_attention_heads=3,
-        intermediate_size=384,
-        patch_size=16,
-        num_register_tokens=4,
-        image_size=224,
-    )
-    DINOv3ViTModel(config).save_pretrained(folder)
-    return folder
 
 
 def _args(model: Path, manifest: Path, cache: Path) -> list[str]:
