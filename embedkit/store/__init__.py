@@ -17,12 +17,19 @@ from embedkit.store.key import (
     canonical_json,
     digest_ids,
 )
+from embedkit.store.readcache import (
+    LOCAL_CACHE_ENV,
+    LocalCopy,
+    local_copy_status,
+    open_local_copy,
+)
 from embedkit.store.root import CacheRoot, ObjectStat
 from embedkit.store.transfer import CopiedObject, copy_entry
 
 __all__ = [
     "DERIVED_POOLINGS",
     "FEATURE_FORMAT_VERSION",
+    "LOCAL_CACHE_ENV",
     "CacheKey",
     "CacheRoot",
     "CopiedObject",
@@ -30,6 +37,7 @@ __all__ = [
     "FeatureEntry",
     "GcCandidate",
     "InvalidKeyError",
+    "LocalCopy",
     "ObjectStat",
     "canonical_json",
     "collect_garbage",
@@ -37,6 +45,8 @@ __all__ = [
     "digest_ids",
     "find_entry",
     "list_entries",
+    "local_copy_status",
+    "open_local_copy",
     "parse_age",
     "plan_gc",
     "remove_entry",

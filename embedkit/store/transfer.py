@@ -10,16 +10,24 @@ already present with the right size are skipped; the small JSON objects are alwa
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+
 from embedkit.errors import EntryExistsError, IncompleteEntryError, IntegrityError
 from embedkit.store.catalog import find_entry
-from embedkit.store.entry import LAST_USED_FILE, FeatureEntry, _lock_for, remove_entry
-from embedkit.store.root import CacheRoot
+from embedkit.store.entry import (
+    LAST_USED_FILE,
+    FeatureEntry,
+    _checksum,
+    _lock_for,
+    remove_entry,
+)
+from embedkit.store.root import CacheRoot, ObjectStat
 
-__all__ = ["CopiedObject", "copy_entry"]
+__all__ = ["CopiedObject", "check_unit", "copy_entry", "copy_object"]
 
 #: Parallel object copies (object stores are latency bound; local disks do not mind).
 COPY_THREADS = 8
@@ -37,6 +45,52 @@ class CopiedObject:
 
 def _is_record(path: str) -> bool:
     return path.startswith("units/") and path.endswith(".json")
+
+
+def copy_object(
+    src_root: CacheRoot,
+    dst_root: CacheRoot,
+    relpath: str,
+    path: str,
+    size: int,
+    have: ObjectStat | None = None,
+) -> bool:
+    """Copy the object ``path`` of entry ``relpath``, atomically; returns whether it was skipped.
+
+    A data object already at the destination with the source's ``size`` (``have``) is skipped
+    (the verification after the copy catches a wrong one); JSON objects are always rewritten.
+    """
+    if have is not None and have.size == size and not path.endswith(".json"):
+        return True
+    dst_root.write_bytes_atomic(f"{relpath}/{path}", src_root.read_bytes(f"{relpath}/{path}"))
+    return False
+
+
+def check_unit(entry: FeatureEntry, u: int, record: Mapping[str, object]) -> list[str]:
+    """Problems of unit ``u`` of ``entry`` against a unit ``record`` (its own or a source's).
+
+    Re-reads the unit's rows of every array the record has a checksum for; ``[]`` means the
+    stored bytes match.
+    """
+    start, stop = entry.unit_bounds(u)
+    if record.get("rows") != [start, stop]:
+        return [f"unit {u}: record rows {record.get('rows')} != [{start}, {stop}]"]
+    checksums = record.get("checksums")
+    if not isinstance(checksums, dict) or not checksums:
+        return [f"unit {u}: the record holds no checksums"]
+    algorithm = str(record.get("checksum_algorithm", "sha256"))
+    problems = []
+    for name, want in checksums.items():
+        try:
+            arr = entry._array(name)
+            data = np.empty((stop - start, *arr.shape[1:]), dtype=arr.dtype)
+            entry._read_into(arr, slice(start, stop), data)
+        except (OSError, KeyError, IntegrityError) as exc:
+            problems.append(f"unit {u} (rows {start}-{stop}): {name} cannot be read ({exc})")
+            continue
+        if _checksum(data, algorithm) != want:
+            problems.append(f"unit {u} (rows {start}-{stop}): checksum mismatch in {name}")
+    return problems
 
 
 def copy_entry(
@@ -81,12 +135,7 @@ def copy_entry(
 
         def copy_one(path: str) -> None:
             size = objects[path].size
-            have = present.get(path)
-            skip = have is not None and have.size == size and not path.endswith(".json")
-            if not skip:
-                dst_root.write_bytes_atomic(
-                    f"{relpath}/{path}", src_root.read_bytes(f"{relpath}/{path}")
-                )
+            skip = copy_object(src_root, dst_root, relpath, path, size, present.get(path))
             if on_object is not None:
                 on_object(CopiedObject(path, size, skip))
 
