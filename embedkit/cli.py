@@ -56,6 +56,17 @@ CacheOpt = Annotated[
     ),
 ]
 
+LocalCacheOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--local-cache",
+        envvar="EMBEDKIT_LOCAL_CACHE",
+        help="Local directory that keeps verified copies of the entries read (a read-through "
+        "cache for s3:// or shared roots): filled on first use, checked against the entry's "
+        "checksums, reused while the entry is unchanged.",
+    ),
+]
+
 
 class DtypeChoice(StrEnum):
     auto = "auto"
@@ -351,12 +362,16 @@ def cache_info(
     cache: CacheOpt = None,
     manifest: ManifestOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    local_cache: LocalCacheOpt = None,
 ) -> None:
-    """Show one entry's key, provenance, completion and size."""
-    from embedkit.store import CacheRoot, find_entry, render_info
+    """Show one entry's key, provenance, completion and size (and its local copy's state)."""
+    from embedkit.store import CacheRoot, find_entry, local_copy_status, render_info
 
     root = CacheRoot.from_uri(_cache_uri(cache, manifest))
-    info = find_entry(root, query).info()
+    entry = find_entry(root, query)
+    info = entry.info()
+    if local_cache is not None:
+        info["local_copy"] = local_copy_status(entry, local_cache)
     if as_json:
         out.print_json(json.dumps(info, default=str))
     else:
@@ -370,15 +385,20 @@ def cache_verify(
     ] = None,
     cache: CacheOpt = None,
     manifest: ManifestOpt = None,
+    local_cache: LocalCacheOpt = None,
 ) -> None:
     """Re-check entries: completion, shapes, IDs, per-unit checksums, no NaN/Inf.
 
-    Exits non-zero if any entry has a problem.
+    With --local-cache, complete entries are checked through their local copies: every unit
+    of the copy is re-checked against the cache's unit records and fetched again if damaged,
+    then the copy is verified. Exits non-zero if any entry has a problem.
     """
-    from embedkit.store import CacheRoot, find_entry, verify_root
+    from embedkit.store import CacheRoot, find_entry, verify_local_copies, verify_root
 
     root = CacheRoot.from_uri(_cache_uri(cache, manifest))
-    if query is not None:
+    if local_cache is not None:
+        problems = verify_local_copies(root, local_cache, query)
+    elif query is not None:
         entry = find_entry(root, query)
         problems = {entry.relpath: entry.verify()}
     else:
@@ -532,6 +552,7 @@ def probe(
     ] = False,
     cache: CacheOpt = None,
     manifest: ManifestOpt = None,
+    local_cache: LocalCacheOpt = None,
 ) -> None:
     """Fit a probe on cached features and report test metrics with 95% bootstrap CIs.
 
@@ -541,6 +562,7 @@ def probe(
     is reused unless --overwrite.
     """
     from embedkit.probe import ProbeRequest, render_record, run_probe
+    from embedkit.progress import rich_progress
 
     request = ProbeRequest(
         kind=kind.value,
@@ -553,7 +575,14 @@ def probe(
         n_boot=n_boot,
         overwrite=overwrite,
     )
-    outcome = run_probe(request, manifest=manifest, cache=cache, results=results)
+    outcome = run_probe(
+        request,
+        manifest=manifest,
+        cache=cache,
+        results=results,
+        local_cache=local_cache,
+        progress=lambda total, desc: rich_progress(total, desc, console=err, unit="unit"),
+    )
     out.print(render_record(outcome.record))
     for note in outcome.record.notes:
         err.print(f"[yellow]note:[/yellow] {escape(note)}")
@@ -577,6 +606,7 @@ def run_pipeline_cmd(
     report_dir: Annotated[
         Path | None, typer.Option("--report", help="Report directory (default: the pipeline's).")
     ] = None,
+    local_cache: LocalCacheOpt = None,
 ) -> None:
     """Run a whole study: datasets x models x resolutions x {extract, probes, finetune}, then
     the report.
@@ -595,6 +625,7 @@ def run_pipeline_cmd(
         report=report_dir,
         dry_run=dry_run,
         console=out,
+        local_cache=local_cache,
     )
     if summary.failed:
         raise typer.Exit(1)

@@ -163,6 +163,7 @@ class Context:
     results: Path
     console: Console
     n_images: dict[str, int | None] = field(default_factory=dict)
+    local_cache: str | None = None  # probes read through a local copy of each entry
 
 
 def _images(ctx: Context, dataset: str) -> int | None:
@@ -280,7 +281,13 @@ def _run_probe(ctx: Context, step: Step) -> str:
     from embedkit.probe import run_probe
 
     request = _probe_request(step, _effective_resolution(step, snap=True))
-    outcome = run_probe(request, manifest=ctx.manifest, cache=ctx.cache, results=ctx.results)
+    outcome = run_probe(
+        request,
+        manifest=ctx.manifest,
+        cache=ctx.cache,
+        results=ctx.results,
+        local_cache=ctx.local_cache,
+    )
     return "done (reused)" if outcome.reused else "done"
 
 
@@ -347,8 +354,13 @@ def run_pipeline(
     report: str | os.PathLike[str] | None = None,
     dry_run: bool = False,
     console: Console | None = None,
+    local_cache: str | None = None,
 ) -> RunSummary:
-    """Plan (and unless ``dry_run``, run) a pipeline; see the module docstring."""
+    """Plan (and unless ``dry_run``, run) a pipeline; see the module docstring.
+
+    ``local_cache``: a local directory through which probes read their entries (see
+    :func:`embedkit.store.open_local_copy`).
+    """
     con = console or Console()
     pipe = load_pipeline(path)
     spec = pipe.spec
@@ -367,6 +379,7 @@ def run_pipeline(
         cache or (pipe.resolve_path(spec.cache) if spec.cache else man.cache),
         Path(results) if results is not None else Path(pipe.resolve_path(spec.results)),
         con,
+        local_cache=local_cache,
     )
     steps = expand(pipe)
     for step in steps:

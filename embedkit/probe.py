@@ -42,7 +42,8 @@ from embedkit.manifest import Manifest, load_manifest
 from embedkit.models import EncoderSpec, resolve
 from embedkit.probes import FewShotSamplingError, KNNProbe, LogisticProbe, run_fewshot
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
-from embedkit.store import CacheRoot, FeatureEntry, find_entry, list_entries
+from embedkit.store import CacheRoot, FeatureEntry, find_entry, list_entries, open_local_copy
+from embedkit.store.readcache import ProgressFactory
 from embedkit.versions import package_versions
 
 ProbeKind = Literal["linear", "knn", "fewshot"]
@@ -240,8 +241,15 @@ def run_probe(
     manifest: Manifest | str | Path | None = None,
     cache: str | Path | None = None,
     results: str | Path = DEFAULT_RESULTS,
+    local_cache: str | Path | None = None,
+    progress: ProgressFactory | None = None,
 ) -> ProbeOutcome:
-    """Run one probe from the cache and write (or find) its result record."""
+    """Run one probe from the cache and write (or find) its result record.
+
+    With ``local_cache`` (a local directory) the features are read from a local copy of the
+    entry, fetched and verified on first use and reused while it matches the cache's entry
+    (:func:`embedkit.store.open_local_copy`; ``progress`` shows that fetch).
+    """
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     root = CacheRoot.from_uri(str(cache) if cache is not None else man.cache)
     entry = find_probe_entry(
@@ -254,6 +262,9 @@ def run_probe(
         return ProbeOutcome(found, (out.root / relpath).with_suffix(".json"), True)
 
     started = time.perf_counter()
+    source = entry  # the record names the cache's entry, not the local copy
+    if local_cache is not None:
+        entry = open_local_copy(entry, local_cache, progress=progress).entry
     table = man.dataset(request.dataset).load()
     parts = {s: split_features(entry, table, s, pooling) for s in ("train", "val", "test")}
     train, val, test = parts["train"], parts["val"], parts["test"]
@@ -311,10 +322,10 @@ def run_probe(
         task=task,
         labels=labels,
         entry={
-            "digest": entry.key.digest(),
-            "relpath": entry.relpath,
+            "digest": source.key.digest(),
+            "relpath": source.relpath,
             "cache": root.uri,
-            "key": entry.key.to_dict(),
+            "key": source.key.to_dict(),
         },
         params=params,
         selected=selected,

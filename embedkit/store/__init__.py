@@ -18,10 +18,10 @@ from embedkit.store.key import (
     digest_ids,
 )
 from embedkit.store.readcache import (
-    LOCAL_CACHE_ENV,
     LocalCopy,
     local_copy_status,
     open_local_copy,
+    verify_local_copies,
 )
 from embedkit.store.root import CacheRoot, ObjectStat
 from embedkit.store.transfer import CopiedObject, copy_entry
@@ -29,7 +29,6 @@ from embedkit.store.transfer import CopiedObject, copy_entry
 __all__ = [
     "DERIVED_POOLINGS",
     "FEATURE_FORMAT_VERSION",
-    "LOCAL_CACHE_ENV",
     "CacheKey",
     "CacheRoot",
     "CopiedObject",
@@ -52,5 +51,6 @@ __all__ = [
     "remove_entry",
     "render_entries",
     "render_info",
+    "verify_local_copies",
     "verify_root",
 ]

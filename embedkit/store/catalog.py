@@ -177,6 +177,8 @@ def render_info(info: dict[str, Any]) -> str:
         )
     else:
         lines.append("complete   no (partial entry)")
+    if info.get("local_copy"):
+        lines.append(f"local copy {info['local_copy']}")
     if info.get("provenance"):
         lines.append("provenance " + json.dumps(info["provenance"], sort_keys=True, default=str))
     return "\n".join(lines)

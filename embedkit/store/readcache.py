@@ -39,26 +39,25 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from embedkit.errors import IncompleteEntryError, IntegrityError
+from embedkit.errors import CacheNotFoundError, IncompleteEntryError, IntegrityError
 from embedkit.store.entry import (
     LAST_USED_FILE,
     LAST_USED_INTERVAL_S,
     FeatureEntry,
     _lock_for,
+    entry_relpaths,
 )
 from embedkit.store.key import digest_ids
 from embedkit.store.root import CacheRoot, ObjectStat
 from embedkit.store.transfer import COPY_THREADS, check_unit, copy_object
 
-__all__ = ["LOCAL_CACHE_ENV", "LocalCopy", "local_copy_status", "open_local_copy"]
+__all__ = ["LocalCopy", "local_copy_status", "open_local_copy", "verify_local_copies"]
 
-#: Environment variable the CLI reads as the default of ``--local-cache``.
-LOCAL_CACHE_ENV = "EMBEDKIT_LOCAL_CACHE"
 STATE_SUFFIX = ".readcache.json"
 _COMPLETE = "COMPLETE.json"
 _META = "zarr.json"
@@ -66,6 +65,8 @@ _CHUNK = re.compile(r"^(?P<array>.+?)/c[/.](?P<first>\d+)(?:[/.]|$)")
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
 
+#: ``(total, description) -> context manager yielding advance(n)``, e.g. ``rich_progress``.
+ProgressFactory = Callable[[int, str], AbstractContextManager[Callable[[int], None]]]
 State = Literal["warm", "filled", "resumed", "repaired", "refreshed"]
 
 
@@ -164,7 +165,7 @@ def open_local_copy(
     cache_dir: str | Path | CacheRoot,
     *,
     full_check: bool = False,
-    progress: Callable[[int, str], Any] | None = None,
+    progress: ProgressFactory | None = None,
 ) -> LocalCopy:
     """The local copy of the complete entry ``remote`` under ``cache_dir``, fetched as needed.
 
@@ -216,7 +217,7 @@ def _fill(
     changed: set[str] | None,
     full_check: bool,
     state: State,
-    progress: Callable[[int, str], Any] | None,
+    progress: ProgressFactory | None,
 ) -> LocalCopy:
     """Copy what is missing or damaged; ``changed`` None means every present unit is checked."""
     relpath, src = remote.relpath, remote.root
@@ -335,3 +336,38 @@ def local_copy_status(remote: FeatureEntry, cache_dir: str | Path | CacheRoot) -
     if changed:
         return f"{len(changed)} local files changed (the next read re-checks them): {where}"
     return f"current: {where}"
+
+
+def verify_local_copies(
+    root: CacheRoot, cache_dir: str | Path | CacheRoot, query: str | None = None
+) -> dict[str, list[str]]:
+    """``embedkit cache verify --local-cache``: problems per entry, checked through local copies.
+
+    Each complete entry of ``root`` (or the one named by ``query``) is brought into the local
+    cache with ``full_check`` (every unit re-checked against the remote records, damaged or
+    missing units fetched again), then the local copy is verified in full. Partial entries
+    are verified on ``root`` directly. ``[]`` means healthy.
+    """
+    from embedkit.store.catalog import find_entry
+
+    if query is not None:
+        found = find_entry(root, query)
+        relpaths = [found.relpath]
+        root = found.root
+    else:
+        relpaths = entry_relpaths(root)
+    results: dict[str, list[str]] = {}
+    for relpath in relpaths:
+        try:
+            entry = FeatureEntry.open(root, relpath, allow_partial=True)
+        except (CacheNotFoundError, KeyError, ValueError) as exc:
+            results[relpath] = [f"cannot open: {exc}"]
+            continue
+        if not entry.is_complete:
+            results[relpath] = entry.verify()
+            continue
+        try:
+            results[relpath] = open_local_copy(entry, cache_dir, full_check=True).entry.verify()
+        except IntegrityError as exc:
+            results[relpath] = [str(exc)]
+    return results

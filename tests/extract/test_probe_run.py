@@ -84,3 +84,46 @@ def test_missing_entry_says_which_command_extracts_it(demo_manifest: Path, tmp_p
 def test_fewshot_with_too_few_patients_is_a_clear_error(extracted: Path, tmp_path: Path) -> None:
     with pytest.raises(EmbedkitError, match="eligible patients"):
         run_probe(_probe("fewshot", shots=(16,)), manifest=extracted, results=tmp_path)
+
+
+def test_cli_probe_reads_through_a_local_cache(
+    extracted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`embedkit probe --local-cache DIR`: same record as a direct read, then no remote data."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+    from embedkit.store import CacheRoot, list_entries
+
+    shared = CacheRoot.from_uri(load_manifest(extracted).cache)
+    (summary,) = list_entries(shared)
+    base = ["probe", "--kind", "knn", "--model", "test/tiny-dinov3-vit", "--dataset", "demo",
+            "--resolution", "224", "--n-boot", "50", "--manifest", str(extracted)]  # fmt: skip
+    runner = CliRunner()
+    direct = runner.invoke(app, [*base, "--out", str(tmp_path / "direct")])
+    assert direct.exit_code == 0, direct.output
+    local = tmp_path / "local"
+    through = runner.invoke(
+        app, [*base, "--out", str(tmp_path / "rt"), "--local-cache", str(local)]
+    )
+    assert through.exit_code == 0, through.output
+    assert (local / summary.relpath / "COMPLETE.json").is_file()  # a verified local copy
+
+    def record(out: str) -> dict[str, object]:
+        (path,) = (tmp_path / out).rglob("knn-*.json")
+        return dict(json.loads(path.read_text()))
+
+    assert record("rt")["metrics"] == record("direct")["metrics"]
+    assert record("rt")["entry"] == record("direct")["entry"]  # names the shared entry
+
+    # Warm: the shared entry's chunk objects are gone, the probe still runs from the local
+    # copy (here found through EMBEDKIT_LOCAL_CACHE).
+    for path in shared.files(summary.relpath):
+        if "/c/" in path and not path.startswith("ids/"):
+            shared.remove_tree(f"{summary.relpath}/{path}")
+    monkeypatch.setenv("EMBEDKIT_LOCAL_CACHE", str(local))
+    warm = runner.invoke(app, [*base, "--out", str(tmp_path / "rt"), "--overwrite"])
+    assert warm.exit_code == 0, warm.output
+    assert record("rt")["metrics"] == record("direct")["metrics"]
