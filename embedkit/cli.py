@@ -343,11 +343,7 @@ def cache_ls(
     from embedkit.store import CacheRoot, list_entries, render_entries
 
     root = CacheRoot.from_uri(_cache_uri(cache, manifest))
-    rows = [
-        s
-        for s in list_entries(root)
-        if (dataset is None or s.dataset == dataset) and (model is None or s.model == model)
-    ]
+    rows = list_entries(root, dataset=dataset, model=model)
     if as_json:
         out.print_json(json.dumps([dataclasses.asdict(s) for s in rows]))
     elif not rows:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ from rich.table import Table
 
 from embedkit.errors import CacheNotFoundError
 from embedkit.store.entry import FeatureEntry, _read_attrs, entry_relpaths, resolve_entry
+from embedkit.store.index import indexed_summaries
 from embedkit.store.root import CacheRoot
 
 __all__ = [
@@ -73,15 +74,52 @@ def _summary(root: CacheRoot, relpath: str) -> EntrySummary:
     )
 
 
-def list_entries(root: CacheRoot) -> list[EntrySummary]:
-    """Every entry under ``root`` (complete and partial), sorted by path."""
-    out = []
-    for relpath in entry_relpaths(root):
-        try:
-            out.append(_summary(root, relpath))
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
-            continue  # not an embedkit entry, or its layout was never finished
-    return out
+def _summary_or_none(root: CacheRoot, relpath: str) -> EntrySummary | None:
+    try:
+        return _summary(root, relpath)
+    except (CacheNotFoundError, KeyError, TypeError, ValueError, json.JSONDecodeError):
+        return None  # not an embedkit entry, or its layout was never finished
+
+
+def _from_index(summary: dict[str, Any]) -> EntrySummary | None:
+    try:
+        return EntrySummary(**summary)
+    except TypeError:  # written by another embedkit version: summarise afresh
+        return None
+
+
+def list_entries(
+    root: CacheRoot,
+    *,
+    dataset: str | None = None,
+    model: str | None = None,
+    use_index: bool = True,
+) -> list[EntrySummary]:
+    """Every entry under ``root`` (complete and partial), sorted by path.
+
+    ``dataset`` / ``model`` keep only the entries of that dataset / model (exact names, e.g.
+    ``dinov3/vitb16``). With ``use_index`` the catalog index (:mod:`embedkit.store.index`)
+    supplies the summaries of unchanged complete entries and is refreshed; the result is the
+    same as without it, only faster on object stores.
+    """
+    if use_index:
+
+        def summarise(relpath: str) -> dict[str, Any] | None:
+            s = _summary_or_none(root, relpath)
+            return None if s is None else asdict(s)
+
+        found = [
+            s
+            for d in indexed_summaries(root, summarise, valid=lambda d: _from_index(d) is not None)
+            if (s := _from_index(d)) is not None
+        ]
+    else:
+        found = [s for rp in entry_relpaths(root) if (s := _summary_or_none(root, rp)) is not None]
+    return [
+        s
+        for s in found
+        if (dataset is None or s.dataset == dataset) and (model is None or s.model == model)
+    ]
 
 
 def find_entry(root: CacheRoot, query: str, *, allow_partial: bool = True) -> FeatureEntry:

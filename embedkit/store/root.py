@@ -39,10 +39,11 @@ _REMOTE_DEFAULTS: dict[str, Any] = {"use_listings_cache": False}
 
 
 class ObjectStat(NamedTuple):
-    """Size and modification time (UTC) of one file or object."""
+    """Size and modification time (UTC) of one file or object (and its ETag on S3)."""
 
     size: int
     mtime: _dt.datetime | None
+    etag: str | None = None
 
 
 def _join(*parts: str) -> str:
@@ -225,6 +226,38 @@ class CacheRoot:
                 out[rel] = _object_stat(info)
         return dict(sorted(out.items()))
 
+    def list_files(self, relpath: str = "") -> dict[str, ObjectStat]:
+        """Files directly under ``relpath`` (names, not paths) with size and mtime: one listing
+        request on object stores. Empty if ``relpath`` does not exist."""
+        if self.local_path is not None:
+            out: dict[str, ObjectStat] = {}
+            try:
+                with os.scandir(self.local_path / relpath) as it:
+                    for item in it:
+                        try:
+                            if item.is_file():
+                                st = item.stat()
+                                out[item.name] = ObjectStat(
+                                    st.st_size,
+                                    _dt.datetime.fromtimestamp(st.st_mtime, _dt.UTC),
+                                )
+                        except FileNotFoundError:
+                            continue
+            except (FileNotFoundError, NotADirectoryError):
+                return {}
+            return dict(sorted(out.items()))
+        try:
+            found = self._fs.ls(self._fsabs(relpath), detail=True)
+        except FileNotFoundError:
+            return {}
+        return dict(
+            sorted(
+                (str(info["name"]).rstrip("/").rsplit("/", 1)[-1], _object_stat(info))
+                for info in found
+                if info.get("type", "file") != "directory"
+            )
+        )
+
     def touch(self, relpath: str, *, min_interval_s: float) -> bool:
         """Write a small timestamp object at ``relpath`` unless one is younger than the interval.
 
@@ -323,7 +356,8 @@ def _object_stat(info: Mapping[str, Any]) -> ObjectStat:
     elif isinstance(raw, str):
         mtime = _dt.datetime.fromisoformat(raw)
         mtime = mtime if mtime.tzinfo else mtime.replace(tzinfo=_dt.UTC)
-    return ObjectStat(int(info.get("size") or 0), mtime)
+    etag = info.get("ETag") or info.get("etag")
+    return ObjectStat(int(info.get("size") or 0), mtime, str(etag).strip('"') if etag else None)
 
 
 def _ensure_writable(path: Path) -> bool:

@@ -106,3 +106,148 @@ def test_find_absolute_path_outside_root(tmp_path: Path, kit) -> None:  # type: 
     here = CacheRoot.from_uri(tmp_path / "here")
     found = find_entry(here, str(tmp_path / "elsewhere" / entry.relpath))
     assert found.key == entry.key
+
+
+def _complete_rest(entry: FeatureEntry, kit) -> None:  # type: ignore[no-untyped-def]
+    writer = FeatureEntry.create_or_open(
+        entry.root,
+        entry.key,
+        ids=list(entry.ids),
+        shapes={p: entry.shapes[p] for p in entry.poolings},
+        unit_rows=entry.unit_rows,
+        provenance={},
+    )
+    feats = kit.make_features(12, {"cls": (4,), "mean": (4,)})
+    for u in writer.pending_units():
+        s, e = writer.unit_bounds(u)
+        writer.write_unit(u, {p: a[s:e] for p, a in feats.items()}, valid=np.ones(e - s, bool))
+    writer.finalize()
+
+
+def test_index_serves_unchanged_complete_entries(
+    root: CacheRoot,
+    kit,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+
+    import embedkit.store.catalog as catalog
+    from embedkit.store.index import INDEX_PATH
+
+    done = build(root, kit, model="m/done", units=None)
+    other = build(root, kit, model="m/other", units=None)
+    partial = build(root, kit, model="m/partial", units=1)
+    assert not root.exists(INDEX_PATH)
+    first = list_entries(root)
+    assert first == list_entries(root, use_index=False)
+    index = json.loads(root.read_bytes(INDEX_PATH))
+    assert sorted(index["entries"]) == sorted([done.relpath, other.relpath])  # complete only
+
+    summarised: list[str] = []
+    real = catalog._summary
+
+    def counting(r: CacheRoot, relpath: str) -> catalog.EntrySummary:
+        summarised.append(relpath)
+        return real(r, relpath)
+
+    monkeypatch.setattr(catalog, "_summary", counting)
+    assert list_entries(root) == first
+    assert summarised == [partial.relpath]  # partial entries are always read afresh
+    summarised.clear()
+    assert list_entries(root, model="m/done") == [s for s in first if s.model == "m/done"]
+    assert list_entries(root, dataset="nope") == []
+    assert summarised == [partial.relpath, partial.relpath]
+
+
+def test_index_follows_entries_changed_behind_its_back(root: CacheRoot, kit) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from embedkit.store.index import INDEX_PATH
+
+    gone = build(root, kit, model="m/gone", units=None)
+    replaced = build(root, kit, model="m/replaced", units=None)
+    partial = build(root, kit, model="m/partial", units=1)
+    list_entries(root)  # writes the index
+
+    root.remove_tree(gone.relpath)  # removed without embedkit
+    added = build(root, kit, model="m/added", units=None)
+    _complete_rest(partial, kit)  # the partial entry completes
+    root.remove_tree(replaced.relpath)  # replaced by another extraction of the same key
+    again = FeatureEntry.create_or_open(
+        root,
+        replaced.key,
+        ids=list(replaced.ids),
+        shapes={"cls": (4,), "mean": (4,)},
+        unit_rows=4,
+        provenance={"created_at": "2026-06-01T00:00:00", "created_by": "bob@node2"},
+    )
+    assert again.relpath == replaced.relpath
+
+    fresh = list_entries(root, use_index=False)
+    listed = list_entries(root)
+    assert listed == fresh
+    by_model = {s.model: s for s in listed}
+    assert sorted(by_model) == ["m/added", "m/partial", "m/replaced"]
+    assert by_model["m/partial"].complete
+    assert (by_model["m/replaced"].complete, by_model["m/replaced"].created_by) == (
+        False,
+        "bob@node2",
+    )
+    index = json.loads(root.read_bytes(INDEX_PATH))
+    assert sorted(index["entries"]) == sorted([added.relpath, partial.relpath])
+
+
+def test_index_on_a_read_only_root_is_not_written(tmp_path: Path, kit) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from embedkit.store.index import INDEX_PATH
+
+    root = CacheRoot.from_uri(tmp_path / "c")
+    build(root, kit, model="m/a", units=None)
+    reader = dataclasses.replace(root, writable=False)
+    assert list_entries(reader) == list_entries(root, use_index=False)
+    assert not root.exists(INDEX_PATH)
+    # a corrupt index is ignored and rewritten
+    root.write_bytes_atomic(INDEX_PATH, b"{not json")
+    assert list_entries(root) == list_entries(root, use_index=False)
+    assert root.read_bytes(INDEX_PATH).startswith(b"{")
+    assert b"m/a" in root.read_bytes(INDEX_PATH)
+
+
+def test_cli_cache_ls_json_filters_on_s3(s3_server, kit) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    uri = s3_server.new_uri()
+    root = CacheRoot.from_uri(uri)
+    a = build(root, kit, model="dinov3/vitb16", units=None)
+    build(root, kit, model="dinov2/vitl14", units=1)
+    runner = CliRunner()
+
+    def ls(*args: str) -> list[dict]:  # type: ignore[type-arg]
+        result = runner.invoke(app, ["cache", "ls", "--cache", uri, "--json", *args])
+        assert result.exit_code == 0, result.output
+        rows = json.loads(result.output)
+        assert isinstance(rows, list)
+        return rows
+
+    assert sorted(r["model"] for r in ls()) == ["dinov2/vitl14", "dinov3/vitb16"]
+    (row,) = ls("--model", "dinov3/vitb16")
+    assert (row["relpath"], row["digest"], row["complete"]) == (a.relpath, a.key.digest(), True)
+    assert row["poolings"] == {"cls": 4, "mean": 4} and row["n_images"] == 12
+    assert (row["storage_dtype"], row["resolution"], row["created_by"]) == (
+        "float16",
+        64,
+        "alice@node1",
+    )
+    assert row["bytes_on_disk"] == root.size_bytes(a.relpath)
+    (part,) = ls("--model", "dinov2/vitl14", "--dataset", "demo")
+    assert (part["complete"], part["units_done"], part["units_total"]) == (False, 1, 3)
+    assert ls("--dataset", "other") == []
+    table = runner.invoke(app, ["cache", "ls", "--cache", uri])
+    assert (
+        table.exit_code == 0 and "partial 1/3" in table.output and "dinov3/vitb16" in table.output
+    )
