@@ -1,4 +1,5 @@
-"""Full-read throughput of one entry from a local S3 server (moto) vs from local disk.
+"""Full-read throughput of one entry from a local S3 server (moto), from local disk, and through
+the read-through local cache (``--local-cache``), cold and warm.
 
     python benchmarks/bench_remote_read.py                 # 50,000 x 1024 float16, ~1 min
     python benchmarks/bench_remote_read.py --rows 10000    # quick check
@@ -6,10 +7,13 @@
 Writes one entry (``cls``, float16, zstd, ``--unit-rows`` rows per chunk object) to a local
 temporary root, pushes it with ``copy_entry`` to a moto S3 server on 127.0.0.1 (started here,
 fake credentials in the environment), then reads ``read("cls")`` in full from both roots,
-``--repeat`` times interleaved, and reports the best of each and their ratio. moto runs in this
-process (a thread sharing the GIL) and serves from memory, so the S3 figure is a floor for the
-client-side cost of the fsspec/zarr path, not a prediction for a real S3 bucket over a network.
-Requires ``pip install "moto[server]" s3fs``.
+``--repeat`` times interleaved, and reports the best of each and their ratio. The read-through
+rows time ``open_local_copy`` (validation against the remote entry, plus the fetch and check of
+every unit when cold) followed by the same full read of the local copy: "cold" starts from an
+empty local cache directory each repeat, "warm" reuses the filled copy. moto runs in this
+process (a thread sharing the GIL) and serves from memory, so the S3 figures are a floor for
+the client-side cost of the fsspec/zarr path, not a prediction for a real S3 bucket over a
+network. Requires ``pip install "moto[server]" s3fs``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.store import CacheKey, CacheRoot, FeatureEntry, canonical_json, copy_entry, digest_ids
+from embedkit.store import (
+    CacheKey,
+    CacheRoot,
+    FeatureEntry,
+    canonical_json,
+    copy_entry,
+    digest_ids,
+    open_local_copy,
+)
 
 
 def build_entry(root: CacheRoot, rows: int, dim: int, unit_rows: int) -> FeatureEntry:
@@ -86,22 +98,36 @@ def main() -> None:
         copy_entry(local, remote, entry.relpath)
         push_s = time.perf_counter() - t
         nbytes = args.rows * args.dim * 2
-        best = {"local": float("inf"), "s3": float("inf")}
-        for _ in range(args.repeat):
-            for name, root in (("local", local), ("s3", remote)):
+        names = ("local", "s3", "read-through cold", "read-through warm")
+        best = dict.fromkeys(names, float("inf"))
+        want = FeatureEntry.open(local, entry.relpath).read("cls")
+        open_local_copy(FeatureEntry.open(remote, entry.relpath), tmp / "warm")  # fill once
+        for r in range(args.repeat):
+            for name in names:
+                root = local if name == "local" else remote
                 reader = FeatureEntry.open(root, entry.relpath)
                 t = time.perf_counter()
+                if name.startswith("read-through"):
+                    where = tmp / ("warm" if name.endswith("warm") else f"cold{r}")
+                    copy = open_local_copy(reader, where)
+                    assert copy.state == ("warm" if name.endswith("warm") else "filled")
+                    reader = copy.entry
                 data = reader.read("cls")
                 best[name] = min(best[name], time.perf_counter() - t)
-                assert data.shape == (args.rows, args.dim)
+                assert np.array_equal(data, want)
         print(
             f"entry: {args.rows} x {args.dim} float16 ({nbytes / 1e6:.0f} MB), "
             f"{entry.n_units} chunk objects of {args.unit_rows} rows, zstd"
         )
         print(f"push local -> s3 (copy + verify): {push_s:.2f} s, {nbytes / push_s / 1e6:.0f} MB/s")
         for name, secs in best.items():
-            print(f"full read {name:5s}: {secs:.3f} s, {nbytes / secs / 1e9:.2f} GB/s")
+            print(f"full read {name:17s}: {secs:.3f} s, {nbytes / secs / 1e9:.2f} GB/s")
         print(f"ratio local / s3 throughput: {best['s3'] / best['local']:.1f}x")
+        warm = best["read-through warm"]
+        print(f"ratio read-through warm / s3 throughput: {best['s3'] / warm:.1f}x")
+        print(f"ratio local / read-through warm throughput: {warm / best['local']:.2f}x")
+        cold = best["read-through cold"]
+        print(f"ratio read-through cold / s3 time: {cold / best['s3']:.1f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         server.stop()

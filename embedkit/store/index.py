@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fnmatch
 import json
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -89,6 +90,20 @@ def _save_index(root: CacheRoot, entries: Mapping[str, Mapping[str, Any]]) -> No
         root.write_bytes_atomic(INDEX_PATH, json.dumps(doc, sort_keys=True).encode())
 
 
+def _entry_dirs(root: CacheRoot, pool: ThreadPoolExecutor) -> list[str]:
+    """``root.glob("*/*/*.zarr")``, each level's listings in parallel (``_catalog`` skipped)."""
+    level = [""]
+    for pattern in ("[!_.]*", "*", "*.zarr"):
+        listed = pool.map(root.listdir, level)
+        level = [
+            f"{prefix}/{name}" if prefix else name
+            for prefix, names in zip(level, listed, strict=True)
+            for name in names
+            if fnmatch.fnmatchcase(name, pattern)
+        ]
+    return sorted(level)
+
+
 def indexed_summaries(
     root: CacheRoot,
     summarise: Callable[[str], Summary | None],
@@ -100,8 +115,8 @@ def indexed_summaries(
     ``summarise(relpath)`` computes one summary from the entry (None: not an embedkit entry);
     ``valid`` rejects index summaries the caller can no longer use (e.g. another field set).
     """
-    relpaths = root.glob("*/*/*.zarr")
     with ThreadPoolExecutor(LIST_THREADS) as pool:
+        relpaths = _entry_dirs(root, pool)
         listed = pool.map(lambda rp: entry_stamp(root.list_files(rp)), relpaths)
         stamps = {rp: st for rp, st in zip(relpaths, listed, strict=True) if st is not None}
         old = load_index(root)

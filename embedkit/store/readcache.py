@@ -61,6 +61,7 @@ __all__ = ["LocalCopy", "local_copy_status", "open_local_copy", "verify_local_co
 STATE_SUFFIX = ".readcache.json"
 _COMPLETE = "COMPLETE.json"
 _META = "zarr.json"
+_IDENTITY = (_META, _COMPLETE)
 _CHUNK = re.compile(r"^(?P<array>.+?)/c[/.](?P<first>\d+)(?:[/.]|$)")
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
@@ -182,8 +183,8 @@ def open_local_copy(
     if local.url(relpath) == remote.uri:
         raise ValueError(f"The local cache {local.uri} is the entry's own root ({remote.uri}).")
     with _exclusive(local, relpath):
-        meta = _read_or_none(src, f"{relpath}/{_META}")
-        done = _read_or_none(src, f"{relpath}/{_COMPLETE}")
+        with ThreadPoolExecutor(2) as pool:  # the two identity objects, in one round trip
+            meta, done = pool.map(lambda name: _read_or_none(src, f"{relpath}/{name}"), _IDENTITY)
         if meta is None or done is None:
             missing = _META if meta is None else _COMPLETE
             raise IncompleteEntryError(
