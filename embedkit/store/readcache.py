@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from embedkit.errors import CacheNotFoundError, IncompleteEntryError, IntegrityError
+from embedkit.errors import CacheNotFoundError, ConfigError, IncompleteEntryError, IntegrityError
 from embedkit.store.entry import (
     LAST_USED_FILE,
     LAST_USED_INTERVAL_S,
@@ -91,7 +91,7 @@ class LocalCopy:
 def _local_root(cache_dir: str | Path | CacheRoot) -> CacheRoot:
     root = cache_dir if isinstance(cache_dir, CacheRoot) else CacheRoot.from_uri(cache_dir)
     if root.local_path is None:
-        raise ValueError(
+        raise ConfigError(
             f"Expected a local directory for the local cache, got {root.uri} instead. Pass a "
             "path on local disk (e.g. --local-cache ~/.cache/embedkit-local)."
         )
@@ -181,7 +181,10 @@ def open_local_copy(
     relpath = remote.relpath
     src = remote.root
     if local.url(relpath) == remote.uri:
-        raise ValueError(f"The local cache {local.uri} is the entry's own root ({remote.uri}).")
+        raise ConfigError(
+            f"The local cache {local.uri} is the root of {remote.uri} itself; choose another "
+            "--local-cache directory (or none: the entry is already local)."
+        )
     with _exclusive(local, relpath):
         with ThreadPoolExecutor(2) as pool:  # the two identity objects, in one round trip
             meta, done = pool.map(lambda name: _read_or_none(src, f"{relpath}/{name}"), _IDENTITY)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from embedkit.errors import IncompleteEntryError, IntegrityError
+from embedkit.errors import ConfigError, IncompleteEntryError, IntegrityError
 from embedkit.store import (
     CacheRoot,
     FeatureEntry,
@@ -229,8 +229,11 @@ def test_partial_remote_and_remote_local_cache_are_refused(
     partial = build(root, kit, finalize=False)
     with pytest.raises(IncompleteEntryError, match="not a complete entry"):
         open_local_copy(partial, tmp_path / "local")
-    with pytest.raises(ValueError, match="Expected a local directory"):
+    with pytest.raises(ConfigError, match="Expected a local directory"):
         open_local_copy(partial, "memory://elsewhere")
+    if root.local_path is not None:
+        with pytest.raises(ConfigError, match="choose another --local-cache"):
+            open_local_copy(partial, root.local_path)
 
 
 _WORKER = """
