@@ -297,10 +297,17 @@ def _fill(
             checked[1] += 1
 
     bar = progress(len(todo), f"local copy {remote.key.short()}") if progress and todo else None
-    with bar if bar is not None else _no_bar() as advance, ThreadPoolExecutor(COPY_THREADS) as pool:
-        for future in [pool.submit(one, u) for u in todo]:
-            future.result()  # re-raise the first failure; finished units stay copied
-            advance(1)
+    bar_cm = bar if bar is not None else _no_bar()
+    with bar_cm as advance, ThreadPoolExecutor(COPY_THREADS) as pool:
+        futures = [pool.submit(one, u) for u in todo]
+        try:
+            for future in futures:
+                future.result()  # re-raise the first failure; finished units stay copied
+                advance(1)
+        except BaseException:  # a failure or Ctrl-C: start no further unit
+            for future in futures:
+                future.cancel()
+            raise
     local.write_bytes_atomic(f"{relpath}/{_COMPLETE}", done)
     _write_state(local, relpath, remote.uri)
     if state == "repaired" and checked[1] == 0 and fetched_bytes[0] == 0:

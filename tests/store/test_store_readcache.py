@@ -197,6 +197,7 @@ def test_interrupted_fill_resumes(
         return real(src, dst, relpath, path, *a)
 
     monkeypatch.setattr(readcache, "copy_object", failing)
+    monkeypatch.setattr(readcache, "COPY_THREADS", 8)  # all 5 units start before unit 3 fails
     with pytest.raises(ConnectionError):
         open_local_copy(remote, tmp_path / "local")
     assert "partial, 4 of 5 units" in local_copy_status(remote, tmp_path / "local")
@@ -268,3 +269,45 @@ def test_concurrent_readers_fill_one_copy_once(
     assert all(r["sum"] == want for r in results)
     local = FeatureEntry.open(CacheRoot.from_uri(tmp_path / "local"), remote.relpath)
     assert local.verify() == []
+
+
+def test_cli_cache_info_and_verify_with_a_local_cache(
+    s3_server: S3Server, tmp_path: Path, kit: Any
+) -> None:
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    uri = s3_server.new_uri()
+    remote = build(CacheRoot.from_uri(uri), kit)
+    local_dir = str(tmp_path / "local")
+    runner = CliRunner()
+    base = ["--cache", uri, "--local-cache", local_dir]
+    info = runner.invoke(app, ["cache", "info", remote.key.short(), *base])
+    assert info.exit_code == 0, info.output
+    assert "local copy none in" in info.output
+
+    verified = runner.invoke(app, ["cache", "verify", *base])
+    assert verified.exit_code == 0, verified.output
+    assert "1 ok, 0 with problems" in verified.output
+    info = runner.invoke(app, ["cache", "info", remote.key.short(), *base])
+    assert "local copy current:" in info.output
+
+    # verify re-checks every unit of the copy: a flip that keeps size and mtime is repaired
+    _flip(Path(local_dir) / remote.relpath / "features/cls/c/1/0", keep_mtime=True)
+    repaired = runner.invoke(app, ["cache", "verify", remote.key.short(), *base])
+    assert repaired.exit_code == 0, repaired.output
+    np.testing.assert_array_equal(
+        FeatureEntry.open(CacheRoot.from_uri(local_dir), remote.relpath).read("cls"),
+        remote.read("cls"),
+    )
+    # a damaged remote unit that the copy must fetch makes verify fail, naming it
+    (Path(local_dir) / remote.relpath / "features/mean/c/2/0").unlink()
+    chunk = f"{remote.relpath}/features/mean/c/2/0"
+    root = CacheRoot.from_uri(uri)
+    blob = bytearray(root.read_bytes(chunk))
+    blob[len(blob) // 2] ^= 0xFF
+    root.write_bytes_atomic(chunk, bytes(blob))
+    bad = runner.invoke(app, ["cache", "verify", *base])
+    assert bad.exit_code == 1
+    assert "Unit 2" in bad.output and "remote entry is damaged" in bad.output
