@@ -100,8 +100,15 @@ def test_demo_pipeline_dry_run_plans_without_running(study: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_pipeline_runs_end_to_end_then_skips_everything(study: Path) -> None:
-    first = _run(study)
+    first = _run(study, local_cache=str(study / "local"))  # probes read through local copies
     assert not first.failed, [(s.what, s.error) for s in first.failed]  # type: ignore[attr-defined]
+    copies = sorted(p.relative_to(study / "local") for p in (study / "local").glob("*/*/*.zarr"))
+    assert copies == sorted(
+        p.relative_to(study / "cache") for p in (study / "cache").glob("*/*/*.zarr")
+    )
+    assert len(copies) == 4 and all(
+        (study / "local" / c / "COMPLETE.json").is_file() for c in copies
+    )
     assert (study / "report" / "report.html").is_file()
     records = list((study / "results").rglob("*.json"))
     assert len(records) == 13  # 2 models x 2 resolutions x 3 probe kinds + 1 LoRA finetune
