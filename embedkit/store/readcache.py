@@ -236,15 +236,15 @@ def _fill(
         elif path != _COMPLETE and _record_unit(path) is None and path != _META:
             metadata.append(path)
     present = _local_files(local, relpath)
-    changed_ = set(present) if changed is None else changed
     fetched_bytes = [0]
     lock = threading.Lock()
 
     def fetch(paths: list[str], *, force: bool) -> None:
         for path in paths:
             have = None if force else present.get(path)
-            if have is not None and have.size == objects[path].size and path not in changed_:
-                continue  # unchanged since it was verified (JSON included)
+            unchanged = changed is not None and path not in changed
+            if have is not None and have.size == objects[path].size and unchanged:
+                continue  # as it was when verified (JSON included)
             if not copy_object(src, local, relpath, path, objects[path].size, have):
                 with lock:
                     fetched_bytes[0] += objects[path].size

@@ -129,9 +129,11 @@ def test_index_serves_unchanged_complete_entries(
     kit,  # type: ignore[no-untyped-def]
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import datetime as dt
     import json
 
     import embedkit.store.catalog as catalog
+    from embedkit.store import plan_gc
     from embedkit.store.index import INDEX_PATH
 
     done = build(root, kit, model="m/done", units=None)
@@ -142,6 +144,13 @@ def test_index_serves_unchanged_complete_entries(
     assert first == list_entries(root, use_index=False)
     index = json.loads(root.read_bytes(INDEX_PATH))
     assert sorted(index["entries"]) == sorted([done.relpath, other.relpath])  # complete only
+    # the index is no entry: verify and gc do not see it
+    assert sorted(verify_root(root)) == sorted([done.relpath, other.relpath, partial.relpath])
+    later = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
+    planned = plan_gc(root, partial_older_than=dt.timedelta(days=1), unused_since=later, now=later)
+    assert sorted(c.relpath for c in planned) == sorted(
+        [done.relpath, other.relpath, partial.relpath]
+    )
 
     summarised: list[str] = []
     real = catalog._summary
