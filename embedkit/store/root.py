@@ -36,6 +36,9 @@ __all__ = ["CacheRoot", "ObjectStat"]
 #: Remote filesystems are opened without listing caches: other processes and zarr's own
 #: filesystem instance write to the same prefix, and a stale listing would hide their objects.
 _REMOTE_DEFAULTS: dict[str, Any] = {"use_listings_cache": False}
+#: The process umask (read once at import: os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class ObjectStat(NamedTuple):
@@ -164,6 +167,9 @@ class CacheRoot:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
+            # mkstemp makes the file private (0600); give it the mode of a plain open() so that
+            # the other users of a shared root can read records and COMPLETE.json
+            os.fchmod(fd, 0o666 & ~_UMASK)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

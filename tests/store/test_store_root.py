@@ -59,3 +59,14 @@ def test_read_only_root_opens_for_reading_and_refuses_writes(tmp_path: Path) -> 
             root.require_writable()
     finally:
         ro.chmod(0o755)
+
+
+def test_atomic_writes_are_readable_by_other_users_of_a_shared_root(tmp_path: Path) -> None:
+    """Records and COMPLETE.json get the mode of a plain open() (umask), not mkstemp's 0600."""
+    import stat
+
+    root = CacheRoot.from_uri(tmp_path / "shared")
+    root.write_bytes_atomic("e/units/000000.json", b"{}")
+    (tmp_path / "plain.json").write_bytes(b"{}")
+    mode = stat.S_IMODE((tmp_path / "shared" / "e/units/000000.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode)
