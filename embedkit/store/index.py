@@ -65,8 +65,8 @@ def load_index(root: CacheRoot) -> dict[str, dict[str, Any]]:
     """``relpath -> {"stamp", "summary"}`` from the index; empty if missing or unreadable."""
     try:
         doc = json.loads(root.read_bytes(INDEX_PATH))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # missing, unreadable for us (another user's file), or damaged
     if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT:
         return {}
     if doc.get("version") != INDEX_VERSION or not isinstance(doc.get("entries"), dict):
