@@ -3,7 +3,9 @@
 Layout inside ``<root>/<key.relpath()>``::
 
     zarr.json                 group attrs: key, provenance, unit_rows, n_units, poolings, ...
-    features/<pooling>        (N, D) or (N, h, w, D); one chunk per work unit, no sharding
+    features/<pooling>        (N, D) or (N, h, w, D); uncompressed (default): one chunk per
+                              work unit; zstd: a whole number of ~4 MB chunks per unit; no
+                              sharding
     ids                       (N,) str
     valid                     (N,) bool, False for images skipped as unreadable
     units/<u:06d>.json        per-unit completion record, written atomically after its chunks
@@ -11,9 +13,9 @@ Layout inside ``<root>/<key.relpath()>``::
     last_used.json            touched by the first read of an entry object, at most once a day
                               (for ``embedkit cache gc --unused-since``); not part of the data
 
-Each work unit is exactly one chunk of every array, so writers of different units never touch
-the same object (zarr loses data when writers share a shard). Two writers of the *same* unit are
-prevented by :meth:`FeatureEntry.lock` (local roots) or by running one writer per entry.
+Each work unit is a whole number of chunks of every array, so writers of different units never
+touch the same object (zarr loses data when writers share a shard). Two writers of the *same*
+unit are prevented by :meth:`FeatureEntry.lock` (local roots) or by running one writer per entry.
 
 On local roots the chunk files are written and full-range reads are served by
 :mod:`embedkit.store.chunkio` (same Zarr v3 files, byte for byte, ~10x faster than zarr-python);
@@ -86,11 +88,20 @@ DERIVED_POOLINGS: dict[str, tuple[str, ...]] = {
     "cls+mean": ("cls", "mean"),
     "pooled+mean": ("pooled", "mean"),
 }
-#: ``compression=`` choices for new entries.
-COMPRESSIONS = ("zstd", "none")
-#: zstd level for new entries: level 1 saves ~8% on float16 features at ~0.9 GB/s per core;
-#: higher levels save nothing more and are slower (see benchmarks/RESULTS.md).
+#: ``compression=`` choices for new entries; the first is the default. Chosen by measurement
+#: (benchmarks/RESULTS.md, "Feature store"): zstd saves only ~8% of float16 features (their
+#: mantissa bits are noise; byte or bit shuffles, lz4 and blosclz save 0-4%) and runs at ~0.8 GB/s
+#: encode / ~1.5 GB/s decode per core, so on 2 cores a zstd entry reads at ~0.3x and writes at
+#: ~0.3x the speed of an uncompressed one, whose full reads run at ~0.9x ``np.load``. Features
+#: are written once and read by every probe: "none" is the default, "zstd" is there for
+#: archives and slow links where 8% matters more than read speed.
+COMPRESSIONS = ("none", "zstd")
+#: zstd level for new entries: level 1 saves ~8% on float16 features at ~0.8 GB/s per core;
+#: higher levels save nothing more and are slower; levels < 1 store raw (see RESULTS.md).
 ZSTD_LEVEL = 1
+#: A compressed unit is split into chunks of about this size (a whole number per unit), which
+#: the 2-thread pool compresses and decompresses in parallel; an uncompressed unit is one chunk.
+ZSTD_CHUNK_BYTES = 4 << 20
 LAYOUT_VERSION = 1
 PATCH_POOLING = "patch"
 
@@ -159,6 +170,24 @@ def _any_nonfinite_parallel(a: np.ndarray) -> bool:
     half = a.shape[0] // 2
     other = POOL.submit(_any_nonfinite, a[half:])
     return _any_nonfinite(a[:half]) | other.result()
+
+
+def _chunk_rows(unit_rows: int, row_nbytes: int, compression: str) -> int:
+    """Rows per chunk: the unit, or for compressed units a divisor of about ZSTD_CHUNK_BYTES.
+
+    Chunks never straddle units (writers of different units touch different files). A unit
+    that has no divisor giving chunks of at least a quarter of the target stays one chunk.
+    """
+    if compression == "none":
+        return unit_rows
+    want = -(-unit_rows * row_nbytes // ZSTD_CHUNK_BYTES)  # chunks per unit at the target size
+    for k in range(max(want, 1), unit_rows + 1):
+        rows = unit_rows // k
+        if 4 * rows * row_nbytes < ZSTD_CHUNK_BYTES:
+            break
+        if unit_rows % k == 0:
+            return rows
+    return unit_rows
 
 
 def _fmt_ids(ids: Sequence[str], limit: int = 10) -> str:
@@ -264,7 +293,7 @@ class FeatureEntry:
         shapes: Mapping[str, tuple[int, ...]],
         unit_rows: int,
         provenance: Mapping[str, object],
-        compression: str = "zstd",
+        compression: str = COMPRESSIONS[0],
     ) -> FeatureEntry:
         """Create the entry for ``key``, or reopen it to resume.
 
@@ -347,6 +376,10 @@ class FeatureEntry:
         unit_rows = min(unit_rows, n)
         n_units = -(-n // unit_rows)
         compressors = [ZstdCodec(level=ZSTD_LEVEL)] if compression == "zstd" else None
+        itemsize = {
+            p: np.dtype("float16" if p == PATCH_POOLING else key.storage_dtype).itemsize
+            for p in key.poolings
+        }
         poolings: dict[str, dict[str, Any]] = {}
         store = root.zarr_store(relpath)
         try:
@@ -359,7 +392,10 @@ class FeatureEntry:
                     name=f"features/{p}",
                     shape=shape,
                     dtype=dtype,
-                    chunks=(unit_rows, *shapes[p]),
+                    chunks=(
+                        _chunk_rows(unit_rows, itemsize[p] * int(np.prod(shapes[p])), compression),
+                        *shapes[p],
+                    ),
                     compressors=compressors,
                     filters=None,
                     fill_value=0,
@@ -641,15 +677,20 @@ class FeatureEntry:
     def _write_chunks(
         self, u: int, targets: Mapping[str, np.ndarray], layouts: Mapping[str, ChunkLayout]
     ) -> dict[str, str]:
-        """Chunk ``u`` of every array, in parallel; durable before returning if FSYNC.
+        """The chunks of unit ``u`` of every array, in parallel; durable before returning if FSYNC.
 
-        Returns the checksums, computed on this thread while the pool writes.
+        Each chunk is one pool job (compress, write, fdatasync), so both cores compress while
+        the disk flushes. Returns the checksums, computed on this thread while the pool writes.
         """
         durable = FSYNC
-        jobs: list[Future[list[Path]]] = [
-            POOL.submit(layouts[name].write_chunk, u, a, durable=durable)
-            for name, a in targets.items()
-        ]
+        start, stop = self.unit_bounds(u)
+        jobs: list[Future[list[Path]]] = []
+        for name, a in targets.items():
+            layout = layouts[name]
+            for i in layout.chunks_in(start, stop):
+                c0, c1 = layout.chunk_bounds(i)
+                part = a[c0 - start : c1 - start]
+                jobs.append(POOL.submit(layout.write_chunk, i, part, durable=durable))
         dirs: list[Path] = []
         try:
             checksums = {name: _checksum(a) for name, a in targets.items()}
@@ -877,8 +918,11 @@ class FeatureEntry:
                     f"found {arr.dtype} {arr.shape}"
                 )
                 continue
-            if arr.chunks[0] != self.unit_rows:
-                problems.append(f"features/{name}: chunk rows {arr.chunks[0]} != {self.unit_rows}")
+            if self.unit_rows % arr.chunks[0]:
+                problems.append(
+                    f"features/{name}: chunks of {arr.chunks[0]} rows straddle units of "
+                    f"{self.unit_rows} rows"
+                )
             arrays[f"features/{name}"] = arr
         try:
             stored_ids = self.ids
