@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,55 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def best_of(fn: Callable[[], object], repeat: int) -> float:
+    return min(timed(fn) for _ in range(repeat))
+
+
+def codec_survey(data: np.ndarray, repeat: int) -> None:
+    """Compressed size and speed of candidate codecs on one 32 MB slice (see the docstring)."""
+    import numcodecs.blosc
+    from numcodecs import Blosc
+    from numcodecs.zstd import Zstd
+
+    from embedkit.store.chunkio import POOL
+
+    part = np.ascontiguousarray(data[:16384]).reshape(-1).view(np.uint8)
+    nb = part.nbytes
+    codecs: list[tuple[str, Any]] = [
+        ("zstd level 1", Zstd(level=1)),
+        ("zstd level 3", Zstd(level=3)),
+    ]
+    for cname, level in (("lz4", 5), ("zstd", 1), ("blosclz", 5)):
+        for shuffle, sname in ((Blosc.SHUFFLE, "byte"), (Blosc.BITSHUFFLE, "bit")):
+            codecs.append(
+                (
+                    f"blosc {cname}({level}) {sname}-shuffle",
+                    Blosc(cname=cname, clevel=level, shuffle=shuffle, typesize=2),
+                ),
+            )
+    print(f"codec survey on {nb / 1e6:.0f} MB (one thread each; Blosc with its own threads off):")
+    numcodecs.blosc.use_threads = False  # one thread, as in zarr-python's worker threads
+    for label, codec in codecs:
+        enc = codec.encode(part)
+        out = np.empty_like(part)
+        te = best_of(lambda c=codec: c.encode(part), repeat)
+        td = best_of(lambda c=codec, e=enc, o=out: c.decode(e, out=o), repeat)
+        print(
+            f"  {label:30s} size {len(enc) / nb:.3f} of raw   encode {nb / te / 1e9:5.2f} GB/s"
+            f"   decode {nb / td / 1e9:5.2f} GB/s"
+        )
+    z = Zstd(level=1)
+    pieces = np.array_split(part, 8)  # the store's 4 MB chunks of a 32 MB unit
+    frames = [z.encode(p) for p in pieces]
+    outs = [np.empty_like(p) for p in pieces]
+    te = best_of(lambda: list(POOL.map(z.encode, pieces)), repeat)
+    td = best_of(lambda: list(POOL.map(lambda f, o: z.decode(f, out=o), frames, outs)), repeat)
+    print(
+        f"  zstd level 1, 8 x 4 MB on the 2-thread pool: encode {nb / te / 1e9:5.2f} GB/s"
+        f"   decode {nb / td / 1e9:5.2f} GB/s"
+    )
+
+
 def save_fsync(path: Path, data: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, data)
@@ -54,8 +104,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--unit-rows", type=int, default=16384)
-    ap.add_argument("--compression", nargs="+", default=["zstd", "none"])
+    ap.add_argument("--compression", nargs="+", default=["none", "zstd"])
     ap.add_argument("--no-zarr", action="store_true", help="skip the zarr-python rows")
+    ap.add_argument("--no-survey", action="store_true", help="skip the codec survey")
     ap.add_argument("--tmp", default=None, help="directory for temporary data")
     args = ap.parse_args()
 
@@ -63,6 +114,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     data = rng.standard_normal((n, d), dtype=np.float32).astype(np.float16)
     gb = data.nbytes / 1e9
+    if not args.no_survey:
+        codec_survey(data, args.repeat)
     ids = [f"img{i:07d}" for i in range(n)]
     configs = [(c, True, True) for c in args.compression]  # (compression, fsync, fast engine)
     configs += [(c, False, True) for c in args.compression]

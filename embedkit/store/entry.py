@@ -58,6 +58,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.core.array_spec import ArrayConfigParams
 from zarr.core.buffer.cpu import NDBuffer
+from zarr.core.chunk_key_encodings import ChunkKeyEncodingParams
 
 from embedkit.errors import (
     CacheNotFoundError,
@@ -112,6 +113,11 @@ FSYNC = True
 CHECKSUM_ALGORITHM = "crc32c" if google_crc32c.implementation == "c" else "sha256"
 
 _RUNTIME_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
+#: Chunk files ``c.<i>.0`` side by side in the array's directory (Zarr v3 "default" encoding
+#: with the "." separator): a unit's chunks then add entries to one directory, the only one
+#: to fsync, where "/" makes a directory per chunk (``c/<i>/0``), each to create and fsync.
+#: Entries written with "/" read the same (the layout comes from the array metadata).
+_CHUNK_KEYS: ChunkKeyEncodingParams = {"name": "default", "separator": "."}
 _UNIT_FILE = re.compile(r"^(\d{6})\.json$")
 #: Usage mark of an entry (see the layout above) and how often readers refresh it.
 LAST_USED_FILE = "last_used.json"
@@ -399,6 +405,7 @@ class FeatureEntry:
                     compressors=compressors,
                     filters=None,
                     fill_value=0,
+                    chunk_key_encoding=_CHUNK_KEYS,
                     dimension_names=None,
                     config=_RUNTIME_CONFIG,
                 )
@@ -413,6 +420,7 @@ class FeatureEntry:
                 shape=(n,),
                 dtype="bool",
                 chunks=(unit_rows,),
+                chunk_key_encoding=_CHUNK_KEYS,
                 compressors=None,
                 fill_value=False,
                 config=_RUNTIME_CONFIG,

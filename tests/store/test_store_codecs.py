@@ -118,6 +118,7 @@ def test_multichunk_files_match_zarr_python(tmp_path: Path, kit: Any) -> None:
         shape=(N, 8),
         dtype="float16",
         chunks=(2, 8),
+        chunk_key_encoding={"name": "default", "separator": "."},
         compressors=[ZstdCodec(level=entry_mod.ZSTD_LEVEL)],
         filters=None,
         fill_value=0,
@@ -155,10 +156,10 @@ def test_verify_finds_damage_in_any_chunk_of_a_unit(tmp_path: Path, kit: Any) ->
     entry = _new(root, kit, "zstd")
     _write(entry, kit.make_features(N, DIMS), list(range(entry.n_units)))
     entry.finalize()
-    cdir = tmp_path / "c" / entry.relpath / "features" / "cls" / "c"
-    middle = cdir / "4" / "0"  # unit 1 = chunks 3, 4, 5
+    cdir = tmp_path / "c" / entry.relpath / "features" / "cls"
+    middle = cdir / "c.4.0"  # unit 1 = chunks 3, 4, 5
     good = middle.read_bytes()
-    middle.write_bytes((cdir / "9" / "0").read_bytes())  # a valid chunk, wrong content
+    middle.write_bytes((cdir / "c.9.0").read_bytes())  # a valid chunk, wrong content
     assert entry.verify() == ["unit 1 (rows 6-12): checksum mismatch in features/cls"]
     middle.write_bytes(good[:-4])  # truncated
     problems = entry.verify()
@@ -236,3 +237,26 @@ def test_sync_file_range_is_callable(tmp_path: Path) -> None:
         assert chunkio._start_writeback(fd, 0, 4096) == 0  # type: ignore[misc]
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_entries_with_nested_chunk_keys_still_work(
+    tmp_path: Path, kit: Any, compression: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries made before flat chunk keys (``c/<i>/0``) resume, read and verify as before."""
+    root = CacheRoot.from_uri(tmp_path / "c")
+    feats = kit.make_features(N, DIMS)
+    with monkeypatch.context() as mp:
+        mp.setattr(entry_mod, "_CHUNK_KEYS", {"name": "default", "separator": "/"})
+        old = _new(root, kit, compression)
+        _write(old, feats, [0, 2])
+    entry = _new(root, kit)  # resumed by the current code
+    _write(entry, feats, entry.pending_units())
+    entry.finalize()
+    cdir = tmp_path / "c" / entry.relpath / "features" / "cls"
+    assert sorted(p.name for p in cdir.iterdir()) == ["c", "zarr.json"]
+    assert (cdir / "c" / "3" / "0").is_file()
+    reader = FeatureEntry.open(root, entry.key)
+    assert reader._layout("features/cls") is not None
+    np.testing.assert_array_equal(reader.read("cls"), feats["cls"].astype(np.float16))
+    assert reader.verify() == []
