@@ -24,8 +24,9 @@ little. Measured for 13 x 32 MB chunk files: 1.6 GB/s with write + fdatasync, 2.
 4 MiB pieces, vs 1.8-2.0 GB/s for ``np.save`` + ``fsync`` of the same 410 MB in one file.
 
 Crash guarantee (used by ``FeatureEntry.write_unit``): with ``durable=True`` a chunk file is
-``fdatasync``-ed before :meth:`ChunkLayout.write_chunk` returns, and the directories whose
-entries it created or changed are returned so the caller can ``fsync`` them once per unit
+``fdatasync``-ed before :meth:`ChunkLayout.write_chunk` returns (or, with ``sync=False``, by
+:meth:`ChunkLayout.sync_chunk`, which the caller runs before relying on it), and the directories
+whose entries it created or changed are returned so the caller can ``fsync`` them once per unit
 (:func:`fsync_dirs`). The caller writes the unit's completion record (itself written to a
 temporary file, fsync-ed, then renamed) only after that, so after a crash or power loss a
 unit record can only exist if every chunk of the unit is on stable storage; a unit without a
@@ -219,11 +220,16 @@ class ChunkLayout:
 
     # ---- writing ------------------------------------------------------------------------
 
-    def write_chunk(self, i: int, rows: np.ndarray, *, durable: bool) -> list[Path]:
+    def write_chunk(
+        self, i: int, rows: np.ndarray, *, durable: bool, sync: bool = True
+    ) -> list[Path]:
         """Write chunk ``i`` from ``rows`` (its rows, C-contiguous, this dtype).
 
-        With ``durable`` the file is fdatasync-ed; returns the directories to fsync for its
-        directory entry to be durable too (see the module docstring).
+        With ``durable`` the file's writeback starts piece by piece and, if ``sync``, the file
+        is fdatasync-ed before returning (``sync=False``: the caller calls :meth:`sync_chunk`
+        later, so that this thread can compress the next chunk while the disk writes).
+        Returns the directories to fsync for the file's directory entry to be durable too
+        (see the module docstring).
         """
         start, stop = self.chunk_bounds(i)
         if rows.shape != (stop - start, *self.shape[1:]) or rows.dtype != self.dtype:
@@ -253,11 +259,19 @@ class ChunkLayout:
             _write_all(fd, payload.cast("B"), kick=durable)
             if sparse_pad:
                 os.ftruncate(fd, payload.nbytes + sparse_pad)  # a hole reads back as zeros
-            if durable:
+            if durable and sync:
                 os.fdatasync(fd)
         finally:
             os.close(fd)
         return dirs
+
+    def sync_chunk(self, i: int) -> None:
+        """fdatasync the file of chunk ``i`` (written by ``write_chunk(..., sync=False)``)."""
+        fd = os.open(self.chunk_path(i), os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     # ---- reading ------------------------------------------------------------------------
 

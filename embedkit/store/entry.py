@@ -687,18 +687,23 @@ class FeatureEntry:
     ) -> dict[str, str]:
         """The chunks of unit ``u`` of every array, in parallel; durable before returning if FSYNC.
 
-        Each chunk is one pool job (compress, write, fdatasync), so both cores compress while
-        the disk flushes. Returns the checksums, computed on this thread while the pool writes.
+        Each chunk is one pool job (compress, write, start writeback), so both cores keep
+        compressing while the disk writes; the fdatasyncs come after the last job, when most
+        of the data is on disk already. Returns the checksums, computed on this thread while
+        the pool writes.
         """
         durable = FSYNC
         start, stop = self.unit_bounds(u)
+        chunks = [
+            (layouts[name], i, a)
+            for name, a in targets.items()
+            for i in layouts[name].chunks_in(start, stop)
+        ]
         jobs: list[Future[list[Path]]] = []
-        for name, a in targets.items():
-            layout = layouts[name]
-            for i in layout.chunks_in(start, stop):
-                c0, c1 = layout.chunk_bounds(i)
-                part = a[c0 - start : c1 - start]
-                jobs.append(POOL.submit(layout.write_chunk, i, part, durable=durable))
+        for layout, i, a in chunks:
+            c0, c1 = layout.chunk_bounds(i)
+            part = a[c0 - start : c1 - start]
+            jobs.append(POOL.submit(layout.write_chunk, i, part, durable=durable, sync=False))
         dirs: list[Path] = []
         try:
             checksums = {name: _checksum(a) for name, a in targets.items()}
@@ -708,6 +713,7 @@ class FeatureEntry:
             for job in jobs:
                 job.cancel()
         if durable:
+            list(POOL.map(lambda c: c[0].sync_chunk(c[1]), chunks))
             fsync_dirs(dirs)
         return checksums
 

@@ -260,3 +260,40 @@ def test_entries_with_nested_chunk_keys_still_work(
     assert reader._layout("features/cls") is not None
     np.testing.assert_array_equal(reader.read("cls"), feats["cls"].astype(np.float16))
     assert reader.verify() == []
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_every_chunk_is_synced_before_its_unit_record(
+    tmp_path: Path, kit: Any, compression: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, str]] = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        real_fdatasync(fd)
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+
+    root = CacheRoot.from_uri(tmp_path / "c")
+    real_atomic = CacheRoot.write_bytes_atomic
+
+    def atomic(self: CacheRoot, relpath: str, data: bytes) -> None:
+        real_atomic(self, relpath, data)
+        events.append(("record", relpath))
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name synced files")
+    monkeypatch.setattr(chunkio.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(CacheRoot, "write_bytes_atomic", atomic)
+    entry = _new(root, kit, compression)
+    events.clear()
+    _write(entry, kit.make_features(N, DIMS), [1])
+    record = events.index(("record", f"{entry.relpath}/units/000001.json"))
+    synced = {Path(p) for kind, p in events[:record] if kind == "sync"}
+    want = set()
+    for name in ("features/cls", "features/mean", "valid"):
+        layout = entry._layout(name)
+        assert layout is not None
+        want |= {layout.chunk_path(i).resolve() for i in layout.chunks_in(*entry.unit_bounds(1))}
+    assert len(want) == (7 if compression == "zstd" else 3)
+    assert want <= synced
