@@ -38,8 +38,17 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def du(path: Path) -> tuple[int, int]:
+    """(apparent bytes, allocated bytes) of the files under ``path``."""
+    stats = [p.stat() for p in path.rglob("*") if p.is_file()]
+    return sum(s.st_size for s in stats), sum(s.st_blocks * 512 for s in stats)
+
+
+def timed_cpu(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call."""
+    c, t = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def best_of(fn: Callable[[], object], repeat: int) -> float:
@@ -122,7 +131,8 @@ def main() -> None:
     if not args.no_zarr:
         configs += [(c, False, False) for c in args.compression]
     times: dict[str, list[float]] = {}
-    sizes: dict[str, int] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    cpu: dict[str, list[float]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="embedkit-bench-", dir=args.tmp))
     print(f"matrix {n} x {d} float16 = {data.nbytes / 1e6:.0f} MB raw; tmp {tmp}")
     npy = tmp / "baseline.npy"
@@ -132,7 +142,7 @@ def main() -> None:
             times.setdefault("np.save", []).append(timed(lambda: np.save(npy, data)))
             times.setdefault("np.load", []).append(timed(lambda: np.load(npy)))
             times.setdefault("np.save+fsync", []).append(timed(lambda: save_fsync(npy, data)))
-            sizes["np"] = npy.stat().st_size
+            sizes["np"] = du(tmp)
             for compression, fsync, fast in configs:
                 label = f"{compression} {'fsync' if fsync else 'no-fsync'}" + (
                     "" if fast else " zarr-python"
@@ -170,12 +180,14 @@ def main() -> None:
                         entry.write_unit(u, {"cls": data[s:e]}, valid=ones[: e - s])
                     entry.finalize()
 
-                times.setdefault(f"{label} write", []).append(timed(write))
+                wall, cpu_s = timed_cpu(write)
+                times.setdefault(f"{label} write", []).append(wall)
+                cpu.setdefault(f"{label} write", []).append(cpu_s)
                 reader = FeatureEntry.open(root, key)
                 out: list[np.ndarray] = []
-                times.setdefault(f"{label} read", []).append(
-                    timed(lambda r=reader, o=out: o.append(r.read("cls")))
-                )
+                wall, cpu_s = timed_cpu(lambda r=reader, o=out: o.append(r.read("cls")))
+                times.setdefault(f"{label} read", []).append(wall)
+                cpu.setdefault(f"{label} read", []).append(cpu_s)
                 if not np.array_equal(out[0], data):
                     raise SystemExit(f"{label}: read back differs from what was written")
                 sizes[label] = du(root.local_path / entry.relpath)  # type: ignore[operator]
@@ -186,10 +198,15 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     best = {k: min(v) for k, v in times.items()}
-    print(f"best of {args.repeat}, unit_rows={args.unit_rows}")
+    least_cpu = {k: min(v) for k, v in cpu.items()}
+    print(
+        f"best of {args.repeat}, unit_rows={args.unit_rows}; cpu = CPU seconds per GB "
+        "(all threads; 2 cores give at most 2 CPU-s per wall second); disk = allocated "
+        "(apparent) bytes"
+    )
     print(
         f"{'np.save / np.load':30s} write {gb / best['np.save']:5.2f} GB/s   "
-        f"read {gb / best['np.load']:5.2f} GB/s   disk {sizes['np'] / 1e6:6.0f} MB"
+        f"read {gb / best['np.load']:5.2f} GB/s   disk {sizes['np'][1] / 1e6:6.0f} MB"
     )
     print(f"{'np.save + fsync':30s} write {gb / best['np.save+fsync']:5.2f} GB/s")
     for compression, fsync, fast in configs:
@@ -198,10 +215,13 @@ def main() -> None:
         )
         w, r = best[f"{label} write"], best[f"{label} read"]
         vs_sync = f" {best['np.save+fsync'] / w:4.2f}x np.save+fsync" if fsync else ""
+        cw, cr = least_cpu[f"{label} write"] / gb, least_cpu[f"{label} read"] / gb
+        apparent, allocated = sizes[label]
         print(
             f"{label:30s} write {gb / w:5.2f} GB/s ({best['np.save'] / w:4.2f}x np.save{vs_sync})"
-            f"   read {gb / r:5.2f} GB/s ({best['np.load'] / r:4.2f}x np.load)"
-            f"   disk {sizes[label] / 1e6:6.0f} MB ({sizes[label] / data.nbytes:.3f} of raw)"
+            f" cpu {cw:4.2f}   read {gb / r:5.2f} GB/s ({best['np.load'] / r:4.2f}x np.load)"
+            f" cpu {cr:4.2f}   disk {allocated / 1e6:4.0f} MB ({allocated / data.nbytes:.3f} of"
+            f" raw; {apparent / 1e6:4.0f} MB apparent)"
         )
 
 

@@ -106,8 +106,9 @@ ZSTD_CHUNK_BYTES = 4 << 20
 LAYOUT_VERSION = 1
 PATCH_POOLING = "patch"
 
-#: Make each unit's chunk files durable (fdatasync) before its record is written; see the
-#: module docstring. Costs disk bandwidth (~1 GB/s here); only scratch caches should turn it off.
+#: Make each unit's chunk files durable (fdatasync) before its record is written, and the
+#: record itself (fsync) before ``write_unit`` returns; see the module docstring. Costs disk
+#: bandwidth and latency (see benchmarks/RESULTS.md); only scratch caches should turn it off.
 FSYNC = True
 #: Checksum of new unit records: crc32c when its C implementation is present, else sha256.
 CHECKSUM_ALGORITHM = "crc32c" if google_crc32c.implementation == "c" else "sha256"
@@ -680,7 +681,7 @@ class FeatureEntry:
             "written_at": _now(),
             "writer": _writer(),
         }
-        self.root.write_bytes_atomic(self._unit_path(u), json.dumps(record).encode())
+        self.root.write_bytes_atomic(self._unit_path(u), json.dumps(record).encode(), durable=FSYNC)
 
     def _write_chunks(
         self, u: int, targets: Mapping[str, np.ndarray], layouts: Mapping[str, ChunkLayout]

@@ -277,8 +277,8 @@ def test_every_chunk_is_synced_before_its_unit_record(
     root = CacheRoot.from_uri(tmp_path / "c")
     real_atomic = CacheRoot.write_bytes_atomic
 
-    def atomic(self: CacheRoot, relpath: str, data: bytes) -> None:
-        real_atomic(self, relpath, data)
+    def atomic(self: CacheRoot, relpath: str, data: bytes, **kw: Any) -> None:
+        real_atomic(self, relpath, data, **kw)
         events.append(("record", relpath))
 
     if not Path("/proc/self/fd").is_dir():
@@ -297,3 +297,22 @@ def test_every_chunk_is_synced_before_its_unit_record(
         want |= {layout.chunk_path(i).resolve() for i in layout.chunks_in(*entry.unit_bounds(1))}
     assert len(want) == (7 if compression == "zstd" else 3)
     assert want <= synced
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_scratch_mode_syncs_nothing(
+    tmp_path: Path, kit: Any, fsync: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FSYNC=False (scratch caches): no unit write waits for the disk; True: every unit does."""
+    calls: list[str] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda fd, n=name, f=real: (calls.append(n), f(fd))[1])
+    monkeypatch.setattr(entry_mod, "FSYNC", fsync)
+    entry = _new(CacheRoot.from_uri(tmp_path / "c"), kit, "zstd")
+    calls.clear()
+    _write(entry, kit.make_features(N, DIMS), [0, 1])
+    if fsync:
+        assert calls.count("fdatasync") == 6 and "fsync" in calls  # 2 x (cls, mean, valid)
+    else:
+        assert calls == []
