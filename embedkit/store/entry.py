@@ -90,12 +90,12 @@ DERIVED_POOLINGS: dict[str, tuple[str, ...]] = {
     "pooled+mean": ("pooled", "mean"),
 }
 #: ``compression=`` choices for new entries; the first is the default. Chosen by measurement
-#: (benchmarks/RESULTS.md, "Feature store"): zstd saves only ~8% of float16 features (their
-#: mantissa bits are noise; byte or bit shuffles, lz4 and blosclz save 0-4%) and runs at ~0.8 GB/s
-#: encode / ~1.5 GB/s decode per core, so on 2 cores a zstd entry reads at ~0.3x and writes at
-#: ~0.3x the speed of an uncompressed one, whose full reads run at ~0.9x ``np.load``. Features
-#: are written once and read by every probe: "none" is the default, "zstd" is there for
-#: archives and slow links where 8% matters more than read speed.
+#: (benchmarks/RESULTS.md, "Feature store"): zstd saves only 8% of float16 features (their
+#: mantissa bits are noise; Blosc byte/bit shuffles with lz4, blosclz or zstd save 0-8%) and
+#: decodes at ~1.5 GB/s per core (0.7-0.8 CPU-s per GB in the store, vs ~0.1 for a raw read),
+#: so full reads of a zstd entry ran at 0.19x np.load vs 0.94x uncompressed, and writes cost
+#: 3x the CPU. Features are written once and read by every probe: "none" is the default; "zstd"
+#: is there for archives and slow links, where 8% matters more than read speed.
 COMPRESSIONS = ("none", "zstd")
 #: zstd level for new entries: level 1 saves ~8% on float16 features at ~0.8 GB/s per core;
 #: higher levels save nothing more and are slower; levels < 1 store raw (see RESULTS.md).
