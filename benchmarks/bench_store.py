@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +38,66 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def du(path: Path) -> tuple[int, int]:
+    """(apparent bytes, allocated bytes) of the files under ``path``."""
+    stats = [p.stat() for p in path.rglob("*") if p.is_file()]
+    return sum(s.st_size for s in stats), sum(s.st_blocks * 512 for s in stats)
+
+
+def timed_cpu(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call."""
+    c, t = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def best_of(fn: Callable[[], object], repeat: int) -> float:
+    return min(timed(fn) for _ in range(repeat))
+
+
+def codec_survey(data: np.ndarray, repeat: int) -> None:
+    """Compressed size and speed of candidate codecs on one 32 MB slice (see the docstring)."""
+    import numcodecs.blosc
+    from numcodecs import Blosc
+    from numcodecs.zstd import Zstd
+
+    from embedkit.store.chunkio import POOL
+
+    part = np.ascontiguousarray(data[:16384]).reshape(-1).view(np.uint8)
+    nb = part.nbytes
+    codecs: list[tuple[str, Any]] = [
+        ("zstd level 1", Zstd(level=1)),
+        ("zstd level 3", Zstd(level=3)),
+    ]
+    for cname, level in (("lz4", 5), ("zstd", 1), ("blosclz", 5)):
+        for shuffle, sname in ((Blosc.SHUFFLE, "byte"), (Blosc.BITSHUFFLE, "bit")):
+            codecs.append(
+                (
+                    f"blosc {cname}({level}) {sname}-shuffle",
+                    Blosc(cname=cname, clevel=level, shuffle=shuffle, typesize=2),
+                ),
+            )
+    print(f"codec survey on {nb / 1e6:.0f} MB (one thread each; Blosc with its own threads off):")
+    numcodecs.blosc.use_threads = False  # one thread, as in zarr-python's worker threads
+    for label, codec in codecs:
+        enc = codec.encode(part)
+        out = np.empty_like(part)
+        te = best_of(lambda c=codec: c.encode(part), repeat)
+        td = best_of(lambda c=codec, e=enc, o=out: c.decode(e, out=o), repeat)
+        print(
+            f"  {label:30s} size {len(enc) / nb:.3f} of raw   encode {nb / te / 1e9:5.2f} GB/s"
+            f"   decode {nb / td / 1e9:5.2f} GB/s"
+        )
+    z = Zstd(level=1)
+    pieces = np.array_split(part, 8)  # the store's 4 MB chunks of a 32 MB unit
+    frames = [z.encode(p) for p in pieces]
+    outs = [np.empty_like(p) for p in pieces]
+    te = best_of(lambda: list(POOL.map(z.encode, pieces)), repeat)
+    td = best_of(lambda: list(POOL.map(lambda f, o: z.decode(f, out=o), frames, outs)), repeat)
+    print(
+        f"  zstd level 1, 8 x 4 MB on the 2-thread pool: encode {nb / te / 1e9:5.2f} GB/s"
+        f"   decode {nb / td / 1e9:5.2f} GB/s"
+    )
 
 
 def save_fsync(path: Path, data: np.ndarray) -> None:
@@ -54,8 +113,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--unit-rows", type=int, default=16384)
-    ap.add_argument("--compression", nargs="+", default=["zstd", "none"])
+    ap.add_argument("--compression", nargs="+", default=["none", "zstd"])
     ap.add_argument("--no-zarr", action="store_true", help="skip the zarr-python rows")
+    ap.add_argument("--no-survey", action="store_true", help="skip the codec survey")
     ap.add_argument("--tmp", default=None, help="directory for temporary data")
     args = ap.parse_args()
 
@@ -63,13 +123,16 @@ def main() -> None:
     rng = np.random.default_rng(0)
     data = rng.standard_normal((n, d), dtype=np.float32).astype(np.float16)
     gb = data.nbytes / 1e9
+    if not args.no_survey:
+        codec_survey(data, args.repeat)
     ids = [f"img{i:07d}" for i in range(n)]
     configs = [(c, True, True) for c in args.compression]  # (compression, fsync, fast engine)
     configs += [(c, False, True) for c in args.compression]
     if not args.no_zarr:
         configs += [(c, False, False) for c in args.compression]
     times: dict[str, list[float]] = {}
-    sizes: dict[str, int] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    cpu: dict[str, list[float]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="embedkit-bench-", dir=args.tmp))
     print(f"matrix {n} x {d} float16 = {data.nbytes / 1e6:.0f} MB raw; tmp {tmp}")
     npy = tmp / "baseline.npy"
@@ -79,7 +142,7 @@ def main() -> None:
             times.setdefault("np.save", []).append(timed(lambda: np.save(npy, data)))
             times.setdefault("np.load", []).append(timed(lambda: np.load(npy)))
             times.setdefault("np.save+fsync", []).append(timed(lambda: save_fsync(npy, data)))
-            sizes["np"] = npy.stat().st_size
+            sizes["np"] = du(tmp)
             for compression, fsync, fast in configs:
                 label = f"{compression} {'fsync' if fsync else 'no-fsync'}" + (
                     "" if fast else " zarr-python"
@@ -117,12 +180,14 @@ def main() -> None:
                         entry.write_unit(u, {"cls": data[s:e]}, valid=ones[: e - s])
                     entry.finalize()
 
-                times.setdefault(f"{label} write", []).append(timed(write))
+                wall, cpu_s = timed_cpu(write)
+                times.setdefault(f"{label} write", []).append(wall)
+                cpu.setdefault(f"{label} write", []).append(cpu_s)
                 reader = FeatureEntry.open(root, key)
                 out: list[np.ndarray] = []
-                times.setdefault(f"{label} read", []).append(
-                    timed(lambda r=reader, o=out: o.append(r.read("cls")))
-                )
+                wall, cpu_s = timed_cpu(lambda r=reader, o=out: o.append(r.read("cls")))
+                times.setdefault(f"{label} read", []).append(wall)
+                cpu.setdefault(f"{label} read", []).append(cpu_s)
                 if not np.array_equal(out[0], data):
                     raise SystemExit(f"{label}: read back differs from what was written")
                 sizes[label] = du(root.local_path / entry.relpath)  # type: ignore[operator]
@@ -133,10 +198,15 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     best = {k: min(v) for k, v in times.items()}
-    print(f"best of {args.repeat}, unit_rows={args.unit_rows}")
+    least_cpu = {k: min(v) for k, v in cpu.items()}
+    print(
+        f"best of {args.repeat}, unit_rows={args.unit_rows}; cpu = CPU seconds per GB "
+        "(all threads; 2 cores give at most 2 CPU-s per wall second); disk = allocated "
+        "(apparent) bytes"
+    )
     print(
         f"{'np.save / np.load':30s} write {gb / best['np.save']:5.2f} GB/s   "
-        f"read {gb / best['np.load']:5.2f} GB/s   disk {sizes['np'] / 1e6:6.0f} MB"
+        f"read {gb / best['np.load']:5.2f} GB/s   disk {sizes['np'][1] / 1e6:6.0f} MB"
     )
     print(f"{'np.save + fsync':30s} write {gb / best['np.save+fsync']:5.2f} GB/s")
     for compression, fsync, fast in configs:
@@ -145,10 +215,13 @@ def main() -> None:
         )
         w, r = best[f"{label} write"], best[f"{label} read"]
         vs_sync = f" {best['np.save+fsync'] / w:4.2f}x np.save+fsync" if fsync else ""
+        cw, cr = least_cpu[f"{label} write"] / gb, least_cpu[f"{label} read"] / gb
+        apparent, allocated = sizes[label]
         print(
             f"{label:30s} write {gb / w:5.2f} GB/s ({best['np.save'] / w:4.2f}x np.save{vs_sync})"
-            f"   read {gb / r:5.2f} GB/s ({best['np.load'] / r:4.2f}x np.load)"
-            f"   disk {sizes[label] / 1e6:6.0f} MB ({sizes[label] / data.nbytes:.3f} of raw)"
+            f" cpu {cw:4.2f}   read {gb / r:5.2f} GB/s ({best['np.load'] / r:4.2f}x np.load)"
+            f" cpu {cr:4.2f}   disk {allocated / 1e6:4.0f} MB ({allocated / data.nbytes:.3f} of"
+            f" raw; {apparent / 1e6:4.0f} MB apparent)"
         )
 
 

@@ -79,15 +79,17 @@ def test_cache_ls_info_verify_and_corruption(
     assert code == 0 and "2 ok, 0 with problems" in output
 
     # Flip bytes of one stored chunk behind the store's back: verify must name the entry.
-    chunk = next(p for p in (demo_run / "cache").rglob("features/cls/c/*/*") if p.is_file())
+    chunk = next(p for p in (demo_run / "cache").rglob("features/cls/c.*") if p.is_file())
     data = bytearray(chunk.read_bytes())
     data[-8:] = bytes(255 - b for b in data[-8:])
     chunk.write_bytes(bytes(data))
     code, output = _run(["cache", "verify", "--manifest", manifest], capsys)
     assert code == 1 and "1 with problems" in output and "BAD" in output
     assert "cannot be decoded" in output or "checksum mismatch" in output
-    # Readers never hand out damaged features: they raise an IntegrityError instead.
-    entry = FeatureEntry.open(CacheRoot.from_uri(str(demo_run / "cache")), str(chunk.parents[4]))
+    # Readers never hand out a chunk they can tell is damaged (here: truncated); they raise an
+    # IntegrityError instead. (Full reads do not re-checksum; verify does.)
+    chunk.write_bytes(bytes(data[:-8]))
+    entry = FeatureEntry.open(CacheRoot.from_uri(str(demo_run / "cache")), str(chunk.parents[2]))
     with pytest.raises(IntegrityError):
         entry.read("cls")
 

@@ -11,14 +11,22 @@ chunks span every axis but the first, this module reads and writes the chunk fil
   with the fill value, as zarr-python does), or one zstd frame of those bytes made by the same
   ``numcodecs.zstd.Zstd`` (level, checksum flag) zarr-python uses, so files are byte-identical.
 
-Writes go straight from the caller's array to the file (one ``os.write``; zero padding of an
-uncompressed edge chunk is a sparse ``ftruncate``); full reads go straight from the file into
-the caller's preallocated output (``readinto`` for raw chunks, zstd decompression into place),
-chunks in parallel on a 2-thread pool (file I/O, zstd and crc32c release the GIL).
+Writes go straight from the caller's array to the file (zero padding of an uncompressed edge
+chunk is a sparse ``ftruncate``); full reads go straight from the file into the caller's
+preallocated output (``preadv`` for raw chunks, zstd decompression into place), chunks in
+parallel on a 2-thread pool (file I/O, zstd and crc32c release the GIL; measured: two threads
+decode zstd at 2x the rate of one).
+
+Durable writes go out in :data:`WRITEBACK_PIECE` pieces, each followed by a non-blocking
+``sync_file_range(SYNC_FILE_RANGE_WRITE)`` (Linux; a no-op elsewhere) so the disk flushes piece
+``k`` while piece ``k + 1`` is copied into the page cache; the final ``fdatasync`` then waits for
+little. Measured for 13 x 32 MB chunk files: 1.6 GB/s with write + fdatasync, 2.4-2.5 GB/s with
+4 MiB pieces, vs 1.8-2.0 GB/s for ``np.save`` + ``fsync`` of the same 410 MB in one file.
 
 Crash guarantee (used by ``FeatureEntry.write_unit``): with ``durable=True`` a chunk file is
-``fdatasync``-ed before :meth:`ChunkLayout.write_chunk` returns, and the directories whose
-entries it created or changed are returned so the caller can ``fsync`` them once per unit
+``fdatasync``-ed before :meth:`ChunkLayout.write_chunk` returns (or, with ``sync=False``, by
+:meth:`ChunkLayout.sync_chunk`, which the caller runs before relying on it), and the directories
+whose entries it created or changed are returned so the caller can ``fsync`` them once per unit
 (:func:`fsync_dirs`). The caller writes the unit's completion record (itself written to a
 temporary file, fsync-ed, then renamed) only after that, so after a crash or power loss a
 unit record can only exist if every chunk of the unit is on stable storage; a unit without a
@@ -27,7 +35,9 @@ record is simply rewritten on resume (files are overwritten with ``O_TRUNC``).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -38,20 +48,55 @@ import zarr
 from numcodecs.zstd import Zstd
 from zarr.codecs import BytesCodec, ZstdCodec
 
-__all__ = ["POOL", "ChunkDecodeError", "ChunkLayout", "fsync_dirs", "zstd_content_size"]
+__all__ = [
+    "POOL",
+    "WRITEBACK_PIECE",
+    "ChunkDecodeError",
+    "ChunkLayout",
+    "fsync_dirs",
+    "zstd_content_size",
+]
 
 #: Shared by every entry of the process: the machine has 2 cores; more threads only contend.
 POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="embedkit-chunkio")
+#: Bytes written between two writeback kicks of a durable chunk write (see the docstring).
+WRITEBACK_PIECE = 4 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], object] | None:
+    """``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)`` from libc, or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range  # ctypes releases the GIL
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return lambda fd, offset, nbytes: fn(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+#: Starts writeback of a file range without waiting (a hint: its result is ignored, the
+#: ``fdatasync`` that follows is what makes the data durable). None where unavailable.
+_start_writeback = _load_sync_file_range()
 
 
 class ChunkDecodeError(RuntimeError):
     """A chunk file is truncated or cannot be decoded (the entry is damaged)."""
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data.nbytes:
-        n = os.write(fd, data)
-        data = data[n:]
+def _write_all(fd: int, data: memoryview, *, kick: bool = False) -> None:
+    """Write all of ``data``; with ``kick``, start writeback after every piece."""
+    kick = kick and _start_writeback is not None and data.nbytes > WRITEBACK_PIECE
+    piece = WRITEBACK_PIECE if kick else max(data.nbytes, 1)
+    for start in range(0, data.nbytes, piece):
+        end = min(start + piece, data.nbytes)
+        done = start
+        while done < end:
+            done += os.write(fd, data[done:end])
+        if kick:
+            _start_writeback(fd, start, end - start)  # type: ignore[misc]
 
 
 def _readinto_all(fd: int, buf: memoryview, offset: int) -> int:
@@ -64,7 +109,7 @@ def _readinto_all(fd: int, buf: memoryview, offset: int) -> int:
     return got
 
 
-def zstd_content_size(frame: bytes | bytearray) -> int | None:
+def zstd_content_size(frame: bytes | bytearray | memoryview) -> int | None:
     """Decompressed size declared in a zstd frame header, or None if absent or not zstd."""
     if len(frame) < 6 or frame[:4] != b"\x28\xb5\x2f\xfd":
         return None
@@ -165,13 +210,26 @@ class ChunkLayout:
         start = i * self.chunk_rows
         return start, min(start + self.chunk_rows, self.shape[0])
 
+    def chunks_in(self, start: int, stop: int) -> range:
+        """The chunks that rows ``[start, stop)`` cover exactly (chunk-aligned bounds only)."""
+        if start % self.chunk_rows or (stop % self.chunk_rows and stop != self.shape[0]):
+            raise ValueError(
+                f"rows [{start}, {stop}) are not aligned to chunks of {self.chunk_rows} rows"
+            )
+        return range(start // self.chunk_rows, -(-stop // self.chunk_rows))
+
     # ---- writing ------------------------------------------------------------------------
 
-    def write_chunk(self, i: int, rows: np.ndarray, *, durable: bool) -> list[Path]:
+    def write_chunk(
+        self, i: int, rows: np.ndarray, *, durable: bool, sync: bool = True
+    ) -> list[Path]:
         """Write chunk ``i`` from ``rows`` (its rows, C-contiguous, this dtype).
 
-        With ``durable`` the file is fdatasync-ed; returns the directories to fsync for its
-        directory entry to be durable too (see the module docstring).
+        With ``durable`` the file's writeback starts piece by piece and, if ``sync``, the file
+        is fdatasync-ed before returning (``sync=False``: the caller calls :meth:`sync_chunk`
+        later, so that this thread can compress the next chunk while the disk writes).
+        Returns the directories to fsync for the file's directory entry to be durable too
+        (see the module docstring).
         """
         start, stop = self.chunk_bounds(i)
         if rows.shape != (stop - start, *self.shape[1:]) or rows.dtype != self.dtype:
@@ -198,14 +256,22 @@ class ChunkLayout:
         dirs.append(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
-            _write_all(fd, payload.cast("B"))
+            _write_all(fd, payload.cast("B"), kick=durable)
             if sparse_pad:
                 os.ftruncate(fd, payload.nbytes + sparse_pad)  # a hole reads back as zeros
-            if durable:
+            if durable and sync:
                 os.fdatasync(fd)
         finally:
             os.close(fd)
         return dirs
+
+    def sync_chunk(self, i: int) -> None:
+        """fdatasync the file of chunk ``i`` (written by ``write_chunk(..., sync=False)``)."""
+        fd = os.open(self.chunk_path(i), os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -232,8 +298,8 @@ class ChunkLayout:
                 if not direct:
                     out[...] = dest
                 return
-            data = bytearray(size)
-            if _readinto_all(fd, memoryview(data), 0) != size:
+            data = np.empty(size, dtype=np.uint8).data  # not zero-filled, unlike bytearray
+            if _readinto_all(fd, data, 0) != size:
                 raise ChunkDecodeError(f"chunk file {path} changed while being read")
         finally:
             os.close(fd)

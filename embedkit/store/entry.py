@@ -3,7 +3,9 @@
 Layout inside ``<root>/<key.relpath()>``::
 
     zarr.json                 group attrs: key, provenance, unit_rows, n_units, poolings, ...
-    features/<pooling>        (N, D) or (N, h, w, D); one chunk per work unit, no sharding
+    features/<pooling>        (N, D) or (N, h, w, D); uncompressed (default): one chunk per
+                              work unit; zstd: a whole number of ~4 MB chunks per unit; no
+                              sharding
     ids                       (N,) str
     valid                     (N,) bool, False for images skipped as unreadable
     units/<u:06d>.json        per-unit completion record, written atomically after its chunks
@@ -11,9 +13,9 @@ Layout inside ``<root>/<key.relpath()>``::
     last_used.json            touched by the first read of an entry object, at most once a day
                               (for ``embedkit cache gc --unused-since``); not part of the data
 
-Each work unit is exactly one chunk of every array, so writers of different units never touch
-the same object (zarr loses data when writers share a shard). Two writers of the *same* unit are
-prevented by :meth:`FeatureEntry.lock` (local roots) or by running one writer per entry.
+Each work unit is a whole number of chunks of every array, so writers of different units never
+touch the same object (zarr loses data when writers share a shard). Two writers of the *same*
+unit are prevented by :meth:`FeatureEntry.lock` (local roots) or by running one writer per entry.
 
 On local roots the chunk files are written and full-range reads are served by
 :mod:`embedkit.store.chunkio` (same Zarr v3 files, byte for byte, ~10x faster than zarr-python);
@@ -56,6 +58,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.core.array_spec import ArrayConfigParams
 from zarr.core.buffer.cpu import NDBuffer
+from zarr.core.chunk_key_encodings import ChunkKeyEncodingParams
 
 from embedkit.errors import (
     CacheNotFoundError,
@@ -86,21 +89,36 @@ DERIVED_POOLINGS: dict[str, tuple[str, ...]] = {
     "cls+mean": ("cls", "mean"),
     "pooled+mean": ("pooled", "mean"),
 }
-#: ``compression=`` choices for new entries.
-COMPRESSIONS = ("zstd", "none")
-#: zstd level for new entries: level 1 saves ~8% on float16 features at ~0.9 GB/s per core;
-#: higher levels save nothing more and are slower (see benchmarks/RESULTS.md).
+#: ``compression=`` choices for new entries; the first is the default. Chosen by measurement
+#: (benchmarks/RESULTS.md, "Feature store"): zstd saves only 8% of float16 features (their
+#: mantissa bits are noise; Blosc byte/bit shuffles with lz4, blosclz or zstd save 0-8%) and
+#: decodes at ~1.5 GB/s per core (0.7-0.8 CPU-s per GB in the store, vs ~0.1 for a raw read),
+#: so full reads of a zstd entry ran at 0.19x np.load vs 0.94x uncompressed, and writes cost
+#: 3x the CPU. Features are written once and read by every probe: "none" is the default; "zstd"
+#: is there for archives and slow links, where 8% matters more than read speed.
+COMPRESSIONS = ("none", "zstd")
+#: zstd level for new entries: level 1 saves ~8% on float16 features at ~0.8 GB/s per core;
+#: higher levels save nothing more and are slower; levels < 1 store raw (see RESULTS.md).
 ZSTD_LEVEL = 1
+#: A compressed unit is split into chunks of about this size (a whole number per unit), which
+#: the 2-thread pool compresses and decompresses in parallel; an uncompressed unit is one chunk.
+ZSTD_CHUNK_BYTES = 4 << 20
 LAYOUT_VERSION = 1
 PATCH_POOLING = "patch"
 
-#: Make each unit's chunk files durable (fdatasync) before its record is written; see the
-#: module docstring. Costs disk bandwidth (~1 GB/s here); only scratch caches should turn it off.
+#: Make each unit's chunk files durable (fdatasync) before its record is written, and the
+#: record itself (fsync) before ``write_unit`` returns; see the module docstring. Costs disk
+#: bandwidth and latency (see benchmarks/RESULTS.md); only scratch caches should turn it off.
 FSYNC = True
 #: Checksum of new unit records: crc32c when its C implementation is present, else sha256.
 CHECKSUM_ALGORITHM = "crc32c" if google_crc32c.implementation == "c" else "sha256"
 
 _RUNTIME_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
+#: Chunk files ``c.<i>.0`` side by side in the array's directory (Zarr v3 "default" encoding
+#: with the "." separator): a unit's chunks then add entries to one directory, the only one
+#: to fsync, where "/" makes a directory per chunk (``c/<i>/0``), each to create and fsync.
+#: Entries written with "/" read the same (the layout comes from the array metadata).
+_CHUNK_KEYS: ChunkKeyEncodingParams = {"name": "default", "separator": "."}
 _UNIT_FILE = re.compile(r"^(\d{6})\.json$")
 #: Usage mark of an entry (see the layout above) and how often readers refresh it.
 LAST_USED_FILE = "last_used.json"
@@ -159,6 +177,24 @@ def _any_nonfinite_parallel(a: np.ndarray) -> bool:
     half = a.shape[0] // 2
     other = POOL.submit(_any_nonfinite, a[half:])
     return _any_nonfinite(a[:half]) | other.result()
+
+
+def _chunk_rows(unit_rows: int, row_nbytes: int, compression: str) -> int:
+    """Rows per chunk: the unit, or for compressed units a divisor of about ZSTD_CHUNK_BYTES.
+
+    Chunks never straddle units (writers of different units touch different files). A unit
+    that has no divisor giving chunks of at least a quarter of the target stays one chunk.
+    """
+    if compression == "none":
+        return unit_rows
+    want = -(-unit_rows * row_nbytes // ZSTD_CHUNK_BYTES)  # chunks per unit at the target size
+    for k in range(max(want, 1), unit_rows + 1):
+        rows = unit_rows // k
+        if 4 * rows * row_nbytes < ZSTD_CHUNK_BYTES:
+            break
+        if unit_rows % k == 0:
+            return rows
+    return unit_rows
 
 
 def _fmt_ids(ids: Sequence[str], limit: int = 10) -> str:
@@ -264,7 +300,7 @@ class FeatureEntry:
         shapes: Mapping[str, tuple[int, ...]],
         unit_rows: int,
         provenance: Mapping[str, object],
-        compression: str = "zstd",
+        compression: str = COMPRESSIONS[0],
     ) -> FeatureEntry:
         """Create the entry for ``key``, or reopen it to resume.
 
@@ -347,6 +383,10 @@ class FeatureEntry:
         unit_rows = min(unit_rows, n)
         n_units = -(-n // unit_rows)
         compressors = [ZstdCodec(level=ZSTD_LEVEL)] if compression == "zstd" else None
+        itemsize = {
+            p: np.dtype("float16" if p == PATCH_POOLING else key.storage_dtype).itemsize
+            for p in key.poolings
+        }
         poolings: dict[str, dict[str, Any]] = {}
         store = root.zarr_store(relpath)
         try:
@@ -359,10 +399,14 @@ class FeatureEntry:
                     name=f"features/{p}",
                     shape=shape,
                     dtype=dtype,
-                    chunks=(unit_rows, *shapes[p]),
+                    chunks=(
+                        _chunk_rows(unit_rows, itemsize[p] * int(np.prod(shapes[p])), compression),
+                        *shapes[p],
+                    ),
                     compressors=compressors,
                     filters=None,
                     fill_value=0,
+                    chunk_key_encoding=_CHUNK_KEYS,
                     dimension_names=None,
                     config=_RUNTIME_CONFIG,
                 )
@@ -377,6 +421,7 @@ class FeatureEntry:
                 shape=(n,),
                 dtype="bool",
                 chunks=(unit_rows,),
+                chunk_key_encoding=_CHUNK_KEYS,
                 compressors=None,
                 fill_value=False,
                 config=_RUNTIME_CONFIG,
@@ -636,20 +681,30 @@ class FeatureEntry:
             "written_at": _now(),
             "writer": _writer(),
         }
-        self.root.write_bytes_atomic(self._unit_path(u), json.dumps(record).encode())
+        self.root.write_bytes_atomic(self._unit_path(u), json.dumps(record).encode(), durable=FSYNC)
 
     def _write_chunks(
         self, u: int, targets: Mapping[str, np.ndarray], layouts: Mapping[str, ChunkLayout]
     ) -> dict[str, str]:
-        """Chunk ``u`` of every array, in parallel; durable before returning if FSYNC.
+        """The chunks of unit ``u`` of every array, in parallel; durable before returning if FSYNC.
 
-        Returns the checksums, computed on this thread while the pool writes.
+        Each chunk is one pool job (compress, write, start writeback), so both cores keep
+        compressing while the disk writes; the fdatasyncs come after the last job, when most
+        of the data is on disk already. Returns the checksums, computed on this thread while
+        the pool writes.
         """
         durable = FSYNC
-        jobs: list[Future[list[Path]]] = [
-            POOL.submit(layouts[name].write_chunk, u, a, durable=durable)
+        start, stop = self.unit_bounds(u)
+        chunks = [
+            (layouts[name], i, a)
             for name, a in targets.items()
+            for i in layouts[name].chunks_in(start, stop)
         ]
+        jobs: list[Future[list[Path]]] = []
+        for layout, i, a in chunks:
+            c0, c1 = layout.chunk_bounds(i)
+            part = a[c0 - start : c1 - start]
+            jobs.append(POOL.submit(layout.write_chunk, i, part, durable=durable, sync=False))
         dirs: list[Path] = []
         try:
             checksums = {name: _checksum(a) for name, a in targets.items()}
@@ -659,6 +714,7 @@ class FeatureEntry:
             for job in jobs:
                 job.cancel()
         if durable:
+            list(POOL.map(lambda c: c[0].sync_chunk(c[1]), chunks))
             fsync_dirs(dirs)
         return checksums
 
@@ -877,8 +933,11 @@ class FeatureEntry:
                     f"found {arr.dtype} {arr.shape}"
                 )
                 continue
-            if arr.chunks[0] != self.unit_rows:
-                problems.append(f"features/{name}: chunk rows {arr.chunks[0]} != {self.unit_rows}")
+            if self.unit_rows % arr.chunks[0]:
+                problems.append(
+                    f"features/{name}: chunks of {arr.chunks[0]} rows straddle units of "
+                    f"{self.unit_rows} rows"
+                )
             arrays[f"features/{name}"] = arr
         try:
             stored_ids = self.ids

@@ -3,6 +3,12 @@
 A :class:`CacheKey` is a frozen value object, validated when built. Its :meth:`CacheKey.digest`
 is the sha256 of the canonical JSON of every field; it names the entry on disk, so it must stay
 stable across processes, machines and Python versions (a test pins it to a known value).
+
+The storage codec and chunk geometry are deliberately not in the key: they change the files,
+not the feature values an entry serves (unit checksums are over the decoded values), so an
+uncompressed and a zstd entry of one key are interchangeable. Each entry records its codec in
+its attributes (``compression``, shown by ``embedkit cache info``) and in each array's
+``zarr.json``.
 """
 
 from __future__ import annotations

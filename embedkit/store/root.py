@@ -147,19 +147,20 @@ class CacheRoot:
             read_only=read_only,
         )
 
-    def write_bytes_atomic(self, relpath: str, data: bytes) -> None:
+    def write_bytes_atomic(self, relpath: str, data: bytes, *, durable: bool = True) -> None:
         """Write ``data`` so that readers see either nothing or all of it.
 
-        Local: a temporary file in the same directory, fsync, then ``os.replace``. Object
-        stores: a single PUT, which is atomic. Failures raise :class:`CacheWriteError`.
+        Local: a temporary file in the same directory, fsync (skipped with ``durable=False``:
+        then atomic for other processes but not across a power loss), then ``os.replace``.
+        Object stores: a single PUT, which is atomic. Failures raise :class:`CacheWriteError`.
         """
         self.require_writable()
         try:
-            self._write_bytes_atomic(relpath, data)
+            self._write_bytes_atomic(relpath, data, durable)
         except OSError as exc:
             raise self.write_error(f"write {relpath} in", exc) from exc
 
-    def _write_bytes_atomic(self, relpath: str, data: bytes) -> None:
+    def _write_bytes_atomic(self, relpath: str, data: bytes, durable: bool = True) -> None:
         if self.local_path is None:
             self._fs.pipe_file(self._fsabs(relpath), data)
             return
@@ -173,7 +174,8 @@ class CacheRoot:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

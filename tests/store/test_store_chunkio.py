@@ -254,7 +254,9 @@ def test_damaged_zstd_chunk_read_raises_integrity_error(tmp_path: Path, kit: Any
     entry, feats = _entry(root, kit, "zstd")
     _write_units(entry, feats)
     entry.finalize()
-    chunk = root.local_path / entry.relpath / "features" / "cls" / "c" / "2" / "0"  # type: ignore[operator]
+    layout = entry._layout("features/cls")
+    assert layout is not None
+    chunk = layout.chunk_path(2)
     chunk.write_bytes(chunk.read_bytes()[:-5])
     with pytest.raises(IntegrityError, match="cannot be decoded"):
         FeatureEntry.open(root, entry.key).read("cls")

@@ -227,9 +227,10 @@ def test_verify_finds_corrupt_chunk_file_local(tmp_path: Path, kit) -> None:  # 
     entry = new_entry(root, kit)
     write_all(entry, kit.make_features(N, DIMS), list(range(entry.n_units)))
     entry.finalize()
-    chunk = root.local_path / entry.relpath / "features" / "mean" / "c" / "1" / "0"  # type: ignore[operator]
-    assert chunk.is_file()
-    other = root.local_path / entry.relpath / "features" / "mean" / "c" / "3" / "0"  # type: ignore[operator]
+    layout = entry._layout("features/mean")
+    assert layout is not None
+    chunk, other = layout.chunk_path(1), layout.chunk_path(3)
+    assert chunk.is_file() and chunk.name == "c.1.0"
     chunk.write_bytes(other.read_bytes())  # a valid chunk, wrong content
     assert entry.verify() == ["unit 1 (rows 5-10): checksum mismatch in features/mean"]
 

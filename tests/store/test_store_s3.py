@@ -67,7 +67,7 @@ def test_s3_entry_end_to_end_with_explicit_storage_options(s3_server: S3Server, 
 def test_s3_corrupt_chunk_object_is_reported(s3_server: S3Server, kit: Any) -> None:
     root = CacheRoot.from_uri(s3_server.new_uri())
     entry = build(root, kit)
-    chunk = f"{entry.relpath}/features/cls/c/1/0"
+    chunk = f"{entry.relpath}/features/cls/c.1.0"
     blob = bytearray(root.read_bytes(chunk))
     blob[len(blob) // 2] ^= 0xFF
     root.write_bytes_atomic(chunk, bytes(blob))

@@ -75,14 +75,14 @@ def test_interrupted_copy_resumes_and_skips_present_objects(
     copy_entry(src_root, root, src.relpath)
     # simulate an interruption: no COMPLETE.json, two chunk objects missing
     root.remove_tree(f"{src.relpath}/COMPLETE.json")
-    root.remove_tree(f"{src.relpath}/features/cls/c/3/0")
-    root.remove_tree(f"{src.relpath}/features/patch/c/0/0/0/0")
+    root.remove_tree(f"{src.relpath}/features/cls/c.3.0")
+    root.remove_tree(f"{src.relpath}/features/patch/c.0.0.0.0")
     with pytest.raises(IncompleteEntryError):
         FeatureEntry.open(root, src.relpath)
     seen: list[CopiedObject] = []
     done = copy_entry(src_root, root, src.relpath, on_object=seen.append)
     copied = {o.path for o in seen if not o.skipped and not o.path.endswith(".json")}
-    assert copied == {"features/cls/c/3/0", "features/patch/c/0/0/0/0"}
+    assert copied == {"features/cls/c.3.0", "features/patch/c.0.0.0.0"}
     assert done.verify() == []
 
 
@@ -91,7 +91,7 @@ def test_damaged_destination_is_left_incomplete(root: CacheRoot, tmp_path: Path,
     src = build(src_root, kit)
     copy_entry(src_root, root, src.relpath)
     root.remove_tree(f"{src.relpath}/COMPLETE.json")
-    chunk = f"{src.relpath}/features/mean/c/2/0"
+    chunk = f"{src.relpath}/features/mean/c.2.0"
     blob = bytearray(root.read_bytes(chunk))
     blob[-3] ^= 0xFF  # same size: the resumed copy skips it, verification catches it
     root.write_bytes_atomic(chunk, bytes(blob))
