@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,9 @@ from embedkit.store import (
 )
 
 from .conftest import S3Server
+
+#: A chunk object of any array, in the flat (``c.<i>.0``) or nested (``c/<i>/0``) key style.
+CHUNK_KEY = re.compile(r"/c[./]\d")
 
 DIMS = {"cls": (8,), "mean": (8,)}
 N, UNIT = 23, 5  # 5 units, the last one short
@@ -105,7 +109,7 @@ def test_warm_path_reads_no_remote_data(
     direct = {p: remote.read(p) for p in DIMS}
     remote_gets.clear()
     open_local_copy(remote, tmp_path / "local")
-    chunk_gets = [p for p in remote_gets if "/c/" in p]
+    chunk_gets = [p for p in remote_gets if CHUNK_KEY.search(p)]
     # cls, mean and valid of each of the 5 units and the one ids chunk: each fetched once
     assert len(chunk_gets) == len(set(chunk_gets)) == 5 * 3 + 1
 
@@ -120,7 +124,7 @@ def test_warm_path_reads_no_remote_data(
 
     # The remote data may even vanish: the warm copy never needs it.
     for path in root.files(remote.relpath):
-        if "/c/" in path:
+        if CHUNK_KEY.search("/" + path):
             root.remove_tree(f"{remote.relpath}/{path}")
     warm = open_local_copy(FeatureEntry.open(root, remote.relpath), tmp_path / "local")
     assert warm.state == "warm"
@@ -144,20 +148,20 @@ def test_damaged_local_copy_is_detected_and_refetched(
     local_dir = tmp_path / "local"
     entry_dir = open_local_copy(remote, local_dir).entry.root.url(remote.relpath)
 
-    _flip(Path(entry_dir) / "features/cls/c/2/0")
+    _flip(Path(entry_dir) / "features/cls/c.2.0")
     assert "1 local files changed" in local_copy_status(remote, local_dir)
     repaired = open_local_copy(remote, local_dir)
     assert (repaired.state, repaired.units_fetched) == ("repaired", 1)
     assert repaired.entry.verify() == []
     assert_same_features(repaired.entry, remote)
 
-    (Path(entry_dir) / "features/mean/c/4/0").unlink()  # a lost file
+    (Path(entry_dir) / "features/mean/c.4.0").unlink()  # a lost file
     again = open_local_copy(remote, local_dir)
     assert (again.state, again.units_fetched) == ("repaired", 1)
     assert again.entry.verify() == []
 
     # Damage that keeps size and mtime passes the cheap check; full_check finds it.
-    _flip(Path(entry_dir) / "features/mean/c/0/0", keep_mtime=True)
+    _flip(Path(entry_dir) / "features/mean/c.0.0", keep_mtime=True)
     checked = open_local_copy(remote, local_dir, full_check=True)
     assert (checked.state, checked.units_checked, checked.units_fetched) == ("repaired", 5, 1)
     assert_same_features(checked.entry, remote)
@@ -192,7 +196,7 @@ def test_interrupted_fill_resumes(
     real = readcache.copy_object
 
     def failing(src: CacheRoot, dst: CacheRoot, relpath: str, path: str, *a: Any) -> bool:
-        if "/c/3/" in path:
+        if "/c.3." in path:
             raise ConnectionError("network down")
         return real(src, dst, relpath, path, *a)
 
@@ -294,7 +298,7 @@ def test_cli_cache_info_and_verify_with_a_local_cache(
     assert "local copy current:" in info.output
 
     # verify re-checks every unit of the copy: a flip that keeps size and mtime is repaired
-    _flip(Path(local_dir) / remote.relpath / "features/cls/c/1/0", keep_mtime=True)
+    _flip(Path(local_dir) / remote.relpath / "features/cls/c.1.0", keep_mtime=True)
     repaired = runner.invoke(app, ["cache", "verify", remote.key.short(), *base])
     assert repaired.exit_code == 0, repaired.output
     np.testing.assert_array_equal(
@@ -302,8 +306,8 @@ def test_cli_cache_info_and_verify_with_a_local_cache(
         remote.read("cls"),
     )
     # a damaged remote unit that the copy must fetch makes verify fail, naming it
-    (Path(local_dir) / remote.relpath / "features/mean/c/2/0").unlink()
-    chunk = f"{remote.relpath}/features/mean/c/2/0"
+    (Path(local_dir) / remote.relpath / "features/mean/c.2.0").unlink()
+    chunk = f"{remote.relpath}/features/mean/c.2.0"
     root = CacheRoot.from_uri(uri)
     blob = bytearray(root.read_bytes(chunk))
     blob[len(blob) // 2] ^= 0xFF
