@@ -688,6 +688,15 @@ def finetune(
     overwrite: Annotated[
         bool, typer.Option(help="Retrain even if an identical record exists.")
     ] = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Launch this many data-parallel ranks on this node with torchrun (one GPU "
+            "each; gloo on CPU). --batch-size is per rank: the global batch is "
+            "batch-size x ranks. For several nodes, run torchrun yourself.",
+        ),
+    ] = 1,
     manifest: ManifestOpt = None,
 ) -> None:
     """Finetune an encoder + linear head and write a probe-style result record.
@@ -695,11 +704,16 @@ def finetune(
     Same encoder and preprocessing as extraction; AdamW with warm-up + cosine; BCE with
     pos_weight (multi-label) or cross-entropy; best epoch by validation loss; test metrics with
     95% bootstrap CIs. Checkpoints go to --out/runs/<run id>/ after every epoch: rerunning the
-    same command after a kill resumes from the last finished epoch.
+    same command after a kill resumes from the last finished epoch. Under torchrun (or with
+    --nproc N) the ranks train data-parallel (DDP); rank 0 writes checkpoints and the record.
     """
     from embedkit.finetune import FinetuneRequest, run_finetune
     from embedkit.probe import render_record
 
+    if nproc > 1:
+        from embedkit.distributed import launch_torchrun
+
+        raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
     request = FinetuneRequest(
         model=model,
         dataset=dataset,
@@ -729,6 +743,8 @@ def finetune(
         err.print(f"[dim]{escape(str(log))}[/dim]")
 
     outcome = run_finetune(request, manifest=manifest, results=results, on_epoch=progress)
+    if outcome.rank != 0:
+        return  # rank 0 of a torchrun job reports for the whole job
     out.print(render_record(outcome.record))
     for note in outcome.record.notes:
         err.print(f"[yellow]note:[/yellow] {escape(note)}")

@@ -18,6 +18,7 @@ from typing import Literal
 from embedkit.errors import CacheNotFoundError
 from embedkit.report import plots
 from embedkit.report.compare import Comparison, compare_records, comparisons_markdown
+from embedkit.report.consistency import check_records
 from embedkit.report.tables import (
     SummaryRow,
     per_label_markdown,
@@ -112,13 +113,17 @@ def build_report(
     correction: Literal["holm", "bonferroni", "fdr_bh"] = "holm",
     n_boot: int = 1000,
 ) -> ReportFiles:
-    """Read every record under ``results`` and write the report files to ``out``."""
+    """Read every record under ``results`` and write the report files to ``out``.
+
+    Records of one dataset name made from different manifests are refused
+    (:class:`~embedkit.report.consistency.MixedResultsError`), never mixed in one table."""
     root = Path(results)
     pairs = _records(root)
     if not pairs:
         raise CacheNotFoundError(
             f"no result records under {root}; run `embedkit probe ...` first (or pass --results)"
         )
+    check_records(pairs, where=str(root))
     records = [r for r, _ in pairs]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
