@@ -93,6 +93,8 @@ def _existing_spec(folder: Path) -> dict[str, Any] | None:
         return None
     with index.open(newline="") as fh:  # data written before the spec file existed
         rows = list(csv.DictReader(fh))
+    if not rows:
+        return None
     patients = {r["patient_id"] for r in rows}
     with Image.open(folder / "images" / rows[0]["path"]) as im:
         size = im.size[0]

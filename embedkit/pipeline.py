@@ -414,7 +414,15 @@ def _run_finetune(ctx: Context, step: Step) -> str:
     from embedkit.finetune import run_finetune
 
     request = _finetune_request(step)
-    outcome = run_finetune(request, manifest=ctx.manifest, results=ctx.results)
+
+    def progress(log: Any) -> None:
+        val = "" if log.val_loss is None else f", val loss {log.val_loss:.4f}"
+        ctx.console.print(
+            f"  epoch {log.epoch}/{request.epochs}: train loss {log.train_loss:.4f}{val} "
+            f"({log.seconds:.1f} s; checkpoint saved)"
+        )
+
+    outcome = run_finetune(request, manifest=ctx.manifest, results=ctx.results, on_epoch=progress)
     return "done (reused)" if outcome.reused else "done"
 
 
