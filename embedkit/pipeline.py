@@ -92,6 +92,14 @@ class DemoData(_Strict):
     size: Annotated[int, Field(ge=64, le=4096)] = 1024
 
 
+class CompareStep(_Strict):
+    """One kind of paired comparison for the report (default: every comparable pair)."""
+
+    axis: Literal["resolution", "model", "method"]
+    a: str | int | None = None  # a model name, resolution or method (probe kind or finetune-X)
+    b: str | int | None = None
+
+
 class PipelineFile(_Strict):
     name: str
     description: str = ""
@@ -102,6 +110,7 @@ class PipelineFile(_Strict):
     datasets: tuple[str, ...] = Field(min_length=1)
     blocks: tuple[Block, ...] = Field(min_length=1)
     demo_data: DemoData | None = None
+    compare: tuple[CompareStep, ...] | None = None  # the report's paired comparisons
 
 
 @dataclass(frozen=True)
@@ -191,12 +200,41 @@ def _name_problems(spec: PipelineFile) -> list[str]:
                         head_dim(spec_or_none, pooling)
                     except EmbedkitError as exc:
                         problems.append(f"{where}.options.pooling: {model}: {exc}")
+    for i, (_, problem) in enumerate(_pair_choices(spec)):
+        if problem is not None:
+            problems.append(f"compare[{i}]: {problem}")
     if spec.demo_data is not None and spec.demo_data.dataset not in spec.datasets:
         problems.append(
             f"demo_data.dataset: {spec.demo_data.dataset!r} is not one of the pipeline's "
             f"datasets {list(spec.datasets)}"
         )
     return problems
+
+
+def _pair_choices(spec: PipelineFile) -> list[tuple[Any, str | None]]:
+    """The report's :class:`~embedkit.report.PairChoice` per ``compare`` entry, or a problem.
+
+    Model names are canonical registry names (as records hold them), so aliases work."""
+    from embedkit.report.compare import PairChoice
+
+    out: list[tuple[Any, str | None]] = []
+    for step in spec.compare or ():
+        values = []
+        for value in (step.a, step.b):
+            if value is not None and step.axis == "model":
+                try:
+                    target = resolve(str(value))
+                except EmbedkitError as exc:
+                    out.append((None, str(exc)))
+                    break
+                value = target.name if isinstance(target, EncoderSpec) else value
+            values.append(None if value is None else str(value))
+        else:
+            try:
+                out.append((PairChoice(step.axis, values[0], values[1]), None))
+            except ValueError as exc:
+                out.append((None, str(exc)))
+    return out
 
 
 #: FinetuneRequest fields a pipeline sets from the step itself, not from ``options``.
@@ -571,7 +609,8 @@ def run_pipeline(
     try:
         from embedkit.report import build_report
 
-        built = build_report(ctx.results, report_dir).html
+        pairs = [c for c, _ in _pair_choices(spec)] if spec.compare is not None else None
+        built = build_report(ctx.results, report_dir, pairs=pairs).html
         con.print(f"report: {built}")
     except EmbedkitError as exc:
         con.print(f"[yellow]no report[/yellow]: {escape(str(exc))}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,13 @@ def test_every_bad_name_is_reported_at_once_with_its_key(tmp_path: Path) -> None
     ]
     for part in expected:
         assert part in message, (part, message)
+    doc = _doc()
+    doc["compare"] = [{"axis": "model", "a": "dinov3/vitb61", "b": "dinov2/base"},
+                      {"axis": "resolution", "a": 512}]  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(_write(tmp_path, doc))
+    assert "compare[0]: " in str(caught.value) and "did you mean" in str(caught.value)
+    assert "compare[1]: Expected both values of a pair or neither" in str(caught.value)
     assert message.count(str(path)) >= len(expected)  # every line names the file
 
 
@@ -109,6 +117,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "data" / "manifest.yaml").write_text(yaml.safe_dump(manifest))
     doc = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
     doc["demo_data"].update(patients=20, size=96)
+    doc["compare"] = [{"axis": "method", "a": "linear", "b": "finetune-lora"},
+                      {"axis": "resolution", "a": 512, "b": 224}]  # fmt: skip
     for block in doc["blocks"]:
         block.get("extract", {})["workers"] = 0
         for step in block.get("finetune", []):
@@ -158,8 +168,14 @@ def test_demo_pipeline_generates_its_data_runs_end_to_end_then_skips_everything(
     again = _run(study)
     assert {s.status for s in again.steps} == {"cached", "done"}  # type: ignore[attr-defined]
     assert len(list((study / "results").rglob("*.json"))) == 7
-    comparisons = (study / "report" / "comparisons.md").read_text()
-    assert "finetune-lora" in comparisons  # probe vs finetune on the same test images
+    with (study / "report" / "comparisons.csv").open() as fh:
+        pairs = sorted((r["axis"], r["a"], r["b"]) for r in csv.DictReader(fh))
+    vit = "test/tiny-dinov3-vit"
+    assert pairs == [  # only the chosen comparisons; probe vs finetune on the same test images
+        ("method", f"{vit} · 224px · linear", f"{vit} · 224px · finetune-lora"),
+        ("resolution", f"{vit} · 512px · knn", f"{vit} · 224px · knn"),
+        ("resolution", f"{vit} · 512px · linear", f"{vit} · 224px · linear"),
+    ]
 
     # The same results folder with a manifest that defines another 'demo' (another split):
     # refused before anything runs, naming the dataset and the fix.

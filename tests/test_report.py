@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from embedkit.errors import CacheNotFoundError
-from embedkit.report import build_report
+from embedkit.report import PairChoice, build_report
 from embedkit.report.consistency import MixedResultsError
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable
 
@@ -102,6 +102,23 @@ def test_report_compares_runs_on_the_same_test_images(tmp_path: Path) -> None:
     page = (tmp_path / "report" / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 2 and "http" not in page  # offline
     assert "m/b" in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_report_can_be_limited_to_chosen_pairs(tmp_path: Path) -> None:
+    results = ResultsDir(tmp_path / "results")
+    _write(results, "m/a", 224, "linear", noise=1.2)
+    _write(results, "m/a", 512, "linear", noise=0.3)
+    _write(results, "m/b", 512, "linear", noise=0.8)
+    chosen = [PairChoice("resolution", "224", "512")]  # A = 224 px, against the default order
+    built = build_report(tmp_path / "results", tmp_path / "r1", n_boot=100, pairs=chosen)
+    [only] = built.comparisons
+    assert only.axis == "resolution" and only.a.startswith("m/a · 224px")
+    assert only.delta < 0 and only.p_adjusted == only.p_value  # one test: nothing to correct
+    models = build_report(tmp_path / "results", tmp_path / "r2", n_boot=100,
+                          pairs=[PairChoice("model")]).comparisons  # fmt: skip
+    assert [c.axis for c in models] == ["model"]
+    with pytest.raises(ValueError, match="both values of a pair or neither"):
+        PairChoice("model", "m/a")
 
 
 def test_report_without_records_says_what_to_run(tmp_path: Path) -> None:
