@@ -15,6 +15,12 @@ bf16 autocast and (if asked) gradient checkpointing; on CPU, fp32 without either
 Resuming: after each epoch a checkpoint is written to ``<results>/runs/<run id>/``; rerunning
 the same request continues from the last finished epoch. Data order, augmentation and dropout
 are seeded per epoch, so on CPU a resumed run ends with the same weights as an uninterrupted one.
+
+Data parallel: under ``torchrun`` the model is wrapped in DDP and each global batch
+(``batch_size x world_size`` images of the epoch order) is split over the ranks by position
+(:mod:`embedkit.finetune.ddp`); the loss is scaled so that the averaged gradient is that of the
+global batch mean, so the run equals one process with the global batch (the run id holds the
+global batch, not the rank count). Rank 0 alone writes checkpoints and the record.
 """
 
 from __future__ import annotations
