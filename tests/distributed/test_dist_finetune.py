@@ -93,7 +93,7 @@ def test_two_ranks_of_half_the_batch_train_like_one_process(
 def test_a_killed_torchrun_job_resumes_from_its_checkpoint(
     dist_data: Path, dist_env: dict[str, str], tmp_path: Path
 ) -> None:
-    epochs = 12
+    epochs = 25  # ~0.1 s each: the kill lands long before the last one
     killed = tmp_path / "killed"
     job = subprocess.Popen(
         torchrun(2, finetune_args(dist_data, killed, 7, epochs)),
