@@ -715,6 +715,15 @@ def finetune(
     overwrite: Annotated[
         bool, typer.Option(help="Retrain even if an identical record exists.")
     ] = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Launch this many data-parallel ranks on this node with torchrun (one GPU "
+            "each; gloo on CPU). --batch-size is per rank: the global batch is "
+            "batch-size x ranks. For several nodes, run torchrun yourself.",
+        ),
+    ] = 1,
     manifest: ManifestOpt = None,
 ) -> None:
     """Finetune an encoder + linear head and write a probe-style result record.
@@ -722,11 +731,16 @@ def finetune(
     Same encoder and preprocessing as extraction; AdamW with warm-up + cosine; BCE with
     pos_weight (multi-label) or cross-entropy; best epoch by validation loss; test metrics with
     95% bootstrap CIs. Checkpoints go to --out/runs/<run id>/ after every epoch: rerunning the
-    same command after a kill resumes from the last finished epoch.
+    same command after a kill resumes from the last finished epoch. Under torchrun (or with
+    --nproc N) the ranks train data-parallel (DDP); rank 0 writes checkpoints and the record.
     """
     from embedkit.finetune import FinetuneRequest, run_finetune
     from embedkit.probe import render_record
 
+    if nproc > 1:
+        from embedkit.distributed import launch_torchrun
+
+        raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
     request = FinetuneRequest(
         model=model,
         dataset=dataset,
@@ -756,6 +770,8 @@ def finetune(
         err.print(f"[dim]{escape(str(log))}[/dim]")
 
     outcome = run_finetune(request, manifest=manifest, results=results, on_epoch=progress)
+    if outcome.rank != 0:
+        return  # rank 0 of a torchrun job reports for the whole job
     out.print(render_record(outcome.record))
     for note in outcome.record.notes:
         err.print(f"[yellow]note:[/yellow] {escape(note)}")
@@ -768,38 +784,65 @@ def finetune(
 @app.command("demo")
 def demo(
     out_dir: Annotated[
-        Path, typer.Option("--out", help="Where the demo data and cache go.")
+        Path,
+        typer.Option(
+            "--out", help="Where the demo data, results and report go (cache: per manifest)."
+        ),
     ] = Path("embedkit-demo"),
-    patients: Annotated[int, typer.Option(min=1, help="Synthetic patients.")] = 100,
-    images_per_patient: Annotated[int, typer.Option(min=1)] = 3,
-    size: Annotated[int, typer.Option(min=64, help="Image size in pixels.")] = 1024,
+    patients: Annotated[
+        int | None, typer.Option(min=1, help="Synthetic patients (default: the pipeline's, 100).")
+    ] = None,
+    images_per_patient: Annotated[
+        int | None, typer.Option(min=1, help="Images per patient (default 3).")
+    ] = None,
+    size: Annotated[
+        int | None, typer.Option(min=64, help="Image size in pixels (default 1024).")
+    ] = None,
     model: Annotated[
-        str, typer.Option(help="Encoder for the demo extraction (random tiny by default).")
-    ] = "test/tiny-dinov3-vit",
+        str | None,
+        typer.Option(
+            help="Encoder for every step (default: the tiny random test/tiny-dinov3-vit)."
+        ),
+    ] = None,
     resolution: Annotated[
         list[int] | None,
-        typer.Option("--resolution", "-r", help="Repeatable. Default 224 and 512."),
+        typer.Option(
+            "--resolution",
+            "-r",
+            help="Repeatable. Default 224 and 512; finetuning runs at the smallest.",
+        ),
     ] = None,
-    workers: Annotated[int, typer.Option(min=0)] = 2,
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="Image-loading worker processes (default 2).")
+    ] = None,
+    pipeline: Annotated[
+        Path | None,
+        typer.Option(help="Pipeline file to run (default: pipelines/demo.yaml).", dir_okay=False),
+    ] = None,
 ) -> None:
-    """Build the synthetic demo dataset, check it, extract it at 224 and 512 px, probe, report.
+    """Run pipelines/demo.yaml end to end, offline: generate the synthetic demo images, check
+    them, extract at 224 and 512 px, probe (linear, kNN, few-shot), finetune (LoRA), report.
 
-    Runs offline. The default model is a tiny DINOv3 ViT with RANDOM weights, so the features
-    exercise the pipeline but mean nothing; pass e.g. --model dinov3/vitb16 (or a local
-    checkpoint directory) to run the same with real weights.
+    The same runner as `embedkit run pipelines/demo.yaml`; ends with the path of the HTML
+    report. The default model is a tiny DINOv3 ViT with RANDOM weights, so the features exercise
+    the pipeline but mean nothing; pass e.g. --model dinov3/vitb16 (or a local checkpoint
+    directory) to run the same with real weights.
     """
-    from embedkit.demo import run_demo
+    from embedkit.demo import DEMO_PIPELINE, run_demo
 
-    run_demo(
+    summary = run_demo(
         out_dir,
         patients=patients,
         images_per_patient=images_per_patient,
         size=size,
         model=model,
-        resolutions=tuple(resolution or (224, 512)),
+        resolutions=tuple(resolution) if resolution else None,
         workers=workers,
+        pipeline=pipeline or DEMO_PIPELINE,
         console=out,
     )
+    if summary.failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,31 +1,50 @@
-"""`embedkit demo`: the whole pipeline on the synthetic demo dataset, offline.
+"""`embedkit demo`: the demo pipeline (``pipelines/demo.yaml``) end to end, offline.
 
-Builds the demo images (resumable), checks the manifest, extracts features with a tiny
-random-weight encoder at each resolution, lists the cache, and runs the linear, kNN and
-few-shot probes on every entry, ending with a comparison table. The manifest it uses is
-``./data_manifest.yaml`` when that file defines a ``demo`` dataset stored in ``out_dir``;
-otherwise it writes ``<out_dir>/manifest.yaml`` (demo data + a cache inside ``out_dir``).
+The demo is an ordinary pipeline run: :func:`run_demo` picks the manifest, applies the command's
+options to the pipeline file (demo data size, model, resolutions, workers) and hands it to
+:func:`embedkit.pipeline.run_pipeline`, the runner behind `embedkit run`. The pipeline declares
+(``demo_data:``) that its dataset is the synthetic demo, so the runner generates those images
+first (:func:`ensure_demo_data`: resumable), then extracts, probes, finetunes and builds the
+report. The manifest is ``./data_manifest.yaml`` when that file defines a ``demo`` dataset stored
+in ``out_dir``; otherwise ``<out_dir>/manifest.yaml`` is written (demo data + a cache inside
+``out_dir``).
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
+from PIL import Image
 from rich.console import Console
-from rich.markup import escape
 
 from embedkit.data.demo import FINDINGS, DemoSpec, generate_demo
-from embedkit.errors import EmbedkitError
-from embedkit.extract import ExtractionRequest, ExtractionResult, extract
-from embedkit.manifest import Manifest, check_dataset, load_manifest, render_report
-from embedkit.probe import PROBE_KINDS, ProbeRequest, comparison_table, run_probe
-from embedkit.progress import rich_progress
-from embedkit.report import build_report
-from embedkit.store import CacheRoot, list_entries, render_entries
+from embedkit.errors import ConfigError
+from embedkit.manifest import DatasetConfig, Manifest, load_manifest
+
+if TYPE_CHECKING:
+    from embedkit.pipeline import Pipeline, RunSummary
+
+__all__ = [
+    "DEMO_DATASET",
+    "DEMO_PIPELINE",
+    "demo_dataset_config",
+    "demo_folder",
+    "demo_pipeline",
+    "ensure_demo_data",
+    "run_demo",
+]
 
 DEMO_DATASET = "demo"
+#: The shipped demo pipeline (in a source checkout, beside the package).
+DEMO_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
+_SPEC_FILE = "demo-spec.json"
 
 
 def demo_dataset_config() -> dict[str, object]:
@@ -51,6 +70,66 @@ def demo_dataset_config() -> dict[str, object]:
     }
 
 
+def demo_folder(config: DatasetConfig) -> Path:
+    """Where the demo generator must write for ``config`` to read it: the index's folder,
+    which must hold ``index.csv`` and ``images/`` (the layout :func:`generate_demo` writes)."""
+    folder = Path(config.index).parent
+    if Path(config.index).name != "index.csv" or Path(config.images) != folder / "images":
+        raise ConfigError(
+            f"dataset '{config.name}' cannot hold generated demo data: expected index "
+            f"{folder / 'index.csv'} and images {folder / 'images'}, got index {config.index} "
+            f"and images {config.images} instead; use the layout of demo_dataset_config()"
+        )
+    return folder
+
+
+def _existing_spec(folder: Path) -> dict[str, Any] | None:
+    """The spec of demo data already in ``folder`` (None: there is none yet)."""
+    marker = folder / _SPEC_FILE
+    if marker.is_file():
+        return dict(json.loads(marker.read_text()))
+    index = folder / "index.csv"
+    if not index.is_file():
+        return None
+    with index.open(newline="") as fh:  # data written before the spec file existed
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return None
+    patients = {r["patient_id"] for r in rows}
+    with Image.open(folder / "images" / rows[0]["path"]) as im:
+        size = im.size[0]
+    per_patient = len(rows) // max(len(patients), 1)
+    return asdict(DemoSpec(n_patients=len(patients), images_per_patient=per_patient, size=size))
+
+
+def ensure_demo_data(
+    config: DatasetConfig,
+    spec: DemoSpec,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> bool:
+    """Generate the demo images ``config`` points at, unless they are there; True if it wrote.
+
+    Resumable (images on disk are kept, the index comes last). Data of another spec in the same
+    folder is refused rather than mixed: the spec is kept in ``demo-spec.json``.
+    """
+    folder = demo_folder(config)
+    found = _existing_spec(folder)
+    wanted = asdict(spec)
+    if found is not None and found != wanted:
+        raise ConfigError(
+            f"{folder} holds demo data generated with {found}, not {wanted}; delete the "
+            "folder, or ask for the same settings"
+        )
+    if found is not None and (folder / "index.csv").is_file():
+        (folder / _SPEC_FILE).write_text(json.dumps(wanted))
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / _SPEC_FILE).write_text(json.dumps(wanted))
+    generate_demo(folder, spec, progress=progress)
+    return True
+
+
 def _manifest_for(out_dir: Path) -> Manifest:
     default = Path("data_manifest.yaml")
     if default.is_file():
@@ -58,6 +137,7 @@ def _manifest_for(out_dir: Path) -> Manifest:
         cfg = man.datasets.get(DEMO_DATASET)
         if cfg is not None and Path(cfg.index).resolve() == (out_dir / "index.csv").resolve():
             return man
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "manifest.yaml"
     doc = {"cache": "cache", "datasets": {DEMO_DATASET: demo_dataset_config()}}
     tmp = path.with_name("manifest.yaml.tmp")
@@ -69,90 +149,102 @@ def _manifest_for(out_dir: Path) -> Manifest:
     return load_manifest(path)
 
 
+def _apply_options(
+    data: dict[str, Any],
+    *,
+    patients: int | None,
+    images_per_patient: int | None,
+    size: int | None,
+    model: str | None,
+    resolutions: tuple[int, ...] | None,
+    workers: int | None,
+) -> dict[str, Any]:
+    """The pipeline document with the demo command's options applied."""
+    demo = dict(data.get("demo_data") or {})
+    for key, value in (("patients", patients), ("images_per_patient", images_per_patient),
+                       ("size", size)):  # fmt: skip
+        if value is not None:
+            demo[key] = value
+    blocks = []
+    for raw in data.get("blocks") or []:
+        block = dict(raw)
+        if model is not None:
+            block["models"] = [model]
+        if resolutions is not None:  # finetuning (costly) runs at the smallest one only
+            block["resolutions"] = (
+                [min(resolutions)] if block.get("finetune") else list(resolutions)
+            )
+        if workers is not None:
+            block["extract"] = {**(block.get("extract") or {}), "workers": workers}
+            block["finetune"] = [
+                {**step, "options": {**(step.get("options") or {}), "num_workers": workers}}
+                for step in block.get("finetune") or []
+            ]
+        blocks.append(block)
+    return {**data, "demo_data": demo, "blocks": blocks}
+
+
+def demo_pipeline(
+    pipeline: str | os.PathLike[str] = DEMO_PIPELINE,
+    *,
+    patients: int | None = None,
+    images_per_patient: int | None = None,
+    size: int | None = None,
+    model: str | None = None,
+    resolutions: tuple[int, ...] | None = None,
+    workers: int | None = None,
+) -> Pipeline:
+    """The demo pipeline file with the demo command's options applied and validated.
+
+    Options left at None keep the file's values; ``model`` replaces every block's models and
+    ``resolutions`` every block's resolutions (finetuning blocks get the smallest one).
+    """
+    from embedkit.manifest.loader import read_yaml
+    from embedkit.pipeline import parse_pipeline
+
+    source = Path(pipeline)
+    data = read_yaml(source, ConfigError)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a pipeline mapping, got {type(data).__name__}")
+    data = _apply_options(
+        data, patients=patients, images_per_patient=images_per_patient, size=size,
+        model=model, resolutions=resolutions, workers=workers,
+    )  # fmt: skip
+    pipe = parse_pipeline(data, source)
+    if pipe.spec.demo_data is None:
+        raise ConfigError(f"{source}: a demo pipeline needs `demo_data:` (see pipelines/demo.yaml)")
+    return pipe
+
+
 def run_demo(
     out_dir: str | os.PathLike[str],
     *,
-    patients: int = 100,
-    images_per_patient: int = 3,
-    size: int = 1024,
-    model: str = "test/tiny-dinov3-vit",
-    resolutions: tuple[int, ...] = (224, 512),
-    workers: int = 2,
-    batch_size: int = 16,
-    probe_max_iter: int = 200,
+    pipeline: str | os.PathLike[str] = DEMO_PIPELINE,
     console: Console | None = None,
-) -> list[ExtractionResult]:
-    """Generate, check, extract and probe the demo dataset; return one result per resolution.
+    **options: Any,
+) -> RunSummary:
+    """Run the demo pipeline into ``out_dir`` (results in ``results/``, report in ``report/``);
+    ``options`` are those of :func:`demo_pipeline`."""
+    from embedkit.pipeline import run_pipeline
 
-    The demo's linear probes stop L-BFGS after ``probe_max_iter`` iterations per C (recorded in
-    each result) to keep the demo quick; `embedkit probe` uses the protocol's 1000.
-    """
     con = console or Console()
     out = Path(out_dir)
-    spec = DemoSpec(n_patients=patients, images_per_patient=images_per_patient, size=size)
-    con.print(f"[bold]1/3[/bold] demo images: {spec.n_images} synthetic radiographs in {out}/")
-    with rich_progress(spec.n_images, "generate", console=con) as advance:
-        last = [0]
-
-        def tick(done: int, _total: int) -> None:
-            advance(done - last[0])
-            last[0] = done
-
-        generate_demo(out, spec, progress=tick)
+    pipe = demo_pipeline(pipeline, **options)
     man = _manifest_for(out)
-    con.print(f"[bold]2/3[/bold] manifest check ({man.path})")
-    report = check_dataset(man.dataset(DEMO_DATASET), check_files=True)
-    con.print(render_report(report))
-    if model.startswith("test/"):
+    models = sorted({m for b in pipe.spec.blocks for m in b.models})
+    if all(m.startswith("test/") for m in models):
         con.print(
-            f"[bold]3/3[/bold] extract with [bold]{model}[/bold]: a tiny model with [yellow]RANDOM "
-            "weights[/yellow] (the features exercise the pipeline, they mean nothing). For real "
-            "features: embedkit demo --model dinov3/vitb16 (needs the checkpoint) or "
-            "--model /path/to/local/checkpoint."
+            f"demo encoders {', '.join(models)}: tiny models with [yellow]RANDOM weights[/yellow] "
+            "(the features exercise the pipeline, they mean nothing). For real features: "
+            "embedkit demo --model dinov3/vitb16 (needs the checkpoint) or --model /path/to/dir."
         )
-    else:
-        con.print(f"[bold]3/3[/bold] extract with {model}")
-    results = []
-    for resolution in resolutions:
-        request = ExtractionRequest(
-            model=model,
-            dataset=DEMO_DATASET,
-            resolution=resolution,
-            num_workers=workers,
-            batch_size=batch_size,
-            unit_rows=64,
-        )
-        result = extract(request, manifest=man, progress=rich_progress)
-        state = "found (cached)" if result.reused else f"wrote ({result.images_per_s:.1f} img/s)"
-        con.print(f"  {resolution}px: {state} {result.entry.uri}")
-        results.append(result)
-    root = CacheRoot.from_uri(man.cache)
-    con.print(render_entries(list_entries(root)))
-    records = []
-    con.print(f"[bold]probes[/bold] (results in {out / 'results'})")
-    for resolution in resolutions:
-        for kind in PROBE_KINDS:
-            probe_request = ProbeRequest(
-                kind=kind,  # type: ignore[arg-type]
-                model=model,
-                dataset=DEMO_DATASET,
-                resolution=resolution,
-                shots=(1, 2, 4, 8),
-                max_iter=probe_max_iter,
-            )
-            try:
-                outcome = run_probe(probe_request, manifest=man, results=out / "results")
-            except EmbedkitError as exc:  # e.g. too few patients for few-shot draws
-                con.print(f"  [yellow]{kind} @ {resolution}px skipped[/yellow]: {escape(str(exc))}")
-                continue
-            records.append(outcome.record)
-    con.print(comparison_table(records))
-    if records:
-        built = build_report(out / "results", out / "report")
-        con.print(f"report: {built.html} ({len(built.comparisons)} paired comparisons)")
-    con.print(
-        f"Next: embedkit cache info {results[0].entry.key.short()} --manifest {man.path}  |  "
-        f"embedkit probe --kind linear --model {model} --dataset {DEMO_DATASET} "
-        f"--resolution {resolutions[0]} --manifest {man.path} --out {out / 'results'}"
+    summary = run_pipeline(
+        pipe, manifest=man.path, results=out / "results", report=out / "report", console=con
     )
-    return results
+    if summary.report is not None:
+        con.print(
+            f"[bold]Open the report:[/bold] {summary.report.resolve().as_uri()}\n"
+            f"Next: embedkit cache ls --manifest {man.path}  |  "
+            f"embedkit report --results {out / 'results'} --out {out / 'report'}"
+        )
+    return summary

@@ -8,6 +8,13 @@ order. Every step is idempotent (extraction resumes or reuses its cache entry; a
 finetune run finds its record), so rerunning after a kill continues where it stopped. A failing
 step is reported and the run goes on; the summary at the end lists every failure, and the exit
 status is non-zero if there was one. The report is built last, from all records.
+
+Everything a pipeline names is checked before any compute starts, and every problem is reported
+at once with the file and the key (``blocks[1].models[0]``): unknown models, resolutions a model
+cannot take, probe kinds, finetuning methods and options, poolings, datasets missing from the
+manifest, and a results folder that already holds records of another dataset of the same name.
+A pipeline whose dataset is the synthetic demo says so (``demo_data:``); the runner then
+generates those images first (resumable), which is how `embedkit demo` runs this same runner.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ class ProbeStep(_Strict):
 
 
 class FinetuneStep(_Strict):
-    method: Literal["full", "lora", "bitfit", "linear"]
+    method: str  # a registered finetuning method (checked with the other names)
     epochs: Annotated[int, Field(ge=1)] = 10
     lr: Annotated[float | None, Field(gt=0)] = None  # default: the method's (full: 1e-5)
     batch_size: Annotated[int, Field(ge=1)] = 32
@@ -76,6 +83,23 @@ class Block(_Strict):
     finetune: tuple[FinetuneStep, ...] = ()
 
 
+class DemoData(_Strict):
+    """The pipeline's dataset ``dataset`` is the synthetic demo: generate it before the run."""
+
+    dataset: str = "demo"
+    patients: Annotated[int, Field(ge=1)] = 100
+    images_per_patient: Annotated[int, Field(ge=1)] = 3
+    size: Annotated[int, Field(ge=64, le=4096)] = 1024
+
+
+class CompareStep(_Strict):
+    """One kind of paired comparison for the report (default: every comparable pair)."""
+
+    axis: Literal["resolution", "model", "method"]
+    a: str | int | None = None  # a model name, resolution or method (probe kind or finetune-X)
+    b: str | int | None = None
+
+
 class PipelineFile(_Strict):
     name: str
     description: str = ""
@@ -85,6 +109,8 @@ class PipelineFile(_Strict):
     report: str = "embedkit-report"
     datasets: tuple[str, ...] = Field(min_length=1)
     blocks: tuple[Block, ...] = Field(min_length=1)
+    demo_data: DemoData | None = None
+    compare: tuple[CompareStep, ...] | None = None  # the report's paired comparisons
 
 
 @dataclass(frozen=True)
@@ -100,23 +126,144 @@ class Pipeline:
 
 
 def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
-    """Parse and validate a pipeline file, including that every model name and resolution
-    is usable (names resolve in the registry or as hub ids / folders, without network)."""
+    """Parse and validate a pipeline file (see :func:`parse_pipeline`)."""
     source = Path(path)
-    data = read_yaml(source, ConfigError)
+    return parse_pipeline(read_yaml(source, ConfigError), source)
+
+
+def parse_pipeline(data: object, source: Path) -> Pipeline:
+    """Validate already-parsed pipeline YAML, including every model name (registry, hub id or
+    folder, without network), resolution, pooling, finetuning method and option; all problems
+    are reported together in one :class:`ConfigError`, each with the file and key."""
     try:
         spec = PipelineFile.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(
             format_validation_error(exc, source=str(source), root=PipelineFile)
         ) from None
-    for block in spec.blocks:
-        for model in block.models:
-            target = resolve(model)
-            if isinstance(target, EncoderSpec):
-                for res in block.resolutions:
-                    validate_resolution(target, res, snap=block.extract.snap_resolution)
+    problems = [f"{source}: {p}" for p in _name_problems(spec)]
+    if problems:
+        raise ConfigError(_joined(problems))
     return Pipeline(source.resolve(), spec)
+
+
+def _joined(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems)
+
+
+def _name_problems(spec: PipelineFile) -> list[str]:
+    """``key: problem`` for every name in ``spec`` that does not resolve."""
+    from embedkit.finetune import FinetuneRequest, get_method
+    from embedkit.finetune.model import head_dim
+    from embedkit.models import available_poolings
+
+    problems: list[str] = []
+    for i, block in enumerate(spec.blocks):
+        at = f"blocks[{i}]"
+        targets: dict[str, EncoderSpec | None] = {}
+        for j, model in enumerate(block.models):
+            try:
+                resolved = resolve(model)
+            except EmbedkitError as exc:
+                problems.append(f"{at}.models[{j}]: {exc}")
+                continue
+            targets[model] = resolved if isinstance(resolved, EncoderSpec) else None
+        for model, target in targets.items():
+            if target is None:
+                continue
+            for k, res in enumerate(block.resolutions):
+                try:
+                    validate_resolution(target, res, snap=block.extract.snap_resolution)
+                except EmbedkitError as exc:
+                    problems.append(f"{at}.resolutions[{k}]: {exc}")
+            for k, probe in enumerate(block.probes):
+                offered = available_poolings(target)
+                if probe.pooling is not None and probe.pooling not in offered:
+                    problems.append(
+                        f"{at}.probes[{k}].pooling: {probe.pooling!r} is not stored for "
+                        f"{model}; choose one of {', '.join(offered)}"
+                    )
+        for k, step in enumerate(block.finetune):
+            where = f"{at}.finetune[{k}]"
+            try:
+                get_method(step.method)
+            except EmbedkitError as exc:
+                problems.append(f"{where}.method: {exc}")
+                continue
+            problems.extend(_finetune_option_problems(where, step, targets, FinetuneRequest))
+            pooling = step.options.get("pooling")
+            for model, spec_or_none in targets.items():
+                if spec_or_none is not None and isinstance(pooling, str):
+                    try:
+                        head_dim(spec_or_none, pooling)
+                    except EmbedkitError as exc:
+                        problems.append(f"{where}.options.pooling: {model}: {exc}")
+    for i, (_, problem) in enumerate(_pair_choices(spec)):
+        if problem is not None:
+            problems.append(f"compare[{i}]: {problem}")
+    if spec.demo_data is not None and spec.demo_data.dataset not in spec.datasets:
+        problems.append(
+            f"demo_data.dataset: {spec.demo_data.dataset!r} is not one of the pipeline's "
+            f"datasets {list(spec.datasets)}"
+        )
+    return problems
+
+
+def _pair_choices(spec: PipelineFile) -> list[tuple[Any, str | None]]:
+    """The report's :class:`~embedkit.report.PairChoice` per ``compare`` entry, or a problem.
+
+    Model names are canonical registry names (as records hold them), so aliases work."""
+    from embedkit.report.compare import PairChoice
+
+    out: list[tuple[Any, str | None]] = []
+    for step in spec.compare or ():
+        values = []
+        for value in (step.a, step.b):
+            if value is not None and step.axis == "model":
+                try:
+                    target = resolve(str(value))
+                except EmbedkitError as exc:
+                    out.append((None, str(exc)))
+                    break
+                value = target.name if isinstance(target, EncoderSpec) else value
+            values.append(None if value is None else str(value))
+        else:
+            try:
+                out.append((PairChoice(step.axis, values[0], values[1]), None))
+            except ValueError as exc:
+                out.append((None, str(exc)))
+    return out
+
+
+#: FinetuneRequest fields a pipeline sets from the step itself, not from ``options``.
+_STEP_FIELDS = ("model", "dataset", "resolution", "method", "epochs", "lr", "batch_size", "seed")
+
+
+def _finetune_option_problems(
+    where: str, step: FinetuneStep, targets: dict[str, EncoderSpec | None], request_type: Any
+) -> list[str]:
+    from dataclasses import fields
+
+    allowed = [f.name for f in fields(request_type) if f.name not in _STEP_FIELDS]
+    unknown = [k for k in step.options if k not in allowed]
+    if unknown:
+        from embedkit.errors import did_you_mean
+
+        return [
+            f"{where}.options.{k}: unknown option{did_you_mean(k, allowed) or '.'} "
+            f"Options: {', '.join(allowed)}"
+            for k in unknown
+        ]
+    try:
+        request_type(
+            model="-", dataset="-", resolution=1, method=step.method, epochs=step.epochs,
+            lr=step.lr, batch_size=step.batch_size, seed=step.seed, **step.options,
+        )  # fmt: skip
+    except (EmbedkitError, TypeError) as exc:
+        return [f"{where}.options: {exc}"]
+    return []
 
 
 @dataclass
@@ -299,7 +446,7 @@ def _finetune_request(step: Step) -> Any:
         model=step.model,
         dataset=step.dataset,
         resolution=_effective_resolution(step, snap=True),
-        method=f.method,
+        method=f.method,  # type: ignore[arg-type]  # checked against the registry on load
         epochs=f.epochs,
         lr=f.lr,
         batch_size=f.batch_size,
@@ -312,7 +459,15 @@ def _run_finetune(ctx: Context, step: Step) -> str:
     from embedkit.finetune import run_finetune
 
     request = _finetune_request(step)
-    outcome = run_finetune(request, manifest=ctx.manifest, results=ctx.results)
+
+    def progress(log: Any) -> None:
+        val = "" if log.val_loss is None else f", val loss {log.val_loss:.4f}"
+        ctx.console.print(
+            f"  epoch {log.epoch}/{request.epochs}: train loss {log.train_loss:.4f}{val} "
+            f"({log.seconds:.1f} s; checkpoint saved)"
+        )
+
+    outcome = run_finetune(request, manifest=ctx.manifest, results=ctx.results, on_epoch=progress)
     return "done (reused)" if outcome.reused else "done"
 
 
@@ -345,8 +500,66 @@ class RunSummary:
         return [s for s in self.steps if s.status == "failed"]
 
 
+def _dataset_problems(pipe: Pipeline, man: Manifest) -> list[str]:
+    from embedkit.errors import did_you_mean
+
+    spec = pipe.spec
+    named = [(f"datasets[{i}]", d) for i, d in enumerate(spec.datasets)]
+    for i, block in enumerate(spec.blocks):
+        named += [(f"blocks[{i}].datasets[{j}]", d) for j, d in enumerate(block.datasets or ())]
+    return [
+        f"{pipe.path}: {key}: dataset {name!r} is not in {man.path}"
+        f"{did_you_mean(name, man.datasets) or '.'} Define it there (data_manifest.yaml has "
+        "commented entries for public CXR datasets)"
+        for key, name in named
+        if name not in man.datasets
+    ]
+
+
+def _prepare_demo(pipe: Pipeline, man: Manifest, console: Console, dry_run: bool) -> None:
+    """Generate the demo images the pipeline's ``demo_data`` asks for (not in a dry run)."""
+    from embedkit.data.demo import DemoSpec
+    from embedkit.demo import demo_folder, ensure_demo_data
+    from embedkit.manifest import check_dataset, render_report
+    from embedkit.progress import rich_progress
+
+    demo = pipe.spec.demo_data
+    if demo is None:
+        return
+    config = man.dataset(demo.dataset)
+    folder = demo_folder(config)
+    spec = DemoSpec(n_patients=demo.patients, images_per_patient=demo.images_per_patient,
+                    size=demo.size)  # fmt: skip
+    if dry_run:
+        state = "found" if (folder / "index.csv").is_file() else "to generate"
+        console.print(f"demo data: {spec.n_images} synthetic images in {folder} ({state})")
+        return
+    console.print(f"demo data: {spec.n_images} synthetic radiographs ({spec.size} px) in {folder}")
+    with rich_progress(spec.n_images, "generate", console=console) as advance:
+        last = [0]
+
+        def tick(done: int, _total: int) -> None:
+            advance(done - last[0])
+            last[0] = done
+
+        ensure_demo_data(config, spec, progress=tick)
+    console.print(render_report(check_dataset(config, check_files=True)))
+
+
+def _results_problems(ctx: Context, datasets: list[str]) -> None:
+    """Refuse a results folder holding records of another dataset under one of these names."""
+    from embedkit.report.consistency import check_results_dataset
+
+    for name in datasets:
+        try:
+            table = ctx.manifest.dataset(name).load()
+        except EmbedkitError:
+            continue  # not readable yet (a dry run before the data exists); its steps say so
+        check_results_dataset(ctx.results, name, table)
+
+
 def run_pipeline(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Pipeline,
     *,
     manifest: str | os.PathLike[str] | None = None,
     cache: str | None = None,
@@ -362,17 +575,12 @@ def run_pipeline(
     :func:`embedkit.store.open_local_copy`).
     """
     con = console or Console()
-    pipe = load_pipeline(path)
+    pipe = path if isinstance(path, Pipeline) else load_pipeline(path)
     spec = pipe.spec
     man = load_manifest(manifest if manifest is not None else pipe.resolve_path(spec.manifest))
-    missing = [
-        d for b in spec.blocks for d in (b.datasets or spec.datasets) if d not in man.datasets
-    ]
-    if missing:
-        raise ConfigError(
-            f"{pipe.path}: datasets {sorted(set(missing))} are not in {man.path}; define them "
-            "there (data_manifest.yaml has commented entries for public CXR datasets)"
-        )
+    problems = _dataset_problems(pipe, man)
+    if problems:
+        raise ConfigError(_joined(problems))
     ctx = Context(
         pipe,
         man,
@@ -381,6 +589,11 @@ def run_pipeline(
         con,
         local_cache=local_cache,
     )
+    _prepare_demo(pipe, man, con, dry_run)
+    if spec.demo_data is not None:  # known before the images exist (a dry run)
+        demo = spec.demo_data
+        ctx.n_images[demo.dataset] = demo.patients * demo.images_per_patient
+    _results_problems(ctx, sorted({d for b in spec.blocks for d in (b.datasets or spec.datasets)}))
     steps = expand(pipe)
     for step in steps:
         step.status = _status(ctx, step)
@@ -409,7 +622,8 @@ def run_pipeline(
     try:
         from embedkit.report import build_report
 
-        built = build_report(ctx.results, report_dir).html
+        pairs = [c for c, _ in _pair_choices(spec)] if spec.compare is not None else None
+        built = build_report(ctx.results, report_dir, pairs=pairs).html
         con.print(f"report: {built}")
     except EmbedkitError as exc:
         con.print(f"[yellow]no report[/yellow]: {escape(str(exc))}")

@@ -50,7 +50,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cli-demo") / "demo"
     result = runner.invoke(
         app,
-        ["demo", "--out", str(out), "--patients", "6", "--size", "128", "--workers", "0"],
+        ["demo", "--out", str(out), "--patients", "20", "--size", "96", "--workers", "0"],
         env={"XDG_CACHE_HOME": str(out.parent / "xdg"), "COLUMNS": "200"},
     )
     assert result.exit_code == 0, result.output

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import csv
 from pathlib import Path
 
 import pytest
@@ -11,8 +11,9 @@ from rich.console import Console
 
 from embedkit.data.demo import DemoSpec, generate_demo
 from embedkit.demo import demo_dataset_config
-from embedkit.errors import ConfigError, ResolutionError, UnknownModelError
+from embedkit.errors import ConfigError
 from embedkit.pipeline import expand, load_pipeline, run_pipeline
+from embedkit.report.consistency import MixedResultsError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "pipelines").glob("*.yaml"))
@@ -55,25 +56,74 @@ def _doc(**block: object) -> dict[str, object]:
 def test_bad_pipelines_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="did you mean 'resolutions'"):
         load_pipeline(_write(tmp_path, _doc(resolution=[224], resolutions=None)))
-    with pytest.raises(UnknownModelError, match="did you mean"):
+    with pytest.raises(ConfigError, match=r"blocks\[0\]\.models\[0\]: .*did you mean"):
         load_pipeline(_write(tmp_path, _doc(models=["dinov3/vitb61"])))
-    with pytest.raises(ResolutionError, match="nearest valid"):
+    with pytest.raises(ConfigError, match=r"blocks\[0\]\.resolutions\[0\]: .*nearest valid"):
         load_pipeline(
             _write(tmp_path, _doc(models=["dinov2/base"], extract={"snap_resolution": False},
                                   resolutions=[512]))
         )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"probes\[0\]\.kind: 'knnn' .*did you mean 'knn'"):
+        load_pipeline(_write(tmp_path, _doc(probes=[{"kind": "knnn"}])))
     with pytest.raises(ConfigError, match=r"not valid YAML|file not found"):
         load_pipeline(tmp_path / "missing.yaml")
 
 
+def test_every_bad_name_is_reported_at_once_with_its_key(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        _doc(
+            models=["test/tiny-dinov3-vit", "dinov3/vitb61", "test/tiny-dinov2"],
+            resolutions=[224, 300],
+            extract={"snap_resolution": False},
+            probes=[{"kind": "linear", "pooling": "clss"}],
+            finetune=[
+                {"method": "lroa"},
+                {"method": "lora", "options": {"lora_rank": 8}},
+                {"method": "bitfit", "options": {"warmup": 2.0}},
+            ],
+        ),
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(path)
+    message = str(caught.value)
+    expected = [
+        "blocks[0].models[1]: ",  # unknown model
+        "blocks[0].resolutions[1]: ",  # 300 is not a multiple of 16 (ViT) nor of 14 (DINOv2)
+        "blocks[0].probes[0].pooling: 'clss' is not stored",
+        "blocks[0].finetune[0].method: unknown finetuning method 'lroa'; did you mean 'lora'",
+        "blocks[0].finetune[1].options.lora_rank: unknown option; did you mean 'lora_r'",
+        "blocks[0].finetune[2].options: Expected epochs >= 1",
+    ]
+    for part in expected:
+        assert part in message, (part, message)
+    doc = _doc()
+    doc["compare"] = [{"axis": "model", "a": "dinov3/vitb61", "b": "dinov2/base"},
+                      {"axis": "resolution", "a": 512}]  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(_write(tmp_path, doc))
+    assert "compare[0]: " in str(caught.value) and "did you mean" in str(caught.value)
+    assert "compare[1]: Expected both values of a pair or neither" in str(caught.value)
+    assert message.count(str(path)) >= len(expected)  # every line names the file
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Demo data (20 patients, 96 px) with a manifest, and a copy of pipelines/demo.yaml."""
+    """A manifest whose demo dataset is still to be generated, and pipelines/demo.yaml with
+    smaller demo data (20 patients of 96 px): the run generates the images itself."""
     folder = tmp_path_factory.mktemp("study")
-    generate_demo(folder / "data", DemoSpec(n_patients=20, images_per_patient=3, size=96))
+    (folder / "data").mkdir()
     manifest = {"cache": "../cache", "datasets": {"demo": demo_dataset_config()}}
     (folder / "data" / "manifest.yaml").write_text(yaml.safe_dump(manifest))
-    shutil.copy(ROOT / "pipelines" / "demo.yaml", folder / "demo.yaml")
+    doc = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
+    doc["demo_data"].update(patients=20, size=96)
+    doc["compare"] = [{"axis": "method", "a": "linear", "b": "finetune-lora"},
+                      {"axis": "resolution", "a": 512, "b": 224}]  # fmt: skip
+    for block in doc["blocks"]:
+        block.get("extract", {})["workers"] = 0
+        for step in block.get("finetune", []):
+            step["options"]["num_workers"] = 0
+    (folder / "demo.yaml").write_text(yaml.safe_dump(doc))
     return folder
 
 
@@ -89,31 +139,86 @@ def _run(study: Path, **kw: object) -> object:
 
 
 def test_demo_pipeline_dry_run_plans_without_running(study: Path) -> None:
-    summary = _run(study, dry_run=True)
-    statuses = {s.status for s in summary.steps}  # type: ignore[attr-defined]
-    assert statuses == {"to run"}
+    console = Console(width=200, record=True)
+    summary = run_pipeline(
+        study / "demo.yaml", manifest=study / "data" / "manifest.yaml",
+        results=study / "results", dry_run=True, console=console,
+    )  # fmt: skip
+    assert {s.status for s in summary.steps} == {"to run"}
+    text = console.export_text()
+    assert "demo data: 60 synthetic images" in text and "(to generate)" in text
+    assert not (study / "data" / "index.csv").exists()  # a dry run generates nothing
     assert not (study / "cache").exists() and not (study / "results").exists()
-    extracts = [s for s in summary.steps if s.action == "extract"]  # type: ignore[attr-defined]
-    assert len(extracts) == 4 and all("GFLOP" in s.estimate for s in extracts)
-    assert [s.what for s in summary.steps if s.action == "finetune"] == ["finetune lora"]  # type: ignore[attr-defined]
+    extracts = [s for s in summary.steps if s.action == "extract"]
+    assert [s.resolution for s in extracts] == [224, 512]
+    assert all(s.estimate.startswith("60 img x") for s in extracts)  # counted from demo_data
+    assert [s.what for s in summary.steps if s.action == "finetune"] == ["finetune lora"]
 
 
 @pytest.mark.slow
-def test_demo_pipeline_runs_end_to_end_then_skips_everything(study: Path) -> None:
+def test_demo_pipeline_generates_its_data_runs_end_to_end_then_skips_everything(
+    study: Path,
+) -> None:
     first = _run(study, local_cache=str(study / "local"))  # probes read through local copies
     assert not first.failed, [(s.what, s.error) for s in first.failed]  # type: ignore[attr-defined]
+    assert len(list((study / "data" / "images").rglob("*.png"))) == 60
     copies = sorted(p.relative_to(study / "local") for p in (study / "local").glob("*/*/*.zarr"))
     assert copies == sorted(
         p.relative_to(study / "cache") for p in (study / "cache").glob("*/*/*.zarr")
     )
-    assert len(copies) == 4 and all(
+    assert len(copies) == 2 and all(
         (study / "local" / c / "COMPLETE.json").is_file() for c in copies
     )
     assert (study / "report" / "report.html").is_file()
     records = list((study / "results").rglob("*.json"))
-    assert len(records) == 13  # 2 models x 2 resolutions x 3 probe kinds + 1 LoRA finetune
+    assert len(records) == 7  # 2 resolutions x 3 probe kinds + 1 LoRA finetune
     again = _run(study)
     assert {s.status for s in again.steps} == {"cached", "done"}  # type: ignore[attr-defined]
-    assert len(list((study / "results").rglob("*.json"))) == 13
-    comparisons = (study / "report" / "comparisons.md").read_text()
-    assert "finetune-lora" in comparisons  # probe vs finetune on the same test images
+    assert len(list((study / "results").rglob("*.json"))) == 7
+    with (study / "report" / "comparisons.csv").open() as fh:
+        pairs = sorted((r["axis"], r["a"], r["b"]) for r in csv.DictReader(fh))
+    vit = "test/tiny-dinov3-vit"
+    assert pairs == [  # only the chosen comparisons; probe vs finetune on the same test images
+        ("method", f"{vit} · 224px · linear", f"{vit} · 224px · finetune-lora"),
+        ("resolution", f"{vit} · 512px · knn", f"{vit} · 224px · knn"),
+        ("resolution", f"{vit} · 512px · linear", f"{vit} · 224px · linear"),
+    ]
+
+    # The same results folder with a manifest that defines another 'demo' (another split):
+    # refused before anything runs, naming the dataset and the fix.
+    other = yaml.safe_load((study / "data" / "manifest.yaml").read_text())
+    other["datasets"]["demo"]["splits"]["seed"] = 1
+    (study / "data" / "other.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(MixedResultsError, match=r"dataset 'demo'.*test split"):
+        run_pipeline(
+            study / "demo.yaml", manifest=study / "data" / "other.yaml",
+            results=study / "results", report=study / "report2", console=Console(record=True),
+        )  # fmt: skip
+    assert len(list((study / "results").rglob("*.json"))) == 7 and not (study / "report2").exists()
+
+
+def test_demo_data_of_another_size_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    manifest = {"datasets": {"demo": demo_dataset_config()}}
+    (tmp_path / "data" / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    generate_demo(tmp_path / "data", DemoSpec(n_patients=2, images_per_patient=1, size=64))
+    doc = _doc()
+    doc["demo_data"] = {"patients": 2, "images_per_patient": 1, "size": 96}
+    with pytest.raises(ConfigError, match=r"holds demo data generated with .*'size': 64"):
+        run_pipeline(_write(tmp_path, doc), manifest=tmp_path / "data" / "manifest.yaml",
+                     results=tmp_path / "r", console=Console(record=True))  # fmt: skip
+
+
+def test_datasets_missing_from_the_manifest_are_named_with_their_keys(tmp_path: Path) -> None:
+    (tmp_path / "manifest.yaml").write_text(
+        yaml.safe_dump({"datasets": {"demo": demo_dataset_config()}})
+    )
+    doc = _doc()
+    doc["datasets"] = ["demo", "dmeo"]
+    doc["blocks"][0]["datasets"] = ["chexpert"]  # type: ignore[index]
+    with pytest.raises(ConfigError) as caught:
+        run_pipeline(_write(tmp_path, doc), manifest=tmp_path / "manifest.yaml",
+                     console=Console(record=True))  # fmt: skip
+    message = str(caught.value)
+    assert "datasets[1]: dataset 'dmeo' is not in" in message and "did you mean 'demo'" in message
+    assert "blocks[0].datasets[0]: dataset 'chexpert'" in message

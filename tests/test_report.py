@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from embedkit.errors import CacheNotFoundError
-from embedkit.report import build_report
+from embedkit.report import PairChoice, build_report
+from embedkit.report.consistency import MixedResultsError
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable
 
 LABELS = ("A", "B", "C")
@@ -95,6 +104,156 @@ def test_report_compares_runs_on_the_same_test_images(tmp_path: Path) -> None:
     assert "m/b" in (tmp_path / "report" / "summary.md").read_text()
 
 
+def test_report_can_be_limited_to_chosen_pairs(tmp_path: Path) -> None:
+    results = ResultsDir(tmp_path / "results")
+    _write(results, "m/a", 224, "linear", noise=1.2)
+    _write(results, "m/a", 512, "linear", noise=0.3)
+    _write(results, "m/b", 512, "linear", noise=0.8)
+    chosen = [PairChoice("resolution", "224", "512")]  # A = 224 px, against the default order
+    built = build_report(tmp_path / "results", tmp_path / "r1", n_boot=100, pairs=chosen)
+    [only] = built.comparisons
+    assert only.axis == "resolution" and only.a.startswith("m/a · 224px")
+    assert only.delta < 0 and only.p_adjusted == only.p_value  # one test: nothing to correct
+    models = build_report(tmp_path / "results", tmp_path / "r2", n_boot=100,
+                          pairs=[PairChoice("model")]).comparisons  # fmt: skip
+    assert [c.axis for c in models] == ["model"]
+    with pytest.raises(ValueError, match="both values of a pair or neither"):
+        PairChoice("model", "m/a")
+
+
 def test_report_without_records_says_what_to_run(tmp_path: Path) -> None:
     with pytest.raises(CacheNotFoundError, match="embedkit probe"):
         build_report(tmp_path, tmp_path / "out")
+
+
+def test_report_numbers_equal_the_stored_records(tmp_path: Path) -> None:
+    """Every number of summary.csv / per_label.csv, and the HTML cells, is read from the
+    records on disk (here edited after writing, so nothing can be recomputed instead)."""
+    results = ResultsDir(tmp_path / "results")
+    _write(results, "m/a", 224, "linear", noise=1.2)
+    _write(results, "m/b", 224, "knn", noise=0.5)
+    for path in (tmp_path / "results").rglob("*.json"):
+        doc = json.loads(path.read_text())
+        doc["metrics"]["macro_auroc"] = {"point": 0.6123, "low": 0.5011, "high": 0.7342}
+        doc["per_label"][1]["auroc"] = 0.4321
+        path.write_text(json.dumps(doc))
+    stored = {r.record_id: r for r in ResultsDir(tmp_path / "results").records()}
+    build_report(tmp_path / "results", tmp_path / "report", n_boot=100)
+
+    with (tmp_path / "report" / "summary.csv").open() as fh:
+        summary = list(csv.DictReader(fh))
+    assert {row["record_id"] for row in summary} == set(stored)
+    for row in summary:
+        record = stored[row["record_id"]]
+        metric = record.metrics["macro_auroc"]
+        assert (float(row["point"]), float(row["low"]), float(row["high"])) == (
+            metric["point"], metric["low"], metric["high"],
+        )  # fmt: skip
+        assert (row["model"], int(row["resolution"]), row["method"]) == (
+            record.model, record.resolution, record.kind,
+        )  # fmt: skip
+        assert int(row["n_test"]) == record.n["test"]
+    with (tmp_path / "report" / "per_label.csv").open() as fh:
+        per_label = list(csv.DictReader(fh))
+    assert len(per_label) == sum(len(r.per_label) for r in stored.values())
+    by_key = {(r.model, row["label"]): row for r in stored.values() for row in r.per_label}
+    for row in per_label:
+        assert float(row["auroc"]) == by_key[(row["model"], row["label"])]["auroc"]
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count("0.612 [0.501, 0.734]") == 2 and page.count("0.432 [") == 2
+
+
+def test_report_refuses_records_of_two_manifests_under_one_dataset_name(tmp_path: Path) -> None:
+    results = ResultsDir(tmp_path / "results")
+    _write(results, "m/a", 224, "linear", noise=1.2)
+    _write(results, "m/a", 512, "linear", noise=0.3)
+    build_report(tmp_path / "results", tmp_path / "ok", n_boot=50)  # consistent: fine
+    path = next((tmp_path / "results").rglob("*512*/*.json"))
+    doc = json.loads(path.read_text())
+    doc["entry"] = {"ids_digest": "b" * 64}  # another image list under the name 'toy'
+    path.write_text(json.dumps(doc))
+    other = next(p for p in (tmp_path / "results").rglob("*.json") if p != path)
+    doc = json.loads(other.read_text())
+    doc["entry"] = {"ids_digest": "a" * 64}
+    other.write_text(json.dumps(doc))
+    with pytest.raises(MixedResultsError, match=r"dataset 'toy' has records of 2 different"):
+        build_report(tmp_path / "results", tmp_path / "mixed", n_boot=50)
+    assert not (tmp_path / "mixed").exists()
+
+    # Same image list and labels, but the test targets of an image differ (another label
+    # policy): refused too.
+    doc["entry"] = {"ids_digest": "b" * 64}
+    other.write_text(json.dumps(doc))
+    scores = pq.read_table(path.with_suffix(".parquet")).to_pydict()
+    scores["y:A"] = [1.0 - v for v in scores["y:A"]]
+    pq.write_table(pa.table(scores), path.with_suffix(".parquet"))
+    with pytest.raises(MixedResultsError, match="test targets differ"):
+        build_report(tmp_path / "results", tmp_path / "mixed", n_boot=50)
+
+
+CHROMIUM = next(
+    (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
+)
+# Reports where each figure is and whether its PNG decoded, once the page has loaded.
+_PROBE = """<script>addEventListener("load", () => { document.body.setAttribute("data-images",
+  [...document.images].map(i => { const r = i.getBoundingClientRect();
+    return [i.naturalWidth, i.naturalHeight, r.left, r.top, r.width, r.height]
+      .map(Math.round).join(" "); }).join(";")); });</script>"""
+
+
+def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--no-first-run", f"--user-data-dir={tmp / 'chromium-profile'}", *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)"
+)
+def test_report_renders_in_headless_chromium_with_its_plots_visible(tmp_path: Path) -> None:
+    results = ResultsDir(tmp_path / "results")
+    _write(results, "m/a", 224, "linear", noise=1.2)
+    _write(results, "m/a", 512, "linear", noise=0.3)
+    _write(results, "m/b", 512, "linear", noise=0.8)
+    built = build_report(tmp_path / "results", tmp_path / "report", n_boot=200)
+    n_plots = len(list((tmp_path / "report").glob("*.png")))
+    assert n_plots >= 2
+
+    # 1. In the browser every embedded figure decodes, and the layout says where it is.
+    probe = tmp_path / "report" / "probe.html"
+    probe.write_text(built.html.read_text().replace("</body>", _PROBE + "</body>"))
+    width = 1280
+    dom = _chromium(
+        tmp_path, f"--window-size={width},1000", "--virtual-time-budget=10000", "--dump-dom",
+        probe.as_uri(),
+    ).stdout  # fmt: skip
+    found = re.search(r'data-images="([^"]*)"', dom)
+    assert found is not None, dom[-2000:]
+    boxes = [[int(v) for v in item.split()] for item in found[1].split(";")]
+    assert len(boxes) == n_plots
+    assert all(natural_w > 0 and natural_h > 0 for natural_w, natural_h, *_ in boxes)
+
+    # 2. A screenshot of the report itself shows each figure: inside every figure's box there
+    # are dark (axes, text) and coloured (lines, bars, CI bands) pixels, outside of the
+    # tables, which are black on white and grey.
+    height = max(top + h for *_, top, _w, h in boxes) + 40
+    shot = tmp_path / "report.png"
+    _chromium(tmp_path, f"--window-size={width},{height}", f"--screenshot={shot}",
+              built.html.as_uri())  # fmt: skip
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
+    assert pixels.shape[:2] == (height, width)
+    for _nw, _nh, left, top, w, h in boxes:
+        region = pixels[top : top + h, left : left + w]
+        assert region.size > 0
+        dark = (region.max(axis=2) < 100).mean()
+        coloured = ((region.max(axis=2) - region.min(axis=2)) > 60).mean()
+        assert dark > 0.002 and coloured > 0.002, (left, top, dark, coloured)
+    above = pixels[: min(top for *_, top, _w, _h in boxes)]  # headings and tables only
+    assert ((above.max(axis=2) - above.min(axis=2)) > 60).mean() < 0.0005

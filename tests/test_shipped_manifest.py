@@ -26,3 +26,20 @@ def test_top_level_demo_entry_matches_the_demo_command(tmp_path: Path) -> None:
     )
     assert shipped.images == ROOT / "embedkit-demo" / "images"
     assert shipped.index == ROOT / "embedkit-demo" / "index.csv"
+
+
+def test_the_demo_pipeline_writes_where_the_demo_command_does() -> None:
+    """`embedkit demo` from the repository root and `embedkit run pipelines/demo.yaml` use the
+    same manifest, demo folder, results and report."""
+    from embedkit.demo import DEMO_PIPELINE, demo_folder
+    from embedkit.pipeline import load_pipeline
+
+    pipe = load_pipeline(ROOT / "pipelines" / "demo.yaml")
+    assert pipe.path == DEMO_PIPELINE
+    assert pipe.spec.demo_data is not None and pipe.spec.demo_data.dataset == "demo"
+    assert Path(pipe.resolve_path(pipe.spec.manifest)) == ROOT / "data_manifest.yaml"
+    shipped = load_manifest(ROOT / "data_manifest.yaml").dataset("demo")
+    folder = demo_folder(shipped)
+    assert folder == ROOT / "embedkit-demo"
+    assert Path(pipe.resolve_path(pipe.spec.results)) == folder / "results"
+    assert Path(pipe.resolve_path(pipe.spec.report)) == folder / "report"

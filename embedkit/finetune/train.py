@@ -15,6 +15,12 @@ bf16 autocast and (if asked) gradient checkpointing; on CPU, fp32 without either
 Resuming: after each epoch a checkpoint is written to ``<results>/runs/<run id>/``; rerunning
 the same request continues from the last finished epoch. Data order, augmentation and dropout
 are seeded per epoch, so on CPU a resumed run ends with the same weights as an uninterrupted one.
+
+Data parallel: under ``torchrun`` the model is wrapped in DDP and each global batch
+(``batch_size x world_size`` images of the epoch order) is split over the ranks by position
+(:mod:`embedkit.finetune.ddp`); the loss is scaled so that the averaged gradient is that of the
+global batch mean, so the run equals one process with the global batch (the run id holds the
+global batch, not the rank count). Rank 0 alone writes checkpoints and the record.
 """
 
 from __future__ import annotations
@@ -32,13 +38,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from embedkit.data.dataset import ImageDataset, make_loader
+from embedkit import distributed
+from embedkit.data.dataset import Batch, ImageDataset, make_loader
 from embedkit.data.transforms import Preprocessing
+from embedkit.distributed import DistContext
 from embedkit.errors import ConfigError, EmbedkitError
 from embedkit.extract import resolve_device
 from embedkit.features import SplitFeatures
 from embedkit.finetune import checkpoint as ckpt
-from embedkit.finetune.augment import MAX_ROTATION_DEG, augment
+from embedkit.finetune import ddp
+from embedkit.finetune.augment import MAX_ROTATION_DEG
+from embedkit.finetune.augment import apply as apply_augmentation
+from embedkit.finetune.augment import draw as draw_augmentation
 from embedkit.finetune.losses import masked_loss, pos_weight
 from embedkit.finetune.methods import (
     LoraSettings,
@@ -48,8 +59,15 @@ from embedkit.finetune.methods import (
 )
 from embedkit.finetune.model import Classifier, default_pooling
 from embedkit.manifest import DatasetTable, Manifest, load_manifest
-from embedkit.models import EncoderSpec, identify_encoder, load_encoder, validate_resolution
+from embedkit.models import (
+    EncoderSpec,
+    LoadedEncoder,
+    identify_encoder,
+    load_encoder,
+    validate_resolution,
+)
 from embedkit.probe import evaluate_scores
+from embedkit.report.consistency import check_results_dataset
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
 from embedkit.store import canonical_json, digest_ids
 from embedkit.versions import package_versions
@@ -139,6 +157,8 @@ class FinetuneOutcome:
     run_dir: Path
     resumed_from: int = 0  # finished epochs found in a checkpoint (0: started fresh)
     notes: list[str] = field(default_factory=list)
+    rank: int = 0  # this process's rank in a torchrun job (rank 0 reports)
+    world_size: int = 1
 
 
 @dataclass
@@ -154,7 +174,11 @@ class _Plan:
     relpath: str
 
 
-def _plan(request: FinetuneRequest, manifest: Manifest, cache_dir: Path | None) -> _Plan:
+def _plan(
+    request: FinetuneRequest, manifest: Manifest, cache_dir: Path | None, *, world_size: int = 1
+) -> _Plan:
+    """Everything about a run that needs no weights; ``batch_size`` in the identity is the
+    global batch (``request.batch_size x world_size``), so 2 ranks x 16 is the run of 1 x 32."""
     ident = identify_encoder(request.model, cache_dir=cache_dir)
     spec = ident.spec
     size = validate_resolution(spec, request.resolution)
@@ -170,7 +194,7 @@ def _plan(request: FinetuneRequest, manifest: Manifest, cache_dir: Path | None) 
         "method": request.method,
         "epochs": request.epochs,
         "lr": request.effective_lr,
-        "batch_size": request.batch_size,
+        "batch_size": request.batch_size * world_size,
         "weight_decay": request.weight_decay,
         "warmup": request.warmup,
         "layer_decay": request.layer_decay,
@@ -210,11 +234,15 @@ def _plan(request: FinetuneRequest, manifest: Manifest, cache_dir: Path | None) 
 
 
 def finetune_record_relpath(
-    request: FinetuneRequest, manifest: Manifest, cache_dir: Path | None = None
+    request: FinetuneRequest,
+    manifest: Manifest,
+    cache_dir: Path | None = None,
+    *,
+    world_size: int = 1,
 ) -> str:
     """Where the result record of ``request`` lives under a results folder (without suffix),
     so planners can tell a finished run from one still to do without training anything."""
-    return _plan(request, manifest, cache_dir).relpath
+    return _plan(request, manifest, cache_dir, world_size=world_size).relpath
 
 
 def _layer_id(name: str, n_layers: int) -> int:
@@ -261,73 +289,112 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63)
 
 
-_Targets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # pixels, y, mask
+_Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # pixels, y, mask, rows
 
 
 @dataclass
 class _Run:
+    """One rank's view of a run: the model, the data, and the job it is part of."""
+
     request: FinetuneRequest
     plan: _Plan
     model: Classifier
     dataset: ImageDataset
-    device: torch.device
+    ctx: DistContext
     weight: torch.Tensor | None
     skipped: set[str] = field(default_factory=set)
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def batches(
-        self, rows: np.ndarray
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(pixels, y, mask) of the readable images among ``rows``, in the given order."""
-        loader = make_loader(
-            self.dataset,
-            batch_size=self.request.batch_size,
-            num_workers=self.request.num_workers,
-            indices=[int(r) for r in rows],
+    def loader(self, rows: np.ndarray) -> Iterator[Batch]:
+        """Batches of ``request.batch_size`` images over ``rows``, in the given order."""
+        return iter(
+            make_loader(
+                self.dataset,
+                batch_size=self.request.batch_size,
+                num_workers=self.request.num_workers,
+                indices=[int(r) for r in rows],
+            )
         )
-        for batch in loader:
-            self.skipped.update(i for i, ok in zip(batch.ids, batch.ok.tolist(), strict=True)
-                                if not ok)  # fmt: skip
-            if not bool(batch.ok.any()):
-                continue
-            y, mask = _targets(self.plan.table, batch.indices[batch.ok])
-            yield batch.pixels[batch.ok].to(self.device), y.to(self.device), mask.to(self.device)
 
-    def loss_sum(self, rows: np.ndarray) -> float:
-        """Mean masked loss over the readable images of ``rows`` (eval mode, no augmentation)."""
+    def readable(self, batch: Batch | None) -> _Part | None:
+        """(pixels, y, mask, rows) of the readable images of ``batch`` (None: there are none)."""
+        if batch is None:
+            return None
+        self.skipped.update(i for i, ok in zip(batch.ids, batch.ok.tolist(), strict=True)
+                            if not ok)  # fmt: skip
+        if not bool(batch.ok.any()):
+            return None
+        rows = batch.indices[batch.ok]
+        y, mask = _targets(self.plan.table, rows)
+        pixels = batch.pixels[batch.ok].to(self.device)
+        return pixels, y.to(self.device), mask.to(self.device), rows
+
+    def empty_part(self) -> _Part:
+        """One black image whose every target is masked: it adds exactly 0 to loss and
+        gradients, so a rank without readable images still joins the gradient all-reduce."""
+        side = self.plan.size
+        y, mask = _targets(self.plan.table, torch.zeros(1, dtype=torch.int64))
+        return (
+            torch.zeros(1, 3, side, side, device=self.device),
+            torch.zeros_like(y).to(self.device),
+            torch.zeros_like(mask).to(self.device),
+            torch.zeros(0, dtype=torch.int64),
+        )
+
+    def mean_loss(self, rows: np.ndarray) -> float:
+        """Mean masked loss over the readable images of ``rows`` (eval mode, no augmentation),
+        each rank taking its share of ``rows``; every rank gets the job-wide value."""
         self.model.eval()
         total, count = 0.0, 0
+        share = ddp.rank_share(rows, self.ctx.rank, self.ctx.world_size)
         with torch.no_grad(), self.autocast():
-            for pixels, y, mask in self.batches(rows):
+            for batch in self.loader(share):
+                part = self.readable(batch)
+                if part is None:
+                    continue
+                pixels, y, mask, _ = part
                 logits = self.model(pixels)
                 total += float(masked_loss(logits, y, mask, self.weight, reduction="sum"))
                 count += int(mask.sum())
-        return total / max(count, 1)
+        total, n = ddp.sums(self.ctx, total, count)
+        return total / max(n, 1)
 
     def scores(self, rows: np.ndarray) -> tuple[list[int], np.ndarray]:
-        """Rows actually scored and their probabilities (sigmoid or softmax)."""
+        """Rows actually scored, in the order of ``rows``, and their probabilities (sigmoid
+        or softmax); each rank scores its share and every rank gets the whole split."""
         self.model.eval()
         kept: list[int] = []
         out: list[np.ndarray] = []
         multiclass = self.plan.table.labels.kind != "multilabel"
-        loader = make_loader(
-            self.dataset, batch_size=self.request.batch_size,
-            num_workers=self.request.num_workers, indices=[int(r) for r in rows],
-        )  # fmt: skip
+        share = ddp.rank_share(rows, self.ctx.rank, self.ctx.world_size)
         with torch.no_grad(), self.autocast():
-            for batch in loader:
-                if not bool(batch.ok.any()):
+            for batch in self.loader(share):
+                part = self.readable(batch)
+                if part is None:
                     continue
-                logits = self.model(batch.pixels[batch.ok].to(self.device)).float()
+                logits = self.model(part[0]).float()
                 probs = logits.softmax(1) if multiclass else logits.sigmoid()
                 out.append(probs.cpu().numpy().astype(np.float64))
-                kept.extend(int(i) for i in batch.indices[batch.ok])
+                kept.extend(int(i) for i in part[3])
         width = len(self.plan.table.labels.names)
-        return kept, np.concatenate(out) if out else np.empty((0, width))
+        mine = np.concatenate(out) if out else np.empty((0, width))
+        parts = ddp.gather(self.ctx, (kept, mine))
+        all_rows = [r for k, _ in parts for r in k]
+        all_scores = np.concatenate([s for _, s in parts]) if parts else mine
+        position = {int(r): i for i, r in enumerate(rows)}
+        order = sorted(range(len(all_rows)), key=lambda i: position[all_rows[i]])
+        return [all_rows[i] for i in order], all_scores[order].reshape(-1, width)
+
+    def gather_skipped(self) -> set[str]:
+        return {i for part in ddp.gather(self.ctx, sorted(self.skipped)) for i in part}
 
 
 def _trainable(model: Classifier) -> dict[str, torch.Tensor]:
@@ -347,12 +414,18 @@ def _load_trainable(model: Classifier, values: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def _oom(request: FinetuneRequest) -> EmbedkitError:
+def _oom(request: FinetuneRequest, world_size: int) -> EmbedkitError:
     smaller = max(1, request.batch_size // 2)
+    per_rank = " per rank" if world_size > 1 else ""
+    hint = " or --gradient-checkpointing" if not request.gradient_checkpointing else ""
+    if request.batch_size == 1:
+        return EmbedkitError(
+            f"out of memory finetuning {request.model} at {request.resolution}px even with batch "
+            f"size 1{per_rank}; try a lower --resolution, --method lora or bitfit{hint}"
+        )
     return EmbedkitError(
         f"out of memory finetuning {request.model} at {request.resolution}px with batch size "
-        f"{request.batch_size}; try --batch-size {smaller}"
-        + (" or --gradient-checkpointing" if not request.gradient_checkpointing else "")
+        f"{request.batch_size}{per_rank}; try --batch-size {smaller}{hint}"
     )
 
 
@@ -369,18 +442,41 @@ def run_finetune(
     An identical finished run is found and returned (``reused``) unless ``overwrite``; an
     interrupted one resumes from ``<results>/runs/<run id>/``. ``on_epoch`` is called after each
     epoch's checkpoint is written (progress display; tests use it to simulate a kill).
+
+    Under ``torchrun`` every rank calls this: the model is wrapped in DDP, each global batch of
+    ``batch_size x world_size`` images is split over the ranks, validation and test are scored
+    in shares and gathered, and rank 0 alone writes checkpoints and the record (``on_epoch``
+    runs on rank 0 only). Every rank returns the same outcome.
     """
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     cache_dir = Path(model_cache_dir) if model_cache_dir is not None else None
-    plan = _plan(request, man, cache_dir)
-    out = ResultsDir(results)
+    with distributed.session(resolve_device(request.device)) as ctx:
+        plan = _plan(request, man, cache_dir, world_size=ctx.world_size)
+        check_results_dataset(results, request.dataset, plan.table)
+        try:
+            return _train(request, plan, ctx, ResultsDir(results), cache_dir, on_epoch)
+        except torch.OutOfMemoryError as exc:
+            raise _oom(request, ctx.world_size) from exc
+
+
+def _train(
+    request: FinetuneRequest,
+    plan: _Plan,
+    ctx: DistContext,
+    out: ResultsDir,
+    cache_dir: Path | None,
+    on_epoch: Callable[[EpochLog], None] | None,
+) -> FinetuneOutcome:
     run_dir = out.root / "runs" / plan.run_id
-    found = out.find(plan.relpath)
-    if found is not None and not request.overwrite:
-        return FinetuneOutcome(found, (out.root / plan.relpath).with_suffix(".json"), True, run_dir)
-    if request.overwrite:
+    found = out.find(plan.relpath) if ctx.is_main and not request.overwrite else None
+    found = ctx.broadcast(found)
+    if found is not None:
+        path = (out.root / plan.relpath).with_suffix(".json")
+        return FinetuneOutcome(found, path, True, run_dir, rank=ctx.rank, world_size=ctx.world_size)
+    if request.overwrite and ctx.is_main:
         for stale in run_dir.glob("epoch-*.safetensors"):
             stale.unlink()
+    ctx.barrier()
 
     started = time.perf_counter()
     table = plan.table
@@ -391,7 +487,7 @@ def run_finetune(
                 f"the {name} split of {request.dataset} is empty; check the manifest's splits"
             )
     notes: list[str] = []
-    device = resolve_device(request.device)
+    device = ctx.device
     encoder = load_encoder(request.model, device="cpu", cache_dir=cache_dir)
     torch.manual_seed(request.seed)
     model = Classifier(encoder.model, plan.spec, len(table.labels.names), plan.pooling)
@@ -415,74 +511,128 @@ def run_finetune(
             for j in degenerate
         )
     run = _Run(request, plan, model, ImageDataset(table.ids, table.paths, plan.preprocessing),
-               device, weight)  # fmt: skip
+               ctx, weight)  # fmt: skip
 
     lr = request.effective_lr
     optimizer = torch.optim.AdamW(
         _param_groups(model, lr, request.weight_decay, request.layer_decay), lr=lr
     )
-    steps_per_epoch = math.ceil(len(train_rows) / request.batch_size)
+    global_batch = request.batch_size * ctx.world_size
+    steps_per_epoch = math.ceil(len(train_rows) / global_batch)
     total_steps = steps_per_epoch * request.epochs
     warmup_steps = max(1, round(request.warmup * total_steps))
 
     state = ckpt.Checkpoint(plan.run_id, 0, 0, {}, _trainable(model), {}, 0, math.inf)
-    latest = ckpt.latest_checkpoint(run_dir)
+    latest = ctx.broadcast(ckpt.latest_checkpoint(run_dir) if ctx.is_main else None)
     resumed_from = 0
     if latest is not None:
         state = ckpt.load_checkpoint(latest, plan.run_id)
         _load_trainable(model, state.model)
         optimizer.load_state_dict(state.optimizer)
         resumed_from = state.epoch
+    trained = ddp.wrap(model, ctx)  # after loading: DDP starts from rank 0's weights
 
     has_val = len(rows["val"]) > 0
     if not has_val:
         notes.append("no validation split: the last epoch is used")
-    try:
-        for epoch in range(state.epoch, request.epochs):
-            tick = time.perf_counter()
-            seed = _epoch_seed(request.seed, epoch)
-            torch.manual_seed(seed)  # dropout (LoRA, drop-path) of this epoch
-            generator = torch.Generator().manual_seed(seed)
-            order = train_rows[torch.randperm(len(train_rows), generator=generator).numpy()]
-            model.train()
-            losses: list[float] = []
-            for pixels, y, mask in run.batches(order):
-                for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * _lr_factor(state.step, total_steps,
-                                                                 warmup_steps)  # fmt: skip
-                if request.augment:
-                    pixels = augment(pixels, generator)
-                with run.autocast():
-                    loss = masked_loss(model(pixels), y, mask, weight)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                state.step += 1
-                losses.append(float(loss.detach()))
-            val_loss = run.loss_sum(rows["val"]) if has_val else None
-            train_loss = float(np.mean(losses)) if losses else math.nan
-            state.epoch = epoch + 1
-            score = val_loss if val_loss is not None else -float(state.epoch)
-            if score < state.best_loss:
-                state.best_loss, state.best_epoch, state.best = (
-                    score,
-                    state.epoch,
-                    _trainable(model),
-                )
-            log = EpochLog(state.epoch, train_loss, val_loss,
-                           float(optimizer.param_groups[-1]["lr"]),
-                           round(time.perf_counter() - tick, 3))  # fmt: skip
-            state.history.append({k: v for k, v in asdict(log).items() if v is not None})
-            state.model = _trainable(model)
-            state.optimizer = optimizer.state_dict()
+    for epoch in range(state.epoch, request.epochs):
+        tick = time.perf_counter()
+        seed = _epoch_seed(request.seed, epoch)
+        torch.manual_seed(seed + ctx.rank)  # dropout (LoRA, drop-path) of this epoch and rank
+        generator = torch.Generator().manual_seed(seed)
+        order = train_rows[torch.randperm(len(train_rows), generator=generator).numpy()]
+        flips, angles = draw_augmentation(len(order), generator)
+        position = np.empty(len(table), dtype=np.int64)
+        position[order] = np.arange(len(order))
+        starts = range(0, len(order), global_batch)
+        mine = np.concatenate([
+            ddp.rank_share(np.arange(s, min(s + global_batch, len(order))), ctx.rank,
+                           ctx.world_size)
+            for s in starts
+        ])  # fmt: skip
+        batches = run.loader(order[mine])
+        trained.train()
+        losses: list[float] = []
+        for _ in starts:
+            part = run.readable(next(batches, None))
+            n_ok = 0 if part is None else len(part[3])
+            n_obs = 0 if part is None else int(part[2].sum())
+            job_ok, job_obs = ddp.sums(ctx, n_ok, n_obs)
+            if job_ok == 0:
+                continue  # no readable image in this global batch: no step
+            pixels, y, mask, kept = part if part is not None else run.empty_part()
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * _lr_factor(state.step, total_steps,
+                                                             warmup_steps)  # fmt: skip
+            if request.augment and len(kept):
+                at = torch.from_numpy(position[kept.numpy()])
+                pixels = apply_augmentation(pixels, flips[at], angles[at])
+            with run.autocast():
+                loss_sum = masked_loss(trained(pixels), y, mask, weight, reduction="sum")
+            # DDP averages gradients over ranks: scaling each rank's sum by world / (entries
+            # in the global batch) makes that average the gradient of the global batch mean.
+            loss = loss_sum * (ctx.world_size / max(job_obs, 1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state.step += 1
+            (job_sum,) = ddp.sums(ctx, float(loss_sum.detach()))
+            losses.append(job_sum / max(job_obs, 1))
+        val_loss = run.mean_loss(rows["val"]) if has_val else None
+        train_loss = float(np.mean(losses)) if losses else math.nan
+        state.epoch = epoch + 1
+        score = val_loss if val_loss is not None else -float(state.epoch)
+        if score < state.best_loss:
+            state.best_loss, state.best_epoch, state.best = score, state.epoch, _trainable(model)
+        log = EpochLog(state.epoch, train_loss, val_loss,
+                       float(optimizer.param_groups[-1]["lr"]),
+                       round(time.perf_counter() - tick, 3))  # fmt: skip
+        state.history.append({k: v for k, v in asdict(log).items() if v is not None})
+        state.model = _trainable(model)
+        state.optimizer = optimizer.state_dict()
+        if ctx.is_main:
             ckpt.save(run_dir, state)
-            if on_epoch is not None:
-                on_epoch(log)
-    except torch.OutOfMemoryError as exc:
-        raise _oom(request) from exc
+        ctx.barrier()  # no rank starts the next epoch before this one's checkpoint is on disk
+        if on_epoch is not None and ctx.is_main:
+            on_epoch(log)
 
     _load_trainable(model, state.best)
-    kept, scores = run.scores(rows["test"])
+    kept_rows, scores = run.scores(rows["test"])
+    skipped = run.gather_skipped()
+    result: tuple[ResultRecord, Path] | None = None
+    if ctx.is_main:
+        result = _write_record(
+            request, plan, out, encoder, run_dir, state, counts,
+            kept_rows, scores, rows, notes, skipped, resumed_from, ctx, started,
+        )  # fmt: skip
+    ctx.barrier()  # no rank reports before the record is written
+    shared = ctx.broadcast(result)
+    if shared is None:
+        raise EmbedkitError("rank 0 wrote no result record; see its log for the error")
+    record, path = shared
+    return FinetuneOutcome(
+        record, path, False, run_dir, resumed_from, record.notes, ctx.rank, ctx.world_size
+    )
+
+
+def _write_record(
+    request: FinetuneRequest,
+    plan: _Plan,
+    out: ResultsDir,
+    encoder: LoadedEncoder,
+    run_dir: Path,
+    state: ckpt.Checkpoint,
+    counts: dict[str, int],
+    kept: list[int],
+    scores: np.ndarray,
+    rows: dict[str, np.ndarray],
+    notes: list[str],
+    skipped: set[str],
+    resumed_from: int,
+    ctx: DistContext,
+    started: float,
+) -> tuple[ResultRecord, Path]:
+    table = plan.table
     test_rows = np.asarray(kept, dtype=np.int64)
     labels = list(table.labels.names)
     test = SplitFeatures(
@@ -492,9 +642,10 @@ def run_finetune(
         len(rows["test"]) - len(test_rows),
     )  # fmt: skip
     metrics, per_label, more = evaluate_scores(test, labels, scores, request.n_boot, request.seed)
-    notes.extend(more)
-    if run.skipped:
-        notes.append(f"{len(run.skipped)} unreadable images left out: {sorted(run.skipped)[:5]}")
+    notes = [*notes, *more]
+    if skipped:
+        notes.append(f"{len(skipped)} unreadable images left out: {sorted(skipped)[:5]}")
+    has_val = len(rows["val"]) > 0
     record = ResultRecord(
         record_id=plan.run_id,
         kind=f"finetune-{request.method}",
@@ -512,7 +663,7 @@ def run_finetune(
             "run_dir": str(run_dir),
         },
         params=plan.params,
-        selected={"epoch": state.best_epoch, "lr": lr},
+        selected={"epoch": state.best_epoch, "lr": request.effective_lr},
         seed=request.seed,
         metrics=metrics,
         per_label=per_label,
@@ -526,9 +677,11 @@ def run_finetune(
             "history": state.history,
             "best_val_loss": state.best_loss if has_val else None,
             "resumed_from_epoch": resumed_from,
-            "device": str(device),
+            "device": str(ctx.device),
+            "world_size": ctx.world_size,
+            "batch_per_rank": request.batch_size,
         },
     )
     score_table = ScoreTable(test.ids, tuple(labels), test.y, test.mask, scores)
     path = out.write(record, score_table, overwrite=request.overwrite)
-    return FinetuneOutcome(record, path, False, run_dir, resumed_from, notes)
+    return record, path

@@ -1,11 +1,12 @@
 """Comparison reports built from result records alone: tables, paired tests, plots, HTML."""
 
 from embedkit.report.build import ReportFiles, build_report
-from embedkit.report.compare import Comparison, compare_records
+from embedkit.report.compare import Comparison, PairChoice, compare_records
 from embedkit.report.tables import SummaryRow, summary_rows
 
 __all__ = [
     "Comparison",
+    "PairChoice",
     "ReportFiles",
     "SummaryRow",
     "build_report",

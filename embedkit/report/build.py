@@ -11,13 +11,20 @@ from __future__ import annotations
 import base64
 import html
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from embedkit.errors import CacheNotFoundError
 from embedkit.report import plots
-from embedkit.report.compare import Comparison, compare_records, comparisons_markdown
+from embedkit.report.compare import (
+    Comparison,
+    PairChoice,
+    compare_records,
+    comparisons_markdown,
+)
+from embedkit.report.consistency import check_records
 from embedkit.report.tables import (
     SummaryRow,
     per_label_markdown,
@@ -111,19 +118,25 @@ def build_report(
     *,
     correction: Literal["holm", "bonferroni", "fdr_bh"] = "holm",
     n_boot: int = 1000,
+    pairs: Sequence[PairChoice] | None = None,
 ) -> ReportFiles:
-    """Read every record under ``results`` and write the report files to ``out``."""
+    """Read every record under ``results`` and write the report files to ``out``.
+
+    Records of one dataset name made from different manifests are refused
+    (:class:`~embedkit.report.consistency.MixedResultsError`), never mixed in one table.
+    ``pairs`` limits the paired comparisons to chosen ones (default: every comparable pair)."""
     root = Path(results)
-    pairs = _records(root)
-    if not pairs:
+    found = _records(root)
+    if not found:
         raise CacheNotFoundError(
             f"no result records under {root}; run `embedkit probe ...` first (or pass --results)"
         )
-    records = [r for r, _ in pairs]
+    check_records(found, where=str(root))
+    records = [r for r, _ in found]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summary_rows(records)
-    comparisons = compare_records(pairs, n_boot=n_boot, correction=correction)
+    comparisons = compare_records(found, n_boot=n_boot, correction=correction, pairs=pairs)
     report = ReportFiles(out_dir, rows, comparisons)
     report.files += [
         _write(out_dir / "summary.md", to_markdown(rows)),

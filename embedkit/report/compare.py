@@ -6,7 +6,9 @@ the same resolution and method, and two methods for the same model and resolutio
 finetune). Each pair gets the paired bootstrap test of the macro AUROC difference (1,000
 resamples; the indices depend only on the test-set size and the seed, so every comparison on a
 test set uses the same resamples) and the p-values are adjusted across the whole report (Holm
-by default).
+by default). A report can instead be limited to chosen pairs (:class:`PairChoice`: an axis and
+optionally its two values, e.g. ``model dinov3/vitb16 vs dinov2/base``), which also makes the
+correction count only the comparisons asked for.
 """
 
 from __future__ import annotations
@@ -39,6 +41,49 @@ class Comparison:
     n_test: int
 
 
+Axis = Literal["resolution", "model", "method"]
+
+
+@dataclass(frozen=True, slots=True)
+class PairChoice:
+    """Compare runs that differ only along ``axis``; with ``a`` and ``b``, only runs whose
+    value on that axis is ``a`` against runs whose value is ``b`` (``a`` is reported as A)."""
+
+    axis: Axis
+    a: str | None = None
+    b: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.axis not in ("resolution", "model", "method"):
+            raise ValueError(
+                f"Expected axis resolution, model or method, got {self.axis!r} instead"
+            )
+        if (self.a is None) != (self.b is None) or (self.a is not None and self.a == self.b):
+            raise ValueError(
+                f"Expected both values of a pair or neither, and two different ones, got "
+                f"a={self.a!r}, b={self.b!r} instead"
+            )
+
+    def orient(
+        self, axis: str, first: ResultRecord, second: ResultRecord
+    ) -> tuple[ResultRecord, ResultRecord] | None:
+        """``(A, B)`` if this choice selects the pair, else None."""
+        if axis != self.axis:
+            return None
+        if self.a is None:
+            return first, second
+        values = (_value(first, axis), _value(second, axis))
+        if values == (self.a, self.b):
+            return first, second
+        if values == (self.b, self.a):
+            return second, first
+        return None
+
+
+def _value(r: ResultRecord, axis: str) -> str:
+    return {"resolution": str(r.resolution), "model": r.model, "method": r.kind}[axis]
+
+
 def _label(r: ResultRecord) -> str:
     return f"{r.model} · {r.resolution}px · {r.kind}"
 
@@ -68,8 +113,10 @@ def compare_records(
     n_boot: int = 1000,
     seed: int = 0,
     correction: Literal["holm", "bonferroni", "fdr_bh"] = "holm",
+    pairs: Sequence[PairChoice] | None = None,
 ) -> list[Comparison]:
-    """Paired tests between every comparable pair of ``(record, json path)``."""
+    """Paired tests between every comparable pair of ``(record, json path)``, or only between
+    the pairs some :class:`PairChoice` of ``pairs`` selects."""
     scored: dict[tuple[str, tuple[str, ...]], list[tuple[ResultRecord, ScoreTable]]]
     scored = defaultdict(list)
     for record, path in records:
@@ -85,6 +132,13 @@ def compare_records(
             if axis is None:
                 continue
             first, second = _order(ra, rb, axis)
+            if pairs is not None:
+                chosen = next(
+                    (o for c in pairs if (o := c.orient(axis, first, second)) is not None), None
+                )
+                if chosen is None:
+                    continue
+                first, second = chosen
             s_first, s_second = (sa, sb) if first is ra else (sb, sa)
             o1, o2 = np.argsort(s_first.ids), np.argsort(s_second.ids)  # align by image id
             y, mask = s_first.y[o1], s_first.mask[o1]

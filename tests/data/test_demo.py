@@ -1,4 +1,5 @@
-"""The synthetic demo dataset: deterministic, resumable, in the format the manifest expects."""
+"""The synthetic demo dataset: deterministic, resumable, in the format the manifest expects;
+the demo command's data step and options on the demo pipeline."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from embedkit.data.demo import FINDINGS, INDEX_COLUMNS, DemoSpec, generate_demo
+from embedkit.errors import ConfigError
+from embedkit.manifest import DatasetConfig, load_manifest
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -79,3 +83,61 @@ def test_findings_change_the_image() -> None:
 def test_bad_spec_is_rejected() -> None:
     with pytest.raises(ValueError, match="Expected an image size"):
         DemoSpec(size=10)
+
+
+def _demo_config(folder: Path, **changes: object) -> DatasetConfig:
+    from embedkit.demo import demo_dataset_config
+
+    doc = {"datasets": {"demo": {**demo_dataset_config(), **changes}}}
+    (folder / "manifest.yaml").write_text(yaml.safe_dump(doc))
+    return load_manifest(folder / "manifest.yaml").dataset("demo")
+
+
+def test_ensure_demo_data_generates_once_and_refuses_another_spec(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    from embedkit.demo import ensure_demo_data
+
+    spec = DemoSpec(n_patients=8, images_per_patient=3, size=128)
+    config = _demo_config(tmp_path)
+    assert ensure_demo_data(config, spec) is True
+    assert _digest(tmp_path / "images") == _digest(demo_dir / "images")
+    assert ensure_demo_data(config, spec) is False  # found: nothing rewritten
+    with pytest.raises(ConfigError, match=r"generated with .*'n_patients': 8.*delete the folder"):
+        ensure_demo_data(config, DemoSpec(n_patients=9, images_per_patient=3, size=128))
+
+
+def test_demo_data_from_before_the_spec_file_is_recognised(tmp_path: Path) -> None:
+    from embedkit.demo import ensure_demo_data
+
+    spec = DemoSpec(n_patients=2, images_per_patient=2, size=64)
+    generate_demo(tmp_path, spec)  # no demo-spec.json, as the demo command used to write
+    config = _demo_config(tmp_path)
+    assert ensure_demo_data(config, spec) is False
+    with pytest.raises(ConfigError, match="'size': 64"):
+        ensure_demo_data(config, DemoSpec(n_patients=2, images_per_patient=2, size=96))
+
+
+def test_demo_data_needs_the_generator_layout(tmp_path: Path) -> None:
+    from embedkit.demo import ensure_demo_data
+
+    config = _demo_config(tmp_path, images="pictures")
+    with pytest.raises(ConfigError, match="cannot hold generated demo data"):
+        ensure_demo_data(config, DemoSpec(n_patients=1, images_per_patient=1, size=64))
+
+
+def test_demo_options_override_the_demo_pipeline() -> None:
+    from embedkit.demo import demo_pipeline
+
+    default = demo_pipeline()
+    assert default.spec.demo_data is not None and default.spec.demo_data.size == 1024
+    changed = demo_pipeline(patients=7, size=256, model="test/tiny-dinov2", resolutions=(112, 56),
+                            workers=0)  # fmt: skip
+    demo = changed.spec.demo_data
+    assert demo is not None and (demo.patients, demo.size, demo.images_per_patient) == (7, 256, 3)
+    frozen, tuned = changed.spec.blocks
+    assert frozen.models == tuned.models == ("test/tiny-dinov2",)
+    assert frozen.resolutions == (112, 56) and tuned.resolutions == (56,)
+    assert frozen.extract.workers == 0 and tuned.finetune[0].options["num_workers"] == 0
+    with pytest.raises(ConfigError, match=r"blocks\[0\]\.models\[0\]"):
+        demo_pipeline(model="dinov3/vitb61")

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from embedkit.data.dataset import read_all
 from embedkit.data.transforms import Preprocessing
+from embedkit.errors import EmbedkitError
 from embedkit.extract import ExtractionRequest, extract
 from embedkit.finetune import (
     Classifier,
@@ -27,6 +29,7 @@ from embedkit.manifest import load_manifest
 from embedkit.models import load_encoder
 from embedkit.probe import ProbeRequest, run_probe
 from embedkit.report import build_report
+from embedkit.report.consistency import MixedResultsError
 from embedkit.results import load_record, load_scores
 
 VIT = "test/tiny-dinov3-vit"
@@ -165,3 +168,44 @@ def test_cli_finetune_writes_and_then_finds_the_record(
     assert second.exit_code == 0 and "found (identical run)" in second.output
     bad = CliRunner().invoke(app, [*args[:7], "--method", "adapter"])
     assert bad.exit_code == 2
+
+
+@pytest.mark.parametrize(("batch_size", "advice"), [(8, "try --batch-size 4"),
+                                                    (1, "even with batch size 1")])  # fmt: skip
+def test_out_of_memory_names_the_batch_size_to_try(
+    batch_size: int,
+    advice: str,
+    ft_manifest: Path,
+    ft_model_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A GPU running out of memory in a training step (simulated: this machine has no GPU)
+    becomes one clear error with the batch size to try; no record is written."""
+    import embedkit.finetune.train as train
+
+    def out_of_memory(*_args: object, **_kw: object) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "masked_loss", out_of_memory)
+    with pytest.raises(EmbedkitError, match=advice) as caught:
+        run_finetune(_request(batch_size=batch_size), manifest=ft_manifest,
+                     results=tmp_path / "r", model_cache_dir=ft_model_cache)  # fmt: skip
+    assert "out of memory finetuning test/tiny-dinov3-vit at 64px" in str(caught.value)
+    assert "--gradient-checkpointing" in str(caught.value)
+    assert not list((tmp_path / "r").rglob("*.json"))
+
+
+def test_a_results_folder_of_another_manifest_for_the_same_dataset_is_refused(
+    ft_manifest: Path, ft_model_cache: Path, tmp_path: Path
+) -> None:
+    request = _request("linear", epochs=1)
+    kw = {"results": tmp_path / "r", "model_cache_dir": ft_model_cache}
+    run_finetune(request, manifest=ft_manifest, **kw)  # type: ignore[arg-type]
+    doc = yaml.safe_load(ft_manifest.read_text())
+    doc["datasets"]["demo"]["splits"]["seed"] = 3  # another split of the same images
+    other = ft_manifest.with_name("ft-other-split.yaml")  # beside it: same relative paths
+    other.write_text(yaml.safe_dump(doc))
+    with pytest.raises(MixedResultsError, match=r"dataset 'demo': .* manifest's test split"):
+        run_finetune(request, manifest=other, **kw)  # type: ignore[arg-type]
+    assert len(list((tmp_path / "r").rglob("*.json"))) == 1
