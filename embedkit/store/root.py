@@ -14,11 +14,13 @@ reading work, and every write raises :class:`CacheWriteError` naming the root an
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fnmatch
 import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +34,12 @@ from zarr.storage import FsspecStore, LocalStore
 from embedkit.errors import CacheWriteError
 
 __all__ = ["CacheRoot", "ObjectStat"]
+
+#: fsspec protocols whose ``pipe_file(mode="create")`` is an atomic create-if-absent: S3 sends
+#: ``If-None-Match: *`` (the store must honour it; see ``CacheRoot.exclusive_create``) and the
+#: in-process memory filesystem is guarded by :data:`_MEMORY_CREATE` below.
+_ATOMIC_CREATE = {"s3", "s3a", "memory"}
+_MEMORY_CREATE = threading.Lock()
 
 #: Remote filesystems are opened without listing caches: other processes and zarr's own
 #: filesystem instance write to the same prefix, and a stale listing would hide their objects.
@@ -171,6 +179,71 @@ class CacheRoot:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def create_exclusive(self, relpath: str, data: bytes) -> bool:
+        """Create ``relpath`` holding ``data`` only if it does not exist; whether we created it.
+
+        Readers see nothing or all of ``data``, and of several processes racing to create the
+        same path exactly one gets True, wherever :attr:`exclusive_create` is ``"atomic"``:
+
+        * local / shared filesystems: the data go to a temporary file (fsynced), which is then
+          hard-linked to the target. ``link`` fails if the target exists, is atomic on local
+          filesystems and NFS (the classic NFS-safe lock recipe: a lost reply is detected by the
+          temporary file's link count), and publishes the complete content at once. Where hard
+          links are not supported, ``O_CREAT | O_EXCL`` (atomic, but the content follows).
+        * S3: one ``PutObject`` with ``If-None-Match: *`` (s3fs ``pipe_file(mode="create")``);
+          the store answers 412 to all but the first.
+        * memory://: a check-and-write under a process-wide lock.
+        * other fsspec stores: fsspec's ``pipe_file(mode="create")``, which for many backends
+          is a check followed by a write (``exclusive_create`` is then ``"best-effort"``).
+        """
+        self.require_writable()
+        try:
+            return self._create_exclusive(relpath, data)
+        except OSError as exc:
+            raise self.write_error(f"create {relpath} in", exc) from exc
+
+    @property
+    def exclusive_create(self) -> str:
+        """``"atomic"`` or ``"best-effort"``: the guarantee of :meth:`create_exclusive`."""
+        if self.local_path is not None:
+            return "atomic"
+        protocol = self._fs.protocol
+        names = {protocol} if isinstance(protocol, str) else set(protocol)
+        return "atomic" if names & _ATOMIC_CREATE else "best-effort"
+
+    def _create_exclusive(self, relpath: str, data: bytes) -> bool:
+        if self.local_path is None:
+            path = self._fsabs(relpath)
+            try:
+                if "memory" in self._fs.protocol:
+                    with _MEMORY_CREATE:
+                        self._fs.pipe_file(path, data, mode="create")
+                else:
+                    self._fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        target = self.local_path / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    return _create_excl_open(target, data)
+                if os.stat(tmp).st_nlink != 2:  # NFS: the reply may be lost, not the link
+                    raise
+            return True
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def read_bytes(self, relpath: str) -> bytes:
         """The bytes of ``relpath``; a missing file raises :class:`FileNotFoundError`."""
@@ -324,6 +397,19 @@ def _object_stat(info: Mapping[str, Any]) -> ObjectStat:
         mtime = _dt.datetime.fromisoformat(raw)
         mtime = mtime if mtime.tzinfo else mtime.replace(tzinfo=_dt.UTC)
     return ObjectStat(int(info.get("size") or 0), mtime)
+
+
+def _create_excl_open(target: Path, data: bytes) -> bool:
+    """Create-if-absent with ``O_CREAT | O_EXCL`` (for filesystems without hard links)."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
 
 
 def _ensure_writable(path: Path) -> bool:
