@@ -38,7 +38,7 @@ import torch
 from embedkit import distributed
 from embedkit.data.dataset import Batch, ImageDataset, collate
 from embedkit.data.transforms import Preprocessing
-from embedkit.errors import BadImagesError, EmbedkitError, EntryExistsError
+from embedkit.errors import BadImagesError, CacheNotFoundError, EmbedkitError, EntryExistsError
 from embedkit.manifest import DatasetTable, Manifest, load_manifest
 from embedkit.models import (
     EncoderIdentity,
@@ -270,7 +270,12 @@ class _UnitWriter:
             try:
                 if self._leases is not None and not self._leases.holds_unit(u):
                     continue  # our claim expired and another job took the unit over
-                self._entry.write_unit(u, arrays, valid=valid, skipped=skipped)
+                try:
+                    self._entry.write_unit(u, arrays, valid=valid, skipped=skipped)
+                except EntryExistsError:
+                    if self._leases is None:
+                        raise
+                    continue  # taken over and written by another job after our check
                 self.units.append(u)
                 if self._leases is not None:
                     self._leases.release_unit(u)
@@ -584,7 +589,10 @@ def _existing(plan: ExtractionPlan, root: CacheRoot) -> FeatureEntry | None:
     if plan.request.overwrite:
         remove_entry(root, plan.key)
         return None
-    found = FeatureEntry.open(root, plan.key, allow_partial=True)
+    try:
+        found = FeatureEntry.open(root, plan.key, allow_partial=True)
+    except CacheNotFoundError:  # another job is creating its layout right now
+        return None
     return found if found.is_complete else None
 
 

@@ -659,7 +659,13 @@ class FeatureEntry:
             "written_at": _now(),
             "writer": _writer(),
         }
-        self.root.write_bytes_atomic(self._unit_path(u), json.dumps(record).encode())
+        # Created exclusively: of two writers of one unit (a job whose claim was taken over
+        # while it was paused, see embedkit.store.lease) exactly one record wins.
+        if not self.root.create_exclusive(self._unit_path(u), json.dumps(record).encode()):
+            raise EntryExistsError(
+                f"Unit {u} of {self.uri} was written by another job meanwhile (its claim was "
+                "taken over); the unit holds that job's identical features."
+            )
 
     def _write_chunks(
         self, u: int, targets: Mapping[str, np.ndarray], layouts: Mapping[str, ChunkLayout]

@@ -14,12 +14,14 @@ race moves on to another unit; when nothing is claimable it polls until units co
 the entry is finalized, once: ``COMPLETE.json`` is created exclusively too) or a claim expires.
 
 A claim whose owner stopped cleanly (an error, Ctrl-C) is marked ``released`` and is taken over
-without waiting. Before writing a unit the owner checks that no newer generation exists; a job
-whose claim was taken over does not write it. What remains: an owner paused for longer than the
-ttl right after that check (SIGSTOP, a frozen VM) may write the unit after the taker did. The
-features of a unit are deterministic, so both writes hold the same bytes (given the same
-hardware and library versions) and the unit record is valid either way; ``embedkit cache
-verify`` checks it.
+without waiting, and so is one whose owner ran on this machine, in this pid namespace (same
+Linux boot id and ``/proc/self/ns/pid``), and is no longer running (killed, crashed): rerunning
+a killed command resumes at once. Owners elsewhere are judged by their heartbeat only. Before
+writing a unit the owner checks that no newer generation exists; a job whose claim was taken
+over does not write it. What remains: an owner paused for longer than the ttl right after that
+check (SIGSTOP, a frozen VM) may write the unit after the taker did. The features of a unit are
+deterministic, so both writes hold the same bytes (given the same hardware and library versions)
+and the unit record is valid either way; ``embedkit cache verify`` checks it.
 
 The layout of a new entry (``zarr.json`` and the arrays' metadata) is created under the claim
 named ``layout``, so exactly one job creates it and the others wait and open it.
@@ -94,16 +96,52 @@ class Owner:
     pid: int
     token: str
     rank: int | None = None
+    #: Boot id and pid namespace of the owner's machine (Linux), where its pid is meaningful.
+    machine: str | None = None
 
     @classmethod
     def this_process(cls, rank: int | None = None) -> Owner:
-        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex, rank)
+        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex, rank, _MACHINE)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"host": self.host, "pid": self.pid, "token": self.token}
         if self.rank is not None:
             out["rank"] = self.rank
+        if self.machine is not None:
+            out["machine"] = self.machine
         return out
+
+
+def _machine_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+_MACHINE = _machine_id()
+
+
+def _owner_gone(owner: object) -> bool:
+    """Whether a claim's owner ran here (same machine id) and its process no longer runs."""
+    if _MACHINE is None or not isinstance(owner, dict) or owner.get("machine") != _MACHINE:
+        return False
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's process
+        return False
+    try:  # a killed process its parent has not reaped yet
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _claim_name(name: str, generation: int) -> str:
@@ -146,10 +184,15 @@ class Leases:
     _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
     _atomic: bool | None = field(default=None, init=False, repr=False)
+    _shortest_ttl: float = field(default=float("inf"), init=False, repr=False)
 
     @property
     def poll_interval(self) -> float:
-        return self.poll_s if self.poll_s is not None else min(10.0, max(0.1, self.ttl_s / 6))
+        """Seconds between looks while waiting: ``poll_s``, else a sixth of the shortest ttl
+        (ours or of a claim we watch) within [0.05, 10]."""
+        if self.poll_s is not None:
+            return self.poll_s
+        return min(10.0, max(0.05, min(self.ttl_s, self._shortest_ttl) / 6))
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -298,9 +341,10 @@ class Leases:
         try:
             doc = json.loads(content)
             ttl = float(doc.get("ttl_s", self.ttl_s))
-            released = bool(doc.get("released", False))
+            released = bool(doc.get("released", False)) or _owner_gone(doc.get("owner"))
         except (ValueError, TypeError, AttributeError):  # being written: judge by its age
             ttl, released = self.ttl_s, False
+        self._shortest_ttl = min(self._shortest_ttl, ttl)
         if released or now - seen.since >= ttl:
             return newest + 1
         return None
@@ -369,9 +413,10 @@ def live_claims(
 ) -> list[str]:
     """Claims of ``relpath`` that look held right now, judged by wall-clock modification time.
 
-    A claim counts as live unless it is released, its unit is written, or its file is older
-    than ``slack`` times its ttl. This compares the store's clock with ours, so it is a guard
-    for removal (``--overwrite``, ``gc``), not what jobs use to take claims over.
+    A claim counts as live unless it is released, its unit is written, its owner is known to be
+    gone (see :class:`Leases`), or its file is older than ``slack`` times its ttl. This compares
+    the store's clock with ours, so it is a guard for removal (``--overwrite``, ``gc``), not
+    what jobs use to take claims over.
     """
     now = now or _dt.datetime.now(_dt.UTC)
     newest: dict[str, int] = {}
@@ -389,7 +434,8 @@ def live_claims(
             continue
         try:
             doc = json.loads(root.read_bytes(path))
-            ttl, released = float(doc.get("ttl_s", DEFAULT_TTL_S)), bool(doc.get("released"))
+            ttl = float(doc.get("ttl_s", DEFAULT_TTL_S))
+            released = bool(doc.get("released")) or _owner_gone(doc.get("owner"))
         except (FileNotFoundError, ValueError, TypeError, AttributeError):
             ttl, released = DEFAULT_TTL_S, False
         if not released and (now - st.mtime).total_seconds() < slack * ttl:
