@@ -717,6 +717,7 @@ def _extract_ranks(
     encoder = _load(plan, identity, ctx)
     plan = _auto_batch(plan, encoder, ctx)
     share = distributed.assign_units(entry.pending_units(), ctx.rank, ctx.world_size)
+    ctx.barrier()  # all ranks start claiming together, each with its own share first
     bar = progress if ctx.is_main else None
     with _leases(plan, entry, ctx.rank) as leases:
         if _is_sharded(encoder):

@@ -238,7 +238,10 @@ class CacheRoot:
                 return False
             except OSError as exc:
                 if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-                    return _create_excl_open(target, data)
+                    if not _create_marker(target.with_name(f".{target.name}.excl")):
+                        return False
+                    os.replace(tmp, target)  # the marker's creator alone publishes the content
+                    return True
                 if os.stat(tmp).st_nlink != 2:  # NFS: the reply may be lost, not the link
                     raise
             return True
@@ -399,16 +402,12 @@ def _object_stat(info: Mapping[str, Any]) -> ObjectStat:
     return ObjectStat(int(info.get("size") or 0), mtime)
 
 
-def _create_excl_open(target: Path, data: bytes) -> bool:
-    """Create-if-absent with ``O_CREAT | O_EXCL`` (for filesystems without hard links)."""
+def _create_marker(path: Path) -> bool:
+    """Create an empty ``path`` with ``O_CREAT | O_EXCL`` (filesystems without hard links)."""
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     except FileExistsError:
         return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     return True
 
 

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -244,3 +245,20 @@ def test_claim_of_a_dead_local_process_is_taken_over_at_once(root: CacheRoot, ki
         f"{entry.relpath}/leases/000001.0000.json",
         f"{entry.relpath}/leases/000002.0000.json",
     ]
+
+
+def test_create_exclusive_without_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    def no_links(src: Any, dst: Any) -> None:
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    root = CacheRoot.from_uri(tmp_path / "c")
+    won = race(6, lambda i: root.create_exclusive("race.json", f"writer {i}".encode()))
+    assert sum(w is True for w in won) == 1, won
+    assert root.read_bytes("race.json") == f"writer {won.index(True)}".encode()
+    assert sorted(os.listdir(tmp_path / "c")) == [".race.json.excl", "race.json"]
