@@ -519,8 +519,8 @@ class FeatureEntry:
         return done
 
     def has_unit(self, u: int) -> bool:
-        """Whether unit ``u`` has its completion record (one stat / HEAD)."""
-        return self.root.exists(self._unit_path(u))
+        """Whether unit ``u`` has its completion record (one stat / GET)."""
+        return self.root.is_file(self._unit_path(u))
 
     def pending_units(self) -> list[int]:
         """Units without a completion record, in order."""

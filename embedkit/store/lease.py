@@ -295,7 +295,7 @@ class Leases:
 
     def _owner_token(self, name: str, generation: int) -> str | None:
         try:
-            doc = json.loads(self.root.read_bytes(self._path(name, generation)))
+            doc = json.loads(self.root.read_small(self._path(name, generation)))
             return str(doc["owner"]["token"])
         except (FileNotFoundError, KeyError, TypeError, ValueError):
             return None
@@ -304,7 +304,7 @@ class Leases:
         """Whether this job still holds claim ``name`` (no newer generation was created)."""
         with self._mutex:
             h = self._held.get(name)
-        return h is not None and not self.root.exists(self._path(name, h.generation + 1))
+        return h is not None and not self.root.is_file(self._path(name, h.generation + 1))
 
     def release(self, name: str, *, mark: bool = False) -> None:
         """Stop heartbeating ``name``; its work is written (the file stays until finalize).
@@ -330,7 +330,7 @@ class Leases:
                 return None
         key = (name, newest)
         try:
-            content = self.root.read_bytes(self._path(name, newest))
+            content = self.root.read_small(self._path(name, newest))
         except FileNotFoundError:
             return newest + 1  # removed meanwhile (the entry is being finalized or removed)
         now = time.monotonic()

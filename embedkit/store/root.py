@@ -327,6 +327,28 @@ class CacheRoot:
             return (self.local_path / relpath).exists()
         return bool(self._fs.exists(self._fsabs(relpath)))
 
+    def read_small(self, relpath: str) -> bytes:
+        """:meth:`read_bytes` for small, non-empty files (claims, records) in one request.
+
+        On S3 a plain read costs a HEAD (for the size) and a GET; this sends one ranged GET.
+        """
+        if self.local_path is not None:
+            return self.read_bytes(relpath)
+        return bytes(self._fs.cat_file(self._fsabs(relpath), start=0))
+
+    def is_file(self, relpath: str) -> bool:
+        """Whether the small, non-empty file ``relpath`` exists, in one request (on S3,
+        :meth:`exists` of a missing key costs a HEAD and a LIST)."""
+        if self.local_path is not None:
+            return (self.local_path / relpath).is_file()
+        try:
+            self.read_small(relpath)
+        except FileNotFoundError:
+            return False
+        except OSError:  # e.g. an empty object refuses the range: ask the slow way
+            return self.exists(relpath)
+        return True
+
     def listdir(self, relpath: str = "") -> list[str]:
         """Sorted names (not paths) directly under ``relpath``; empty if it does not exist."""
         if self.local_path is not None:

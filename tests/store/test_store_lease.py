@@ -62,6 +62,15 @@ def test_create_exclusive_creates_once(root: CacheRoot) -> None:
     assert root.listdir("x") == ["claim.json"]  # no temporary file left behind
 
 
+def test_small_file_reads_in_one_request(root: CacheRoot) -> None:
+    assert not root.is_file("small/a.json")
+    root.write_bytes_atomic("small/a.json", b'{"x": 1}')
+    assert root.is_file("small/a.json") and not root.is_file("small")
+    assert root.read_small("small/a.json") == b'{"x": 1}'
+    with pytest.raises(FileNotFoundError):
+        root.read_small("small/b.json")
+
+
 def test_create_exclusive_race_has_one_winner(root: CacheRoot) -> None:
     won = race(6, lambda i: root.create_exclusive("race.json", f"writer {i}".encode()))
     assert sum(w is True for w in won) == 1, won
