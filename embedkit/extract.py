@@ -674,6 +674,8 @@ def _extract_one(
     if found is not None:
         return ExtractionResult(found, 0, True, 0.0, 0, found.skipped())
     entry = _open_entry(plan, identity, root)
+    if not entry.is_complete and not entry.pending_units():  # its last writer stopped early
+        _finish(entry, time.perf_counter() - started, None)
     if entry.is_complete:  # another job finished it just now
         return ExtractionResult(entry, 0, True, 0.0, 0, entry.skipped())
     ctx = distributed.DistContext(distributed.rank_env({}), plan.device, None)
