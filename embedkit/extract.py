@@ -624,8 +624,23 @@ def _compute_claimed(
     while True:
         part = run_extraction(plan, encoder, entry, leases=leases, progress=progress, prefer=prefer)
         total = _merge(total, part)
-        if not leases.wait_for_units(entry):
+        if not _wait_for_others(entry, leases, progress):
             return total
+
+
+def _wait_for_others(entry: FeatureEntry, leases: Leases, progress: ProgressFactory | None) -> bool:
+    """:meth:`Leases.wait_for_units`, shown as a bar of the units written so far."""
+    if progress is None or not entry.pending_units():
+        return leases.wait_for_units(entry)
+    with progress(entry.n_units, "units (other jobs are writing the rest)") as advance:
+        shown = 0
+
+        def polled(done: int) -> None:
+            nonlocal shown
+            advance(done - shown)
+            shown = done
+
+        return leases.wait_for_units(entry, polled)
 
 
 def _compute_rounds(

@@ -393,10 +393,17 @@ class Leases:
     def release_unit(self, u: int) -> None:
         self.release(_unit_name(u))
 
-    def wait_for_units(self, entry: FeatureEntry) -> bool:
-        """Poll until every unit is written (False) or one becomes claimable (True)."""
+    def wait_for_units(
+        self, entry: FeatureEntry, on_poll: Callable[[int], None] | None = None
+    ) -> bool:
+        """Poll until every unit is written (False) or one becomes claimable (True).
+
+        ``on_poll(n_done)`` is called at every look (for a progress display).
+        """
         while True:
             done = entry.done_units()
+            if on_poll is not None:
+                on_poll(len(done))
             if len(done) >= entry.n_units:
                 return False
             newest = self.generations()

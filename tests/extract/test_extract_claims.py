@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,9 +50,9 @@ def test_units_claimed_by_a_live_job_are_left_to_it(
     waiting = threading.Event()
     real_wait = Leases.wait_for_units
 
-    def wait_for_units(self: Leases, entry: FeatureEntry) -> bool:
+    def wait_for_units(self: Leases, entry: FeatureEntry, *args: Any) -> bool:
         waiting.set()  # the job found nothing to claim and now waits for the other job
-        return real_wait(self, entry)
+        return real_wait(self, entry, *args)
 
     monkeypatch.setattr(Leases, "wait_for_units", wait_for_units)
     results: list[object] = []
