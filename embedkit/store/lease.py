@@ -176,7 +176,7 @@ class Leases:
     relpath: str
     ttl_s: float = field(default_factory=resolve_ttl)
     owner: Owner = field(default_factory=Owner.this_process)
-    #: How often a waiting job looks again; default ``ttl_s / 6`` within [0.1, 10] s.
+    #: How often a waiting job looks again (default: see :attr:`poll_interval`).
     poll_s: float | None = None
     _held: dict[str, _Held] = field(default_factory=dict, init=False, repr=False)
     _seen: dict[tuple[str, int], _Seen] = field(default_factory=dict, init=False, repr=False)
