@@ -234,16 +234,17 @@ class CacheRoot:
                 os.fsync(f.fileno())
             try:
                 os.link(tmp, target)
-            except FileExistsError:
-                return False
             except OSError as exc:
                 if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
                     if not _create_marker(target.with_name(f".{target.name}.excl")):
                         return False
                     os.replace(tmp, target)  # the marker's creator alone publishes the content
                     return True
-                if os.stat(tmp).st_nlink != 2:  # NFS: the reply may be lost, not the link
-                    raise
+                if os.stat(tmp).st_nlink == 2:  # NFS: our link was made, its reply was lost
+                    return True
+                if isinstance(exc, FileExistsError):
+                    return False
+                raise
             return True
         finally:
             Path(tmp).unlink(missing_ok=True)
