@@ -483,7 +483,7 @@ def cache_gc(
 ) -> None:
     """Remove abandoned partial entries and, on request, complete entries unused since a date.
 
-    Entries whose lock is held (a writer is running) are never removed.
+    Entries with a live lease (a job is extracting into them) are never removed.
     """
     import datetime as dt
 
