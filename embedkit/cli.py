@@ -260,6 +260,15 @@ def extract(
             "each). For several nodes, run torchrun yourself (docs/scale-out.md).",
         ),
     ] = 1,
+    lease_ttl: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="Seconds after which another job takes over a unit whose job stopped "
+            "heartbeating (crashed). Default: $EMBEDKIT_LEASE_TTL, else 60. Jobs on one entry "
+            "may extract at once on every backend; they split its units (docs/sharing.md).",
+        ),
+    ] = None,
     cache: CacheOpt = None,
     manifest: ManifestOpt = None,
 ) -> None:
@@ -299,6 +308,7 @@ def extract(
         device_map=device_map.value if device_map is not None else None,
         compile=compile_model,
         auto_batch=auto_batch,
+        lease_ttl_s=lease_ttl,
     )
     try:
         result = run(request, manifest=manifest, cache=cache, progress=rich_progress)
@@ -321,6 +331,9 @@ def extract(
         )
         if result.throughput is not None:
             out.print(f"throughput: {result.throughput.render()}")
+        if result.world_size == 1:  # other jobs on the same entry may have written the rest
+            shown = ",".join(map(str, sorted(result.units)))
+            out.print(f"units computed here: {shown} ({len(result.units)} of {entry.n_units})")
     if result.skipped:
         err.print(
             f"[yellow]{len(result.skipped)} unreadable images skipped[/yellow] "
@@ -486,7 +499,7 @@ def cache_gc(
 ) -> None:
     """Remove abandoned partial entries and, on request, complete entries unused since a date.
 
-    Entries whose lock is held (a writer is running) are never removed.
+    Entries with a live lease (a job is extracting into them) are never removed.
     """
     import datetime as dt
 

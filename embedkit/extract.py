@@ -6,6 +6,10 @@ interrupted at any moment (Ctrl-C, SIGKILL, a full disk) resumes from its finish
 never straddle a unit and always start at the same rows, so a resumed run feeds the encoder the
 very same batches as an uninterrupted one and the stored features are bit-identical.
 
+Several jobs (processes, torchrun ranks, machines) may extract the same entry at once: each
+claims a unit just before computing it (:class:`embedkit.store.lease.Leases`), so they split the
+units and none is computed twice; a unit whose job died is taken over once its claim expires.
+
 Data loading runs in worker processes (``num_workers``) and overlaps the forward pass; a
 background thread writes finished units while the encoder works on the next ones.
 """
@@ -21,8 +25,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +38,7 @@ import torch
 from embedkit import distributed
 from embedkit.data.dataset import Batch, ImageDataset, collate
 from embedkit.data.transforms import Preprocessing
-from embedkit.errors import BadImagesError, EmbedkitError
+from embedkit.errors import BadImagesError, CacheNotFoundError, EmbedkitError, EntryExistsError
 from embedkit.manifest import DatasetTable, Manifest, load_manifest
 from embedkit.models import (
     EncoderIdentity,
@@ -48,6 +52,7 @@ from embedkit.models import (
 )
 from embedkit.store import CacheKey, CacheRoot, FeatureEntry, canonical_json, digest_ids
 from embedkit.store.entry import remove_entry
+from embedkit.store.lease import Leases, Owner, resolve_ttl
 from embedkit.throughput import ModelShape, ThroughputReport
 from embedkit.versions import package_versions
 
@@ -84,6 +89,7 @@ class ExtractionRequest:
     device_map: str | None = None  # "auto": one process, layers over all GPUs (accelerate)
     compile: bool = False
     auto_batch: bool = False
+    lease_ttl_s: float | None = None  # None: $EMBEDKIT_LEASE_TTL, else 60 s
 
     def __post_init__(self) -> None:
         if self.device_map is not None and self.shard != "none":
@@ -112,6 +118,8 @@ class ExtractionResult:
     rank: int = 0
     world_size: int = 1
     throughput: ThroughputReport | None = None
+    #: The units this process computed and wrote (another job may have written the others).
+    units: tuple[int, ...] = ()
 
     @property
     def images_per_s(self) -> float:
@@ -205,28 +213,54 @@ def plan_extraction(
     )
 
 
-def _unit_batches(entry: FeatureEntry, units: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Row batches that start at each unit's first row and never cross a unit boundary."""
-    batches: list[list[int]] = []
+def _iter_unit_batches(
+    entry: FeatureEntry, units: Iterable[int], batch_size: int
+) -> Iterator[list[int]]:
+    """Row batches that start at each unit's first row and never cross a unit boundary.
+
+    ``units`` is consumed lazily: with claimed units, the next unit is claimed only when the
+    loader asks for its first batch.
+    """
     for u in units:
         start, stop = entry.unit_bounds(u)
-        batches.extend(
-            list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)
-        )
-    return batches
+        for b in range(start, stop, batch_size):
+            yield list(range(b, min(b + batch_size, stop)))
+
+
+def _unit_batches(entry: FeatureEntry, units: Sequence[int], batch_size: int) -> list[list[int]]:
+    return list(_iter_unit_batches(entry, units, batch_size))
+
+
+class _LazyBatches:
+    """A batch sampler over units claimed on the fly (the DataLoader iterates it once)."""
+
+    def __init__(self, batches: Iterator[list[int]]) -> None:
+        self._batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self._batches
 
 
 class _UnitWriter:
-    """Writes finished units on a background thread, so writes overlap the forward pass."""
+    """Writes finished units on a background thread, so writes overlap the forward pass.
 
-    def __init__(self, entry: FeatureEntry) -> None:
+    With ``leases``, a unit is written only while this job still holds its claim (a unit
+    taken over by another job after our claim expired is dropped), then released.
+    """
+
+    def __init__(self, entry: FeatureEntry, leases: Leases | None = None) -> None:
         self._entry = entry
+        self._leases = leases
         self._queue: queue.Queue[tuple[int, dict[str, np.ndarray], np.ndarray, list] | None]
         self._queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
-        self.written = 0
+        self.units: list[int] = []
         self._thread = threading.Thread(target=self._run, name="embedkit-writer", daemon=True)
         self._thread.start()
+
+    @property
+    def written(self) -> int:
+        return len(self.units)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -234,8 +268,17 @@ class _UnitWriter:
                 continue
             u, arrays, valid, skipped = item
             try:
-                self._entry.write_unit(u, arrays, valid=valid, skipped=skipped)
-                self.written += 1
+                if self._leases is not None and not self._leases.holds_unit(u):
+                    continue  # our claim expired and another job took the unit over
+                try:
+                    self._entry.write_unit(u, arrays, valid=valid, skipped=skipped)
+                except EntryExistsError:
+                    if self._leases is None:
+                        raise
+                    continue  # taken over and written by another job after our check
+                self.units.append(u)
+                if self._leases is not None:
+                    self._leases.release_unit(u)
             except BaseException as exc:  # re-raised on the main thread
                 self._error = exc
 
@@ -271,11 +314,11 @@ class _UnitBuffer:
 
 
 def _batches_from_loader(
-    dataset: ImageDataset, batches: list[list[int]], num_workers: int, pin: bool
+    dataset: ImageDataset, batches: Iterable[list[int]], num_workers: int, pin: bool
 ) -> Iterator[Batch]:
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=batches,
+        batch_sampler=batches,  # any iterable of index lists
         num_workers=num_workers,
         collate_fn=collate,
         pin_memory=pin,
@@ -291,25 +334,39 @@ def run_extraction(
     entry: FeatureEntry,
     *,
     units: Sequence[int] | None = None,
+    leases: Leases | None = None,
     progress: ProgressFactory | None = None,
     min_forwards: int = 0,
+    prefer: Sequence[int] = (),
 ) -> ExtractionResult:
-    """Compute and write the given units (default: every pending unit) of ``entry``.
+    """Compute and write units of ``entry``.
+
+    Without ``leases``: the given ``units`` (default: every pending unit). With ``leases``
+    (and no ``units``): pending units claimed one by one as the loader needs them, ``prefer``
+    first, until none is claimable; given ``units`` must already be claimed. Units whose claim
+    is lost before their write are not written.
 
     ``min_forwards``: run dummy one-image forwards after the real batches until at least this
     many forward calls were made (FSDP ranks must all make the same number of calls).
     """
     request = plan.request
-    todo = sorted(entry.pending_units() if units is None else units)
-    batches = _unit_batches(entry, todo, request.batch_size)
-    n_images = sum(len(b) for b in batches)
+    batches: Iterable[list[int]]
+    if leases is not None and units is None:
+        n_images = sum(e - s for s, e in map(entry.unit_bounds, entry.pending_units()))
+        claimed = _iter_unit_batches(entry, leases.iter_units(entry, prefer), request.batch_size)
+        batches = _LazyBatches(claimed)
+    else:
+        todo = sorted(entry.pending_units() if units is None else units)
+        batches = _unit_batches(entry, todo, request.batch_size)
+        n_images = sum(len(b) for b in batches)
     dataset = ImageDataset(plan.table.ids, plan.table.paths, plan.preprocessing)
     buffers: dict[int, _UnitBuffer] = {}
     failures: list[tuple[str, str]] = []
     skipped: list[tuple[str, str]] = []
-    writer = _UnitWriter(entry)
+    writer = _UnitWriter(entry, leases)
     started = time.perf_counter()
     stored = tuple(plan.shapes)
+    computed = forwards = 0
     bar = progress(n_images, f"{plan.spec.name} @ {plan.key.resolution}px") if progress else None
     with bar if bar is not None else nullcontext(lambda _n: None) as advance:
         try:
@@ -321,6 +378,8 @@ def run_extraction(
                 start, stop = entry.unit_bounds(u)
                 buf = buffers.setdefault(u, _UnitBuffer(start, stop, plan.shapes))
                 feats = encoder.encode(batch.pixels.to(plan.device, non_blocking=True), stored)
+                forwards += 1
+                computed += len(batch.indices)
                 ok = batch.ok.numpy()
                 rows = batch.indices.numpy() - start
                 for name in stored:
@@ -343,20 +402,21 @@ def run_extraction(
                         writer.submit(u, buf.arrays, buf.valid, buf.skipped)
                 advance(len(rows))
             side = plan.key.resolution
-            for _ in range(min_forwards - len(batches)):
+            for _ in range(min_forwards - forwards):
                 encoder.encode(torch.zeros(1, 3, side, side, device=plan.device), stored)
         finally:
             writer.close()
     elapsed = time.perf_counter() - started
     if failures:
-        raise BadImagesError(failures, total=n_images)
+        raise BadImagesError(failures, total=computed)
     return ExtractionResult(
         entry=entry,
         computed_units=writer.written,
         reused=False,
         elapsed_s=elapsed,
-        images_computed=n_images,
+        images_computed=computed,
         skipped=skipped,
+        units=tuple(writer.units),
     )
 
 
@@ -499,10 +559,15 @@ def _report(
     return ThroughputReport(images, seconds, per_image, devices, name, peak)
 
 
-def _finish(entry: FeatureEntry, elapsed: float, result: ExtractionResult) -> None:
-    entry.finalize(
-        {"elapsed_s": round(elapsed, 3), "images_per_s_last_run": round(result.images_per_s, 3)}
-    )
+def _finish(entry: FeatureEntry, elapsed: float, result: ExtractionResult | None) -> None:
+    """Finalize the entry unless another job already did (exactly one job writes it)."""
+    if entry.is_complete:
+        return
+    extra: dict[str, object] = {"elapsed_s": round(elapsed, 3)}
+    if result is not None:
+        extra["images_per_s_last_run"] = round(result.images_per_s, 3)
+    with suppress(EntryExistsError):  # completed by another job since the check above
+        entry.finalize(extra)
 
 
 def _open_entry(plan: ExtractionPlan, identity: EncoderIdentity, root: CacheRoot) -> FeatureEntry:
@@ -513,6 +578,7 @@ def _open_entry(plan: ExtractionPlan, identity: EncoderIdentity, root: CacheRoot
         shapes=plan.shapes,
         unit_rows=plan.request.unit_rows,
         provenance=_provenance(plan, identity),
+        lease_ttl_s=plan.request.lease_ttl_s,
     )
 
 
@@ -523,8 +589,93 @@ def _existing(plan: ExtractionPlan, root: CacheRoot) -> FeatureEntry | None:
     if plan.request.overwrite:
         remove_entry(root, plan.key)
         return None
-    found = FeatureEntry.open(root, plan.key, allow_partial=True)
+    try:
+        found = FeatureEntry.open(root, plan.key, allow_partial=True)
+    except CacheNotFoundError:  # another job is creating its layout right now
+        return None
     return found if found.is_complete else None
+
+
+def _merge(total: ExtractionResult | None, part: ExtractionResult) -> ExtractionResult:
+    if total is None:
+        return part
+    total.computed_units += part.computed_units
+    total.images_computed += part.images_computed
+    total.elapsed_s += part.elapsed_s
+    total.skipped.extend(part.skipped)
+    total.units += part.units
+    return total
+
+
+def _compute_claimed(
+    plan: ExtractionPlan,
+    encoder: LoadedEncoder,
+    entry: FeatureEntry,
+    leases: Leases,
+    progress: ProgressFactory | None,
+    prefer: Sequence[int] = (),
+) -> ExtractionResult | None:
+    """Claim and compute units until every unit of ``entry`` is written (by anyone).
+
+    When nothing is claimable (other jobs hold the rest) this waits, and takes over the units
+    of a job whose claims expire.
+    """
+    total: ExtractionResult | None = None
+    while True:
+        part = run_extraction(plan, encoder, entry, leases=leases, progress=progress, prefer=prefer)
+        total = _merge(total, part)
+        if not _wait_for_others(entry, leases, progress):
+            return total
+
+
+def _wait_for_others(entry: FeatureEntry, leases: Leases, progress: ProgressFactory | None) -> bool:
+    """:meth:`Leases.wait_for_units`, shown as a bar of the units written so far."""
+    if progress is None or not entry.pending_units():
+        return leases.wait_for_units(entry)
+    with progress(entry.n_units, "units (other jobs are writing the rest)") as advance:
+        shown = 0
+
+        def polled(done: int) -> None:
+            nonlocal shown
+            advance(done - shown)
+            shown = done
+
+        return leases.wait_for_units(entry, polled)
+
+
+def _compute_rounds(
+    plan: ExtractionPlan,
+    encoder: LoadedEncoder,
+    entry: FeatureEntry,
+    leases: Leases,
+    ctx: distributed.DistContext,
+    progress: ProgressFactory | None,
+    prefer: Sequence[int],
+) -> ExtractionResult | None:
+    """:func:`_compute_claimed` for FSDP ranks, which must run their forwards in lockstep.
+
+    Each round every rank claims at most one unit, and all ranks make as many forward calls as
+    the busiest one; the job ends when no rank sees a pending unit.
+    """
+    total: ExtractionResult | None = None
+    while True:
+        u = leases.claim_unit(entry, prefer)
+        mine = [] if u is None else [u]
+        most = int(ctx.max(len(_unit_batches(entry, mine, plan.request.batch_size))))
+        if most == 0:
+            if int(ctx.max(len(entry.pending_units()))) == 0:
+                return total
+            leases.wait_for_units(entry)
+            continue
+        part = run_extraction(
+            plan, encoder, entry, units=mine, leases=leases, progress=progress, min_forwards=most
+        )
+        total = _merge(total, part)
+
+
+def _leases(plan: ExtractionPlan, entry: FeatureEntry, rank: int | None = None) -> Leases:
+    ttl = resolve_ttl(plan.request.lease_ttl_s)
+    return Leases(entry.root, entry.relpath, ttl, Owner.this_process(rank))
 
 
 def _extract_one(
@@ -538,15 +689,19 @@ def _extract_one(
     if found is not None:
         return ExtractionResult(found, 0, True, 0.0, 0, found.skipped())
     entry = _open_entry(plan, identity, root)
-    with entry.lock():
-        if entry.is_complete:  # another process finished it while we waited for the lock
-            return ExtractionResult(entry, 0, True, 0.0, 0, entry.skipped())
-        ctx = distributed.DistContext(distributed.rank_env({}), plan.device, None)
-        encoder = _load(plan, identity, ctx)
-        plan = _auto_batch(plan, encoder, ctx)
-        result = run_extraction(plan, encoder, entry, progress=progress)
-        elapsed = time.perf_counter() - started
-        _finish(entry, elapsed, result)
+    if not entry.is_complete and not entry.pending_units():  # its last writer stopped early
+        _finish(entry, time.perf_counter() - started, None)
+    if entry.is_complete:  # another job finished it just now
+        return ExtractionResult(entry, 0, True, 0.0, 0, entry.skipped())
+    ctx = distributed.DistContext(distributed.rank_env({}), plan.device, None)
+    encoder = _load(plan, identity, ctx)
+    plan = _auto_batch(plan, encoder, ctx)
+    with _leases(plan, entry) as leases:
+        result = _compute_claimed(plan, encoder, entry, leases, progress)
+    elapsed = time.perf_counter() - started
+    _finish(entry, elapsed, result)
+    if result is None or not result.units:  # other jobs wrote every unit meanwhile
+        return ExtractionResult(entry, 0, True, elapsed, 0, entry.skipped())
     result.elapsed_s = elapsed
     result.throughput = _report(plan, identity, result.images_computed, elapsed, 1)
     return result
@@ -561,57 +716,44 @@ def _extract_ranks(
 ) -> ExtractionResult:
     """One rank of a torchrun job; every rank of the job calls this with the same plan.
 
-    Locking: only rank 0 takes the entry's file lock, and holds it from before it reads the
-    pending units until after it finalizes. Other ranks never touch the lock while rank 0 holds
-    it; they write only units of the pending list rank 0 read under the lock, split disjointly
-    by :func:`distributed.assign_units`. So two *jobs* (or a job and a single process) exclude
-    each other through rank 0's lock, and the ranks of one job cannot deadlock on it.
+    Every rank claims units for itself (its share ``sorted(pending)[rank::world]`` first), so
+    ranks split the work between them and with any other job on the same entry exactly as
+    separate processes do; FSDP ranks claim in lockstep rounds. Rank 0 finalizes after every
+    rank has stopped.
     """
     started = time.perf_counter()
-    # Rank 0 creates (or removes, with --overwrite) the entry; then the others open it. Both
-    # steps take the lock briefly, before rank 0 holds it for the whole run.
-    found = _existing(plan, root) if ctx.is_main else None
-    entry = _open_entry(plan, identity, root) if ctx.is_main and found is None else None
+    found = _existing(plan, root) if ctx.is_main else None  # --overwrite removes on rank 0 only
     ctx.barrier()
     if ctx.broadcast(found is not None):
         done = FeatureEntry.open(root, plan.key)
         return ExtractionResult(done, 0, True, 0.0, 0, done.skipped(), ctx.rank, ctx.world_size)
-    if entry is None:
-        entry = _open_entry(plan, identity, root)
-    ctx.barrier()
-    lock = entry.lock() if ctx.is_main else nullcontext()
-    with lock:
-        pending = None if entry.is_complete else entry.pending_units()
-        pending = ctx.broadcast(pending)
-        if pending is None:  # another job finished it while rank 0 waited for the lock
-            ctx.barrier()
-            return ExtractionResult(
-                entry, 0, True, 0.0, 0, entry.skipped(), ctx.rank, ctx.world_size
-            )
-        mine = distributed.assign_units(pending, ctx.rank, ctx.world_size)
-        encoder = _load(plan, identity, ctx)
-        plan = _auto_batch(plan, encoder, ctx)
-        forwards = len(_unit_batches(entry, mine, plan.request.batch_size))
-        min_forwards = int(ctx.max(forwards)) if _is_sharded(encoder) else 0
-        result = run_extraction(
-            plan,
-            encoder,
-            entry,
-            units=mine,
-            progress=progress if ctx.is_main else None,
-            min_forwards=min_forwards,
-        )
-        images = int(ctx.sum(result.images_computed))
-        seconds = ctx.max(result.elapsed_s)
-        units_written = int(ctx.sum(result.computed_units))
-        ctx.barrier()  # every rank's units are written (run_extraction joins its writer)
-        elapsed = time.perf_counter() - started
-        if ctx.is_main:
-            _finish(entry, elapsed, result)
+    entry = _open_entry(plan, identity, root)  # the layout is created by exactly one rank
+    if ctx.broadcast(entry.is_complete):  # another job finished it just now
+        ctx.barrier()
+        return ExtractionResult(entry, 0, True, 0.0, 0, entry.skipped(), ctx.rank, ctx.world_size)
+    encoder = _load(plan, identity, ctx)
+    plan = _auto_batch(plan, encoder, ctx)
+    share = distributed.assign_units(entry.pending_units(), ctx.rank, ctx.world_size)
+    ctx.barrier()  # all ranks start claiming together, each with its own share first
+    bar = progress if ctx.is_main else None
+    with _leases(plan, entry, ctx.rank) as leases:
+        if _is_sharded(encoder):
+            result = _compute_rounds(plan, encoder, entry, leases, ctx, bar, share)
+        else:
+            result = _compute_claimed(plan, encoder, entry, leases, bar, share)
+    result = result or ExtractionResult(entry, 0, False, 0.0, 0)
+    images = int(ctx.sum(result.images_computed))
+    seconds = ctx.max(result.elapsed_s)
+    units_written = int(ctx.sum(result.computed_units))
+    ctx.barrier()  # every rank's units are written (run_extraction joins its writer)
+    elapsed = time.perf_counter() - started
+    if ctx.is_main:
+        _finish(entry, elapsed, result)
     ctx.barrier()  # no rank reports success before the entry is complete
     result.elapsed_s = elapsed
     result.rank, result.world_size = ctx.rank, ctx.world_size
     result.computed_units, result.images_computed = units_written, images
+    result.reused = units_written == 0
     result.throughput = _report(plan, identity, images, seconds, ctx.world_size)
     return result
 

@@ -9,13 +9,16 @@ Layout inside ``<root>/<key.relpath()>``::
     ids                       (N,) str
     valid                     (N,) bool, False for images skipped as unreadable
     units/<u:06d>.json        per-unit completion record, written atomically after its chunks
-    COMPLETE.json             written last by finalize(); the entry is complete iff it exists
+    leases/<name>.<gen>.json  claims of the jobs writing the entry (see embedkit.store.lease);
+                              removed once the entry is complete
+    COMPLETE.json             created last (exclusively) by finalize(); complete iff it exists
     last_used.json            touched by the first read of an entry object, at most once a day
                               (for ``embedkit cache gc --unused-since``); not part of the data
 
 Each work unit is a whole number of chunks of every array, so writers of different units never
-touch the same object (zarr loses data when writers share a shard). Two writers of the *same*
-unit are prevented by :meth:`FeatureEntry.lock` (local roots) or by running one writer per entry.
+touch the same object (zarr loses data when writers share a shard). Two jobs never compute the
+same unit: each claims a unit before computing it (:class:`embedkit.store.lease.Leases`), on
+every backend. The layout is created by one job under the ``layout`` claim.
 
 On local roots the chunk files are written and full-range reads are served by
 :mod:`embedkit.store.chunkio` (same Zarr v3 files, byte for byte, ~10x faster than zarr-python);
@@ -46,7 +49,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,7 @@ from embedkit.errors import (
 )
 from embedkit.store.chunkio import POOL, ChunkLayout, fsync_dirs
 from embedkit.store.key import CacheKey, digest_ids
+from embedkit.store.lease import LAYOUT, LEASES_DIR, Leases, live_claims, resolve_ttl
 from embedkit.store.root import CacheRoot
 
 __all__ = [
@@ -203,6 +207,7 @@ def _fmt_ids(ids: Sequence[str], limit: int = 10) -> str:
 
 
 def _lock_for(root: CacheRoot, relpath: str) -> contextlib.AbstractContextManager[Any]:
+    """A local file lock beside the entry (copies into local roots); a no-op elsewhere."""
     if root.local_path is None:
         return contextlib.nullcontext()
     path = root.local_path / f"{relpath}.lock"
@@ -301,13 +306,15 @@ class FeatureEntry:
         unit_rows: int,
         provenance: Mapping[str, object],
         compression: str = COMPRESSIONS[0],
+        lease_ttl_s: float | None = None,
     ) -> FeatureEntry:
         """Create the entry for ``key``, or reopen it to resume.
 
         ``shapes`` maps each pooling of ``key.poolings`` to its per-image shape, e.g.
         ``{"cls": (768,), "patch": (32, 32, 768)}``. An existing entry must match ``key``,
         ``ids`` and ``shapes`` (else :class:`IntegrityError`); its ``unit_rows`` and
-        compression are kept.
+        compression are kept. Of several jobs creating one entry at once, one creates the
+        layout (under the ``layout`` claim, ttl ``lease_ttl_s``) and the others wait for it.
         """
         ids = list(ids)
         if len(ids) != key.n_images:
@@ -335,26 +342,48 @@ class FeatureEntry:
 
         relpath = key.relpath()
         root.require_writable("create or resume a cache entry in")
-        with _lock_for(root, relpath):
-            attrs = cls._existing_attrs(root, relpath)
-            if attrs is None:
-                attrs = cls._create(
+        attrs = cls._existing_attrs(root, relpath)
+        if attrs is None:
+            attrs = cls._create_once(
+                root,
+                relpath,
+                resolve_ttl(lease_ttl_s),
+                lambda: cls._create(
                     root, relpath, key, ids, norm_shapes, unit_rows, provenance, compression
-                )
-            entry = cls(root, relpath, attrs, writable=True)
-            entry._ids = tuple(ids)  # == the stored ids: both match key.ids_digest
-            if entry.key != key:
-                raise IntegrityError(
-                    f"The entry at {entry.uri} holds another key (digest {entry.key.digest()}, "
-                    f"expected {key.digest()}). Remove it with --overwrite."
-                )
-            if entry.shapes != norm_shapes:
-                raise IntegrityError(
-                    f"The entry at {entry.uri} stores shapes {entry.shapes}, but this run "
-                    f"produces {norm_shapes}. The encoder output changed without a key change; "
-                    "fix the key (weights/preprocessing) or remove the entry with --overwrite."
-                )
-            return entry
+                ),
+            )
+        entry = cls(root, relpath, attrs, writable=True)
+        entry._ids = tuple(ids)  # == the stored ids: both match key.ids_digest
+        if entry.key != key:
+            raise IntegrityError(
+                f"The entry at {entry.uri} holds another key (digest {entry.key.digest()}, "
+                f"expected {key.digest()}). Remove it with --overwrite."
+            )
+        if entry.shapes != norm_shapes:
+            raise IntegrityError(
+                f"The entry at {entry.uri} stores shapes {entry.shapes}, but this run "
+                f"produces {norm_shapes}. The encoder output changed without a key change; "
+                "fix the key (weights/preprocessing) or remove the entry with --overwrite."
+            )
+        return entry
+
+    @classmethod
+    def _create_once(
+        cls, root: CacheRoot, relpath: str, ttl_s: float, create: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The attrs of the entry's layout, created by ``create`` in exactly one job."""
+        with Leases(root, relpath, ttl_s) as leases:
+            while True:
+                found = cls._existing_attrs(root, relpath)
+                if found is not None:
+                    return found
+                if leases.acquire(
+                    LAYOUT, done=lambda: cls._existing_attrs(root, relpath) is not None
+                ):
+                    try:
+                        return cls._existing_attrs(root, relpath) or create()
+                    finally:
+                        leases.release(LAYOUT, mark=True)
 
     @staticmethod
     def _existing_attrs(root: CacheRoot, relpath: str) -> dict[str, Any] | None:
@@ -377,8 +406,9 @@ class FeatureEntry:
         provenance: Mapping[str, object],
         compression: str,
     ) -> dict[str, Any]:
-        if root.exists(relpath):
-            root.remove_tree(relpath)  # half-created earlier: no unit can have been written
+        for name in root.listdir(relpath):  # half-created earlier: no unit can be written
+            if name != LEASES_DIR:  # the layout claim we hold lives there
+                root.remove_tree(f"{relpath}/{name}")
         n = key.n_images
         unit_rows = min(unit_rows, n)
         n_units = -(-n // unit_rows)
@@ -390,7 +420,7 @@ class FeatureEntry:
         poolings: dict[str, dict[str, Any]] = {}
         store = root.zarr_store(relpath)
         try:
-            zarr.create_group(store, zarr_format=3, overwrite=True)
+            zarr.create_group(store, zarr_format=3)
             for p in key.poolings:
                 dtype = "float16" if p == PATCH_POOLING else key.storage_dtype
                 shape = (n, *shapes[p])
@@ -533,6 +563,10 @@ class FeatureEntry:
                 done.add(int(m.group(1)))
         return done
 
+    def has_unit(self, u: int) -> bool:
+        """Whether unit ``u`` has its completion record (one stat / GET)."""
+        return self.root.is_file(self._unit_path(u))
+
     def pending_units(self) -> list[int]:
         """Units without a completion record, in order."""
         done = self.done_units()
@@ -560,17 +594,6 @@ class FeatureEntry:
         except FileNotFoundError:
             return None
         return record
-
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Exclusive per-entry writer lock, held by the engine for the whole extraction.
-
-        Local roots: a :class:`filelock.FileLock` on ``<entry>.lock`` (re-entrant within one
-        process). Other roots: a no-op; only one writer per entry is supported there until
-        leases land.
-        """
-        with _lock_for(self.root, self.relpath):
-            yield
 
     # ---- writing ------------------------------------------------------------------------
 
@@ -681,7 +704,15 @@ class FeatureEntry:
             "written_at": _now(),
             "writer": _writer(),
         }
-        self.root.write_bytes_atomic(self._unit_path(u), json.dumps(record).encode(), durable=FSYNC)
+        # Created exclusively: of two writers of one unit (a job whose claim was taken over
+        # while it was paused, see embedkit.store.lease) exactly one record wins.
+        if not self.root.create_exclusive(
+            self._unit_path(u), json.dumps(record).encode(), durable=FSYNC
+        ):
+            raise EntryExistsError(
+                f"Unit {u} of {self.uri} was written by another job meanwhile (its claim was "
+                "taken over); the unit holds that job's identical features."
+            )
 
     def _write_chunks(
         self, u: int, targets: Mapping[str, np.ndarray], layouts: Mapping[str, ChunkLayout]
@@ -718,8 +749,13 @@ class FeatureEntry:
             fsync_dirs(dirs)
         return checksums
 
-    def finalize(self, extra: Mapping[str, object] | None = None) -> None:
-        """Write COMPLETE.json once every unit has its record; the entry is then immutable."""
+    def finalize(self, extra: Mapping[str, object] | None = None) -> bool:
+        """Create COMPLETE.json once every unit has its record; the entry is then immutable.
+
+        The record is created exclusively in one atomic step (hard link / ``If-None-Match``
+        PUT), so of several jobs finishing together exactly one writes it: True for that one,
+        False for the others. The claims under ``leases/`` are then removed.
+        """
         if self.is_complete:
             raise EntryExistsError(
                 f"{self.uri} is already complete; completed entries are immutable."
@@ -745,9 +781,12 @@ class FeatureEntry:
             "writer": _writer(),
         }
         completion.update(extra or {})
-        self.root.write_bytes_atomic(
-            f"{self.relpath}/COMPLETE.json", json.dumps(completion).encode()
-        )
+        body = json.dumps(completion).encode()
+        if not self.root.create_exclusive(f"{self.relpath}/COMPLETE.json", body):
+            return False
+        with contextlib.suppress(OSError):  # leftover claims are harmless in a complete entry
+            self.root.remove_tree(f"{self.relpath}/{LEASES_DIR}")
+        return True
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -991,11 +1030,23 @@ class FeatureEntry:
 
 
 def remove_entry(root: CacheRoot, key: CacheKey | str) -> None:
-    """Delete an entry (for ``--overwrite``); refused while another process holds its lock."""
+    """Delete an entry (for ``--overwrite``); refused while a job is writing it.
+
+    "Writing" means: an unreleased claim on an unwritten unit (or on the layout) modified
+    within twice its ttl (see :func:`embedkit.store.lease.live_claims`), or, on local roots,
+    its lock file held (a copy into it).
+    """
     relpath = resolve_entry(root, key)
     if not root.exists(relpath):
         raise CacheNotFoundError(f"No cache entry at {root.url(relpath)}; nothing to remove.")
     root.require_writable(f"remove {relpath} from")
+    live = live_claims(root, relpath)
+    if live:
+        raise CacheWriteError(
+            f"{root.url(relpath)} is being written by another job ({len(live)} live claims, "
+            f"e.g. {root.url(live[0])}); wait for it to finish or stop it before --overwrite. "
+            "A stopped job's claims stop counting after twice their ttl."
+        )
     lock = _lock_for(root, relpath)
     if isinstance(lock, filelock.BaseFileLock):
         try:

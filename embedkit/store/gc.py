@@ -3,17 +3,18 @@
 Two rules, each explicit:
 
 * **Abandoned partial entries**: an entry without ``COMPLETE.json`` whose newest object (unit
-  record, chunk, metadata, or its ``.lock`` file on local roots) is older than
-  ``partial_older_than``. A complete entry is never removed by this rule, and on local roots an
-  entry whose lock is held right now is never removed at all.
+  record, chunk, metadata, lease, or its ``.lock`` file on local roots) is older than
+  ``partial_older_than``. A complete entry is never removed by this rule, and an entry with a
+  live lease (a job writing it: see :func:`embedkit.store.lease.live_claims`), or on local
+  roots a held lock (a copy into it), is never removed at all.
 * **Unused complete entries** (only when asked): a complete entry whose last use is before
   ``unused_since``. Readers record use in ``<entry>/last_used.json``, refreshed by the first read
   of an opened entry at most once a day (so the mark is accurate to a day); an entry that was
   never read since that mark existed counts as used when it was completed.
 
-On object stores there is no lock: a partial entry that a job on another machine is still
-writing is protected only by the age threshold, so keep it well above the time one work unit
-takes (the default, 7 days, is).
+Writers heartbeat their leases every ttl/3, so an entry being written always has a fresh
+object: on every backend the age threshold alone already protects it, and the live-lease check
+protects it even with a threshold shorter than the ttl.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import filelock
 
 from embedkit.store.entry import LAST_USED_FILE, _lock_for
+from embedkit.store.lease import live_claims
 from embedkit.store.root import CacheRoot
 
 __all__ = ["DEFAULT_PARTIAL_AGE", "GcCandidate", "collect_garbage", "parse_age", "plan_gc"]
@@ -62,7 +64,11 @@ def _utc(t: _dt.datetime) -> _dt.datetime:
 
 @contextmanager
 def _unless_locked(root: CacheRoot, relpath: str) -> Iterator[bool]:
-    """Hold the entry's lock (local roots) for the block; yields False if someone else holds it."""
+    """Hold the entry's lock (local roots) for the block; yields False if someone else holds it
+    or a job holds a live lease on it."""
+    if live_claims(root, relpath):
+        yield False
+        return
     lock = _lock_for(root, relpath) if root.writable else None
     if not isinstance(lock, filelock.BaseFileLock):
         yield True

@@ -14,11 +14,13 @@ reading work, and every write raises :class:`CacheWriteError` naming the root an
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fnmatch
 import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +34,12 @@ from zarr.storage import FsspecStore, LocalStore
 from embedkit.errors import CacheWriteError
 
 __all__ = ["CacheRoot", "ObjectStat"]
+
+#: fsspec protocols whose ``pipe_file(mode="create")`` is an atomic create-if-absent: S3 sends
+#: ``If-None-Match: *`` (the store must honour it; see ``CacheRoot.exclusive_create``) and the
+#: in-process memory filesystem is guarded by :data:`_MEMORY_CREATE` below.
+_ATOMIC_CREATE = {"s3", "s3a", "memory"}
+_MEMORY_CREATE = threading.Lock()
 
 #: Remote filesystems are opened without listing caches: other processes and zarr's own
 #: filesystem instance write to the same prefix, and a stale listing would hide their objects.
@@ -181,6 +189,78 @@ class CacheRoot:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def create_exclusive(self, relpath: str, data: bytes, *, durable: bool = True) -> bool:
+        """Create ``relpath`` holding ``data`` only if it does not exist; whether we created it.
+
+        Readers see nothing or all of ``data``, and of several processes racing to create the
+        same path exactly one gets True, wherever :attr:`exclusive_create` is ``"atomic"``:
+
+        * local / shared filesystems: the data go to a temporary file (fsynced unless
+          ``durable=False``), then hard-linked to the target. ``link`` fails if the target
+          exists, is atomic on local filesystems and NFS (the classic NFS-safe lock recipe: a
+          lost reply is detected by the temporary file's link count), and publishes the
+          complete content at once. Where hard links are not supported, ``O_CREAT | O_EXCL``
+          (atomic, but the content follows).
+        * S3: one ``PutObject`` with ``If-None-Match: *`` (s3fs ``pipe_file(mode="create")``);
+          the store answers 412 to all but the first.
+        * memory://: a check-and-write under a process-wide lock.
+        * other fsspec stores: fsspec's ``pipe_file(mode="create")``, which for many backends
+          is a check followed by a write (``exclusive_create`` is then ``"best-effort"``).
+        """
+        self.require_writable()
+        try:
+            return self._create_exclusive(relpath, data, durable)
+        except OSError as exc:
+            raise self.write_error(f"create {relpath} in", exc) from exc
+
+    @property
+    def exclusive_create(self) -> str:
+        """``"atomic"`` or ``"best-effort"``: the guarantee of :meth:`create_exclusive`."""
+        if self.local_path is not None:
+            return "atomic"
+        protocol = self._fs.protocol
+        names = {protocol} if isinstance(protocol, str) else set(protocol)
+        return "atomic" if names & _ATOMIC_CREATE else "best-effort"
+
+    def _create_exclusive(self, relpath: str, data: bytes, durable: bool = True) -> bool:
+        if self.local_path is None:
+            path = self._fsabs(relpath)
+            try:
+                if "memory" in self._fs.protocol:
+                    with _MEMORY_CREATE:
+                        self._fs.pipe_file(path, data, mode="create")
+                else:
+                    self._fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        target = self.local_path / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # readable by the other users of a shared root
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+            try:
+                os.link(tmp, target)
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    if not _create_marker(target.with_name(f".{target.name}.excl")):
+                        return False
+                    os.replace(tmp, target)  # the marker's creator alone publishes the content
+                    return True
+                if os.stat(tmp).st_nlink == 2:  # NFS: our link was made, its reply was lost
+                    return True
+                if isinstance(exc, FileExistsError):
+                    return False
+                raise
+            return True
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
     def read_bytes(self, relpath: str) -> bytes:
         """The bytes of ``relpath``; a missing file raises :class:`FileNotFoundError`."""
         if self.local_path is not None:
@@ -292,6 +372,28 @@ class CacheRoot:
             return (self.local_path / relpath).exists()
         return bool(self._fs.exists(self._fsabs(relpath)))
 
+    def read_small(self, relpath: str) -> bytes:
+        """:meth:`read_bytes` for small, non-empty files (claims, records) in one request.
+
+        On S3 a plain read costs a HEAD (for the size) and a GET; this sends one ranged GET.
+        """
+        if self.local_path is not None:
+            return self.read_bytes(relpath)
+        return bytes(self._fs.cat_file(self._fsabs(relpath), start=0))
+
+    def is_file(self, relpath: str) -> bool:
+        """Whether the small, non-empty file ``relpath`` exists, in one request (on S3,
+        :meth:`exists` of a missing key costs a HEAD and a LIST)."""
+        if self.local_path is not None:
+            return (self.local_path / relpath).is_file()
+        try:
+            self.read_small(relpath)
+        except FileNotFoundError:
+            return False
+        except OSError:  # e.g. an empty object refuses the range: ask the slow way
+            return self.exists(relpath)
+        return True
+
     def listdir(self, relpath: str = "") -> list[str]:
         """Sorted names (not paths) directly under ``relpath``; empty if it does not exist."""
         if self.local_path is not None:
@@ -366,6 +468,15 @@ def _object_stat(info: Mapping[str, Any]) -> ObjectStat:
         mtime = mtime if mtime.tzinfo else mtime.replace(tzinfo=_dt.UTC)
     etag = info.get("ETag") or info.get("etag")
     return ObjectStat(int(info.get("size") or 0), mtime, str(etag).strip('"') if etag else None)
+
+
+def _create_marker(path: Path) -> bool:
+    """Create an empty ``path`` with ``O_CREAT | O_EXCL`` (filesystems without hard links)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return False
+    return True
 
 
 def _ensure_writable(path: Path) -> bool:

@@ -25,6 +25,7 @@ from embedkit.store.entry import (
     _lock_for,
     remove_entry,
 )
+from embedkit.store.lease import LEASES_DIR
 from embedkit.store.root import CacheRoot, ObjectStat
 
 __all__ = ["CopiedObject", "check_unit", "copy_entry", "copy_object"]
@@ -125,8 +126,12 @@ def copy_entry(
             "Pass --overwrite to replace it with the copy."
         )
 
-    with _lock_for(dst_root, relpath):  # local destinations: extractors wait for the copy
-        objects = {p: st for p, st in src_root.files(relpath).items() if p != LAST_USED_FILE}
+    with _lock_for(dst_root, relpath):  # local destinations: one copy at a time (not leases)
+        objects = {
+            p: st
+            for p, st in src_root.files(relpath).items()
+            if p != LAST_USED_FILE and not p.startswith(f"{LEASES_DIR}/")
+        }
         if _COMPLETE not in objects:
             raise IntegrityError(f"{src.uri} lost its {_COMPLETE} while being copied.")
         present = dst_root.files(relpath)

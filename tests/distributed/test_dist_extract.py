@@ -47,8 +47,8 @@ def test_two_ranks_equal_one_process_bit_identically(
     for pooling in poolings:  # OMP_NUM_THREADS=1 and the same batches: tolerance 0
         np.testing.assert_array_equal(two.read(pooling), one.read(pooling))
     writers = [json.dumps(two.unit_record(u)["writer"]) for u in range(two.n_units)]
-    # 24 images / 4 per unit = 6 units; rank r wrote sorted(pending)[r::2]
+    # 24 images / 4 per unit = 6 units; each rank claims units itself (its share
+    # sorted(pending)[r::2] first), so both ranks wrote some and the claims kept them disjoint
     assert two.n_units == 6 and len(writers) == 6
-    assert writers[0::2] == [writers[0]] * 3 and writers[1::2] == [writers[1]] * 3
-    assert writers[0] != writers[1]
+    assert len(set(writers)) == 2
     assert sorted(two.done_units()) == list(range(6))

@@ -1,4 +1,4 @@
-"""Kill-and-resume with a real SIGKILL, and two processes extracting the same entry at once."""
+"""Kill-and-resume with a real SIGKILL (concurrent jobs: tests/store/test_store_concurrency.py)."""
 
 from __future__ import annotations
 
@@ -79,27 +79,3 @@ def test_sigkill_then_rerun_gives_bit_identical_features(
     writers = {json.dumps(finished.unit_record(u)["writer"]) for u in range(finished.n_units)}
     assert len(writers) == 2
     assert run_cli(["cache", "verify", "--cache", str(killed)], env).returncode == 0
-
-
-def test_three_processes_on_one_entry_never_write_a_unit_twice(
-    demo_data: Path, slow_model: Path, model_cache: Path, tmp_path: Path
-) -> None:
-    manifest = write_manifest(demo_data, name=f"{tmp_path.name}.yaml")
-    env = cli_env(model_cache)
-    cache = tmp_path / "shared"
-    args = [sys.executable, "-m", "embedkit", *_args(slow_model, manifest, cache)]
-    procs = [
-        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(3)
-    ]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], outputs
-    stdout = "".join(o[0] for o in outputs)
-    assert stdout.count("wrote") == 1 and stdout.count("found") == 2
-    entry = _entry(cache)
-    assert entry.is_complete
-    writers = {json.dumps(entry.unit_record(u)["writer"]) for u in range(entry.n_units)}
-    assert len(writers) == 1  # one process computed every unit; the others waited and reused
-    reference = tmp_path / "reference"
-    run_cli(_args(slow_model, manifest, reference), env)
-    np.testing.assert_array_equal(entry.read("cls+mean"), _entry(reference).read("cls+mean"))

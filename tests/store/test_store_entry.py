@@ -17,6 +17,7 @@ from embedkit.errors import (
     IntegrityError,
 )
 from embedkit.store import CacheRoot, FeatureEntry, remove_entry
+from embedkit.store.lease import Leases
 
 DIMS = {"cls": (8,), "mean": (8,)}
 N, UNIT = 23, 5  # 5 units, the last one short
@@ -300,21 +301,21 @@ def test_remove_entry(root: CacheRoot, kit) -> None:  # type: ignore[no-untyped-
 def test_remove_refused_while_locked(tmp_path: Path, kit) -> None:  # type: ignore[no-untyped-def]
     root = CacheRoot.from_uri(tmp_path / "c")
     entry = new_entry(root, kit)
-    # another holder (a separate lock object = a separate open file description, like another
-    # process)
+    # a copy into the entry holds its lock file (a separate lock object = a separate open file
+    # description, like another process)
     other = filelock.FileLock(str(root.local_path / f"{entry.relpath}.lock"))  # type: ignore[operator]
     with other, pytest.raises(CacheWriteError, match="being written by another process"):
         remove_entry(root, entry.key)
-    with entry.lock(), entry.lock():  # re-entrant for the holder
-        remove_entry(root, entry.key)
+    remove_entry(root, entry.key)
     assert not root.exists(entry.relpath)
 
 
-def test_lock_excludes_other_holders(tmp_path: Path, kit) -> None:  # type: ignore[no-untyped-def]
-    root = CacheRoot.from_uri(tmp_path / "c")
+def test_remove_refused_while_a_job_holds_a_claim(root: CacheRoot, kit) -> None:  # type: ignore[no-untyped-def]
     entry = new_entry(root, kit)
-    other = filelock.FileLock(str(root.local_path / f"{entry.relpath}.lock"))  # type: ignore[operator]
-    with entry.lock(), pytest.raises(filelock.Timeout):
-        other.acquire(timeout=0.1)
-    other.acquire(timeout=0.1)
-    other.release()
+    with Leases(root, entry.relpath, ttl_s=30) as job:
+        assert job.claim_unit(entry) == 0
+        with pytest.raises(CacheWriteError, match="being written by another job"):
+            remove_entry(root, entry.key)
+    # leaving the block released the claim: the entry may go now
+    remove_entry(root, entry.key)
+    assert not root.exists(entry.relpath)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from embedkit.store import CacheRoot, FeatureEntry, collect_garbage, parse_age, plan_gc
+from embedkit.store.lease import Leases
 
 DIMS = {"cls": (4,)}
 
@@ -96,3 +97,14 @@ def test_entry_with_held_lock_is_never_removed(tmp_path: Path, kit: Any) -> None
         assert collect_garbage(root, now=later) == []
     assert root.exists(partial.relpath)
     assert [c.relpath for c in collect_garbage(root, now=later)] == [partial.relpath]
+
+
+def test_entry_with_a_live_claim_is_never_removed(root: CacheRoot, kit: Any) -> None:
+    partial = build(root, kit, model="m/partial", units=1)
+    with Leases(root, partial.relpath, ttl_s=30) as job:  # a job is writing unit 1
+        assert job.claim_unit(partial) == 1
+        assert plan_gc(root, partial_older_than=dt.timedelta(0)) == []
+        assert collect_garbage(root, partial_older_than=dt.timedelta(0)) == []
+    # released: the entry is an idle partial one again
+    removed = collect_garbage(root, partial_older_than=dt.timedelta(0))
+    assert [c.relpath for c in removed] == [partial.relpath]
