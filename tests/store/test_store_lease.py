@@ -203,7 +203,7 @@ def test_store_ignoring_conditional_writes_is_detected(
         pytest.skip("the probe is for object stores")
     assert Leases(root, "e.zarr", ttl_s=30)._conditional_ok()
 
-    def ignoring(self: CacheRoot, relpath: str, data: bytes) -> bool:
+    def ignoring(self: CacheRoot, relpath: str, data: bytes, durable: bool = True) -> bool:
         self.write_bytes_atomic(relpath, data)  # an S3 clone that drops If-None-Match
         return True
 
