@@ -5,11 +5,9 @@
 
 For each configuration (compression x fsync) the same matrix is written through
 ``FeatureEntry.write_unit`` (all units, in order, crc32c checksums, NaN/overflow checks and
-atomic unit records included; "pipelined" rows submit them to ``FeatureEntry.unit_writer``,
-which flushes unit k to disk while unit k + 1 is written) + ``finalize`` and read back with
-``read("cls")`` from a local temporary root. Baselines on the same filesystem: ``np.save``
-(page cache only, like the store with ``FSYNC=False``), ``np.save`` + ``fsync`` (as durable as
-the store's default), ``np.load``.
+atomic unit records included) + ``finalize`` and read back with ``read("cls")`` from a local
+temporary root. Baselines on the same filesystem: ``np.save`` (page cache only, like the store
+with ``FSYNC=False``), ``np.save`` + ``fsync`` (as durable as the store's default), ``np.load``.
 ``zarr-python`` rows run the same entries with the direct chunk engine switched off (the code
 path of fsspec roots, and what local roots used before). All runs are interleaved, repetition by
 repetition, and the best of ``--repeat`` is reported, since the machine is shared. Everything
@@ -109,14 +107,6 @@ def save_fsync(path: Path, data: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def _label(compression: str, fsync: bool, fast: bool, piped: bool) -> str:
-    return (
-        f"{compression} {'fsync' if fsync else 'no-fsync'}"
-        + ("" if fast else " zarr-python")
-        + (" pipelined" if piped else "")
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--rows", type=int, default=200_000)
@@ -125,11 +115,6 @@ def main() -> None:
     ap.add_argument("--unit-rows", type=int, default=16384)
     ap.add_argument("--compression", nargs="+", default=["none", "zstd"])
     ap.add_argument("--no-zarr", action="store_true", help="skip the zarr-python rows")
-    ap.add_argument(
-        "--no-serial",
-        action="store_true",
-        help="skip the durable rows written unit by unit with write_unit (keep the pipelined ones)",
-    )
     ap.add_argument("--no-survey", action="store_true", help="skip the codec survey")
     ap.add_argument("--tmp", default=None, help="directory for temporary data")
     args = ap.parse_args()
@@ -141,13 +126,10 @@ def main() -> None:
     if not args.no_survey:
         codec_survey(data, args.repeat)
     ids = [f"img{i:07d}" for i in range(n)]
-    # (compression, fsync, fast engine, pipelined through FeatureEntry.unit_writer)
-    configs = [(c, True, True, True) for c in args.compression]
-    if not args.no_serial:
-        configs += [(c, True, True, False) for c in args.compression]
-    configs += [(c, False, True, False) for c in args.compression]
+    configs = [(c, True, True) for c in args.compression]  # (compression, fsync, fast engine)
+    configs += [(c, False, True) for c in args.compression]
     if not args.no_zarr:
-        configs += [(c, False, False, False) for c in args.compression]
+        configs += [(c, False, False) for c in args.compression]
     times: dict[str, list[float]] = {}
     sizes: dict[str, tuple[int, int]] = {}
     cpu: dict[str, list[float]] = {}
@@ -161,8 +143,10 @@ def main() -> None:
             times.setdefault("np.load", []).append(timed(lambda: np.load(npy)))
             times.setdefault("np.save+fsync", []).append(timed(lambda: save_fsync(npy, data)))
             sizes["np"] = du(tmp)
-            for compression, fsync, fast, piped in configs:
-                label = _label(compression, fsync, fast, piped)
+            for compression, fsync, fast in configs:
+                label = f"{compression} {'fsync' if fsync else 'no-fsync'}" + (
+                    "" if fast else " zarr-python"
+                )
                 entry_mod.FSYNC = fsync
                 FeatureEntry._layout = real_layout if fast else lambda self, name: None  # type: ignore[method-assign]
                 root = CacheRoot.from_uri(tmp / f"root-{rep}")
@@ -190,18 +174,10 @@ def main() -> None:
                 )
                 ones = np.ones(entry.unit_rows, bool)
 
-                def write(
-                    entry: FeatureEntry = entry, ones: np.ndarray = ones, piped: bool = piped
-                ) -> None:
-                    if piped:
-                        with entry.unit_writer() as writer:
-                            for u in range(entry.n_units):
-                                s, e = entry.unit_bounds(u)
-                                writer.submit(u, {"cls": data[s:e]}, valid=ones[: e - s])
-                    else:
-                        for u in range(entry.n_units):
-                            s, e = entry.unit_bounds(u)
-                            entry.write_unit(u, {"cls": data[s:e]}, valid=ones[: e - s])
+                def write(entry: FeatureEntry = entry, ones: np.ndarray = ones) -> None:
+                    for u in range(entry.n_units):
+                        s, e = entry.unit_bounds(u)
+                        entry.write_unit(u, {"cls": data[s:e]}, valid=ones[: e - s])
                     entry.finalize()
 
                 wall, cpu_s = timed_cpu(write)
@@ -233,8 +209,10 @@ def main() -> None:
         f"read {gb / best['np.load']:5.2f} GB/s   disk {sizes['np'][1] / 1e6:6.0f} MB"
     )
     print(f"{'np.save + fsync':30s} write {gb / best['np.save+fsync']:5.2f} GB/s")
-    for compression, fsync, fast, piped in configs:
-        label = _label(compression, fsync, fast, piped)
+    for compression, fsync, fast in configs:
+        label = f"{compression} {'fsync' if fsync else 'no-fsync'}" + (
+            "" if fast else " zarr-python"
+        )
         w, r = best[f"{label} write"], best[f"{label} read"]
         vs_sync = f" {best['np.save+fsync'] / w:4.2f}x np.save+fsync" if fsync else ""
         cw, cr = least_cpu[f"{label} write"] / gb, least_cpu[f"{label} read"] / gb

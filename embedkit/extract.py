@@ -26,7 +26,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -245,10 +244,8 @@ class _LazyBatches:
 class _UnitWriter:
     """Writes finished units on a background thread, so writes overlap the forward pass.
 
-    Units go through :meth:`FeatureEntry.unit_writer`, so one unit's disk flush also overlaps
-    the next unit's write; a unit counts as written once its record exists. With ``leases``,
-    a unit is written only while this job still holds its claim (a unit taken over by another
-    job after our claim expired is dropped), and its claim is released once it is recorded.
+    With ``leases``, a unit is written only while this job still holds its claim (a unit
+    taken over by another job after our claim expired is dropped), then released.
     """
 
     def __init__(self, entry: FeatureEntry, leases: Leases | None = None) -> None:
@@ -257,7 +254,6 @@ class _UnitWriter:
         self._queue: queue.Queue[tuple[int, dict[str, np.ndarray], np.ndarray, list] | None]
         self._queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
-        self._inflight: list[tuple[int, Future[bool]]] = []
         self.units: list[int] = []
         self._thread = threading.Thread(target=self._run, name="embedkit-writer", daemon=True)
         self._thread.start()
@@ -266,55 +262,25 @@ class _UnitWriter:
     def written(self) -> int:
         return len(self.units)
 
-    def _fail(self, exc: BaseException) -> None:
-        if self._error is None:
-            self._error = exc
-
-    def _settle(self, *, wait: bool) -> None:
-        """Account for the units whose record is created (all of them with ``wait``)."""
-        while self._inflight and (wait or self._inflight[0][1].done()):
-            u, job = self._inflight.pop(0)
-            exc = job.exception()
-            if exc is not None:
-                self._fail(exc)
-            elif job.result():  # False: taken over and written by another job meanwhile
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            u, arrays, valid, skipped = item
+            try:
+                if self._leases is not None and not self._leases.holds_unit(u):
+                    continue  # our claim expired and another job took the unit over
+                try:
+                    self._entry.write_unit(u, arrays, valid=valid, skipped=skipped)
+                except EntryExistsError:
+                    if self._leases is None:
+                        raise
+                    continue  # taken over and written by another job after our check
                 self.units.append(u)
                 if self._leases is not None:
-                    try:
-                        self._leases.release_unit(u)
-                    except BaseException as err:  # re-raised on the main thread
-                        self._fail(err)
-
-    def _run(self) -> None:
-        writer = self._entry.unit_writer()
-        try:
-            while True:
-                try:  # poll while records are pending, so claims are released soon after
-                    item = self._queue.get(timeout=0.5 if self._inflight else None)
-                except queue.Empty:
-                    self._settle(wait=False)
-                    continue
-                if item is None:
-                    break
-                if self._error is not None:
-                    continue
-                u, arrays, valid, skipped = item
-                try:
-                    if self._leases is not None and not self._leases.holds_unit(u):
-                        continue  # our claim expired and another job took the unit over
-                    job = writer.submit(
-                        u, arrays, valid=valid, skipped=skipped, exists_ok=self._leases is not None
-                    )
-                    self._inflight.append((u, job))
-                except BaseException as exc:  # re-raised on the main thread
-                    self._fail(exc)
-                self._settle(wait=False)
-        finally:
-            try:
-                writer.close()
-            except BaseException as exc:
-                self._fail(exc)
-            self._settle(wait=True)
+                    self._leases.release_unit(u)
+            except BaseException as exc:  # re-raised on the main thread
+                self._error = exc
 
     def submit(
         self, u: int, arrays: dict[str, np.ndarray], valid: np.ndarray, skipped: list

@@ -40,9 +40,7 @@ records without that field (older entries) hold sha256 and are verified as such.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -52,7 +50,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +83,6 @@ __all__ = [
     "LAST_USED_FILE",
     "ZSTD_LEVEL",
     "FeatureEntry",
-    "UnitWriter",
     "entry_relpaths",
     "remove_entry",
     "resolve_entry",
@@ -267,16 +264,6 @@ def resolve_entry(root: CacheRoot, query: str | CacheKey) -> str:
             + "\nGive more characters of the digest."
         )
     return matches[0]
-
-
-@dataclasses.dataclass(frozen=True)
-class _UnitData:
-    """A unit whose rows are written but not yet recorded (see ``FeatureEntry._commit_unit``)."""
-
-    unit: int
-    record: dict[str, Any]  # without ``written_at`` / ``writer``, set when it is created
-    to_sync: tuple[tuple[ChunkLayout, int], ...]  # chunk files to fdatasync first
-    dirs: tuple[Path, ...]  # directories to fsync after them
 
 
 class FeatureEntry:
@@ -622,24 +609,8 @@ class FeatureEntry:
 
         Rows where ``valid`` is False are stored as zeros and must be listed in ``skipped``
         as ``(image_id, reason)``. NaN/Inf in valid rows, including float16 overflow of the
-        cast, raise :class:`IntegrityError` naming the image ids. Returns once the record is
-        written (and durable with :data:`FSYNC`); :meth:`unit_writer` overlaps the disk
-        flush of one unit with the write of the next.
+        cast, raise :class:`IntegrityError` naming the image ids.
         """
-        self._commit_unit(self._write_unit_data(u, arrays, valid, skipped), parallel=True)
-
-    def unit_writer(self, depth: int = 2) -> UnitWriter:
-        """A :class:`UnitWriter` for this entry: pipelined durable writes of many units."""
-        return UnitWriter(self, depth)
-
-    def _write_unit_data(
-        self,
-        u: int,
-        arrays: Mapping[str, np.ndarray],
-        valid: np.ndarray,
-        skipped: Sequence[tuple[str, str]],
-    ) -> _UnitData:
-        """Check and write the rows of unit ``u``; its chunk files are not synced yet."""
         if not self._writable:
             raise CacheWriteError(
                 f"{self.uri} was opened for reading; use FeatureEntry.create_or_open to write."
@@ -714,11 +685,9 @@ class FeatureEntry:
         targets = {f"features/{name}": a for name, a in stored.items()}
         targets["valid"] = np.ascontiguousarray(valid)
         layouts = {name: self._layout(name) for name in targets}
-        to_sync: tuple[tuple[ChunkLayout, int], ...] = ()
-        dirs: tuple[Path, ...] = ()
         try:
             if all(layouts.values()):
-                checksums, to_sync, dirs = self._write_chunks(u, targets, layouts)  # type: ignore[arg-type]
+                checksums = self._write_chunks(u, targets, layouts)  # type: ignore[arg-type]
             else:  # fsspec roots (object stores: a PUT is durable once it returns)
                 checksums = {name: _checksum(a) for name, a in targets.items()}
                 for name, a in targets.items():
@@ -732,51 +701,28 @@ class FeatureEntry:
             "checksums": checksums,
             "n_valid": int(valid.sum()),
             "skipped": [list(s) for s in skipped],
+            "written_at": _now(),
+            "writer": _writer(),
         }
-        return _UnitData(u, record, to_sync, dirs)
-
-    def _commit_unit(self, data: _UnitData, *, parallel: bool, exists_ok: bool = False) -> bool:
-        """Make the chunks of ``data`` durable, then create the unit's record.
-
-        ``parallel``: fdatasync the chunk files on the shared pool (else on this thread).
-        True if this call created the record; if another job created it meanwhile,
-        :class:`EntryExistsError`, or False with ``exists_ok``. A failed sync raises
-        :class:`CacheWriteError` and creates no record (the unit stays pending).
-        """
-        u = data.unit
-        try:
-            if parallel:
-                list(POOL.map(lambda c: c[0].sync_chunk(c[1]), data.to_sync))
-            else:
-                for layout, i in data.to_sync:
-                    layout.sync_chunk(i)
-            if data.to_sync:
-                fsync_dirs(data.dirs)
-        except OSError as exc:
-            raise self.root.write_error(f"sync unit {u} of {self.relpath} in", exc) from exc
-        record = {**data.record, "written_at": _now(), "writer": _writer()}
         # Created exclusively: of two writers of one unit (a job whose claim was taken over
         # while it was paused, see embedkit.store.lease) exactly one record wins.
-        if self.root.create_exclusive(
+        if not self.root.create_exclusive(
             self._unit_path(u), json.dumps(record).encode(), durable=FSYNC
         ):
-            return True
-        if exists_ok:
-            return False
-        raise EntryExistsError(
-            f"Unit {u} of {self.uri} was written by another job meanwhile (its claim was "
-            "taken over); the unit holds that job's identical features."
-        )
+            raise EntryExistsError(
+                f"Unit {u} of {self.uri} was written by another job meanwhile (its claim was "
+                "taken over); the unit holds that job's identical features."
+            )
 
     def _write_chunks(
         self, u: int, targets: Mapping[str, np.ndarray], layouts: Mapping[str, ChunkLayout]
-    ) -> tuple[dict[str, str], tuple[tuple[ChunkLayout, int], ...], tuple[Path, ...]]:
-        """The chunks of unit ``u`` of every array, in parallel, not yet synced.
+    ) -> dict[str, str]:
+        """The chunks of unit ``u`` of every array, in parallel; durable before returning if FSYNC.
 
-        Each chunk is one pool job (compress, write, start writeback if FSYNC), so both cores
-        keep compressing while the disk writes. Returns the checksums (computed on this thread
-        while the pool writes) and, with FSYNC, the chunks to fdatasync and the directories
-        to fsync before the unit's record (nothing without FSYNC).
+        Each chunk is one pool job (compress, write, start writeback), so both cores keep
+        compressing while the disk writes; the fdatasyncs come after the last job, when most
+        of the data is on disk already. Returns the checksums, computed on this thread while
+        the pool writes.
         """
         durable = FSYNC
         start, stop = self.unit_bounds(u)
@@ -798,9 +744,10 @@ class FeatureEntry:
         finally:
             for job in jobs:
                 job.cancel()
-        if not durable:
-            return checksums, (), ()
-        return checksums, tuple((c[0], c[1]) for c in chunks), tuple(sorted(set(dirs)))
+        if durable:
+            list(POOL.map(lambda c: c[0].sync_chunk(c[1]), chunks))
+            fsync_dirs(dirs)
+        return checksums
 
     def finalize(self, extra: Mapping[str, object] | None = None) -> bool:
         """Create COMPLETE.json once every unit has its record; the entry is then immutable.
@@ -1080,106 +1027,6 @@ class FeatureEntry:
                 f"no COMPLETE.json: entry incomplete ({len(done)} of {self.n_units} units written)"
             )
         return problems
-
-
-class UnitWriter:
-    """Pipelined unit writes of one entry: unit ``k``'s disk flush overlaps unit ``k + 1``.
-
-    ``submit`` checks and writes a unit's rows on the calling thread (chunk files in the page
-    cache, writeback started) and returns; one background thread then fdatasyncs the unit's
-    chunk files, fsyncs their directories and only then creates the unit's record, exactly as
-    :meth:`FeatureEntry.write_unit` does, so the crash guarantee of the module docstring holds
-    unit by unit (records may appear in any order). At most ``depth`` units are written but not
-    yet recorded: ``submit`` waits for the oldest before writing more. A failed sync or record
-    (disk full, EIO) leaves that unit without a record (it stays pending; a rerun rewrites it)
-    and is raised as :class:`CacheWriteError` by the next ``submit`` and by :meth:`flush`.
-    Use as a context manager; leaving it flushes (and raises the first error)::
-
-        with entry.unit_writer() as w:
-            for u in entry.pending_units():
-                w.submit(u, {"cls": feats[u]}, valid=ok[u])
-
-    Without :data:`FSYNC` or on fsspec roots there is nothing to overlap and each unit is
-    recorded before ``submit`` returns.
-    """
-
-    def __init__(self, entry: FeatureEntry, depth: int = 2) -> None:
-        if depth < 1:
-            raise ValueError(f"Expected depth >= 1 (units in flight), got {depth}.")
-        self._entry = entry
-        self._depth = depth
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-commit")
-        self._inflight: collections.deque[Future[bool]] = collections.deque()
-        self._error: BaseException | None = None
-
-    def submit(
-        self,
-        u: int,
-        arrays: Mapping[str, np.ndarray],
-        *,
-        valid: np.ndarray,
-        skipped: Sequence[tuple[str, str]] = (),
-        exists_ok: bool = False,
-    ) -> Future[bool]:
-        """Write unit ``u`` like :meth:`FeatureEntry.write_unit`; its record follows later.
-
-        The future resolves to True once the record is created, or with ``exists_ok`` to
-        False if another job wrote the unit first (then nothing is written if its record
-        already exists); it holds the unit's error if the write failed. Check errors
-        (IntegrityError, ...) and write errors of the rows raise here.
-        """
-        self._raise_error()
-        while len(self._inflight) >= self._depth:
-            self._settle(self._inflight.popleft())
-        self._raise_error()
-        if exists_ok and self._entry.has_unit(u):
-            done: Future[bool] = Future()
-            done.set_result(False)
-            return done
-        data = self._entry._write_unit_data(u, arrays, valid, skipped)
-        if not data.to_sync:  # nothing to wait for: record now, as write_unit does
-            done = Future()
-            done.set_result(self._entry._commit_unit(data, parallel=True, exists_ok=exists_ok))
-            return done
-        job = self._committer.submit(
-            self._entry._commit_unit, data, parallel=True, exists_ok=exists_ok
-        )
-        self._inflight.append(job)
-        return job
-
-    def _settle(self, job: Future[bool]) -> None:
-        exc = job.exception()  # waits
-        if exc is not None and self._error is None:
-            self._error = exc
-
-    def _raise_error(self) -> None:
-        while self._inflight and self._inflight[0].done():
-            self._settle(self._inflight.popleft())
-        if self._error is not None:
-            raise self._error
-
-    def flush(self) -> None:
-        """Wait until every submitted unit is recorded; raise the first error if any."""
-        while self._inflight:
-            self._settle(self._inflight.popleft())
-        self._raise_error()
-
-    def close(self) -> None:
-        """:meth:`flush`, then stop the background thread (also when flush raises)."""
-        try:
-            self.flush()
-        finally:
-            self._committer.shutdown(wait=True)
-
-    def __enter__(self) -> UnitWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if exc_info[0] is None:
-            self.close()
-            return
-        with contextlib.suppress(Exception):  # already failing: that error takes precedence
-            self.close()
 
 
 def remove_entry(root: CacheRoot, key: CacheKey | str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,7 @@ from zarr.codecs import ZstdCodec
 
 import embedkit.store.chunkio as chunkio
 import embedkit.store.entry as entry_mod
-from embedkit.errors import (
-    CacheWriteError,
-    EntryExistsError,
-    IncompleteEntryError,
-    IntegrityError,
-)
+from embedkit.errors import CacheWriteError, IncompleteEntryError, IntegrityError
 from embedkit.store import CacheRoot, FeatureEntry
 
 DIMS = {"cls": (8,), "mean": (8,)}
@@ -269,15 +263,6 @@ def test_entries_with_nested_chunk_keys_still_work(
     assert reader.verify() == []
 
 
-def _write_pipelined(
-    entry: FeatureEntry, feats: dict[str, np.ndarray], units: list[int], depth: int = 2
-) -> None:
-    with entry.unit_writer(depth) as writer:
-        for u in units:
-            s, e = entry.unit_bounds(u)
-            writer.submit(u, {p: a[s:e] for p, a in feats.items()}, valid=np.ones(e - s, bool))
-
-
 def _unit_chunk_files(entry: FeatureEntry, u: int) -> set[Path]:
     files = set()
     for name in ("features/cls", "features/mean", "valid"):
@@ -288,10 +273,9 @@ def _unit_chunk_files(entry: FeatureEntry, u: int) -> set[Path]:
 
 
 @pytest.mark.usefixtures("small_chunks")
-@pytest.mark.parametrize("pipelined", [False, True], ids=["write_unit", "unit_writer"])
 @pytest.mark.parametrize("compression", ["zstd", "none"])
 def test_every_chunk_is_synced_before_its_unit_record(
-    tmp_path: Path, kit: Any, compression: str, pipelined: bool, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, kit: Any, compression: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each unit's record is created only after every chunk file of that unit was synced."""
     events: list[tuple[str, str]] = []
@@ -315,7 +299,7 @@ def test_every_chunk_is_synced_before_its_unit_record(
     entry = _new(root, kit, compression)
     events.clear()
     units = list(range(entry.n_units))
-    (_write_pipelined if pipelined else _write)(entry, kit.make_features(N, DIMS), units)
+    _write(entry, kit.make_features(N, DIMS), units)
     assert entry.pending_units() == []
     for u in units:
         record = events.index(("record", f"{entry.relpath}/units/{u:06d}.json"))
@@ -326,10 +310,10 @@ def test_every_chunk_is_synced_before_its_unit_record(
 
 
 @pytest.mark.parametrize("compression", ["zstd", "none"])
-def test_failed_sync_in_the_pipeline_leaves_the_unit_pending(
+def test_failed_sync_leaves_the_unit_pending(
     tmp_path: Path, kit: Any, compression: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """EIO from a background fdatasync: CacheWriteError, no record; a rerun completes it."""
+    """EIO from a chunk's fdatasync: CacheWriteError, no record; a rerun completes the entry."""
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc to name synced files")
     feats = kit.make_features(N, DIMS)
@@ -345,84 +329,28 @@ def test_failed_sync_in_the_pipeline_leaves_the_unit_pending(
 
     with monkeypatch.context() as mp:
         mp.setattr(chunkio.os, "fdatasync", fdatasync)
-        with pytest.raises(CacheWriteError, match=r"sync unit 2 .*Input/output error"):
-            _write_pipelined(entry, feats, list(range(entry.n_units)))
+        _write(entry, feats, [0, 1])
+        with pytest.raises(CacheWriteError, match=r"unit 2 .*Input/output error"):
+            _write(entry, feats, [2])
     assert not entry.has_unit(2)
-    assert entry.has_unit(0) and entry.has_unit(1)  # recorded before unit 2's sync failed
+    assert entry.pending_units() == [2, 3]
     with pytest.raises(IncompleteEntryError):
         entry.finalize()
     rerun = _new(root, kit)
     assert 2 in rerun.pending_units()
-    _write_pipelined(rerun, feats, rerun.pending_units())
+    _write(rerun, feats, rerun.pending_units())
     assert rerun.finalize()
     assert rerun.verify() == []
-    serial = CacheRoot.from_uri(tmp_path / "serial")
-    reference = _new(serial, kit, compression)
+    clean = CacheRoot.from_uri(tmp_path / "clean")
+    reference = _new(clean, kit, compression)
     _write(reference, feats, list(range(reference.n_units)))
     reference.finalize()
     a = _files(tmp_path / "c" / rerun.relpath / "features")
-    b = _files(tmp_path / "serial" / reference.relpath / "features")
+    b = _files(tmp_path / "clean" / reference.relpath / "features")
     assert a == b and a
     assert _files(tmp_path / "c" / rerun.relpath / "valid") == _files(
-        tmp_path / "serial" / reference.relpath / "valid"
+        tmp_path / "clean" / reference.relpath / "valid"
     )
-
-
-def test_unit_writer_bounds_the_units_in_flight(
-    tmp_path: Path, kit: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """At most ``depth`` units are written but unrecorded; submit waits for the oldest."""
-    entry = _new(CacheRoot.from_uri(tmp_path / "c"), kit)
-    release = threading.Event()
-    real_commit = FeatureEntry._commit_unit
-    unrecorded: list[int] = []
-
-    def commit(self: FeatureEntry, data: Any, **kw: Any) -> bool:
-        release.wait(timeout=30)
-        return real_commit(self, data, **kw)
-
-    real_write = FeatureEntry._write_unit_data
-
-    def write(self: FeatureEntry, u: int, *args: Any) -> Any:
-        unrecorded.append(len([v for v in range(self.n_units) if not self.has_unit(v)]))
-        data = real_write(self, u, *args)
-        if u == 1:  # units 0 and 1 written, both waiting: the next submit must block
-            threading.Timer(0.2, release.set).start()
-        return data
-
-    monkeypatch.setattr(FeatureEntry, "_commit_unit", commit)
-    monkeypatch.setattr(FeatureEntry, "_write_unit_data", write)
-    feats = kit.make_features(N, DIMS)
-    with entry.unit_writer(depth=2) as writer:
-        futures = []
-        for u in range(entry.n_units):
-            s, e = entry.unit_bounds(u)
-            futures.append(
-                writer.submit(u, {p: a[s:e] for p, a in feats.items()}, valid=np.ones(e - s, bool))
-            )
-            if u < 2:
-                assert not futures[-1].done()
-        assert entry.has_unit(0)  # submitting unit 2 waited for unit 0's record
-    assert [f.result() for f in futures] == [True] * entry.n_units
-    assert entry.pending_units() == []
-
-
-def test_unit_writer_without_fsync_records_before_returning(
-    tmp_path: Path, kit: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(entry_mod, "FSYNC", False)
-    entry = _new(CacheRoot.from_uri(tmp_path / "c"), kit)
-    feats = kit.make_features(N, DIMS)
-    with entry.unit_writer() as writer:
-        s, e = entry.unit_bounds(0)
-        job = writer.submit(0, {p: a[s:e] for p, a in feats.items()}, valid=np.ones(e - s, bool))
-        assert job.done() and job.result() and entry.has_unit(0)
-        again = writer.submit(
-            0, {p: a[s:e] for p, a in feats.items()}, valid=np.ones(e - s, bool), exists_ok=True
-        )
-        assert again.result() is False
-        with pytest.raises(EntryExistsError):
-            writer.submit(0, {p: a[s:e] for p, a in feats.items()}, valid=np.ones(e - s, bool))
 
 
 @pytest.mark.parametrize("fsync", [True, False])
