@@ -7,6 +7,7 @@ writeback-kicking write path must produce the same bytes as a serial plain one.
 
 from __future__ import annotations
 
+import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +20,7 @@ from zarr.codecs import ZstdCodec
 
 import embedkit.store.chunkio as chunkio
 import embedkit.store.entry as entry_mod
-from embedkit.errors import IntegrityError
+from embedkit.errors import CacheWriteError, IncompleteEntryError, IntegrityError
 from embedkit.store import CacheRoot, FeatureEntry
 
 DIMS = {"cls": (8,), "mean": (8,)}
@@ -262,11 +263,21 @@ def test_entries_with_nested_chunk_keys_still_work(
     assert reader.verify() == []
 
 
+def _unit_chunk_files(entry: FeatureEntry, u: int) -> set[Path]:
+    files = set()
+    for name in ("features/cls", "features/mean", "valid"):
+        layout = entry._layout(name)
+        assert layout is not None
+        files |= {layout.chunk_path(i).resolve() for i in layout.chunks_in(*entry.unit_bounds(u))}
+    return files
+
+
 @pytest.mark.usefixtures("small_chunks")
 @pytest.mark.parametrize("compression", ["zstd", "none"])
 def test_every_chunk_is_synced_before_its_unit_record(
     tmp_path: Path, kit: Any, compression: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each unit's record is created only after every chunk file of that unit was synced."""
     events: list[tuple[str, str]] = []
     real_fdatasync = os.fdatasync
 
@@ -275,28 +286,71 @@ def test_every_chunk_is_synced_before_its_unit_record(
         events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
 
     root = CacheRoot.from_uri(tmp_path / "c")
-    real_atomic = CacheRoot.write_bytes_atomic
+    real_create = CacheRoot.create_exclusive
 
-    def atomic(self: CacheRoot, relpath: str, data: bytes, **kw: Any) -> None:
-        real_atomic(self, relpath, data, **kw)
-        events.append(("record", relpath))
+    def create_exclusive(self: CacheRoot, relpath: str, data: bytes, **kw: Any) -> bool:
+        events.append(("record", relpath))  # before: the record may appear from here on
+        return real_create(self, relpath, data, **kw)
 
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc to name synced files")
     monkeypatch.setattr(chunkio.os, "fdatasync", fdatasync)
-    monkeypatch.setattr(CacheRoot, "write_bytes_atomic", atomic)
+    monkeypatch.setattr(CacheRoot, "create_exclusive", create_exclusive)
     entry = _new(root, kit, compression)
     events.clear()
-    _write(entry, kit.make_features(N, DIMS), [1])
-    record = events.index(("record", f"{entry.relpath}/units/000001.json"))
-    synced = {Path(p) for kind, p in events[:record] if kind == "sync"}
-    want = set()
-    for name in ("features/cls", "features/mean", "valid"):
-        layout = entry._layout(name)
-        assert layout is not None
-        want |= {layout.chunk_path(i).resolve() for i in layout.chunks_in(*entry.unit_bounds(1))}
-    assert len(want) == (7 if compression == "zstd" else 3)
-    assert want <= synced
+    units = list(range(entry.n_units))
+    _write(entry, kit.make_features(N, DIMS), units)
+    assert entry.pending_units() == []
+    for u in units:
+        record = events.index(("record", f"{entry.relpath}/units/{u:06d}.json"))
+        synced = {Path(p) for kind, p in events[:record] if kind == "sync"}
+        want = _unit_chunk_files(entry, u)
+        assert len(want) == (7 if compression == "zstd" else 3)
+        assert want <= synced, f"unit {u}: record created before {sorted(want - synced)} synced"
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_failed_sync_leaves_the_unit_pending(
+    tmp_path: Path, kit: Any, compression: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO from a chunk's fdatasync: CacheWriteError, no record; a rerun completes the entry."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name synced files")
+    feats = kit.make_features(N, DIMS)
+    root = CacheRoot.from_uri(tmp_path / "c")
+    entry = _new(root, kit, compression)
+    bad = {p for p in _unit_chunk_files(entry, 2) if "features" in p.parts}
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if Path(os.readlink(f"/proc/self/fd/{fd}")) in bad:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fdatasync(fd)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(chunkio.os, "fdatasync", fdatasync)
+        _write(entry, feats, [0, 1])
+        with pytest.raises(CacheWriteError, match=r"unit 2 .*Input/output error"):
+            _write(entry, feats, [2])
+    assert not entry.has_unit(2)
+    assert entry.pending_units() == [2, 3]
+    with pytest.raises(IncompleteEntryError):
+        entry.finalize()
+    rerun = _new(root, kit)
+    assert 2 in rerun.pending_units()
+    _write(rerun, feats, rerun.pending_units())
+    assert rerun.finalize()
+    assert rerun.verify() == []
+    clean = CacheRoot.from_uri(tmp_path / "clean")
+    reference = _new(clean, kit, compression)
+    _write(reference, feats, list(range(reference.n_units)))
+    reference.finalize()
+    a = _files(tmp_path / "c" / rerun.relpath / "features")
+    b = _files(tmp_path / "clean" / reference.relpath / "features")
+    assert a == b and a
+    assert _files(tmp_path / "c" / rerun.relpath / "valid") == _files(
+        tmp_path / "clean" / reference.relpath / "valid"
+    )
 
 
 @pytest.mark.parametrize("fsync", [True, False])
