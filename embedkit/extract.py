@@ -58,6 +58,9 @@ from embedkit.versions import package_versions
 
 ComputeDtype = Literal["auto", "fp32", "bf16", "fp16"]
 StorageDtype = Literal["float16", "float32"]
+#: Storage codec of a new entry (see embedkit.store.entry.COMPRESSIONS): not part of the cache
+#: key, since it changes the files but not the stored values (checksums cover decoded bytes).
+Compression = Literal["none", "zstd"]
 BadImagePolicy = Literal["fail", "skip"]
 ResizePolicy = Literal["squash", "pad", "crop"]
 ShardPolicy = Literal["none", "fsdp", "auto"]
@@ -76,6 +79,7 @@ class ExtractionRequest:
     patch_tokens: bool = False
     dtype: ComputeDtype = "auto"
     storage_dtype: StorageDtype = "float16"
+    compression: Compression = "none"
     batch_size: int = 32
     device: str = "auto"
     num_workers: int = 2
@@ -578,6 +582,7 @@ def _open_entry(plan: ExtractionPlan, identity: EncoderIdentity, root: CacheRoot
         shapes=plan.shapes,
         unit_rows=plan.request.unit_rows,
         provenance=_provenance(plan, identity),
+        compression=plan.request.compression,
         lease_ttl_s=plan.request.lease_ttl_s,
     )
 

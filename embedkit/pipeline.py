@@ -45,6 +45,7 @@ class ExtractOptions(_Strict):
     batch_size: Annotated[int, Field(ge=1)] = 32
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     storage_dtype: Literal["float16", "float32"] = "float16"
+    compression: Literal["none", "zstd"] = "none"
     device: str = "auto"
     workers: Annotated[int, Field(ge=0)] = 2
     unit_rows: Annotated[int, Field(ge=1)] = 1024
@@ -409,6 +410,7 @@ def _run_extract(ctx: Context, step: Step) -> str:
             patch_tokens=o.patch_tokens,
             dtype=o.dtype,
             storage_dtype=o.storage_dtype,
+            compression=o.compression,
             batch_size=o.batch_size,
             device=o.device,
             num_workers=o.workers,

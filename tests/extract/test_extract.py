@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -103,7 +104,9 @@ def test_cache_key_changes_with_each_field_and_not_otherwise(
     base = _request()
     assert digest(base) == digest(_request())
     # Not in the key: how the work is scheduled.
-    for same in ({"batch_size": 2}, {"num_workers": 1}, {"unit_rows": 4}, {"overwrite": True}):
+    # Not in the key either: the storage codec (same stored values, other files).
+    unkeyed = ({"batch_size": 2}, {"num_workers": 1}, {"unit_rows": 4}, {"overwrite": True})
+    for same in (*unkeyed, {"compression": "zstd"}):
         assert digest(dataclasses.replace(base, **same)) == digest(base), same  # type: ignore[arg-type]
     variants = [
         {"resolution": 256},
@@ -124,6 +127,28 @@ def test_cache_key_changes_with_each_field_and_not_otherwise(
     victim = next((copy / "images").rglob("*.png"))
     victim.write_bytes(victim.read_bytes() + b"\0")
     assert digest(base, copy_manifest) != digest(base)
+
+
+def test_a_zstd_entry_holds_the_same_features_as_an_uncompressed_one(
+    demo_manifest: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    plain = extract(_request(), manifest=demo_manifest, model_cache_dir=model_cache).entry
+    packed = extract(
+        _request(compression="zstd"),
+        manifest=demo_manifest,
+        cache=tmp_path / "zstd-cache",
+        model_cache_dir=model_cache,
+    ).entry
+    assert plain.key == packed.key
+    assert (plain.attrs["compression"]["name"], packed.attrs["compression"]["name"]) == (
+        "none",
+        "zstd",
+    )
+    meta = json.loads((Path(packed.uri) / "features" / "cls" / "zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"]][-1] == "zstd"
+    for pooling in ("cls", "mean"):
+        np.testing.assert_array_equal(packed.read(pooling), plain.read(pooling))
+    assert packed.verify() == []
 
 
 def test_patch_tokens_are_stored_as_a_float16_grid(demo_manifest: Path, model_cache: Path) -> None:
