@@ -41,15 +41,17 @@ def split_features(
     """Features, targets and masks of ``split`` (``train``, ``val`` or ``test``)."""
     rows = table.indices(split)
     ids = [table.ids[r] for r in rows]
-    X = entry.read(pooling, ids=ids)
     valid = entry.valid_mask()[entry.read_rows(ids)]
     keep = np.flatnonzero(valid)
+    kept = ids if len(keep) == len(ids) else [ids[i] for i in keep]
+    # Only the valid rows are read, into one array of the stored dtype: no second copy.
+    X = entry.read(pooling, ids=kept)
     labels = table.labels
     return SplitFeatures(
         split=split,
         pooling=pooling,
-        X=X[keep] if len(keep) < len(ids) else X,
-        ids=tuple(ids[i] for i in keep),
+        X=X,
+        ids=tuple(kept),
         y=labels.y[rows[keep]],
         mask=labels.mask[rows[keep]],
         patients=tuple(table.patients[r] for r in rows[keep]),
