@@ -62,11 +62,13 @@ def _standardised(
     inv_scale: torch.Tensor | None,
     dtype: torch.dtype,
 ) -> Iterator[torch.Tensor]:
-    for Xb in blocks.strided(max_rows, dtype):
-        if mean is not None:
-            Xb = Xb - mean.to(dtype)
-        if inv_scale is not None:
-            Xb = Xb * inv_scale.to(dtype)
+    m = None if mean is None else mean.to(dtype)
+    inv = None if inv_scale is None else inv_scale.to(dtype)
+    for Xb in blocks.strided(max_rows, dtype):  # a fresh copy of the sampled rows: in place
+        if m is not None:
+            Xb.sub_(m)
+        if inv is not None:
+            Xb.mul_(inv)
         yield Xb
 
 
@@ -119,12 +121,13 @@ def estimate_spectrum(
         Q = torch.linalg.qr(Q).Q
         Q = _times_second_moment(blocks, max_rows, mean, inv_scale, Q)
     # Q now holds A Q0 for an orthonormal Q0; Rayleigh-Ritz on span(A Q0) needs one more pass.
-    basis = torch.linalg.qr(Q.double()).Q
-    AB = _times_second_moment(blocks, max_rows, mean, inv_scale, basis.float()).double()
-    B = basis.T @ AB
+    basis = torch.linalg.qr(Q).Q
+    del Q
+    B = (basis.T @ _times_second_moment(blocks, max_rows, mean, inv_scale, basis)).double()
     s, U = torch.linalg.eigh(0.5 * (B + B.T))
     s, U = s.flip(0)[:rank].clamp_min(0.0), U.flip(1)[:, :rank]
-    V = torch.linalg.qr(basis @ U).Q
+    # Orthonormal to float64 precision: M^-1 stays positive definite even when 1 / lam is huge.
+    V = torch.linalg.qr(basis.double() @ U).Q
     return Spectrum(s.to(dt), V.to(dt), float(s[-1]))
 
 
