@@ -259,8 +259,8 @@ def memory_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     out: dict[str, Any] = {}
     if args.mem_store:
-        from embedkit.store import CacheRoot, list_entries
-        from embedkit.store.catalog import find_entry
+        from embedkit.features import read_features
+        from embedkit.store import CacheRoot, find_entry, list_entries
 
         root = CacheRoot.from_uri(args.mem_store)
         entry = find_entry(root, list_entries(root)[0].relpath, allow_partial=False)
@@ -272,7 +272,7 @@ def memory_child(args: argparse.Namespace) -> None:
         out["base"] = _vm("VmRSS")
         _reset_hwm()
         t0 = time.perf_counter()
-        X = entry.read("cls+mean", ids=list(entry.ids))  # by ids, as the probe runner reads
+        X = read_features(entry, "cls+mean", list(entry.ids))  # as the probe runner reads
         out["read_seconds"] = time.perf_counter() - t0
         out["read_hwm"] = _vm("VmHWM")
     else:
@@ -281,6 +281,9 @@ def memory_child(args: argparse.Namespace) -> None:
 
         gc.collect()
         out["base"] = _vm("VmRSS") - X.nbytes  # the process without the features
+    if args.mem_iter == 0:  # the read only
+        print(json.dumps({**out, "shape": list(X.shape), "nbytes": X.nbytes}))
+        return
     _reset_hwm()  # data generation / loading is not part of the fit's figure
     t0 = time.perf_counter()
     probe = LogisticProbe(C=args.mem_c, max_iter=args.mem_iter).fit(X, y, mask)
@@ -307,14 +310,15 @@ def bench_memory(args: argparse.Namespace) -> None:
     n, d = res["shape"]
     gb = res["nbytes"] / 1e9
     source = f"store entry {args.mem_store} (cls+mean)" if args.mem_store else "in-memory numpy"
-    print(
-        f"memory: LogisticProbe(C={args.mem_c}, max_iter={args.mem_iter}).fit on {n} x {d} "
-        f"float16 ({gb:.2f} GB), {source}: {res['seconds']:.0f} s, L-BFGS iterations per label "
-        f"{res['iters']} (converged: {sum(res['converged'])}/{len(res['converged'])}); "
-        f"peak RSS {res['hwm'] / 1e9:.2f} GB = {res['hwm'] / res['nbytes']:.3f}x the float16 "
-        f"size; above the process without features ({res['base'] / 1e9:.2f} GB): "
-        f"{(res['hwm'] - res['base']) / res['nbytes']:.3f}x"
-    )
+    if "hwm" in res:
+        print(
+            f"memory: LogisticProbe(C={args.mem_c}, max_iter={args.mem_iter}).fit on {n} x {d} "
+            f"float16 ({gb:.2f} GB), {source}: {res['seconds']:.0f} s, L-BFGS iterations per label "
+            f"{res['iters']} (converged: {sum(res['converged'])}/{len(res['converged'])}); "
+            f"peak RSS {res['hwm'] / 1e9:.2f} GB = {res['hwm'] / res['nbytes']:.3f}x the float16 "
+            f"size; above the process without features ({res['base'] / 1e9:.2f} GB): "
+            f"{(res['hwm'] - res['base']) / res['nbytes']:.3f}x"
+        )
     if "read_hwm" in res:
         print(
             f"  reading the entry by ids: {res['read_seconds']:.0f} s, peak RSS "

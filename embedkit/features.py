@@ -8,6 +8,7 @@ time are left out, and how many is reported on the result.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,26 @@ class SplitFeatures:
         return torch.from_numpy(self.X)
 
 
+#: Rows read per call to the store: bounds the decode buffers of one read to a few chunks.
+READ_BLOCK_ROWS = 8192
+
+
+def read_features(
+    entry: FeatureEntry, pooling: str, ids: Sequence[str], block_rows: int = READ_BLOCK_ROWS
+) -> np.ndarray:
+    """Features of ``ids`` (in that order) in the stored dtype, read ``block_rows`` at a time
+    into one preallocated array, so peak memory is the result plus one block."""
+    first = entry.read(pooling, ids=ids[:block_rows])
+    if len(ids) <= block_rows:
+        return first
+    X = np.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
+    X[: len(first)] = first
+    del first
+    for lo in range(block_rows, len(ids), block_rows):
+        X[lo : lo + block_rows] = entry.read(pooling, ids=ids[lo : lo + block_rows])
+    return X
+
+
 def split_features(
     entry: FeatureEntry, table: DatasetTable, split: str, pooling: str = "cls+mean"
 ) -> SplitFeatures:
@@ -45,7 +66,7 @@ def split_features(
     keep = np.flatnonzero(valid)
     kept = ids if len(keep) == len(ids) else [ids[i] for i in keep]
     # Only the valid rows are read, into one array of the stored dtype: no second copy.
-    X = entry.read(pooling, ids=kept)
+    X = read_features(entry, pooling, kept)
     labels = table.labels
     return SplitFeatures(
         split=split,

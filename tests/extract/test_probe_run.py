@@ -84,3 +84,18 @@ def test_missing_entry_says_which_command_extracts_it(demo_manifest: Path, tmp_p
 def test_fewshot_with_too_few_patients_is_a_clear_error(extracted: Path, tmp_path: Path) -> None:
     with pytest.raises(EmbedkitError, match="eligible patients"):
         run_probe(_probe("fewshot", shots=(16,)), manifest=extracted, results=tmp_path)
+
+
+def test_features_read_by_blocks_equal_one_read(extracted: Path) -> None:
+    from embedkit.features import read_features
+    from embedkit.probe import find_probe_entry
+    from embedkit.store import CacheRoot
+
+    man = load_manifest(extracted)
+    entry = find_probe_entry(CacheRoot.from_uri(man.cache), "demo", "test/tiny-dinov3-vit", 224)
+    ids = list(np.random.default_rng(0).permutation(entry.ids))
+    whole = entry.read("cls+mean", ids=ids)
+    for block_rows in (1, 3, len(ids), len(ids) + 5):
+        got = read_features(entry, "cls+mean", ids, block_rows=block_rows)
+        assert got.dtype == whole.dtype == np.float16
+        np.testing.assert_array_equal(got, whole)
