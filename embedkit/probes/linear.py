@@ -390,7 +390,7 @@ class LogisticProbe(LinearPredictor):
             "n_out": n_out,
             "mean": mean,
             "scale": scale,
-            "spectrum": obj._spectrum,
+            "spectrum": obj.spectrum_if_estimated,
         }
         return result, Ws, extra
 

@@ -66,6 +66,11 @@ class LogisticObjective:
         self._spectrum = spectrum
 
     @property
+    def spectrum_if_estimated(self) -> Spectrum | None:
+        """The spectrum if the preconditioner has needed it so far, else None."""
+        return self._spectrum
+
+    @property
     def spectrum(self) -> Spectrum:
         """Eigenpairs of the standardised features' second-moment matrix (estimated once)."""
         if self._spectrum is None:
