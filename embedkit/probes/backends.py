@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from embedkit.errors import EmbedkitError
 
 __all__ = [
+    "DEFAULT_BLOCK_CACHE_BYTES",
     "DEFAULT_MAX_RESIDENT_BYTES",
     "ProbeInputError",
     "RowBlocks",
@@ -38,7 +39,10 @@ __all__ = [
     "torch_dtype",
 ]
 
-DEFAULT_MAX_RESIDENT_BYTES = 2**28
+#: kNN: train features kept resident (float32) up to this size.
+DEFAULT_MAX_RESIDENT_BYTES = 2**30
+#: Iterative solvers: converted row blocks cached between passes up to this size.
+DEFAULT_BLOCK_CACHE_BYTES = 2**28
 _BLOCK_BYTES = 2**26  # ~64 MB per converted block
 
 
@@ -159,7 +163,7 @@ class RowBlocks:
         dtype: torch.dtype,
         device: torch.device,
         block_rows: int | None = None,
-        max_resident_bytes: int = DEFAULT_MAX_RESIDENT_BYTES,
+        max_resident_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
     ) -> None:
         self.sources = list(sources)
         self.n_features = int(self.sources[0].array.shape[1])

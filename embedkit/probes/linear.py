@@ -26,7 +26,7 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 
 from embedkit.probes.backends import (
-    DEFAULT_MAX_RESIDENT_BYTES,
+    DEFAULT_BLOCK_CACHE_BYTES,
     ProbeInputError,
     RowBlocks,
     Source,
@@ -132,7 +132,7 @@ class LogisticProbe(LinearPredictor):
         val_fraction: float = 0.1,
         seed: int = 0,
         history: int = 10,
-        max_resident_bytes: int = DEFAULT_MAX_RESIDENT_BYTES,
+        max_resident_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
         precondition: bool | Literal["auto"] = "auto",
     ) -> None:
         self.Cs = Cs
