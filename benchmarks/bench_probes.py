@@ -8,17 +8,22 @@ stored float16, 14 labels from a sparse logistic model, 5% of entries masked. Se
   training rows and ``--n-val`` validation rows. With ``--sk-labels > 0``, scikit-learn one-vs-rest
   ``LogisticRegression(C, max_iter=1000, tol=1e-12)`` (lbfgs, standardised features, cold start)
   is timed on the first ``--sk-labels`` labels at ``--sk-cs`` Cs spread evenly over the grid,
-  extrapolated to 14 labels x 45 Cs, and its validation AUROCs are compared with the probe's.
+  extrapolated to 14 labels x 45 Cs (``--sk-labels 14 --sk-cs 45``: the full sweep, measured,
+  no extrapolation), and its validation AUROCs are compared with the probe's on the same data.
   With ``--old-n > 0`` the previous solver (``precondition=False``) and the default are timed on a
   smaller ``--old-n`` x ``--old-d`` problem over every ``--old-every``-th C, in the same run.
 - ``knn``: ``KNNProbe.kneighbors`` (k=20) vs faiss-cpu ``IndexFlatIP`` on L2-normalised float32
   copies (normalisation included in faiss' time), same neighbours checked.
 - ``bootstrap``: ``bootstrap_ci`` macro AUROC, 1,000 resamples x 14 labels on ``--n-test`` rows.
 - ``memory``: peak resident memory (VmHWM) of ``LogisticProbe(C=...)`` fitted on an
-  ``--mem-n`` x ``--mem-d`` float16 matrix, in a fresh subprocess.
+  ``--mem-n`` x ``--mem-d`` float16 matrix, in a fresh subprocess; with ``--mem-store DIR`` the
+  matrix is a complete cache entry ("cls" + "mean", written there on first use) read by ids as
+  the probe runner reads it, and the peak of that read is reported too.
 
     python benchmarks/bench_probes.py --section linear --n 20000 --sk-labels 2
     python benchmarks/bench_probes.py --section knn --n 100000 --queries 5000
+    python benchmarks/bench_probes.py --section memory --mem-n 200000 --mem-d 8192 \
+        --mem-iter 5 --mem-store /tmp/bench-store
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -37,24 +43,48 @@ from embedkit.eval.metrics import per_label_auroc
 from embedkit.probes import DINOV2_CS, KNNProbe, LogisticProbe
 
 
+def feature_chunks(
+    n: int, d: int, labels: int, seed: int = 0, chunk: int = 4096
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Embedding-like rows by chunks: (float16 features, {0,1} targets, mask).
+
+    Decaying spectrum (singular values ~ i^-0.8), non-zero mean, a random rotation (generated in
+    float32, stored float16): a dense one
+    up to 2,048 dims, above that a random block-diagonal one (256-dim blocks after a random
+    permutation of the spectrum), which keeps generating 200k x 8192 at a minute or two.
+    """
+    rng = np.random.default_rng(seed)
+    block = d if d <= 2048 else 256
+    if d % block:
+        raise SystemExit(f"--d above 2048 must be a multiple of 256, got {d}")
+    rot = np.stack([np.linalg.qr(rng.normal(size=(block, block)))[0] for _ in range(d // block)])
+    rot = rot.astype(np.float32)
+    spectrum = np.arange(1, d + 1) ** -0.8
+    spectrum = (spectrum if block == d else rng.permutation(spectrum)).astype(np.float32)
+    offset = rng.normal(size=d) * 0.5
+    W = (rng.normal(size=(d, labels)) * (rng.random((d, labels)) < 0.05)).astype(np.float32)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        g = rng.standard_normal((hi - lo, d), dtype=np.float32) * spectrum
+        g = g.reshape(hi - lo, d // block, block)
+        z = np.matmul(g.transpose(1, 0, 2), rot.transpose(0, 2, 1)).transpose(1, 0, 2)
+        z = z.reshape(hi - lo, d)
+        logits = z @ W * 4.0 - 1.5
+        y = (rng.random((hi - lo, labels)) < 1 / (1 + np.exp(-logits))).astype(np.float32)
+        yield (z * 3.0 + offset).astype(np.float16), y, rng.random((hi - lo, labels)) > 0.05
+
+
 def make_features(
     n: int, d: int, labels: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Embedding-like float16 features (built by row chunks: no (n, d) float64 temporary)."""
-    rng = np.random.default_rng(seed)
-    basis = np.linalg.qr(rng.normal(size=(d, d)))[0]
-    spectrum = np.arange(1, d + 1) ** -0.8
-    offset = rng.normal(size=d) * 0.5
-    W = rng.normal(size=(d, labels)) * (rng.random((d, labels)) < 0.05)
+    """:func:`feature_chunks` gathered into one float16 matrix (no (n, d) float64 temporary)."""
     X = np.empty((n, d), dtype=np.float16)
     y = np.empty((n, labels), dtype=np.float32)
-    for lo in range(0, n, 16384):
-        hi = min(n, lo + 16384)
-        z = (rng.normal(size=(hi - lo, d)) * spectrum) @ basis.T
-        X[lo:hi] = z * 3.0 + offset
-        logits = z @ W * 4.0 - 1.5
-        y[lo:hi] = rng.random((hi - lo, labels)) < 1 / (1 + np.exp(-logits))
-    mask = rng.random((n, labels)) > 0.05
+    mask = np.empty((n, labels), dtype=bool)
+    lo = 0
+    for xc, yc, mc in feature_chunks(n, d, labels, seed):
+        X[lo : lo + len(xc)], y[lo : lo + len(xc)], mask[lo : lo + len(xc)] = xc, yc, mc
+        lo += len(xc)
     return X, y, mask
 
 
@@ -99,11 +129,16 @@ def bench_linear(args: argparse.Namespace) -> None:
             print(f"  sklearn C={Cs[i]:.3g}: {dt:.1f} s, max |dAUROC| vs probe {delta:.2e}")
         factor = (Cs.size / pick.size) * (args.labels / args.sk_labels)
         sk_est = sk_time * factor
+        how = (
+            "the full sweep, measured"
+            if factor == 1
+            else f"extrapolated x{factor:.1f} to {args.labels} labels x {Cs.size} Cs: "
+            f"{sk_est:.0f} s"
+        )
         print(
-            f"  sklearn OvR lbfgs measured {sk_time:.1f} s on {args.sk_labels} labels x "
-            f"{pick.size} Cs ({n_max_iter} fits hit max_iter), extrapolated x{factor:.1f} to "
-            f"{args.labels} labels x {Cs.size} Cs: {sk_est:.0f} s; ratio sklearn / probe "
-            f"{sk_est / t_probe:.1f}x; max |dAUROC| {max_delta:.2e}"
+            f"  sklearn OvR lbfgs {sk_time:.1f} s on {args.sk_labels} labels x {pick.size} Cs "
+            f"({n_max_iter} of {args.sk_labels * pick.size} fits hit max_iter), {how}; ratio "
+            f"sklearn / probe {sk_est / t_probe:.1f}x; max |dAUROC| {max_delta:.2e}"
         )
     if args.old_n > 0:
         Xo, yo, mo = make_features(args.old_n + 2000, args.old_d, args.labels, seed=1)
@@ -181,40 +216,115 @@ def _vm(key: str) -> int:
     raise KeyError(key)
 
 
-def memory_child(args: argparse.Namespace) -> None:
-    """Runs in a fresh process: VmHWM after building X, and after fitting."""
-    torch.set_num_threads(args.threads)
-    X, y, mask = make_features(args.mem_n, args.mem_d, args.labels)
-    import gc
-
-    gc.collect()
-    base = _vm("VmRSS") - X.nbytes  # process without the features (torch, numpy, labels)
-    with open("/proc/self/clear_refs", "w") as fh:  # reset VmHWM: data generation is not measured
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:  # VmHWM := VmRSS from here on
         fh.write("5")
+
+
+def build_store_entry(directory: str, n: int, d: int, labels: int) -> None:
+    """A complete cache entry of ``n`` images with "cls" and "mean" of ``d / 2`` dims each
+    (read back as "cls+mean": the (n, d) float16 matrix of :func:`feature_chunks`), plus the
+    targets in ``labels.npz``; written unit by unit, never held whole in memory."""
+    from embedkit.store import CacheKey, CacheRoot, FeatureEntry, canonical_json, digest_ids
+
+    ids = [f"img{i:07d}" for i in range(n)]
+    key = CacheKey(
+        dataset="bench", model="bench/probes", weights="0" * 40, resolution=224,
+        preprocessing=canonical_json({"resize": "shorter"}), compute_dtype="fp32",
+        storage_dtype="float16", poolings=("cls", "mean"), ids_digest=digest_ids(ids),
+        content_digest=digest_ids([*ids, f"bench-probes-{d}"]), n_images=n,
+    )  # fmt: skip
+    half = d // 2
+    entry = FeatureEntry.create_or_open(
+        CacheRoot.from_uri(directory), key, ids=ids, shapes={"cls": (half,), "mean": (half,)},
+        unit_rows=4096, provenance={},
+    )  # fmt: skip
+    ys, ms = [], []
+    t0 = time.perf_counter()
+    for u, (xc, yc, mc) in enumerate(feature_chunks(n, d, labels, chunk=4096)):
+        entry.write_unit(
+            u, {"cls": xc[:, :half], "mean": xc[:, half:]}, valid=np.ones(len(xc), bool)
+        )
+        ys.append(yc)
+        ms.append(mc)
+        print(f"\r  writing the store entry: unit {u + 1}/{entry.n_units}, "
+              f"{time.perf_counter() - t0:.0f} s", end="", file=sys.stderr, flush=True)  # fmt: skip
+    entry.finalize()
+    np.savez(f"{directory}/labels.npz", y=np.concatenate(ys), mask=np.concatenate(ms))
+    print(file=sys.stderr)
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """Runs in a fresh process: peak RSS (VmHWM) of loading the features and of fitting."""
+    torch.set_num_threads(args.threads)
+    out: dict[str, Any] = {}
+    if args.mem_store:
+        from embedkit.features import read_features
+        from embedkit.store import CacheRoot, find_entry, list_entries
+
+        root = CacheRoot.from_uri(args.mem_store)
+        entry = find_entry(root, list_entries(root)[0].relpath, allow_partial=False)
+        lab = np.load(f"{args.mem_store}/labels.npz")
+        y, mask = lab["y"], lab["mask"]
+        import gc
+
+        gc.collect()
+        out["base"] = _vm("VmRSS")
+        _reset_hwm()
+        t0 = time.perf_counter()
+        X = read_features(entry, "cls+mean", list(entry.ids))  # as the probe runner reads
+        out["read_seconds"] = time.perf_counter() - t0
+        out["read_hwm"] = _vm("VmHWM")
+    else:
+        X, y, mask = make_features(args.mem_n, args.mem_d, args.labels)
+        import gc
+
+        gc.collect()
+        out["base"] = _vm("VmRSS") - X.nbytes  # the process without the features
+    if args.mem_iter == 0:  # the read only
+        print(json.dumps({**out, "shape": list(X.shape), "nbytes": X.nbytes}))
+        return
+    _reset_hwm()  # data generation / loading is not part of the fit's figure
     t0 = time.perf_counter()
     probe = LogisticProbe(C=args.mem_c, max_iter=args.mem_iter).fit(X, y, mask)
-    out: dict[str, Any] = {
-        "nbytes": X.nbytes,
-        "base": base,
-        "hwm": _vm("VmHWM"),
-        "seconds": time.perf_counter() - t0,
-        "iters": probe.n_iter_.tolist(),
-    }
+    out.update(
+        shape=list(X.shape),
+        nbytes=X.nbytes,
+        hwm=_vm("VmHWM"),
+        seconds=time.perf_counter() - t0,
+        iters=probe.n_iter_.tolist(),
+        converged=probe.converged_.tolist(),
+    )
     print(json.dumps(out))
 
 
 def bench_memory(args: argparse.Namespace) -> None:
+    if args.mem_store:
+        from embedkit.store import CacheRoot, list_entries
+
+        if not list_entries(CacheRoot.from_uri(args.mem_store)):
+            build_store_entry(args.mem_store, args.mem_n, args.mem_d, args.labels)
     cmd = [sys.executable, __file__, "--section", "memory-child"]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "section"]
     res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    n, d = res["shape"]
     gb = res["nbytes"] / 1e9
-    print(
-        f"memory: LogisticProbe(C={args.mem_c}, max_iter={args.mem_iter}) on {args.mem_n} x "
-        f"{args.mem_d} float16 ({gb:.2f} GB): {res['seconds']:.0f} s; peak RSS "
-        f"{res['hwm'] / 1e9:.2f} GB = {res['hwm'] / res['nbytes']:.2f}x the float16 size; "
-        f"above the process without features ({res['base'] / 1e9:.2f} GB): "
-        f"{(res['hwm'] - res['base']) / res['nbytes']:.2f}x"
-    )
+    source = f"store entry {args.mem_store} (cls+mean)" if args.mem_store else "in-memory numpy"
+    if "hwm" in res:
+        print(
+            f"memory: LogisticProbe(C={args.mem_c}, max_iter={args.mem_iter}).fit on {n} x {d} "
+            f"float16 ({gb:.2f} GB), {source}: {res['seconds']:.0f} s, L-BFGS iterations per label "
+            f"{res['iters']} (converged: {sum(res['converged'])}/{len(res['converged'])}); "
+            f"peak RSS {res['hwm'] / 1e9:.2f} GB = {res['hwm'] / res['nbytes']:.3f}x the float16 "
+            f"size; above the process without features ({res['base'] / 1e9:.2f} GB): "
+            f"{(res['hwm'] - res['base']) / res['nbytes']:.3f}x"
+        )
+    if "read_hwm" in res:
+        print(
+            f"  reading the entry by ids: {res['read_seconds']:.0f} s, peak RSS "
+            f"{res['read_hwm'] / 1e9:.2f} GB = {res['read_hwm'] / res['nbytes']:.3f}x the float16 "
+            f"size ({(res['read_hwm'] - res['base']) / res['nbytes']:.3f}x above the process)"
+        )
 
 
 def main() -> None:
@@ -235,6 +345,7 @@ def main() -> None:
     ap.add_argument("--mem-d", type=int, default=4096)
     ap.add_argument("--mem-c", type=float, default=1e-2)
     ap.add_argument("--mem-iter", type=int, default=1000)
+    ap.add_argument("--mem-store", default="", help="directory of a cache root to read from")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -8,6 +8,7 @@ time are left out, and how many is reported on the result.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,21 +36,43 @@ class SplitFeatures:
         return torch.from_numpy(self.X)
 
 
+#: Rows read per call to the store: bounds the decode buffers of one read to a few chunks.
+READ_BLOCK_ROWS = 8192
+
+
+def read_features(
+    entry: FeatureEntry, pooling: str, ids: Sequence[str], block_rows: int = READ_BLOCK_ROWS
+) -> np.ndarray:
+    """Features of ``ids`` (in that order) in the stored dtype, read ``block_rows`` at a time
+    into one preallocated array, so peak memory is the result plus one block."""
+    first = entry.read(pooling, ids=ids[:block_rows])
+    if len(ids) <= block_rows:
+        return first
+    X = np.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
+    X[: len(first)] = first
+    del first
+    for lo in range(block_rows, len(ids), block_rows):
+        X[lo : lo + block_rows] = entry.read(pooling, ids=ids[lo : lo + block_rows])
+    return X
+
+
 def split_features(
     entry: FeatureEntry, table: DatasetTable, split: str, pooling: str = "cls+mean"
 ) -> SplitFeatures:
     """Features, targets and masks of ``split`` (``train``, ``val`` or ``test``)."""
     rows = table.indices(split)
     ids = [table.ids[r] for r in rows]
-    X = entry.read(pooling, ids=ids)
     valid = entry.valid_mask()[entry.read_rows(ids)]
     keep = np.flatnonzero(valid)
+    kept = ids if len(keep) == len(ids) else [ids[i] for i in keep]
+    # Only the valid rows are read, into one array of the stored dtype: no second copy.
+    X = read_features(entry, pooling, kept)
     labels = table.labels
     return SplitFeatures(
         split=split,
         pooling=pooling,
-        X=X[keep] if len(keep) < len(ids) else X,
-        ids=tuple(ids[i] for i in keep),
+        X=X,
+        ids=tuple(kept),
         y=labels.y[rows[keep]],
         mask=labels.mask[rows[keep]],
         patients=tuple(table.patients[r] for r in rows[keep]),

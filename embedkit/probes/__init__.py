@@ -10,14 +10,9 @@ from embedkit.probes.fewshot import (
     sample_fewshot,
 )
 from embedkit.probes.knn import DINO_KS, KNNProbe
-from embedkit.probes.linear import (
-    DINO_LR_GRID,
-    DINOV2_CS,
-    LogisticProbe,
-    PathResult,
-    SGDLinearProbe,
-    holdout_split,
-)
+from embedkit.probes.linear import DINOV2_CS, LogisticProbe, PathResult
+from embedkit.probes.sgd import DINO_LR_GRID, SGDLinearProbe
+from embedkit.probes.targets import holdout_split
 
 __all__ = [
     "DINOV2_CS",

@@ -2,11 +2,12 @@
 
 Feature matrices arrive as numpy float16 / float32 ``(N, D)`` and may be far larger than memory
 allows in float32 (814k x 8192 float16 = 13 GB). Nothing here makes a float32 copy of a whole
-matrix: :class:`RowBlocks` hands out row blocks converted (and optionally standardised) in the
-compute dtype, and keeps them resident only while their total size stays under
-``max_resident_bytes``; above that, blocks are re-read from the source on every pass.
-:func:`column_stats` computes the standardisation mean / std by blocks in float64 (Chan et al.'s
-pairwise update, numerically stable).
+matrix: :class:`RowBlocks` hands out row blocks converted to the compute dtype (about 64 MB
+each), and keeps them resident only while their converted total stays under
+``max_resident_bytes`` (256 MiB by default, so only small matrices are cached); above that,
+blocks are re-read from the source on every pass. Standardisation is never applied to the
+features: :func:`fold_standardization` moves it into the weights. :func:`column_stats` computes
+the standardisation mean / std by blocks in float64 (Chan et al.'s pairwise update).
 
 The GPU path is torch on CUDA (``device="cuda"``); see the probes' ``device`` argument.
 """
@@ -24,6 +25,7 @@ from numpy.typing import NDArray
 from embedkit.errors import EmbedkitError
 
 __all__ = [
+    "DEFAULT_BLOCK_CACHE_BYTES",
     "DEFAULT_MAX_RESIDENT_BYTES",
     "ProbeInputError",
     "RowBlocks",
@@ -31,11 +33,16 @@ __all__ = [
     "block_rows_for",
     "check_features",
     "column_stats",
+    "fold_standardization",
     "safe_scale",
+    "stat_tensors",
     "torch_dtype",
 ]
 
+#: kNN: train features kept resident (float32) up to this size.
 DEFAULT_MAX_RESIDENT_BYTES = 2**30
+#: Iterative solvers: converted row blocks cached between passes up to this size.
+DEFAULT_BLOCK_CACHE_BYTES = 2**28
 _BLOCK_BYTES = 2**26  # ~64 MB per converted block
 
 
@@ -99,7 +106,8 @@ def column_stats(
             block = src.read(start, min(start + rows, src.n_rows)).astype(np.float64)
             nb = block.shape[0]
             bmean = block.mean(axis=0)
-            bm2 = ((block - bmean) ** 2).sum(axis=0)
+            block -= bmean  # in place: one float64 block is the only temporary
+            bm2 = np.einsum("ij,ij->j", block, block)
             delta = bmean - mean
             total = count + nb
             mean = mean + delta * (nb / total)
@@ -115,12 +123,37 @@ def safe_scale(std: NDArray[np.float64]) -> NDArray[np.float64]:
     return np.where(std > 0, std, 1.0)
 
 
+def stat_tensors(
+    mean: NDArray[np.float64] | None,
+    scale: NDArray[np.float64] | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(mean, 1 / scale)`` as tensors of the compute dtype (None where not standardising)."""
+    m = None if mean is None else torch.as_tensor(mean, dtype=dtype, device=device)
+    inv = None if scale is None else torch.as_tensor(1.0 / scale, dtype=dtype, device=device)
+    return m, inv
+
+
+def fold_standardization(
+    W: torch.Tensor, mean: torch.Tensor | None, inv_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights ``(D, Q)`` and intercepts ``(Q,)`` on the raw features of the standardised-space
+    weights ``W`` ``(D + 1, Q)``: ``((x - mean) * inv_scale) @ w + b = x @ w' + b'``."""
+    w, b = W[:-1], W[-1]
+    if inv_scale is not None:
+        w = w * inv_scale[:, None]
+    if mean is not None:
+        b = b - mean @ w
+    return w, b
+
+
 class RowBlocks:
     """Row blocks of one or more sources as ``(start, stop, tensor)`` in the compute dtype.
 
-    ``mean`` / ``scale`` (``(D,)``) standardise each block as it is converted. Blocks are cached
-    when the converted total fits in ``max_resident_bytes`` (a converted copy is then kept, which
-    is what makes the many passes of an iterative solver fast); otherwise they are streamed.
+    Blocks are cached when the converted total fits in ``max_resident_bytes`` (a converted copy
+    is then kept, which makes the many passes of an iterative solver faster on small matrices);
+    otherwise they are converted afresh on every pass and only one block is alive at a time.
     """
 
     def __init__(
@@ -129,10 +162,8 @@ class RowBlocks:
         *,
         dtype: torch.dtype,
         device: torch.device,
-        mean: NDArray[np.float64] | None = None,
-        scale: NDArray[np.float64] | None = None,
         block_rows: int | None = None,
-        max_resident_bytes: int = DEFAULT_MAX_RESIDENT_BYTES,
+        max_resident_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
     ) -> None:
         self.sources = list(sources)
         self.n_features = int(self.sources[0].array.shape[1])
@@ -141,25 +172,20 @@ class RowBlocks:
         self.device = device
         itemsize = torch.empty((), dtype=dtype).element_size()
         self.block_rows = block_rows or block_rows_for(self.n_features, itemsize)
-        self._mean = None if mean is None else torch.as_tensor(mean, dtype=dtype, device=device)
-        self._inv = None if scale is None else torch.as_tensor(1.0 / scale, dtype=dtype).to(device)
         self._resident = self.n_rows * self.n_features * itemsize <= max_resident_bytes
         self._cache: list[tuple[int, int, torch.Tensor]] | None = None
 
-    def _convert(self, block: NDArray[Any]) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(block)).to(device=self.device, dtype=self.dtype)
-        if self._mean is not None:
-            t = t - self._mean
-        if self._inv is not None:
-            t = t * self._inv
-        return t
+    def convert(self, block: NDArray[Any], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One block as a tensor of the compute dtype (or ``dtype``) on the device."""
+        t = torch.from_numpy(np.ascontiguousarray(block))
+        return t.to(device=self.device, dtype=dtype or self.dtype)
 
     def _generate(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         offset = 0
         for src in self.sources:
             for start in range(0, src.n_rows, self.block_rows):
                 stop = min(start + self.block_rows, src.n_rows)
-                yield offset + start, offset + stop, self._convert(src.read(start, stop))
+                yield offset + start, offset + stop, self.convert(src.read(start, stop))
             offset += src.n_rows
 
     def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -169,6 +195,18 @@ class RowBlocks:
         if self._cache is None:
             self._cache = list(self._generate())
         yield from self._cache
+
+    def strided(self, max_rows: int, dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+        """Evenly strided rows (at most ``max_rows`` of them), converted by blocks: a sample
+        read straight from the sources, without a pass over the other rows."""
+        stride = max(1, -(-self.n_rows // max_rows))
+        rows = np.arange(0, self.n_rows, stride, dtype=np.int64)
+        offset = 0
+        for src in self.sources:
+            local = rows[(rows >= offset) & (rows < offset + src.n_rows)] - offset
+            for lo in range(0, local.size, self.block_rows):
+                yield self.convert(src.read_rows(local[lo : lo + self.block_rows]), dtype)
+            offset += src.n_rows
 
 
 def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,10 +121,28 @@ def test_cli_probe_reads_through_a_local_cache(
 
     # Warm: the shared entry's chunk objects are gone, the probe still runs from the local
     # copy (here found through EMBEDKIT_LOCAL_CACHE).
-    for path in shared.files(summary.relpath):
-        if "/c/" in path and not path.startswith("ids/"):
-            shared.remove_tree(f"{summary.relpath}/{path}")
+    chunks = [
+        p for p in shared.files(summary.relpath) if re.search(r"/c[./]\d", p) and p[:4] != "ids/"
+    ]
+    assert chunks  # the feature chunks of both poolings and the validity mask
+    for path in chunks:
+        shared.remove_tree(f"{summary.relpath}/{path}")
     monkeypatch.setenv("EMBEDKIT_LOCAL_CACHE", str(local))
     warm = runner.invoke(app, [*base, "--out", str(tmp_path / "rt"), "--overwrite"])
     assert warm.exit_code == 0, warm.output
     assert record("rt")["metrics"] == record("direct")["metrics"]
+
+
+def test_features_read_by_blocks_equal_one_read(extracted: Path) -> None:
+    from embedkit.features import read_features
+    from embedkit.probe import find_probe_entry
+    from embedkit.store import CacheRoot
+
+    man = load_manifest(extracted)
+    entry = find_probe_entry(CacheRoot.from_uri(man.cache), "demo", "test/tiny-dinov3-vit", 224)
+    ids = list(np.random.default_rng(0).permutation(entry.ids))
+    whole = entry.read("cls+mean", ids=ids)
+    for block_rows in (1, 3, len(ids), len(ids) + 5):
+        got = read_features(entry, "cls+mean", ids, block_rows=block_rows)
+        assert got.dtype == whole.dtype == np.float16
+        np.testing.assert_array_equal(got, whole)

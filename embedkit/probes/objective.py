@@ -1,0 +1,155 @@
+"""The scaled L2-logistic objective of many independent problems, over streamed row blocks.
+
+Per label the objective is scikit-learn's ``LogisticRegression(C=C)``::
+
+    C * sum_i loss_i + 0.5 * ||w||^2          (intercept not penalised)
+
+evaluated in the equivalent scaled form ``mean_i loss_i + ||w||^2 / (2 C n)``. Multi-label =
+independent sigmoids (problem l owns column l of the weights), masked entries contribute nothing
+to a label's loss nor to its ``n``; multi-class = one softmax problem owning all K columns.
+
+The weights live in standardised space (``(x - mean) / scale``) but the features are never
+standardised: each pass folds the statistics into the weights (``x @ (w / scale) + b'``) and
+unfolds the gradient (``(X^T R - mean sum R) / scale``), so the row blocks are the stored
+features converted to the compute dtype and nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from embedkit.probes.backends import RowBlocks, fold_standardization
+from embedkit.probes.precondition import Spectrum, apply_inverse, estimate_spectrum
+from embedkit.probes.targets import Targets
+
+__all__ = ["LogisticObjective"]
+
+
+class LogisticObjective:
+    """Scaled L2-logistic objective of P independent problems over columns of W ``(D + 1, Q)``.
+
+    Multi-label: P = Q = L (problem l owns column l). Multi-class: P = 1 owning all K columns.
+    ``mean`` / ``inv_scale`` ``(D,)`` (compute dtype) define the standardised space of W;
+    ``spectrum`` (for the preconditioner) is estimated on first use unless given.
+    """
+
+    def __init__(
+        self,
+        blocks: RowBlocks,
+        targets: Targets,
+        n_out: int,
+        mean: torch.Tensor | None = None,
+        inv_scale: torch.Tensor | None = None,
+        spectrum: Spectrum | None = None,
+    ) -> None:
+        self.blocks = blocks
+        self.mean = mean
+        self.inv_scale = inv_scale
+        self.multiclass = targets.task == "multiclass"
+        dev, dt = blocks.device, blocks.dtype
+        self.y = torch.as_tensor(targets.y, device=dev)
+        if not self.multiclass:
+            self.y = self.y.to(dt)
+        self.m = torch.as_tensor(targets.mask, device=dev, dtype=dt)
+        self.n_cols = n_out
+        self.n_problems = 1 if self.multiclass else n_out
+        self.problem_of_col = (
+            torch.zeros(n_out, dtype=torch.long, device=dev)
+            if self.multiclass
+            else torch.arange(n_out, device=dev)
+        )
+        self.n_valid = self.m.sum(0) if not self.multiclass else self.m.sum().reshape(1)
+        # Mean logistic curvature sigma(z)(1 - sigma(z)) per column at the last evaluated point.
+        self.curv = torch.full((n_out,), 0.25, dtype=dt, device=dev)
+        self.last_curv = self.curv
+        self._spectrum = spectrum
+
+    @property
+    def spectrum_if_estimated(self) -> Spectrum | None:
+        """The spectrum if the preconditioner has needed it so far, else None."""
+        return self._spectrum
+
+    @property
+    def spectrum(self) -> Spectrum:
+        """Eigenpairs of the standardised features' second-moment matrix (estimated once)."""
+        if self._spectrum is None:
+            self._spectrum = estimate_spectrum(self.blocks, self.mean, self.inv_scale)
+        return self._spectrum
+
+    def reduce(self, per_col: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """(Q,) -> (P,) by problem."""
+        if not self.multiclass:
+            return per_col
+        return per_col.amax().reshape(1) if op == "max" else per_col.sum().reshape(1)
+
+    def pdot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.reduce((a * b).sum(0))
+
+    def cols_of(self, problems: torch.Tensor) -> torch.Tensor:
+        """Column indices owned by the problems flagged True in ``problems`` (P,)."""
+        if not self.multiclass:
+            return problems.nonzero().flatten()
+        if bool(problems[0]):
+            return torch.arange(self.n_cols, device=problems.device)
+        return torch.empty(0, dtype=torch.long, device=problems.device)
+
+    def value_grad(
+        self, W: torch.Tensor, C: torch.Tensor, cols: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Objective (P,) (zero for problems not in ``cols``) and gradient for columns ``cols``.
+
+        ``W`` is ``(D + 1, len(cols))`` in standardised space, ``C`` the C of each problem (P,).
+        """
+        w_raw, b_raw = fold_standardization(W, self.mean, self.inv_scale)
+        loss = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device)
+        curv = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device)
+        G = torch.zeros_like(W)
+        for start, stop, Xb in self.blocks:
+            Z = torch.addmm(b_raw, Xb, w_raw)
+            if self.multiclass:
+                mb = self.m[start:stop]
+                yb = self.y[start:stop]
+                lse = torch.logsumexp(Z, dim=1)
+                loss[0] += ((lse - Z.gather(1, yb[:, None])[:, 0]) * mb).sum()
+                R = torch.softmax(Z, dim=1)
+                curv += ((R * (1.0 - R)) * mb[:, None]).sum(0)
+                R[torch.arange(R.shape[0], device=R.device), yb] -= 1.0
+                R *= mb[:, None]
+            else:
+                mb = self.m[start:stop][:, cols]
+                yb = self.y[start:stop][:, cols]
+                bce = F.binary_cross_entropy_with_logits(Z, yb, reduction="none")
+                loss += (bce * mb).sum(0)
+                P = torch.sigmoid(Z)
+                curv += (P * (1.0 - P) * mb).sum(0)
+                R = (P - yb) * mb
+            G[:-1].addmm_(Xb.T, R)
+            G[-1] += R.sum(0)
+        # Back to standardised space: d/dw of ((x - mean) * inv) @ w is (X^T R - mean sum R) * inv.
+        if self.mean is not None:
+            G[:-1] -= self.mean[:, None] * G[-1][None, :]
+        if self.inv_scale is not None:
+            G[:-1] *= self.inv_scale[:, None]
+        w = W[:-1]
+        prob = self.problem_of_col[cols]
+        n = self.n_valid[prob]
+        c = C[prob]
+        penalty = (w * w).sum(0) / (2.0 * c * n)
+        G /= n
+        G[:-1] += w / (c * n)
+        f = torch.zeros(self.n_problems, dtype=W.dtype, device=W.device)
+        f.index_add_(0, prob, loss / n + penalty)
+        self.last_curv = curv / n
+        return f, G
+
+    def precondition(
+        self, Q: torch.Tensor, C: torch.Tensor, curv: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
+        """Apply ``M^-1`` to ``Q`` ``(D + 1, len(cols))``, where per column
+        ``M = a E[x x^T] + I / (C n)`` on the weights and ``a`` on the intercept, ``a`` the mean
+        logistic curvature: a positive-definite approximation of the Hessian (exact up to the
+        per-sample curvature spread), used as L-BFGS's initial inverse Hessian."""
+        prob = self.problem_of_col[cols]
+        lam = 1.0 / (C[prob] * self.n_valid[prob])
+        return apply_inverse(self.spectrum, Q, curv, lam)
