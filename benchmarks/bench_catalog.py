@@ -14,11 +14,10 @@ return the same summaries. Requires ``pip install "moto[server]" s3fs``.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import time
 
 import numpy as np
+from _local_s3 import local_s3
 
 from embedkit.store import CacheKey, CacheRoot, FeatureEntry, canonical_json, digest_ids
 from embedkit.store.index import INDEX_PATH
@@ -57,25 +56,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    from moto.server import ThreadedMotoServer
-
     from embedkit.store import list_entries
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=f"http://{host}:{port}",
-    )
-    try:
-        import s3fs
-
-        s3fs.S3FileSystem().mkdir("embedkit-bench")
-        root = CacheRoot.from_uri("s3://embedkit-bench/catalog")
+    with local_s3() as bucket:
+        root = CacheRoot.from_uri(f"{bucket}/catalog")
         for i in range(args.entries):
             build(root, i, complete=i % 10 != 9)
         n_complete = sum(i % 10 != 9 for i in range(args.entries))
@@ -98,8 +82,6 @@ def main() -> None:
         base = best["no index"]
         for name, secs in best.items():
             print(f"cache ls, {name:21s}: {secs:.3f} s  ({base / secs:.1f}x vs no index)")
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":

@@ -14,15 +14,13 @@ not a real bucket's latency. Requires ``pip install "moto[server]" s3fs``.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import shutil
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
+from _local_s3 import local_s3
 
 from embedkit.store import CacheKey, CacheRoot, FeatureEntry, canonical_json, digest_ids
 from embedkit.store.lease import Leases
@@ -73,26 +71,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=f"http://{host}:{port}",
-    )
-    tmp = Path(tempfile.mkdtemp(prefix="bench-leases-"))
-    try:
-        import s3fs
-
-        s3fs.S3FileSystem().mkdir("embedkit-bench")
+    with local_s3() as bucket, tempfile.TemporaryDirectory(prefix="bench-leases-") as scratch:
+        tmp = Path(scratch)
         roots = {
             "local": CacheRoot.from_uri(tmp / "cache"),
-            "s3": CacheRoot.from_uri("s3://embedkit-bench/cache"),
+            "s3": CacheRoot.from_uri(f"{bucket}/cache"),
         }
         feats = np.random.default_rng(0).standard_normal((args.unit_rows, args.dim))
         feats = feats.astype(np.float32)
@@ -112,9 +95,6 @@ def main() -> None:
                 f"{name:5s}: write_unit only {best[False]:.3f} s, with claims {best[True]:.3f} s; "
                 f"claim cost {per_unit_ms:.1f} ms/unit; ratio {best[True] / best[False]:.2f}x"
             )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        server.stop()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ the read-through local cache (``--local-cache``), cold and warm.
     python benchmarks/bench_remote_read.py                 # 50,000 x 1024 float16, ~1 min
     python benchmarks/bench_remote_read.py --rows 10000    # quick check
 
-Writes one entry (``cls``, float16, zstd, ``--unit-rows`` rows per chunk object) to a local
+Writes one entry (``cls``, float16, ``--compression`` zstd (the figures in RESULTS.md; ``none`` is
+the store's default since), ``--unit-rows`` rows per unit) to a local
 temporary root, pushes it with ``copy_entry`` to a moto S3 server on 127.0.0.1 (started here,
 fake credentials in the environment), then reads ``read("cls")`` in full from both roots,
 ``--repeat`` times interleaved, and reports the best of each and their ratio. The read-through
@@ -19,14 +20,12 @@ network. Requires ``pip install "moto[server]" s3fs``.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _local_s3 import local_s3
 
 from embedkit.store import (
     CacheKey,
@@ -37,9 +36,12 @@ from embedkit.store import (
     digest_ids,
     open_local_copy,
 )
+from embedkit.store.entry import COMPRESSIONS
 
 
-def build_entry(root: CacheRoot, rows: int, dim: int, unit_rows: int) -> FeatureEntry:
+def build_entry(
+    root: CacheRoot, rows: int, dim: int, unit_rows: int, compression: str
+) -> FeatureEntry:
     ids = [f"img{i:07d}" for i in range(rows)]
     key = CacheKey(
         dataset="bench",
@@ -55,7 +57,13 @@ def build_entry(root: CacheRoot, rows: int, dim: int, unit_rows: int) -> Feature
         n_images=rows,
     )
     entry = FeatureEntry.create_or_open(
-        root, key, ids=ids, shapes={"cls": (dim,)}, unit_rows=unit_rows, provenance={}
+        root,
+        key,
+        ids=ids,
+        shapes={"cls": (dim,)},
+        unit_rows=unit_rows,
+        provenance={},
+        compression=compression,
     )
     rng = np.random.default_rng(0)
     for u in range(entry.n_units):
@@ -72,28 +80,14 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--unit-rows", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--compression", choices=COMPRESSIONS, default="zstd")
     args = parser.parse_args()
 
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=f"http://{host}:{port}",
-    )
-    tmp = Path(tempfile.mkdtemp(prefix="bench-remote-"))
-    try:
-        import s3fs
-
-        s3fs.S3FileSystem().mkdir("embedkit-bench")
+    with local_s3() as bucket, tempfile.TemporaryDirectory(prefix="bench-remote-") as scratch:
+        tmp = Path(scratch)
         local = CacheRoot.from_uri(tmp / "cache")
-        remote = CacheRoot.from_uri("s3://embedkit-bench/cache")
-        entry = build_entry(local, args.rows, args.dim, args.unit_rows)
+        remote = CacheRoot.from_uri(f"{bucket}/cache")
+        entry = build_entry(local, args.rows, args.dim, args.unit_rows, args.compression)
         t = time.perf_counter()
         copy_entry(local, remote, entry.relpath)
         push_s = time.perf_counter() - t
@@ -117,7 +111,7 @@ def main() -> None:
                 assert np.array_equal(data, want)
         print(
             f"entry: {args.rows} x {args.dim} float16 ({nbytes / 1e6:.0f} MB), "
-            f"{entry.n_units} chunk objects of {args.unit_rows} rows, zstd"
+            f"{entry.n_units} units of {args.unit_rows} rows, {args.compression}"
         )
         print(f"push local -> s3 (copy + verify): {push_s:.2f} s, {nbytes / push_s / 1e6:.0f} MB/s")
         for name, secs in best.items():
@@ -128,9 +122,6 @@ def main() -> None:
         print(f"ratio local / read-through warm throughput: {warm / best['local']:.2f}x")
         cold = best["read-through cold"]
         print(f"ratio read-through cold / s3 time: {cold / best['s3']:.1f}x")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        server.stop()
 
 
 if __name__ == "__main__":
