@@ -86,6 +86,46 @@ class NotFittedError(EmbedkitError, ValueError, AttributeError):
     """An estimator was used before `fit`."""
 
 
+class CheckpointError(EmbedkitError, ValueError):
+    """A checkpoint that cannot be read or does not belong to this run."""
+
+
+class MixedResultsError(EmbedkitError, ValueError):
+    """A results folder holds records of different datasets under one dataset name."""
+
+
+class FewShotSamplingError(EmbedkitError, ValueError):
+    """Too few patients to draw n examples for a class / label."""
+
+
+class PatientLeakageError(EmbedkitError, ValueError):
+    """Training candidates include patients that belong to validation or test."""
+
+
+class ProbeInputError(EmbedkitError, ValueError):
+    """Features, targets or masks that a probe cannot use (shape, dtype, values)."""
+
+
+class ShardingError(EmbedkitError, ValueError):
+    """The model does not fit the devices with any sharding this job can use."""
+
+
+class UnknownPoolingError(EmbedkitError, ValueError):
+    """A pooling name that does not exist, or that this encoder does not offer."""
+
+
+class BootstrapError(EmbedkitError, ValueError):
+    """Bootstrap inputs that do not fit (indices of the wrong size, unknown metric)."""
+
+
+class MetricInputError(EmbedkitError, ValueError):
+    """Targets, mask and scores do not fit together (shape, values, NaN scores)."""
+
+
+class InvalidKeyError(EmbedkitError, ValueError):
+    """A cache key field is missing or malformed."""
+
+
 def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ``"; did you mean 'a' or 'b'?"`` for close matches, else an empty string."""
     close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)

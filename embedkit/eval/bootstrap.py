@@ -27,7 +27,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from embedkit.errors import EmbedkitError, did_you_mean
+from embedkit.errors import BootstrapError, did_you_mean
 from embedkit.eval import metrics as M
 
 __all__ = [
@@ -46,10 +46,6 @@ MetricFn = Callable[[NDArray[Any], NDArray[np.bool_] | None, NDArray[Any]], floa
 _WeightedFn = Callable[
     [NDArray[Any], NDArray[np.bool_] | None, NDArray[Any], NDArray[Any]], NDArray[Any]
 ]
-
-
-class BootstrapError(EmbedkitError, ValueError):
-    """Bootstrap inputs that do not fit (indices of the wrong size, unknown metric)."""
 
 
 class BootstrapCI(NamedTuple):

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from embedkit.errors import EmbedkitError
+from embedkit.errors import MetricInputError
 
 __all__ = [
     "MetricInputError",
@@ -49,10 +49,6 @@ FloatArray = NDArray[np.float64]
 
 # Replicates handled together by auroc_columns: bounds the (block, n) float64 temporaries.
 _WEIGHT_BLOCK = 256
-
-
-class MetricInputError(EmbedkitError, ValueError):
-    """Targets, mask and scores do not fit together (shape, values, NaN scores)."""
 
 
 def _as_2d(

@@ -29,15 +29,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from embedkit.errors import EmbedkitError
+from embedkit.errors import CheckpointError
 
 __all__ = ["Checkpoint", "CheckpointError", "latest_checkpoint", "load_checkpoint", "save"]
 
 _NAME = re.compile(r"^epoch-(\d{4,})\.safetensors$")
-
-
-class CheckpointError(EmbedkitError, ValueError):
-    """A checkpoint that cannot be read or does not belong to this run."""
 
 
 @dataclass

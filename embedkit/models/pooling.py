@@ -17,16 +17,12 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from embedkit.errors import EmbedkitError
+from embedkit.errors import UnknownPoolingError
 from embedkit.models.families import Tokens, get_family
 from embedkit.models.registry import EncoderSpec, validate_resolution
 
 GRID_POOLINGS = frozenset({"patch"})
 DERIVED_POOLINGS: Mapping[str, tuple[str, ...]] = {"cls+mean": ("cls", "mean")}
-
-
-class UnknownPoolingError(EmbedkitError, ValueError):
-    """A pooling name that does not exist, or that this encoder does not offer."""
 
 
 def stored_poolings(spec: EncoderSpec) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from embedkit.errors import EmbedkitError, ModelLoadError
+from embedkit.errors import ModelLoadError, ShardingError
 from embedkit.models.families import get_family
 from embedkit.models.loading import EncoderIdentity, LoadedEncoder, parse_dtype
 from embedkit.throughput import ModelShape
@@ -37,10 +37,6 @@ ACTIVATION_FACTOR = 16
 FIXED_OVERHEAD_BYTES = 1.5 * GB
 #: Fraction of device memory the plan may use.
 USABLE_FRACTION = 0.9
-
-
-class ShardingError(EmbedkitError, ValueError):
-    """The model does not fit the devices with any sharding this job can use."""
 
 
 @dataclass(frozen=True, slots=True)

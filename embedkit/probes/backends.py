@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from embedkit.errors import EmbedkitError
+from embedkit.errors import ProbeInputError
 
 __all__ = [
     "DEFAULT_BLOCK_CACHE_BYTES",
@@ -44,10 +44,6 @@ DEFAULT_MAX_RESIDENT_BYTES = 2**30
 #: Iterative solvers: converted row blocks cached between passes up to this size.
 DEFAULT_BLOCK_CACHE_BYTES = 2**28
 _BLOCK_BYTES = 2**26  # ~64 MB per converted block
-
-
-class ProbeInputError(EmbedkitError, ValueError):
-    """Features, targets or masks that a probe cannot use (shape, dtype, values)."""
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
-from embedkit.errors import EmbedkitError
+from embedkit.errors import FewShotSamplingError, PatientLeakageError
 from embedkit.eval import metrics as M
 from embedkit.probes.backends import ProbeInputError, check_features
 from embedkit.probes.knn import KNNProbe
@@ -44,14 +44,6 @@ __all__ = [
     "run_fewshot",
     "sample_fewshot",
 ]
-
-
-class FewShotSamplingError(EmbedkitError, ValueError):
-    """Too few patients to draw n examples for a class / label."""
-
-
-class PatientLeakageError(EmbedkitError, ValueError):
-    """Training candidates include patients that belong to validation or test."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.errors import EmbedkitError
+from embedkit.errors import MixedResultsError
 from embedkit.manifest import DatasetTable
 from embedkit.results import ResultRecord, load_record, load_scores
 from embedkit.store import digest_ids
@@ -38,10 +38,6 @@ __all__ = [
     "dataset_signature",
     "record_signature",
 ]
-
-
-class MixedResultsError(EmbedkitError, ValueError):
-    """A results folder holds records of different datasets under one dataset name."""
 
 
 @dataclass(frozen=True, slots=True)

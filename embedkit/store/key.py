@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from embedkit.errors import EmbedkitError
+from embedkit.errors import InvalidKeyError
 
 __all__ = [
     "COMPUTE_DTYPES",
@@ -41,10 +41,6 @@ STORAGE_DTYPES = frozenset({"float16", "float32"})
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _POOLING = re.compile(r"^[a-z0-9_]+$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
-
-
-class InvalidKeyError(EmbedkitError, ValueError):
-    """A cache key field is missing or malformed."""
 
 
 def _plain(obj: Any) -> Any:
