@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedkit.atomic import atomic_write
 from embedkit.errors import CacheNotFoundError, EntryExistsError
 
 RECORD_FORMAT_VERSION = 1
@@ -106,18 +106,6 @@ class ResultRecord:
         return f"{self.dataset}/{model}/{self.resolution}px/{self.kind}-{self.record_id}"
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class ResultsDir:
     """A folder of result records (local path)."""
 
@@ -145,9 +133,9 @@ class ResultsDir:
             )
         if scores is not None:
             table = scores.to_table()
-            _atomic_write(parquet_path, lambda tmp: pq.write_table(table, tmp))
+            atomic_write(parquet_path, lambda tmp: pq.write_table(table, tmp))
         text = json.dumps(asdict(record), indent=1, sort_keys=True, default=_json_default)
-        _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text + "\n"))
+        atomic_write(json_path, lambda tmp: Path(tmp).write_text(text + "\n"))
         return json_path
 
     def records(self) -> list[ResultRecord]:

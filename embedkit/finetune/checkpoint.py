@@ -18,9 +18,7 @@ file that is not valid safetensors raises :class:`CheckpointError`.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from embedkit.atomic import atomic_write
 from embedkit.errors import CheckpointError
 
 __all__ = ["Checkpoint", "CheckpointError", "latest_checkpoint", "load_checkpoint", "save"]
@@ -80,13 +79,11 @@ def save(run_dir: Path, ckpt: Checkpoint) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors, state = _flatten(ckpt)
     path = run_dir / f"epoch-{ckpt.epoch:04d}.safetensors"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=run_dir)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"state": json.dumps(state)})
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(
+        path,
+        lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(state)}),
+        suffix=".safetensors",
+    )
     for older in run_dir.iterdir():
         match = _NAME.match(older.name)
         if match and int(match[1]) < ckpt.epoch:

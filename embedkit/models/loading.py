@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from embedkit.atomic import atomic_write
 from embedkit.errors import ModelLoadError
 from embedkit.models.families import FamilyAdapter, family_for_model_type, get_family
 from embedkit.models.pooling import check_poolings, pool
@@ -482,14 +483,6 @@ def weights_fingerprint(directory: str | Path, cache_dir: str | Path | None = No
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Best effort: the memo is only a cache, so an unwritable cache dir is not an error."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
+    text = json.dumps(data, indent=1, sort_keys=True)
+    with contextlib.suppress(OSError):
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), suffix=".json")

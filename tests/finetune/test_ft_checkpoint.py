@@ -72,3 +72,10 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
     path = save(tmp_path, _state(run_id="other")[0])
     with pytest.raises(CheckpointError, match="belongs to run 'other'"):
         load_checkpoint(path, "run")
+
+
+def test_checkpoints_are_readable_by_the_other_users_of_a_shared_folder(tmp_path: Path) -> None:
+    from embedkit.atomic import shared_mode
+
+    path = save(tmp_path, _state()[0])
+    assert (path.stat().st_mode & 0o777) == shared_mode()
