@@ -429,8 +429,14 @@ class CacheRoot:
                     except FileNotFoundError:
                         continue
             return total
-        sizes = self._fs.du(self._fsabs(relpath), total=True)
-        return int(sizes)
+        # One recursive listing, sizes taken from it: fsspec's du() HEADs every listed object
+        # and fails on one deleted meanwhile (claims and probe objects of live writers come
+        # and go while `cache ls` runs).
+        try:
+            found = self._fs.find(self._fsabs(relpath), detail=True)
+        except FileNotFoundError:
+            return 0
+        return sum(int(info.get("size") or 0) for info in found.values())
 
     def remove_tree(self, relpath: str) -> None:
         """Delete ``relpath`` and everything under it; missing is not an error."""

@@ -9,6 +9,28 @@ from embedkit.errors import CacheWriteError
 from embedkit.store import CacheRoot
 
 
+def test_size_of_a_tree_whose_files_come_and_go(
+    root: CacheRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cache ls` sums sizes while live writers create and delete claims: an object listed and
+    gone before its size is asked for must not fail the listing."""
+    root.write_bytes_atomic("e/units/000000.json", b"12345")
+    root.write_bytes_atomic("e/leases/.probe-x", b"1")
+    if not root.is_local:
+        real_info = root._fs._info if hasattr(root._fs, "_info") else None
+
+        async def vanished(path: str, *a: object, **kw: object) -> object:
+            if ".probe-" in path:
+                raise FileNotFoundError(path)
+            assert real_info is not None
+            return await real_info(path, *a, **kw)
+
+        if real_info is not None and root._fs.async_impl:
+            monkeypatch.setattr(root._fs, "_info", vanished)
+    assert root.size_bytes("e") == 6
+    assert root.size_bytes("missing") == 0
+
+
 def test_bytes_listing_and_removal(root: CacheRoot) -> None:
     root.write_bytes_atomic("a/b/one.json", b"1")
     root.write_bytes_atomic("a/b/one.json", b"22")  # replace
