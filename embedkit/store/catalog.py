@@ -77,8 +77,10 @@ def _summary(root: CacheRoot, relpath: str) -> EntrySummary:
 def _summary_or_none(root: CacheRoot, relpath: str) -> EntrySummary | None:
     try:
         return _summary(root, relpath)
-    except (CacheNotFoundError, KeyError, TypeError, ValueError, json.JSONDecodeError):
-        return None  # not an embedkit entry, or its layout was never finished
+    except (FileNotFoundError, KeyError, TypeError, ValueError, json.JSONDecodeError):
+        # not an embedkit entry, its layout was never finished, or it was removed (gc,
+        # --overwrite) while we listed it (CacheNotFoundError is a FileNotFoundError)
+        return None
 
 
 def _from_index(summary: dict[str, Any]) -> EntrySummary | None:

@@ -77,6 +77,26 @@ def test_list_find_render(root: CacheRoot, kit) -> None:  # type: ignore[no-unty
     assert any("no COMPLETE.json" in p for p in health[partial.relpath])
 
 
+def test_an_entry_removed_while_listing_is_left_out(
+    root: CacheRoot,
+    kit,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    from embedkit.store import catalog
+
+    kept = build(root, kit, model="dinov3/vitb16", units=None)
+    gone = build(root, kit, model="dinov2/vitl14", units=None)
+    real = catalog._read_attrs
+
+    def removed_meanwhile(r: CacheRoot, relpath: str) -> dict[str, object]:
+        if relpath == gone.relpath:  # `gc` or `--overwrite` deleted it after it was listed
+            raise FileNotFoundError(f"{relpath}/zarr.json")
+        return real(r, relpath)
+
+    monkeypatch.setattr(catalog, "_read_attrs", removed_meanwhile)
+    assert [s.relpath for s in list_entries(root, use_index=False)] == [kept.relpath]
+
+
 def test_ambiguous_prefix(root: CacheRoot, kit) -> None:  # type: ignore[no-untyped-def]
     a = build(root, kit, model="m/a", units=1)
     # a second entry whose digest shares the first 8 hex chars (a real collision is unlikely,
