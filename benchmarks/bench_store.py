@@ -4,13 +4,18 @@
     python benchmarks/bench_store.py --rows 20000       # quick check
 
 For each configuration (compression x fsync) the same matrix is written through
-``FeatureEntry.write_unit`` (all units, in order, crc32c checksums, NaN/overflow checks and
-atomic unit records included) + ``finalize`` and read back with ``read("cls")`` from a local
-temporary root. Baselines on the same filesystem: ``np.save`` (page cache only, like the store
-with ``FSYNC=False``), ``np.save`` + ``fsync`` (as durable as the store's default), ``np.load``.
+``FeatureEntry.begin_unit`` / ``PendingUnit.commit`` (all units in order, unit ``k + 1`` begun
+before unit ``k`` is committed, as the extraction writer does when units queue up; crc32c
+checksums, NaN/Inf/overflow checks and atomic unit records included) + ``finalize``, and read
+back with ``read("cls")`` from a local temporary root. Baselines on the same filesystem:
+``np.save`` (page cache only, like the store with ``FSYNC=False``), ``np.save`` + ``fsync`` (as
+durable as the store's default), ``np.load``,
+and a bare ``fallocate`` + ``os.write`` of the same bytes as the store's chunk files, one thread
+(no checks, no checksums: what the engine adds to plain file writes).
 ``zarr-python`` rows run the same entries with the direct chunk engine switched off (the code
 path of fsspec roots, and what local roots used before). All runs are interleaved, repetition by
-repetition, and the best of ``--repeat`` is reported, since the machine is shared. Everything
+repetition, and the best of ``--repeat`` is reported, since the machine is shared. Every timed
+call starts with no dirty pages and with warm memory (untimed; see :func:`settle`). Everything
 reads warm data (written just before, never dropped from the page cache). Temporary data is
 deleted at the end.
 """
@@ -28,11 +33,36 @@ from typing import Any
 
 import numpy as np
 
+import embedkit.store.chunkio as chunkio
 import embedkit.store.entry as entry_mod
 from embedkit.store import CacheKey, CacheRoot, FeatureEntry, canonical_json, digest_ids
 
 
+def settle(nbytes: int = 0) -> None:
+    """Put every timed call in the same memory and writeback state (untimed).
+
+    * ``os.sync()``: Linux throttles a writer once dirty pages pile up (measured here: plain
+      32 MB file writes went from ~11 ms to ~125 ms each with 0.8-1.3 GB dirty), so without it
+      a write's speed depends on what the configuration before it left unwritten.
+    * Touch ``nbytes`` of fresh memory and free it: this VM (Firecracker, virtio-balloon free
+      page reporting) hands freed guest pages back to the host, and touching such a page again
+      faults on the host. Measured: a first touch of 410 MB ran at 0.34-0.72 GB/s after a pause
+      of 3-10 s and at 12.6 GB/s right after the same amount was freed. The page cache and
+      output arrays of the timed call then reuse those pages instead of paying host faults,
+      whoever runs first.
+    """
+    os.sync()
+    if nbytes:
+        warm = np.ones(nbytes, dtype=np.uint8)
+        del warm
+
+
+#: Bytes of memory :func:`settle` pre-touches before each timed call (set from the matrix size).
+WARM_BYTES = 0
+
+
 def timed(fn: Callable[[], object]) -> float:
+    settle(WARM_BYTES)
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
@@ -46,6 +76,7 @@ def du(path: Path) -> tuple[int, int]:
 
 def timed_cpu(fn: Callable[[], object]) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process, all threads) of one call."""
+    settle(WARM_BYTES)
     c, t = time.process_time(), time.perf_counter()
     fn()
     return time.perf_counter() - t, time.process_time() - c
@@ -107,6 +138,21 @@ def save_fsync(path: Path, data: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
+def write_files(directory: Path, data: np.ndarray, rows: int) -> None:
+    """Write the matrix as files of ``rows`` rows each: the store's chunk files, bare."""
+    directory.mkdir()
+    for i, start in enumerate(range(0, data.shape[0], rows)):
+        fd = os.open(directory / f"c.{i}.0", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            view = memoryview(np.ascontiguousarray(data[start : start + rows])).cast("B")
+            chunkio._preallocate(fd, view.nbytes)  # as the store and np.save do
+            done = 0
+            while done < view.nbytes:
+                done += os.write(fd, view[done:])
+        finally:
+            os.close(fd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--rows", type=int, default=200_000)
@@ -123,9 +169,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     data = rng.standard_normal((n, d), dtype=np.float32).astype(np.float16)
     gb = data.nbytes / 1e9
+    global WARM_BYTES
+    WARM_BYTES = 2 * data.nbytes + (256 << 20)  # page cache + output array + slack
     if not args.no_survey:
         codec_survey(data, args.repeat)
     ids = [f"img{i:07d}" for i in range(n)]
+    chunk_rows = entry_mod._chunk_rows(args.unit_rows, d * 2, "none")  # the store's files
     configs = [(c, True, True) for c in args.compression]  # (compression, fsync, fast engine)
     configs += [(c, False, True) for c in args.compression]
     if not args.no_zarr:
@@ -139,10 +188,20 @@ def main() -> None:
     real_layout = FeatureEntry._layout
     try:
         for rep in range(args.repeat):
+            # New files, like the store's: overwriting a file whose pages are still dirty
+            # skips block allocation (np.save measured 2.6 GB/s into a new file here and up
+            # to 6.8 GB/s over its own unflushed previous copy).
+            npy.unlink(missing_ok=True)
             times.setdefault("np.save", []).append(timed(lambda: np.save(npy, data)))
             times.setdefault("np.load", []).append(timed(lambda: np.load(npy)))
+            npy.unlink()
             times.setdefault("np.save+fsync", []).append(timed(lambda: save_fsync(npy, data)))
             sizes["np"] = du(tmp)
+            npy.unlink()
+            bare = tmp / f"bare-{rep}"
+            wrote = timed(lambda b=bare: write_files(b, data, chunk_rows))
+            times.setdefault("bare", []).append(wrote)
+            shutil.rmtree(bare)
             for compression, fsync, fast in configs:
                 label = f"{compression} {'fsync' if fsync else 'no-fsync'}" + (
                     "" if fast else " zarr-python"
@@ -175,9 +234,17 @@ def main() -> None:
                 ones = np.ones(entry.unit_rows, bool)
 
                 def write(entry: FeatureEntry = entry, ones: np.ndarray = ones) -> None:
+                    # as the extraction writer does when units queue up: begin unit k + 1,
+                    # then commit unit k
+                    pending = None
                     for u in range(entry.n_units):
                         s, e = entry.unit_bounds(u)
-                        entry.write_unit(u, {"cls": data[s:e]}, valid=ones[: e - s])
+                        begun = entry.begin_unit(u, {"cls": data[s:e]}, valid=ones[: e - s])
+                        if pending is not None:
+                            pending.commit()
+                        pending = begun
+                    if pending is not None:
+                        pending.commit()
                     entry.finalize()
 
                 wall, cpu_s = timed_cpu(write)
@@ -209,6 +276,11 @@ def main() -> None:
         f"read {gb / best['np.load']:5.2f} GB/s   disk {sizes['np'][1] / 1e6:6.0f} MB"
     )
     print(f"{'np.save + fsync':30s} write {gb / best['np.save+fsync']:5.2f} GB/s")
+    print(
+        f"{'bare writes of chunk files':30s} write {gb / best['bare']:5.2f} GB/s "
+        f"({best['np.save'] / best['bare']:4.2f}x np.save; {chunk_rows} rows per file, "
+        "no checks, no checksums, one thread)"
+    )
     for compression, fsync, fast in configs:
         label = f"{compression} {'fsync' if fsync else 'no-fsync'}" + (
             "" if fast else " zarr-python"

@@ -50,7 +50,14 @@ from embedkit.models import (
     stored_poolings,
     validate_resolution,
 )
-from embedkit.store import CacheKey, CacheRoot, FeatureEntry, canonical_json, digest_ids
+from embedkit.store import (
+    CacheKey,
+    CacheRoot,
+    FeatureEntry,
+    PendingUnit,
+    canonical_json,
+    digest_ids,
+)
 from embedkit.store.entry import remove_entry
 from embedkit.store.lease import Leases, Owner, resolve_ttl
 from embedkit.throughput import ModelShape, ThroughputReport
@@ -248,6 +255,10 @@ class _LazyBatches:
 class _UnitWriter:
     """Writes finished units on a background thread, so writes overlap the forward pass.
 
+    When units queue up (writes slower than the forward pass), unit ``k + 1`` is begun
+    before unit ``k`` is committed (:meth:`FeatureEntry.begin_unit`), so the chunk pool
+    never idles between units; otherwise each unit is committed as soon as it is written.
+
     With ``leases``, a unit is written only while this job still holds its claim (a unit
     taken over by another job after our claim expired is dropped), then released.
     """
@@ -267,6 +278,7 @@ class _UnitWriter:
         return len(self.units)
 
     def _run(self) -> None:
+        pending: tuple[int, PendingUnit] | None = None  # begun, to commit after the next begins
         while (item := self._queue.get()) is not None:
             if self._error is not None:
                 continue
@@ -274,17 +286,45 @@ class _UnitWriter:
             try:
                 if self._leases is not None and not self._leases.holds_unit(u):
                     continue  # our claim expired and another job took the unit over
-                try:
-                    self._entry.write_unit(u, arrays, valid=valid, skipped=skipped)
-                except EntryExistsError:
-                    if self._leases is None:
-                        raise
-                    continue  # taken over and written by another job after our check
-                self.units.append(u)
-                if self._leases is not None:
-                    self._leases.release_unit(u)
+                begun = self._begin(u, arrays, valid, skipped)
+                if pending is not None:  # the pool writes unit u meanwhile
+                    self._commit(*pending)
+                    pending = None
+                if begun is None:
+                    continue
+                if self._queue.empty():  # nothing to overlap with: record it now
+                    self._commit(u, begun)
+                else:  # writes are the bottleneck: commit after the next unit is begun
+                    pending = (u, begun)
             except BaseException as exc:  # re-raised on the main thread
                 self._error = exc
+                pending = None
+        try:
+            if pending is not None and self._error is None:
+                self._commit(*pending)
+        except BaseException as exc:
+            self._error = exc
+
+    def _begin(
+        self, u: int, arrays: dict[str, np.ndarray], valid: np.ndarray, skipped: list
+    ) -> PendingUnit | None:
+        try:
+            return self._entry.begin_unit(u, arrays, valid=valid, skipped=skipped)
+        except EntryExistsError:
+            if self._leases is None:
+                raise
+            return None  # taken over and written by another job after our check
+
+    def _commit(self, u: int, begun: PendingUnit) -> None:
+        try:
+            begun.commit()
+        except EntryExistsError:
+            if self._leases is None:
+                raise
+            return  # taken over and written by another job after our check
+        self.units.append(u)
+        if self._leases is not None:
+            self._leases.release_unit(u)
 
     def submit(
         self, u: int, arrays: dict[str, np.ndarray], valid: np.ndarray, skipped: list

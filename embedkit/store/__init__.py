@@ -8,7 +8,7 @@ from embedkit.store.catalog import (
     render_info,
     verify_root,
 )
-from embedkit.store.entry import DERIVED_POOLINGS, FeatureEntry, remove_entry
+from embedkit.store.entry import DERIVED_POOLINGS, FeatureEntry, PendingUnit, remove_entry
 from embedkit.store.gc import GcCandidate, collect_garbage, parse_age, plan_gc
 from embedkit.store.key import (
     FEATURE_FORMAT_VERSION,
@@ -38,6 +38,7 @@ __all__ = [
     "InvalidKeyError",
     "LocalCopy",
     "ObjectStat",
+    "PendingUnit",
     "canonical_json",
     "collect_garbage",
     "copy_entry",

@@ -14,7 +14,7 @@ chunks span every axis but the first, this module reads and writes the chunk fil
 Writes go straight from the caller's array to the file (zero padding of an uncompressed edge
 chunk is a sparse ``ftruncate``); full reads go straight from the file into the caller's
 preallocated output (``preadv`` for raw chunks, zstd decompression into place), chunks in
-parallel on a 2-thread pool (file I/O, zstd and crc32c release the GIL; measured: two threads
+parallel on a 2-thread pool (file I/O and zstd release the GIL; measured: two threads
 decode zstd at 2x the rate of one).
 
 Durable writes go out in :data:`WRITEBACK_PIECE` pieces, each followed by a non-blocking
@@ -36,6 +36,7 @@ record is simply rewritten on resume (files are overwritten with ``O_TRUNC``).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -75,6 +76,42 @@ def _load_sync_file_range() -> Callable[[int, int, int], object] | None:
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
     return lambda fd, offset, nbytes: fn(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+def _load_fallocate() -> Callable[[int, int], int] | None:
+    """``fallocate(fd, 0, 0, nbytes)`` from libc (0 or an errno), or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+
+    def fallocate(fd: int, nbytes: int) -> int:
+        return 0 if fn(fd, 0, 0, nbytes) == 0 else ctypes.get_errno()
+
+    return fallocate
+
+
+#: Reserves a new chunk file's blocks before it is written (Linux ``fallocate``; not glibc's
+#: ``posix_fallocate``, which emulates it by writing where unsupported). ext4 then maps the
+#: file as one extent instead of allocating block by block as the page cache fills: measured
+#: on 410 MB written as 8 MB files, 63-89 ms with it vs 106-124 ms without for the same
+#: ``os.write`` calls. It is what makes ``np.save`` that fast (numpy's ``tofile`` fallocates
+#: files over 16 MB; a plain ``write`` of the same 410 MB buffer took 1.5x as long). Running
+#: out of space also fails here, before anything is written.
+_fallocate = _load_fallocate()
+
+
+def _preallocate(fd: int, nbytes: int) -> None:
+    """Reserve ``nbytes`` for ``fd``; ENOSPC/EDQUOT raise, unsupported filesystems are skipped."""
+    if _fallocate is None or nbytes <= 0:
+        return
+    err = _fallocate(fd, nbytes)
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        raise OSError(err, os.strerror(err))
 
 
 #: Starts writeback of a file range without waiting (a hint: its result is ignored, the
@@ -225,11 +262,12 @@ class ChunkLayout:
     ) -> list[Path]:
         """Write chunk ``i`` from ``rows`` (its rows, C-contiguous, this dtype).
 
-        With ``durable`` the file's writeback starts piece by piece and, if ``sync``, the file
-        is fdatasync-ed before returning (``sync=False``: the caller calls :meth:`sync_chunk`
-        later, so that this thread can compress the next chunk while the disk writes).
-        Returns the directories to fsync for the file's directory entry to be durable too
-        (see the module docstring).
+        The file's blocks are reserved first (:func:`_preallocate`). With ``durable`` the
+        file's writeback starts piece by piece and, if ``sync``, the file is fdatasync-ed
+        before returning (``sync=False``: the caller calls :meth:`sync_chunk` later, so that
+        this thread can go on to the next chunk while the disk writes). Returns the
+        directories to fsync for the file's directory entry to be durable too (see the module
+        docstring).
         """
         start, stop = self.chunk_bounds(i)
         if rows.shape != (stop - start, *self.shape[1:]) or rows.dtype != self.dtype:
@@ -256,6 +294,7 @@ class ChunkLayout:
         dirs.append(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
+            _preallocate(fd, payload.nbytes)
             _write_all(fd, payload.cast("B"), kick=durable)
             if sparse_pad:
                 os.ftruncate(fd, payload.nbytes + sparse_pad)  # a hole reads back as zeros

@@ -3,9 +3,9 @@
 Layout inside ``<root>/<key.relpath()>``::
 
     zarr.json                 group attrs: key, provenance, unit_rows, n_units, poolings, ...
-    features/<pooling>        (N, D) or (N, h, w, D); uncompressed (default): one chunk per
-                              work unit; zstd: a whole number of ~4 MB chunks per unit; no
-                              sharding
+    features/<pooling>        (N, D) or (N, h, w, D); uncompressed (default) or zstd; each work
+                              unit a whole number of chunks (~16 MB raw, ~4 MB zstd; units
+                              smaller than that are one chunk); no sharding
     ids                       (N,) str
     valid                     (N,) bool, False for images skipped as unreadable
     units/<u:06d>.json        per-unit completion record, written atomically after its chunks
@@ -25,17 +25,19 @@ On local roots the chunk files are written and full-range reads are served by
 zarr-python handles metadata, fsspec roots and row-index reads.
 
 Crash safety: a unit counts as written iff ``units/<u>.json`` exists. On local roots
-``write_unit`` (with :data:`FSYNC`, the default) fdatasyncs every chunk file of the unit and
-fsyncs the directories it added entries to, *then* writes the record (temporary file, fsync,
-rename). So after a process crash, kernel crash or power loss, a present record implies durable
-chunks matching its checksums; a unit without a record is rewritten on resume. Object stores
-make a PUT durable before it returns, so the same order holds there. With ``FSYNC = False``
-the guarantee shrinks to process crashes (data in the page cache survives; a power loss may
-leave a record whose chunks are lost or torn, which ``verify`` reports as a checksum mismatch).
+``write_unit`` (``begin_unit`` + ``PendingUnit.commit``; with :data:`FSYNC`, the default)
+fdatasyncs every chunk file of the unit and fsyncs the directories it added entries to, *then*
+writes the record (temporary file, fsync, rename). So after a process crash, kernel crash or
+power loss, a present record implies durable chunks matching its checksums; a unit without a
+record is rewritten on resume. Object stores make a PUT durable before it returns, so the same
+order holds there. With ``FSYNC = False`` the guarantee shrinks to process crashes (data in the
+page cache survives; a power loss may leave a record whose chunks are lost or torn, which
+``verify`` reports as a checksum mismatch).
 
-Checksums in unit records are crc32c (``"checksum_algorithm": "crc32c"``, hardware-accelerated
-~18 GB/s via ``google-crc32c``, a zarr dependency) over the stored bytes of the unit's rows;
-records without that field (older entries) hold sha256 and are verified as such.
+Checksums in unit records are crc32c (``"checksum_algorithm": "crc32c"``, hardware-accelerated,
+~25 GB/s per core) over the stored bytes of the unit's rows, computed chunk by chunk while the
+chunks are written and joined (:mod:`embedkit.store.checks`); records without that field (older
+entries) hold sha256 and are verified as such.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ from embedkit.errors import (
     IncompleteEntryError,
     IntegrityError,
 )
+from embedkit.store.checks import Scan, any_nonfinite, crc32c_combine, nonfinite_rows, scan
 from embedkit.store.chunkio import POOL, ChunkLayout, fsync_dirs
 from embedkit.store.key import CacheKey, digest_ids
 from embedkit.store.lease import LAYOUT, LEASES_DIR, Leases, live_claims, resolve_ttl
@@ -83,6 +86,7 @@ __all__ = [
     "LAST_USED_FILE",
     "ZSTD_LEVEL",
     "FeatureEntry",
+    "PendingUnit",
     "entry_relpaths",
     "remove_entry",
     "resolve_entry",
@@ -104,9 +108,12 @@ COMPRESSIONS = ("none", "zstd")
 #: zstd level for new entries: level 1 saves ~8% on float16 features at ~0.8 GB/s per core;
 #: higher levels save nothing more and are slower; levels < 1 store raw (see RESULTS.md).
 ZSTD_LEVEL = 1
-#: A compressed unit is split into chunks of about this size (a whole number per unit), which
-#: the 2-thread pool compresses and decompresses in parallel; an uncompressed unit is one chunk.
-ZSTD_CHUNK_BYTES = 4 << 20
+#: A unit is split into chunks of about this size (a whole number per unit), which the
+#: 2-thread pool scans, compresses, writes and reads in parallel (one file per chunk). Raw:
+#: measured on 32 MB units (bench_store.py), 8/16/32 MB chunks wrote at 0.63/0.74-0.93/0.66x
+#: np.save (16 MB: one chunk per pool thread; smaller files cost per-file work); zstd: ~4 MB,
+#: so both threads compress.
+CHUNK_BYTES: dict[str, int] = {"none": 16 << 20, "zstd": 4 << 20}
 LAYOUT_VERSION = 1
 PATCH_POOLING = "patch"
 
@@ -147,54 +154,26 @@ def _checksum(a: np.ndarray, algorithm: str = CHECKSUM_ALGORITHM) -> str:
     raise IntegrityError(f"Unknown checksum algorithm {algorithm!r} in a unit record.")
 
 
-def _any_nonfinite(a: np.ndarray) -> bool:
-    """Whether a C-contiguous float array holds NaN or Inf: two integer max-reductions.
-
-    Non-finite values have all exponent bits set: as unsigned ints the negative ones are
-    ``>= sign|exponent``, as signed ints the positive ones are ``>= exponent``.
-    """
-    bits = {np.dtype(np.float16): 16, np.dtype(np.float32): 32, np.dtype(np.float64): 64}
-    nbits = bits.get(a.dtype)
-    if nbits is None or not a.flags.c_contiguous:
-        return bool(_nonfinite_rows(a).any()) if a.dtype.kind == "f" else False
-    u = a.reshape(-1).view(f"u{nbits // 8}")
-    expo = {16: 0x7C00, 32: 0x7F800000, 64: 0x7FF0000000000000}[nbits]
-    return bool(u.max() >= ((1 << (nbits - 1)) | expo) or u.view(f"i{nbits // 8}").max() >= expo)
-
-
-def _nonfinite_rows(a: np.ndarray) -> np.ndarray:
-    """Boolean (rows,) mask of rows holding NaN or Inf."""
-    flat = a.reshape(a.shape[0], -1)
-    if a.dtype == np.float16:
-        bits = flat.view(np.uint16) & np.uint16(0x7C00)
-        return np.asarray((bits == np.uint16(0x7C00)).any(axis=1))
-    if a.dtype == np.float32:
-        bits32 = flat.view(np.uint32) & np.uint32(0x7F800000)
-        return np.asarray((bits32 == np.uint32(0x7F800000)).any(axis=1))
-    return np.asarray(~np.isfinite(flat).all(axis=1))
-
-
 def _any_nonfinite_parallel(a: np.ndarray) -> bool:
-    """:func:`_any_nonfinite` on two halves at once (numpy reductions release the GIL)."""
+    """:func:`any_nonfinite` on two halves at once (numpy reductions release the GIL)."""
     if a.shape[0] < 2 or a.nbytes < 1 << 22:
-        return _any_nonfinite(a)
+        return any_nonfinite(a)
     half = a.shape[0] // 2
-    other = POOL.submit(_any_nonfinite, a[half:])
-    return _any_nonfinite(a[:half]) | other.result()
+    other = POOL.submit(any_nonfinite, a[half:])
+    return any_nonfinite(a[:half]) | other.result()
 
 
 def _chunk_rows(unit_rows: int, row_nbytes: int, compression: str) -> int:
-    """Rows per chunk: the unit, or for compressed units a divisor of about ZSTD_CHUNK_BYTES.
+    """Rows per chunk: a divisor of the unit giving chunks of about ``CHUNK_BYTES[compression]``.
 
     Chunks never straddle units (writers of different units touch different files). A unit
     that has no divisor giving chunks of at least a quarter of the target stays one chunk.
     """
-    if compression == "none":
-        return unit_rows
-    want = -(-unit_rows * row_nbytes // ZSTD_CHUNK_BYTES)  # chunks per unit at the target size
+    target = CHUNK_BYTES[compression]
+    want = -(-unit_rows * row_nbytes // target)  # chunks per unit at the target size
     for k in range(max(want, 1), unit_rows + 1):
         rows = unit_rows // k
-        if 4 * rows * row_nbytes < ZSTD_CHUNK_BYTES:
+        if 4 * rows * row_nbytes < target:
             break
         if unit_rows % k == 0:
             return rows
@@ -609,7 +588,26 @@ class FeatureEntry:
 
         Rows where ``valid`` is False are stored as zeros and must be listed in ``skipped``
         as ``(image_id, reason)``. NaN/Inf in valid rows, including float16 overflow of the
-        cast, raise :class:`IntegrityError` naming the image ids.
+        cast, raise :class:`IntegrityError` naming the image ids. The same as
+        ``begin_unit(...).commit()``.
+        """
+        self.begin_unit(u, arrays, valid=valid, skipped=skipped).commit()
+
+    def begin_unit(
+        self,
+        u: int,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        valid: np.ndarray,
+        skipped: Sequence[tuple[str, str]] = (),
+    ) -> PendingUnit:
+        """Start writing unit ``u`` (as :meth:`write_unit`); :meth:`PendingUnit.commit` ends it.
+
+        On local roots the chunks are written by the pool while this returns, so a writer
+        can begin unit ``k + 1`` and then commit unit ``k``: the pool then never waits for
+        the caller between units. ``arrays`` must not change until the commit. Arguments are
+        checked here; NaN/Inf, write errors and an existing record raise from ``commit``,
+        which writes the record only after every chunk is written (and synced, with FSYNC).
         """
         if not self._writable:
             raise CacheWriteError(
@@ -659,24 +657,7 @@ class FeatureEntry:
                 )
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below
                 out = np.ascontiguousarray(src.astype(self.dtypes[name], copy=False))
-            bad = _nonfinite_rows(out) & valid if _any_nonfinite_parallel(out) else None
-            if bad is not None and bad.any():
-                bad_ids = [unit_ids[i] for i in np.flatnonzero(bad)]
-                src_bad = _nonfinite_rows(src) & valid if src.dtype.kind == "f" else bad & False
-                if src_bad.any():
-                    why = "contain NaN or Inf"
-                    fix = "Check the encoder, its compute dtype and the inputs."
-                else:
-                    why = (
-                        f"overflow {self.dtypes[name]} when cast from {src.dtype} "
-                        f"(|x| > {float(np.finfo(self.dtypes[name]).max)})"
-                    )
-                    fix = "Use storage dtype float32 if such values are legitimate."
-                raise IntegrityError(
-                    f"Unit {u}, pooling {name!r}: the features of {len(bad_ids)} image(s) {why}: "
-                    f"{_fmt_ids(bad_ids)}. {fix}"
-                )
-            if not valid.all():
+            if not valid.all():  # skipped rows are stored as zeros, and not checked
                 if np.shares_memory(out, src):
                     out = out.copy()
                 out[~valid] = 0
@@ -685,25 +666,21 @@ class FeatureEntry:
         targets = {f"features/{name}": a for name, a in stored.items()}
         targets["valid"] = np.ascontiguousarray(valid)
         layouts = {name: self._layout(name) for name in targets}
+        pending = PendingUnit(self, u, arrays, stored, targets, valid, skipped)
         try:
-            if all(layouts.values()):
-                checksums = self._write_chunks(u, targets, layouts)  # type: ignore[arg-type]
+            if all(layouts.values()):  # each chunk is checked for NaN/Inf, then written
+                pending._submit(layouts)  # type: ignore[arg-type]
             else:  # fsspec roots (object stores: a PUT is durable once it returns)
-                checksums = {name: _checksum(a) for name, a in targets.items()}
-                for name, a in targets.items():
-                    self._array(name)[start:stop] = a
+                bad = [f"features/{n}" for n, a in stored.items() if _any_nonfinite_parallel(a)]
+                if not bad:
+                    for name, a in targets.items():
+                        self._array(name)[start:stop] = a
+                pending._bad = bad
         except OSError as exc:
             raise self.root.write_error(f"write unit {u} of {self.relpath} in", exc) from exc
-        record = {
-            "unit": u,
-            "rows": [start, stop],
-            "checksum_algorithm": CHECKSUM_ALGORITHM,
-            "checksums": checksums,
-            "n_valid": int(valid.sum()),
-            "skipped": [list(s) for s in skipped],
-            "written_at": _now(),
-            "writer": _writer(),
-        }
+        return pending
+
+    def _commit_record(self, u: int, record: dict[str, Any]) -> None:
         # Created exclusively: of two writers of one unit (a job whose claim was taken over
         # while it was paused, see embedkit.store.lease) exactly one record wins.
         if not self.root.create_exclusive(
@@ -714,40 +691,27 @@ class FeatureEntry:
                 "taken over); the unit holds that job's identical features."
             )
 
-    def _write_chunks(
-        self, u: int, targets: Mapping[str, np.ndarray], layouts: Mapping[str, ChunkLayout]
-    ) -> dict[str, str]:
-        """The chunks of unit ``u`` of every array, in parallel; durable before returning if FSYNC.
-
-        Each chunk is one pool job (compress, write, start writeback), so both cores keep
-        compressing while the disk writes; the fdatasyncs come after the last job, when most
-        of the data is on disk already. Returns the checksums, computed on this thread while
-        the pool writes.
-        """
-        durable = FSYNC
-        start, stop = self.unit_bounds(u)
-        chunks = [
-            (layouts[name], i, a)
-            for name, a in targets.items()
-            for i in layouts[name].chunks_in(start, stop)
-        ]
-        jobs: list[Future[list[Path]]] = []
-        for layout, i, a in chunks:
-            c0, c1 = layout.chunk_bounds(i)
-            part = a[c0 - start : c1 - start]
-            jobs.append(POOL.submit(layout.write_chunk, i, part, durable=durable, sync=False))
-        dirs: list[Path] = []
-        try:
-            checksums = {name: _checksum(a) for name, a in targets.items()}
-            for job in jobs:
-                dirs.extend(job.result())
-        finally:
-            for job in jobs:
-                job.cancel()
-        if durable:
-            list(POOL.map(lambda c: c[0].sync_chunk(c[1]), chunks))
-            fsync_dirs(dirs)
-        return checksums
+    def _nonfinite_error(
+        self, u: int, name: str, src: np.ndarray, out: np.ndarray, valid: np.ndarray
+    ) -> IntegrityError:
+        """The error for NaN/Inf in rows ``out`` of pooling ``name`` (cast from ``src``)."""
+        unit_ids = self.ids[slice(*self.unit_bounds(u))]
+        bad = nonfinite_rows(out) & valid
+        bad_ids = [unit_ids[i] for i in np.flatnonzero(bad)]
+        src = np.asarray(src)
+        if src.dtype.kind == "f" and (nonfinite_rows(src) & valid).any():
+            why = "contain NaN or Inf"
+            fix = "Check the encoder, its compute dtype and the inputs."
+        else:
+            why = (
+                f"overflow {self.dtypes[name]} when cast from {src.dtype} "
+                f"(|x| > {float(np.finfo(self.dtypes[name]).max)})"
+            )
+            fix = "Use storage dtype float32 if such values are legitimate."
+        return IntegrityError(
+            f"Unit {u}, pooling {name!r}: the features of {len(bad_ids)} image(s) {why}: "
+            f"{_fmt_ids(bad_ids)}. {fix}"
+        )
 
     def finalize(self, extra: Mapping[str, object] | None = None) -> bool:
         """Create COMPLETE.json once every unit has its record; the entry is then immutable.
@@ -1014,7 +978,7 @@ class FeatureEntry:
                 elif _checksum(data.astype(arr.dtype, copy=False), algorithm) != want:
                     problems.append(f"unit {u} (rows {start}-{stop}): checksum mismatch in {name}")
                 if name.startswith("features/"):
-                    bad = _nonfinite_rows(data) & valid
+                    bad = nonfinite_rows(data) & valid
                     if bad.any():
                         bad_ids = [self.ids[start + i] for i in np.flatnonzero(bad)]
                         problems.append(f"unit {u}: NaN/Inf in {name} for {_fmt_ids(bad_ids)}")
@@ -1027,6 +991,124 @@ class FeatureEntry:
                 f"no COMPLETE.json: entry incomplete ({len(done)} of {self.n_units} units written)"
             )
         return problems
+
+
+class PendingUnit:
+    """A unit being written: from :meth:`FeatureEntry.begin_unit` until :meth:`commit`.
+
+    On local roots every chunk of every array is two pool jobs: one writes it (and starts
+    its writeback), the other scans it (NaN/Inf check of float feature arrays and crc32c,
+    :func:`embedkit.store.checks.scan`); the scan is CPU work and the write mostly memory
+    copying, so the two cores overlap them. The unit's checksum of each array joins those of
+    its chunks (:func:`crc32c_combine`). ``commit`` waits for the jobs, fdatasyncs the files
+    and their directory (with FSYNC; most data is on disk by then), and only then writes the
+    record. A unit holding NaN/Inf gets no record: its chunk files are never read as data and
+    are overwritten when the unit is redone.
+    """
+
+    def __init__(
+        self,
+        entry: FeatureEntry,
+        u: int,
+        arrays: Mapping[str, np.ndarray],
+        stored: Mapping[str, np.ndarray],
+        targets: Mapping[str, np.ndarray],
+        valid: np.ndarray,
+        skipped: Sequence[tuple[str, str]],
+    ) -> None:
+        self.entry = entry
+        self.unit = u
+        self._arrays = arrays
+        self._stored = stored
+        self._targets = targets
+        self._valid = valid
+        self._skipped = skipped
+        self._chunks: list[tuple[ChunkLayout, int, str]] = []
+        self._scans: list[Future[Scan]] = []
+        self._writes: list[Future[list[Path]]] = []
+        self._bad: list[str] | None = None  # set once the data are written (fsspec roots)
+        self._committed = False
+
+    def _submit(self, layouts: Mapping[str, ChunkLayout]) -> None:
+        start, stop = self.entry.unit_bounds(self.unit)
+        for name, a in self._targets.items():
+            layout = layouts[name]
+            for i in layout.chunks_in(start, stop):
+                c0, c1 = layout.chunk_bounds(i)
+                part = a[c0 - start : c1 - start]
+                self._chunks.append((layout, i, name))
+                check = name.startswith("features/")
+                self._scans.append(POOL.submit(scan, part, check=check))
+                self._writes.append(
+                    POOL.submit(layout.write_chunk, i, part, durable=FSYNC, sync=False)
+                )
+
+    def _wait(self) -> tuple[dict[str, int | None], list[str], list[Path]]:
+        """Wait for every chunk job: (crc32c per array, arrays with NaN/Inf, dirs to fsync)."""
+        crcs: dict[str, int | None] = {}
+        bad: list[str] = []
+        dirs: list[Path] = []
+        jobs: list[Future[Any]] = [*self._scans, *self._writes]
+        try:
+            for scanned, write, (_, _, name) in zip(
+                self._scans, self._writes, self._chunks, strict=True
+            ):
+                found = scanned.result()
+                dirs.extend(write.result())
+                if not found.finite:
+                    bad.append(name)
+                    continue
+                so_far = crcs.get(name, 0)  # the crc32c of no bytes is 0
+                crcs[name] = (
+                    None
+                    if so_far is None or found.crc32c is None
+                    else crc32c_combine(so_far, found.crc32c, found.nbytes)
+                )
+        finally:
+            for job in jobs:
+                job.cancel()
+        return crcs, bad, dirs
+
+    def commit(self) -> None:
+        """Wait for the unit's chunks, make them durable (FSYNC), then write its record."""
+        if self._committed:
+            raise EntryExistsError(f"Unit {self.unit} of {self.entry.uri} is already committed.")
+        self._committed = True
+        entry, u = self.entry, self.unit
+        try:
+            if self._bad is None:
+                crcs, bad, dirs = self._wait()
+                if not bad and FSYNC:
+                    for layout, i, _ in self._chunks:  # on this thread: the pool writes on
+                        layout.sync_chunk(i)
+                    fsync_dirs(dirs)
+            else:
+                crcs, bad = {}, self._bad
+        except OSError as exc:
+            raise entry.root.write_error(f"write unit {u} of {entry.relpath} in", exc) from exc
+        if bad:
+            name = bad[0].removeprefix("features/")
+            raise entry._nonfinite_error(
+                u, name, self._arrays[name], self._stored[name], self._valid
+            )
+        checksums = {
+            name: f"{crc:08x}"
+            if CHECKSUM_ALGORITHM == "crc32c" and (crc := crcs.get(name)) is not None
+            else _checksum(a)
+            for name, a in self._targets.items()
+        }
+        start, stop = entry.unit_bounds(u)
+        record = {
+            "unit": u,
+            "rows": [start, stop],
+            "checksum_algorithm": CHECKSUM_ALGORITHM,
+            "checksums": checksums,
+            "n_valid": int(self._valid.sum()),
+            "skipped": [list(s) for s in self._skipped],
+            "written_at": _now(),
+            "writer": _writer(),
+        }
+        entry._commit_record(u, record)
 
 
 def remove_entry(root: CacheRoot, key: CacheKey | str) -> None:

@@ -12,6 +12,7 @@ import pytest
 import zarr
 from zarr.codecs import ZstdCodec
 
+import embedkit.store.checks as checks
 import embedkit.store.entry as entry_mod
 from embedkit.errors import IntegrityError
 from embedkit.store import CacheRoot, FeatureEntry
@@ -266,11 +267,11 @@ def test_damaged_zstd_chunk_read_raises_integrity_error(tmp_path: Path, kit: Any
 def test_nonfinite_check(dtype: Any) -> None:
     finfo = np.finfo(dtype)
     ok = np.array([0, -0.0, finfo.max, -finfo.max, finfo.tiny, -finfo.smallest_subnormal], dtype)
-    assert not entry_mod._any_nonfinite(ok)
+    assert not checks.any_nonfinite(ok)
     for bad in (np.inf, -np.inf, np.nan, -np.nan):
         a = ok.copy()
         a[2] = bad
-        assert entry_mod._any_nonfinite(a), bad
+        assert checks.any_nonfinite(a), bad
     neg_nan = np.array([0], dtype)
     neg_nan.view(f"u{neg_nan.itemsize}")[0] = np.iinfo(f"u{neg_nan.itemsize}").max
-    assert np.isnan(neg_nan[0]) and entry_mod._any_nonfinite(neg_nan)
+    assert np.isnan(neg_nan[0]) and checks.any_nonfinite(neg_nan)

@@ -30,8 +30,8 @@ ROW_BYTES = 8 * 2  # float16
 
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """zstd chunks of 2 rows (32 bytes): 3 chunks per 6-row unit."""
-    monkeypatch.setattr(entry_mod, "ZSTD_CHUNK_BYTES", 2 * ROW_BYTES)
+    """zstd chunks of 2 rows (32 bytes), 3 per 6-row unit; uncompressed ones of 3 rows, 2."""
+    monkeypatch.setattr(entry_mod, "CHUNK_BYTES", {"none": 4 * ROW_BYTES, "zstd": 2 * ROW_BYTES})
 
 
 def _new(root: CacheRoot, kit: Any, compression: str | None = None) -> FeatureEntry:
@@ -63,8 +63,10 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 def test_chunk_rows() -> None:
-    target = entry_mod.ZSTD_CHUNK_BYTES
-    assert entry_mod._chunk_rows(16384, 2048, "none") == 16384
+    target = entry_mod.CHUNK_BYTES["zstd"]
+    assert entry_mod._chunk_rows(16384, 2048, "none") * 2048 == 16 << 20  # 2 chunks of 16 MiB
+    assert entry_mod._chunk_rows(1024, 2048, "none") == 1024  # 2 MB unit: one chunk
+    assert entry_mod._chunk_rows(4096, 2048, "none") == 4096  # 8 MB: one chunk
     assert entry_mod._chunk_rows(16384, 2048, "zstd") * 2048 == target  # 8 chunks of 4 MiB
     assert entry_mod._chunk_rows(1024, 1536, "zstd") == 1024  # 1.5 MB unit: one chunk
     assert entry_mod._chunk_rows(1000, 16384, "zstd") == 250  # 16 MB: 4 chunks of 4 MB
@@ -305,7 +307,8 @@ def test_every_chunk_is_synced_before_its_unit_record(
         record = events.index(("record", f"{entry.relpath}/units/{u:06d}.json"))
         synced = {Path(p) for kind, p in events[:record] if kind == "sync"}
         want = _unit_chunk_files(entry, u)
-        assert len(want) == (7 if compression == "zstd" else 3)
+        # 6-row units: zstd 3 chunks of 2 rows per pooling, none 2 of 3 rows; 1 valid chunk
+        assert len(want) == (7 if compression == "zstd" else 5)
         assert want <= synced, f"unit {u}: record created before {sorted(want - synced)} synced"
 
 
