@@ -605,9 +605,10 @@ class FeatureEntry:
 
         On local roots the chunks are written by the pool while this returns, so a writer
         can begin unit ``k + 1`` and then commit unit ``k``: the pool then never waits for
-        the caller between units. ``arrays`` must not change until the commit. Arguments are
-        checked here; NaN/Inf, write errors and an existing record raise from ``commit``,
-        which writes the record only after every chunk is written (and synced, with FSYNC).
+        the caller between units. ``arrays`` must not change until the commit. Arguments and
+        an existing record are checked here; NaN/Inf, write errors and a record created by
+        another job meanwhile raise from ``commit``, which writes the record only after every
+        chunk is written (and synced, with FSYNC).
         """
         if not self._writable:
             raise CacheWriteError(
@@ -668,7 +669,7 @@ class FeatureEntry:
         layouts = {name: self._layout(name) for name in targets}
         pending = PendingUnit(self, u, arrays, stored, targets, valid, skipped)
         try:
-            if all(layouts.values()):  # each chunk is checked for NaN/Inf, then written
+            if all(layouts.values()):  # the pool scans and writes each chunk
                 pending._submit(layouts)  # type: ignore[arg-type]
             else:  # fsspec roots (object stores: a PUT is durable once it returns)
                 bad = [f"features/{n}" for n, a in stored.items() if _any_nonfinite_parallel(a)]
