@@ -135,12 +135,22 @@ def _make_features(
     return {p: rng.standard_normal((n, *shape)).astype(np.float32) for p, shape in dims.items()}
 
 
+def _stored_files(directory: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every file under ``directory`` except Zarr metadata."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "zarr.json"
+    }
+
+
 class Kit:
     """Builders shared by the store tests (a fixture, since test dirs are not packages)."""
 
     make_ids = staticmethod(_make_ids)
     make_key = staticmethod(_make_key)
     make_features = staticmethod(_make_features)
+    stored_files = staticmethod(_stored_files)
 
 
 @pytest.fixture

@@ -54,14 +54,6 @@ def _write(entry: FeatureEntry, feats: dict[str, np.ndarray], units: list[int]) 
         entry.write_unit(u, {p: a[s:e] for p, a in feats.items()}, valid=np.ones(e - s, bool))
 
 
-def _files(directory: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(directory)): p.read_bytes()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != "zarr.json"
-    }
-
-
 def test_chunk_rows() -> None:
     target = entry_mod.CHUNK_BYTES["zstd"]
     assert entry_mod._chunk_rows(16384, 2048, "none") * 2048 == 16 << 20  # 2 chunks of 16 MiB
@@ -128,9 +120,9 @@ def test_multichunk_files_match_zarr_python(tmp_path: Path, kit: Any) -> None:
         config={"write_empty_chunks": True},
     )
     ref[...] = feats["cls"].astype(np.float16)
-    want = _files(tmp_path / "ref" / "cls")
+    want = kit.stored_files(tmp_path / "ref" / "cls")
     assert len(want) == 12
-    assert _files(tmp_path / "c" / entry.relpath / "features" / "cls") == want
+    assert kit.stored_files(tmp_path / "c" / entry.relpath / "features" / "cls") == want
 
 
 @pytest.mark.usefixtures("small_chunks")
@@ -148,8 +140,8 @@ def test_resumed_multichunk_entry_is_identical(tmp_path: Path, kit: Any) -> None
     assert e2.pending_units() == [0, 2, 3]
     _write(e2, feats, e2.pending_units())
     e2.finalize()
-    a = _files(tmp_path / "whole" / e1.relpath / "features")
-    b = _files(tmp_path / "resumed" / e2.relpath / "features")
+    a = kit.stored_files(tmp_path / "whole" / e1.relpath / "features")
+    b = kit.stored_files(tmp_path / "resumed" / e2.relpath / "features")
     assert a == b and len(a) == 24
 
 
@@ -192,7 +184,7 @@ def test_parallel_durable_writes_equal_serial_plain_ones(
             entry = _new(root, kit, compression)
             _write(entry, feats, list(range(entry.n_units)))
             entry.finalize()
-            trees.append(_files(tmp_path / name / entry.relpath / "features"))
+            trees.append(kit.stored_files(tmp_path / name / entry.relpath / "features"))
             np.testing.assert_array_equal(
                 FeatureEntry.open(root, entry.key).read("cls"), feats["cls"].astype(np.float16)
             )
@@ -348,10 +340,10 @@ def test_failed_sync_leaves_the_unit_pending(
     reference = _new(clean, kit, compression)
     _write(reference, feats, list(range(reference.n_units)))
     reference.finalize()
-    a = _files(tmp_path / "c" / rerun.relpath / "features")
-    b = _files(tmp_path / "clean" / reference.relpath / "features")
+    a = kit.stored_files(tmp_path / "c" / rerun.relpath / "features")
+    b = kit.stored_files(tmp_path / "clean" / reference.relpath / "features")
     assert a == b and a
-    assert _files(tmp_path / "c" / rerun.relpath / "valid") == _files(
+    assert kit.stored_files(tmp_path / "c" / rerun.relpath / "valid") == kit.stored_files(
         tmp_path / "clean" / reference.relpath / "valid"
     )
 
