@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from embedkit.data.demo import DemoSpec, generate_demo
-from embedkit.demo import demo_dataset_config
+from embedkit.study.demodata import demo_dataset_config
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from embedkit.data.demo import DemoSpec, generate_demo
 from embedkit.data.readers import read_image
 from embedkit.data.transforms import Preprocessing
-from embedkit.demo import demo_dataset_config
 from embedkit.extract import ExtractionRequest, extract
 from embedkit.manifest import load_manifest
 from embedkit.models import load_encoder
+from embedkit.study.demodata import demo_dataset_config
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 Usage: python benchmarks/bench_gpu.py [--steps 20] [--batch 32] [--compile]
 Random-initialised real-size models (no download); forward only under inference_mode + autocast,
 SDPA attention, channels_last for ConvNeXt. Prints images/s, TFLOP/s and MFU against the
-device's bf16 peak (embedkit.throughput.PEAK_BF16_TFLOPS). Without a GPU it says so and exits 0.
+device's bf16 peak (embedkit.models.throughput.PEAK_BF16_TFLOPS). Without a GPU it says so
+and exits 0.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ import time
 
 import torch
 
-from embedkit.throughput import ModelShape, ThroughputReport, device_peak_tflops, flops_per_image
+from embedkit.models.throughput import (
+    ModelShape,
+    ThroughputReport,
+    device_peak_tflops,
+    flops_per_image,
+)
 
 CASES = [
     ("dinov3/vitb16", 224), ("dinov3/vitb16", 512), ("dinov3/vitb16", 1024),

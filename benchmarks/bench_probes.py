@@ -259,7 +259,7 @@ def memory_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     out: dict[str, Any] = {}
     if args.mem_store:
-        from embedkit.features import read_features
+        from embedkit.probes.features import read_features
         from embedkit.store import CacheRoot, find_entry, list_entries
 
         root = CacheRoot.from_uri(args.mem_store)

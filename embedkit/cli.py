@@ -584,7 +584,7 @@ def probe(
     metrics, per-label table, test scores for paired tests) to --out. An identical earlier run
     is reused unless --overwrite.
     """
-    from embedkit.probe import ProbeRequest, render_record, run_probe
+    from embedkit.probes.run import ProbeRequest, render_record, run_probe
     from embedkit.progress import rich_progress
 
     request = ProbeRequest(
@@ -638,7 +638,7 @@ def run_pipeline_cmd(
     extraction from FLOPs per image). Finished steps are skipped, so rerunning after a kill
     continues; a failing step is reported and the others still run (exit status 1 at the end).
     """
-    from embedkit.pipeline import run_pipeline
+    from embedkit.study.pipeline import run_pipeline
 
     summary = run_pipeline(
         pipeline,
@@ -762,7 +762,7 @@ def finetune(
     --nproc N) the ranks train data-parallel (DDP); rank 0 writes checkpoints and the record.
     """
     from embedkit.finetune import FinetuneRequest, run_finetune
-    from embedkit.probe import render_record
+    from embedkit.probes.run import render_record
 
     if nproc > 1:
         from embedkit.distributed import launch_torchrun
@@ -855,7 +855,7 @@ def demo(
     the pipeline but mean nothing; pass e.g. --model dinov3/vitb16 (or a local checkpoint
     directory) to run the same with real weights.
     """
-    from embedkit.demo import DEMO_PIPELINE, run_demo
+    from embedkit.study.demo import DEMO_PIPELINE, run_demo
 
     summary = run_demo(
         out_dir,

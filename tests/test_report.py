@@ -18,8 +18,8 @@ from sklearn.metrics import roc_auc_score
 
 from embedkit.errors import CacheNotFoundError
 from embedkit.report import PairChoice, build_report
-from embedkit.report.consistency import MixedResultsError
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable
+from embedkit.results.consistency import MixedResultsError
 
 LABELS = ("A", "B", "C")
 

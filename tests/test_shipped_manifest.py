@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from embedkit.demo import demo_dataset_config
 from embedkit.manifest import load_manifest
+from embedkit.study.demodata import demo_dataset_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,8 +31,9 @@ def test_top_level_demo_entry_matches_the_demo_command(tmp_path: Path) -> None:
 def test_the_demo_pipeline_writes_where_the_demo_command_does() -> None:
     """`embedkit demo` from the repository root and `embedkit run pipelines/demo.yaml` use the
     same manifest, demo folder, results and report."""
-    from embedkit.demo import DEMO_PIPELINE, demo_folder
-    from embedkit.pipeline import load_pipeline
+    from embedkit.study.demo import DEMO_PIPELINE
+    from embedkit.study.demodata import demo_folder
+    from embedkit.study.pipeline import load_pipeline
 
     pipe = load_pipeline(ROOT / "pipelines" / "demo.yaml")
     assert pipe.path == DEMO_PIPELINE

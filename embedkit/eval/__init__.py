@@ -33,6 +33,7 @@ from embedkit.eval.metrics import (
     per_label_auroc,
     youden,
 )
+from embedkit.eval.summary import evaluate_scores
 
 __all__ = [
     "BootstrapCI",
@@ -54,6 +55,7 @@ __all__ = [
     "delong_test_per_label",
     "evaluate_multiclass",
     "evaluate_multilabel",
+    "evaluate_scores",
     "labels_without_both_classes",
     "macro_ap",
     "macro_auroc",

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,8 +43,7 @@ from embedkit.data.dataset import Batch, ImageDataset, make_loader
 from embedkit.data.transforms import Preprocessing
 from embedkit.distributed import DistContext
 from embedkit.errors import ConfigError, EmbedkitError
-from embedkit.extract import resolve_device
-from embedkit.features import SplitFeatures
+from embedkit.eval import evaluate_scores
 from embedkit.finetune import checkpoint as ckpt
 from embedkit.finetune import ddp
 from embedkit.finetune.augment import MAX_ROTATION_DEG
@@ -52,12 +51,12 @@ from embedkit.finetune.augment import apply as apply_augmentation
 from embedkit.finetune.augment import draw as draw_augmentation
 from embedkit.finetune.losses import masked_loss, pos_weight
 from embedkit.finetune.methods import (
-    LoraSettings,
     count_parameters,
     get_method,
     lora_targets,
 )
 from embedkit.finetune.model import Classifier, default_pooling
+from embedkit.finetune.request import FinetuneRequest
 from embedkit.manifest import DatasetTable, Manifest, load_manifest
 from embedkit.models import (
     EncoderSpec,
@@ -66,78 +65,15 @@ from embedkit.models import (
     load_encoder,
     validate_resolution,
 )
-from embedkit.probe import evaluate_scores
-from embedkit.report.consistency import check_results_dataset
+from embedkit.models.device import resolve_device
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
+from embedkit.results.consistency import check_results_dataset
 from embedkit.store import canonical_json, digest_ids
 from embedkit.versions import package_versions
 
 __all__ = ["DEFAULT_RESULTS", "EpochLog", "FinetuneOutcome", "FinetuneRequest", "run_finetune"]
 
 DEFAULT_RESULTS = "embedkit-results"
-MethodName = Literal["full", "lora", "bitfit", "linear"]
-
-
-@dataclass(frozen=True, slots=True)
-class FinetuneRequest:
-    """One finetuning run. Every field except ``device``, ``num_workers`` and ``overwrite``
-    is part of the run id (a changed hyper-parameter is a new run, never a resume)."""
-
-    model: str
-    dataset: str
-    resolution: int
-    method: MethodName
-    epochs: int = 10
-    lr: float | None = None  # default: the method's (full 1e-5, lora 1e-4, bitfit/linear 1e-3)
-    batch_size: int = 32
-    weight_decay: float = 0.0
-    warmup: float = 0.1  # fraction of all steps spent in linear warm-up
-    layer_decay: float = 1.0  # layer-wise lr decay (ViT families); 1.0 = off
-    pooling: str | None = None  # default: mean of patch tokens (ViT), pooled (ConvNeXt)
-    augment: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] | None = None
-    gradient_checkpointing: bool = False  # GPU only
-    seed: int = 0
-    n_boot: int = 1000
-    device: str = "auto"
-    num_workers: int = 0
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        get_method(self.method)  # unknown method -> ConfigError listing the methods
-        problems = [
-            f"{name}={value}"
-            for name, value, ok in (
-                ("epochs", self.epochs, self.epochs >= 1),
-                ("batch_size", self.batch_size, self.batch_size >= 1),
-                ("lr", self.lr, self.lr is None or self.lr > 0),
-                ("weight_decay", self.weight_decay, self.weight_decay >= 0),
-                ("warmup", self.warmup, 0 <= self.warmup < 1),
-                ("layer_decay", self.layer_decay, 0 < self.layer_decay <= 1),
-                ("n_boot", self.n_boot, self.n_boot >= 1),
-                ("num_workers", self.num_workers, self.num_workers >= 0),
-            )
-            if not ok
-        ]
-        if problems:
-            raise ConfigError(
-                "Expected epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0, "
-                "0 <= warmup < 1, 0 < layer_decay <= 1, n_boot >= 1 and num_workers >= 0, got "
-                f"{', '.join(problems)} instead"
-            )
-        if self.lora_targets is not None:
-            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        self.lora_settings()  # validates r, alpha, dropout, targets
-
-    def lora_settings(self) -> LoraSettings:
-        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets)
-
-    @property
-    def effective_lr(self) -> float:
-        return self.lr if self.lr is not None else get_method(self.method).default_lr
 
 
 @dataclass(frozen=True, slots=True)
@@ -635,13 +571,10 @@ def _write_record(
     table = plan.table
     test_rows = np.asarray(kept, dtype=np.int64)
     labels = list(table.labels.names)
-    test = SplitFeatures(
-        "test", plan.pooling, np.empty((len(test_rows), 0), np.float32),
-        tuple(table.ids[i] for i in test_rows), table.labels.y[test_rows],
-        table.labels.mask[test_rows], tuple(table.patients[i] for i in test_rows),
-        len(rows["test"]) - len(test_rows),
+    metrics, per_label, more = evaluate_scores(
+        table.labels.y[test_rows], table.labels.mask[test_rows], labels, scores,
+        request.n_boot, request.seed,
     )  # fmt: skip
-    metrics, per_label, more = evaluate_scores(test, labels, scores, request.n_boot, request.seed)
     notes = [*notes, *more]
     if skipped:
         notes.append(f"{len(skipped)} unreadable images left out: {sorted(skipped)[:5]}")
@@ -682,6 +615,9 @@ def _write_record(
             "batch_per_rank": request.batch_size,
         },
     )
-    score_table = ScoreTable(test.ids, tuple(labels), test.y, test.mask, scores)
+    score_table = ScoreTable(
+        tuple(table.ids[i] for i in test_rows), tuple(labels), table.labels.y[test_rows],
+        table.labels.mask[test_rows], scores,
+    )  # fmt: skip
     path = out.write(record, score_table, overwrite=request.overwrite)
     return record, path

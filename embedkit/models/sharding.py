@@ -26,7 +26,7 @@ import torch
 from embedkit.errors import ModelLoadError, ShardingError
 from embedkit.models.families import get_family
 from embedkit.models.loading import EncoderIdentity, LoadedEncoder, parse_dtype
-from embedkit.throughput import ModelShape
+from embedkit.models.throughput import ModelShape
 
 ShardMode = Literal["none", "fsdp", "auto"]
 GB = 1e9

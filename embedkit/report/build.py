@@ -24,7 +24,6 @@ from embedkit.report.compare import (
     compare_records,
     comparisons_markdown,
 )
-from embedkit.report.consistency import check_records
 from embedkit.report.tables import (
     SummaryRow,
     per_label_markdown,
@@ -33,6 +32,7 @@ from embedkit.report.tables import (
     to_markdown,
 )
 from embedkit.results import ResultRecord, load_record
+from embedkit.results.consistency import check_records
 
 
 @dataclass
@@ -123,7 +123,7 @@ def build_report(
     """Read every record under ``results`` and write the report files to ``out``.
 
     Records of one dataset name made from different manifests are refused
-    (:class:`~embedkit.report.consistency.MixedResultsError`), never mixed in one table.
+    (:class:`~embedkit.results.consistency.MixedResultsError`), never mixed in one table.
     ``pairs`` limits the paired comparisons to chosen ones (default: every comparable pair)."""
     root = Path(results)
     found = _records(root)

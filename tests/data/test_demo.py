@@ -86,7 +86,7 @@ def test_bad_spec_is_rejected() -> None:
 
 
 def _demo_config(folder: Path, **changes: object) -> DatasetConfig:
-    from embedkit.demo import demo_dataset_config
+    from embedkit.study.demodata import demo_dataset_config
 
     doc = {"datasets": {"demo": {**demo_dataset_config(), **changes}}}
     (folder / "manifest.yaml").write_text(yaml.safe_dump(doc))
@@ -96,7 +96,7 @@ def _demo_config(folder: Path, **changes: object) -> DatasetConfig:
 def test_ensure_demo_data_generates_once_and_refuses_another_spec(
     demo_dir: Path, tmp_path: Path
 ) -> None:
-    from embedkit.demo import ensure_demo_data
+    from embedkit.study.demodata import ensure_demo_data
 
     spec = DemoSpec(n_patients=8, images_per_patient=3, size=128)
     config = _demo_config(tmp_path)
@@ -108,7 +108,7 @@ def test_ensure_demo_data_generates_once_and_refuses_another_spec(
 
 
 def test_demo_data_from_before_the_spec_file_is_recognised(tmp_path: Path) -> None:
-    from embedkit.demo import ensure_demo_data
+    from embedkit.study.demodata import ensure_demo_data
 
     spec = DemoSpec(n_patients=2, images_per_patient=2, size=64)
     generate_demo(tmp_path, spec)  # no demo-spec.json, as the demo command used to write
@@ -119,7 +119,7 @@ def test_demo_data_from_before_the_spec_file_is_recognised(tmp_path: Path) -> No
 
 
 def test_demo_data_needs_the_generator_layout(tmp_path: Path) -> None:
-    from embedkit.demo import ensure_demo_data
+    from embedkit.study.demodata import ensure_demo_data
 
     config = _demo_config(tmp_path, images="pictures")
     with pytest.raises(ConfigError, match="cannot hold generated demo data"):
@@ -127,7 +127,7 @@ def test_demo_data_needs_the_generator_layout(tmp_path: Path) -> None:
 
 
 def test_demo_options_override_the_demo_pipeline() -> None:
-    from embedkit.demo import demo_pipeline
+    from embedkit.study.demo import demo_pipeline
 
     default = demo_pipeline()
     assert default.spec.demo_data is not None and default.spec.demo_data.size == 1024

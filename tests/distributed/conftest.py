@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from embedkit.data.demo import DemoSpec, generate_demo
-from embedkit.demo import demo_dataset_config
+from embedkit.study.demodata import demo_dataset_config
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import torch
 
 from embedkit.distributed import assign_units, strip_option
 from embedkit.models.sharding import ShardingError, plan_memory
-from embedkit.throughput import (
+from embedkit.models.throughput import (
     ModelShape,
     ThroughputReport,
     flops_per_image,

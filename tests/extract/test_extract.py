@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import embedkit.extract as extract_mod
+import embedkit.extract.runner as extract_mod
 from embedkit.data.readers import read_image
 from embedkit.data.transforms import Preprocessing
 from embedkit.errors import BadImagesError, EmbedkitError, IncompleteEntryError
@@ -20,7 +20,7 @@ from embedkit.manifest import load_manifest
 from embedkit.models import identify_encoder, load_encoder
 from embedkit.store import FeatureEntry
 
-from .conftest import write_manifest
+from ..conftest import write_manifest
 
 
 def _request(model: str = "test/tiny-dinov3-vit", **kw: object) -> ExtractionRequest:

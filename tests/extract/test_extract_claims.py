@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import embedkit.extract as extract_mod
+import embedkit.extract.runner as extract_mod
 from embedkit.extract import ExtractionRequest, extract
 from embedkit.store import CacheRoot, FeatureEntry
 from embedkit.store.lease import Leases

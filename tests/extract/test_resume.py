@@ -15,7 +15,7 @@ import pytest
 
 from embedkit.store import CacheRoot, FeatureEntry, list_entries
 
-from .conftest import cli_env, run_cli, write_manifest
+from ..conftest import cli_env, run_cli, write_manifest
 
 pytestmark = pytest.mark.slow
 

@@ -27,10 +27,10 @@ from embedkit.finetune.losses import masked_loss
 from embedkit.finetune.train import _param_groups
 from embedkit.manifest import load_manifest
 from embedkit.models import load_encoder
-from embedkit.probe import ProbeRequest, run_probe
+from embedkit.probes.run import ProbeRequest, run_probe
 from embedkit.report import build_report
-from embedkit.report.consistency import MixedResultsError
 from embedkit.results import load_record, load_scores
+from embedkit.results.consistency import MixedResultsError
 
 VIT = "test/tiny-dinov3-vit"
 

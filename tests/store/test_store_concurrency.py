@@ -35,7 +35,7 @@ _UNITS = re.compile(r"units computed here: ([\d,]*) \((\d+) of (\d+)\)")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 demo images and a manifest over them."""
     from embedkit.data.demo import DemoSpec, generate_demo
-    from embedkit.demo import demo_dataset_config
+    from embedkit.study.demodata import demo_dataset_config
 
     folder = tmp_path_factory.mktemp("concurrency-data")
     generate_demo(folder, DemoSpec(n_patients=8, images_per_patient=3, size=256))

@@ -156,7 +156,7 @@ def test_local_permission_error_on_write_is_mapped(
 def test_cli_extract_to_s3_then_verify(s3_server: S3Server, tmp_path: Path) -> None:
     """`embedkit extract --cache s3://...` with the tiny model; credentials only in the env."""
     from embedkit.data.demo import DemoSpec, generate_demo
-    from embedkit.demo import demo_dataset_config
+    from embedkit.study.demodata import demo_dataset_config
 
     data = tmp_path / "data"
     generate_demo(data, DemoSpec(n_patients=2, images_per_patient=3, size=64))

@@ -214,7 +214,7 @@ def test_preallocation_fails_only_when_space_runs_out(
 
 def test_writer_thread_commits_every_unit(tmp_path: Path, kit: Any) -> None:
     """The extraction writer (pipelined when units queue up) records every unit once."""
-    from embedkit.extract import _UnitWriter
+    from embedkit.extract.runner import _UnitWriter
 
     root = CacheRoot.from_uri(tmp_path / "c")
     entry = _new(root, kit)

@@ -30,7 +30,7 @@ from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from embedkit import distributed
 from embedkit.data.dataset import Batch, ImageDataset, collate
 from embedkit.data.transforms import Preprocessing
 from embedkit.errors import BadImagesError, CacheNotFoundError, EmbedkitError, EntryExistsError
+from embedkit.extract.request import ExtractionRequest
 from embedkit.manifest import DatasetTable, Manifest, load_manifest
 from embedkit.models import (
     EncoderIdentity,
@@ -50,6 +51,8 @@ from embedkit.models import (
     stored_poolings,
     validate_resolution,
 )
+from embedkit.models.device import resolve_device, resolve_dtype
+from embedkit.models.throughput import ModelShape, ThroughputReport
 from embedkit.store import (
     CacheKey,
     CacheRoot,
@@ -60,60 +63,7 @@ from embedkit.store import (
 )
 from embedkit.store.entry import remove_entry
 from embedkit.store.lease import Leases, Owner, resolve_ttl
-from embedkit.throughput import ModelShape, ThroughputReport
 from embedkit.versions import package_versions
-
-ComputeDtype = Literal["auto", "fp32", "bf16", "fp16"]
-StorageDtype = Literal["float16", "float32"]
-#: Storage codec of a new entry (see embedkit.store.entry.COMPRESSIONS): not part of the cache
-#: key, since it changes the files but not the stored values (checksums cover decoded bytes).
-Compression = Literal["none", "zstd"]
-BadImagePolicy = Literal["fail", "skip"]
-ResizePolicy = Literal["squash", "pad", "crop"]
-ShardPolicy = Literal["none", "fsdp", "auto"]
-
-#: Images per work unit: one Zarr chunk per pooling, one completion record.
-DEFAULT_UNIT_ROWS = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class ExtractionRequest:
-    """What to extract. Everything that changes the stored bytes ends up in the cache key."""
-
-    model: str
-    dataset: str
-    resolution: int
-    patch_tokens: bool = False
-    dtype: ComputeDtype = "auto"
-    storage_dtype: StorageDtype = "float16"
-    compression: Compression = "none"
-    batch_size: int = 32
-    device: str = "auto"
-    num_workers: int = 2
-    unit_rows: int = DEFAULT_UNIT_ROWS
-    resize: ResizePolicy = "squash"
-    snap_resolution: bool = False
-    on_bad_image: BadImagePolicy = "fail"
-    revision: str | None = None
-    overwrite: bool = False
-    shard: ShardPolicy = "none"
-    device_map: str | None = None  # "auto": one process, layers over all GPUs (accelerate)
-    compile: bool = False
-    auto_batch: bool = False
-    lease_ttl_s: float | None = None  # None: $EMBEDKIT_LEASE_TTL, else 60 s
-
-    def __post_init__(self) -> None:
-        if self.device_map is not None and self.shard != "none":
-            raise EmbedkitError(
-                "--device-map and --shard are two ways to split a model: use --shard fsdp "
-                "under torchrun (data parallel, faster) or --device-map auto in one process"
-            )
-        for name in ("resolution", "batch_size", "unit_rows"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Expected a positive integer for {name}, got {value!r} instead")
-        if self.num_workers < 0:
-            raise ValueError(f"Expected num_workers >= 0, got {self.num_workers} instead")
 
 
 @dataclass(slots=True)
@@ -138,26 +88,6 @@ class ExtractionResult:
 
 
 ProgressFactory = Callable[[int, str], AbstractContextManager[Callable[[int], None]]]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; an unavailable CUDA is a clear error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EmbedkitError(
-            f"--device {device} was asked for, but torch sees no CUDA device "
-            f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch"
-        )
-    return dev
-
-
-def resolve_dtype(dtype: ComputeDtype, device: torch.device) -> str:
-    """``auto`` is bf16 on GPU and fp32 on CPU (bf16 is ~6x slower than fp32 on CPUs)."""
-    if dtype != "auto":
-        return dtype
-    return "bf16" if device.type == "cuda" else "fp32"
 
 
 def content_fingerprint(ids: Sequence[str], paths: Sequence[Path]) -> str:
@@ -573,7 +503,7 @@ def _auto_batch(
     plan: ExtractionPlan, encoder: LoadedEncoder, ctx: distributed.DistContext
 ) -> ExtractionPlan:
     """``--auto-batch``: the largest batch (up to 8x --batch-size) that fits, on every rank."""
-    from embedkit.throughput import largest_batch
+    from embedkit.models.throughput import largest_batch
 
     if not plan.request.auto_batch or plan.device.type != "cuda":
         return plan  # on CPU memory is not the limit: keep --batch-size
@@ -596,7 +526,7 @@ def _report(
     seconds: float,
     devices: int,
 ) -> ThroughputReport:
-    from embedkit.throughput import device_peak_tflops, flops_per_image
+    from embedkit.models.throughput import device_peak_tflops, flops_per_image
 
     name, peak = device_peak_tflops(plan.device)
     per_image = flops_per_image(_shape(plan, identity), plan.key.resolution)

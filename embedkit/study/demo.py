@@ -2,34 +2,33 @@
 
 The demo is an ordinary pipeline run: :func:`run_demo` picks the manifest, applies the command's
 options to the pipeline file (demo data size, model, resolutions, workers) and hands it to
-:func:`embedkit.pipeline.run_pipeline`, the runner behind `embedkit run`. The pipeline declares
-(``demo_data:``) that its dataset is the synthetic demo, so the runner generates those images
-first (:func:`ensure_demo_data`: resumable), then extracts, probes, finetunes and builds the
-report. The manifest is ``./data_manifest.yaml`` when that file defines a ``demo`` dataset stored
-in ``out_dir``; otherwise ``<out_dir>/manifest.yaml`` is written (demo data + a cache inside
-``out_dir``).
+:func:`embedkit.study.pipeline.run_pipeline`, the runner behind `embedkit run`. The pipeline
+declares (``demo_data:``) that its dataset is the synthetic demo, so the runner generates those
+images first (:func:`ensure_demo_data`: resumable), then extracts, probes, finetunes and builds
+the report. The manifest is ``./data_manifest.yaml`` when that file defines a ``demo`` dataset
+stored in ``out_dir``; otherwise ``<out_dir>/manifest.yaml`` is written (demo data + a cache
+inside ``out_dir``).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
-from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
-from PIL import Image
 from rich.console import Console
 
-from embedkit.data.demo import FINDINGS, DemoSpec, generate_demo
 from embedkit.errors import ConfigError
-from embedkit.manifest import DatasetConfig, Manifest, load_manifest
-
-if TYPE_CHECKING:
-    from embedkit.pipeline import Pipeline, RunSummary
+from embedkit.manifest import Manifest, load_manifest
+from embedkit.manifest.loader import read_yaml
+from embedkit.study.demodata import (
+    DEMO_DATASET,
+    demo_dataset_config,
+    demo_folder,
+    ensure_demo_data,
+)
+from embedkit.study.pipeline import Pipeline, RunSummary, parse_pipeline, run_pipeline
 
 __all__ = [
     "DEMO_DATASET",
@@ -41,93 +40,8 @@ __all__ = [
     "run_demo",
 ]
 
-DEMO_DATASET = "demo"
 #: The shipped demo pipeline (in a source checkout, beside the package).
-DEMO_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
-_SPEC_FILE = "demo-spec.json"
-
-
-def demo_dataset_config() -> dict[str, object]:
-    """The manifest entry of the demo dataset, with paths relative to the demo folder."""
-    return {
-        "images": "images",
-        "index": "index.csv",
-        "id_column": "image_id",
-        "path_column": "path",
-        "patient_column": "patient_id",
-        "labels": {
-            "format": "separated",
-            "column": "findings",
-            "separator": "|",
-            "negative": "No Finding",
-            "names": list(FINDINGS),
-        },
-        "splits": {
-            "method": "patient",
-            "fractions": {"train": 0.6, "val": 0.2, "test": 0.2},
-            "seed": 0,
-        },
-    }
-
-
-def demo_folder(config: DatasetConfig) -> Path:
-    """Where the demo generator must write for ``config`` to read it: the index's folder,
-    which must hold ``index.csv`` and ``images/`` (the layout :func:`generate_demo` writes)."""
-    folder = Path(config.index).parent
-    if Path(config.index).name != "index.csv" or Path(config.images) != folder / "images":
-        raise ConfigError(
-            f"dataset '{config.name}' cannot hold generated demo data: expected index "
-            f"{folder / 'index.csv'} and images {folder / 'images'}, got index {config.index} "
-            f"and images {config.images} instead; use the layout of demo_dataset_config()"
-        )
-    return folder
-
-
-def _existing_spec(folder: Path) -> dict[str, Any] | None:
-    """The spec of demo data already in ``folder`` (None: there is none yet)."""
-    marker = folder / _SPEC_FILE
-    if marker.is_file():
-        return dict(json.loads(marker.read_text()))
-    index = folder / "index.csv"
-    if not index.is_file():
-        return None
-    with index.open(newline="") as fh:  # data written before the spec file existed
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        return None
-    patients = {r["patient_id"] for r in rows}
-    with Image.open(folder / "images" / rows[0]["path"]) as im:
-        size = im.size[0]
-    per_patient = len(rows) // max(len(patients), 1)
-    return asdict(DemoSpec(n_patients=len(patients), images_per_patient=per_patient, size=size))
-
-
-def ensure_demo_data(
-    config: DatasetConfig,
-    spec: DemoSpec,
-    *,
-    progress: Callable[[int, int], None] | None = None,
-) -> bool:
-    """Generate the demo images ``config`` points at, unless they are there; True if it wrote.
-
-    Resumable (images on disk are kept, the index comes last). Data of another spec in the same
-    folder is refused rather than mixed: the spec is kept in ``demo-spec.json``.
-    """
-    folder = demo_folder(config)
-    found = _existing_spec(folder)
-    wanted = asdict(spec)
-    if found is not None and found != wanted:
-        raise ConfigError(
-            f"{folder} holds demo data generated with {found}, not {wanted}; delete the "
-            "folder, or ask for the same settings"
-        )
-    if found is not None and (folder / "index.csv").is_file():
-        (folder / _SPEC_FILE).write_text(json.dumps(wanted))
-        return False
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / _SPEC_FILE).write_text(json.dumps(wanted))
-    generate_demo(folder, spec, progress=progress)
-    return True
+DEMO_PIPELINE = Path(__file__).resolve().parents[2] / "pipelines" / "demo.yaml"
 
 
 def _manifest_for(out_dir: Path) -> Manifest:
@@ -199,9 +113,6 @@ def demo_pipeline(
     Options left at None keep the file's values; ``model`` replaces every block's models and
     ``resolutions`` every block's resolutions (finetuning blocks get the smallest one).
     """
-    from embedkit.manifest.loader import read_yaml
-    from embedkit.pipeline import parse_pipeline
-
     source = Path(pipeline)
     data = read_yaml(source, ConfigError)
     if not isinstance(data, dict):
@@ -225,8 +136,6 @@ def run_demo(
 ) -> RunSummary:
     """Run the demo pipeline into ``out_dir`` (results in ``results/``, report in ``report/``);
     ``options`` are those of :func:`demo_pipeline`."""
-    from embedkit.pipeline import run_pipeline
-
     con = console or Console()
     out = Path(out_dir)
     pipe = demo_pipeline(pipeline, **options)

@@ -26,7 +26,7 @@ import numpy as np
 
 from embedkit.errors import MixedResultsError
 from embedkit.manifest import DatasetTable
-from embedkit.results import ResultRecord, load_record, load_scores
+from embedkit.results.records import ResultRecord, load_record, load_scores
 from embedkit.store import digest_ids
 
 __all__ = [

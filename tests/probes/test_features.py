@@ -10,10 +10,10 @@ import pytest
 
 from embedkit.errors import CacheNotFoundError
 from embedkit.extract import ExtractionRequest, extract
-from embedkit.features import split_features
 from embedkit.manifest import load_manifest
+from embedkit.probes.features import split_features
 
-from .conftest import write_manifest
+from ..conftest import write_manifest
 
 
 def _extract(manifest: Path, model_cache: Path, **kw: object) -> object:

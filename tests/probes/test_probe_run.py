@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 from embedkit.errors import CacheNotFoundError, EmbedkitError
 from embedkit.extract import ExtractionRequest, extract
 from embedkit.manifest import load_manifest
-from embedkit.probe import ProbeRequest, run_probe
+from embedkit.probes.run import ProbeRequest, run_probe
 from embedkit.results import load_scores
 
 
@@ -134,8 +134,8 @@ def test_cli_probe_reads_through_a_local_cache(
 
 
 def test_features_read_by_blocks_equal_one_read(extracted: Path) -> None:
-    from embedkit.features import read_features
-    from embedkit.probe import find_probe_entry
+    from embedkit.probes.features import read_features
+    from embedkit.probes.run import find_probe_entry
     from embedkit.store import CacheRoot
 
     man = load_manifest(extracted)

@@ -10,10 +10,10 @@ import yaml
 from rich.console import Console
 
 from embedkit.data.demo import DemoSpec, generate_demo
-from embedkit.demo import demo_dataset_config
 from embedkit.errors import ConfigError
-from embedkit.pipeline import expand, load_pipeline, run_pipeline
-from embedkit.report.consistency import MixedResultsError
+from embedkit.results.consistency import MixedResultsError
+from embedkit.study.demodata import demo_dataset_config
+from embedkit.study.pipeline import expand, load_pipeline, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "pipelines").glob("*.yaml"))

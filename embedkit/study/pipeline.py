@@ -325,7 +325,7 @@ def _images(ctx: Context, dataset: str) -> int | None:
 
 def _estimate(ctx: Context, step: Step) -> str:
     """Forward compute of an extraction: images x FLOPs per image (registry models only)."""
-    from embedkit.throughput import flops_per_image, shape_from_spec
+    from embedkit.models.throughput import flops_per_image, shape_from_spec
 
     target = resolve(step.model)
     n = _images(ctx, step.dataset)
@@ -341,7 +341,7 @@ def _estimate(ctx: Context, step: Step) -> str:
 
 
 def _status(ctx: Context, step: Step) -> str:
-    from embedkit.probe import find_probe_entry, probe_plan
+    from embedkit.probes.run import find_probe_entry, probe_plan
     from embedkit.store import CacheRoot
 
     if step.action == "finetune":
@@ -373,7 +373,7 @@ def _status(ctx: Context, step: Step) -> str:
 
 
 def _probe_request(step: Step, resolution: int) -> Any:
-    from embedkit.probe import ProbeRequest
+    from embedkit.probes.run import ProbeRequest
 
     p: ProbeStep = step.options
     return ProbeRequest(
@@ -427,7 +427,7 @@ def _run_extract(ctx: Context, step: Step) -> str:
 
 
 def _run_probe(ctx: Context, step: Step) -> str:
-    from embedkit.probe import run_probe
+    from embedkit.probes.run import run_probe
 
     request = _probe_request(step, _effective_resolution(step, snap=True))
     outcome = run_probe(
@@ -521,9 +521,9 @@ def _dataset_problems(pipe: Pipeline, man: Manifest) -> list[str]:
 def _prepare_demo(pipe: Pipeline, man: Manifest, console: Console, dry_run: bool) -> None:
     """Generate the demo images the pipeline's ``demo_data`` asks for (not in a dry run)."""
     from embedkit.data.demo import DemoSpec
-    from embedkit.demo import demo_folder, ensure_demo_data
     from embedkit.manifest import check_dataset, render_report
     from embedkit.progress import rich_progress
+    from embedkit.study.demodata import demo_folder, ensure_demo_data
 
     demo = pipe.spec.demo_data
     if demo is None:
@@ -550,7 +550,7 @@ def _prepare_demo(pipe: Pipeline, man: Manifest, console: Console, dry_run: bool
 
 def _results_problems(ctx: Context, datasets: list[str]) -> None:
     """Refuse a results folder holding records of another dataset under one of these names."""
-    from embedkit.report.consistency import check_results_dataset
+    from embedkit.results.consistency import check_results_dataset
 
     for name in datasets:
         try:

@@ -22,61 +22,25 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from rich.table import Table
 
 from embedkit.errors import CacheNotFoundError, EmbedkitError
-from embedkit.eval import (
-    bootstrap_ci,
-    bootstrap_indices,
-    macro_auroc,
-    ovr_macro_auroc,
-    per_label_ap,
-    youden,
-)
-from embedkit.features import SplitFeatures, split_features
+from embedkit.eval import evaluate_scores, macro_auroc, ovr_macro_auroc
 from embedkit.manifest import Manifest, load_manifest
 from embedkit.models import EncoderSpec, resolve
 from embedkit.probes import FewShotSamplingError, KNNProbe, LogisticProbe, run_fewshot
+from embedkit.probes.features import SplitFeatures, split_features
+from embedkit.probes.request import PROBE_KINDS, ProbeRequest
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
 from embedkit.store import CacheRoot, FeatureEntry, find_entry, list_entries, open_local_copy
 from embedkit.store.readcache import ProgressFactory
 from embedkit.versions import package_versions
 
-ProbeKind = Literal["linear", "knn", "fewshot"]
-PROBE_KINDS: tuple[str, ...] = ("linear", "knn", "fewshot")
 DEFAULT_RESULTS = "embedkit-results"
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeRequest:
-    """One probe run; every field that changes the result is part of the record id."""
-
-    kind: ProbeKind
-    model: str
-    dataset: str
-    resolution: int
-    pooling: str | None = None  # default: cls+mean for linear / few-shot, cls for kNN
-    entry: str | None = None  # a digest (prefix) when several entries match
-    seed: int = 0
-    n_boot: int = 1000
-    ks: tuple[int, ...] = (10, 20, 100, 200)
-    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
-    draws: int = 5
-    max_iter: int = 1000  # L-BFGS iterations per C (DINOv2 protocol: 1000)
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in PROBE_KINDS:
-            raise EmbedkitError(f"unknown probe kind {self.kind!r}; choose one of {PROBE_KINDS}")
-        if self.n_boot < 1 or self.draws < 1 or self.max_iter < 1 or not self.ks or not self.shots:
-            raise EmbedkitError(
-                f"Expected n_boot >= 1, draws >= 1 and non-empty ks and shots, got "
-                f"n_boot={self.n_boot}, draws={self.draws}, ks={self.ks}, shots={self.shots}"
-            )
 
 
 @dataclass
@@ -126,50 +90,6 @@ def _default_pooling(kind: str, entry: FeatureEntry) -> str:
     if "cls" in stored:
         return "cls" if kind == "knn" else "cls+mean"
     return "pooled" if kind == "knn" else "pooled+mean"
-
-
-def _ci(y: np.ndarray, m: np.ndarray, s: np.ndarray, metric: str, idx: np.ndarray) -> dict:
-    ci = bootstrap_ci(y, m, s, metric, indices=idx)
-    return {"point": ci.point, "low": ci.low, "high": ci.high}
-
-
-def evaluate_scores(
-    test: SplitFeatures, labels: list[str], scores: np.ndarray, n_boot: int, seed: int
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
-    """Metrics with bootstrap CIs, the per-label table, and notes on undefined labels."""
-    idx = bootstrap_indices(len(test.ids), n_boot=n_boot, seed=seed)
-    notes: list[str] = []
-    if test.y.ndim == 1:  # multi-class
-        multiclass: dict[str, Any] = {
-            "ovr_macro_auroc": _ci(test.y, test.mask, scores, "ovr_macro_auroc", idx),
-            "accuracy": _ci(test.y, test.mask, scores, "accuracy", idx),
-            "balanced_accuracy": _ci(test.y, test.mask, scores, "balanced_accuracy", idx),
-        }
-        return multiclass, [], notes
-    aps = per_label_ap(test.y, test.mask, scores)
-    per_label = []
-    for j, name in enumerate(labels):
-        y, m, s = test.y[:, j], test.mask[:, j], scores[:, j]
-        n_pos = int((y[m] == 1).sum())
-        n_neg = int(m.sum()) - n_pos
-        row: dict[str, Any] = {"label": name, "n_pos": n_pos, "n_neg": n_neg}
-        if n_pos == 0 or n_neg == 0:
-            notes.append(
-                f"'{name}' has {n_pos} positives and {n_neg} negatives in test: AUROC undefined, "
-                "left out of the macro average"
-            )
-            row.update(auroc=None, low=None, high=None, ap=None, sensitivity=None, specificity=None)
-        else:
-            ci = _ci(y, m, s, "auroc", idx)
-            _thr, sens, spec = youden(y, s, m)
-            row.update(
-                auroc=ci["point"], low=ci["low"], high=ci["high"], ap=float(aps[j]),
-                sensitivity=sens, specificity=spec,
-            )  # fmt: skip
-        per_label.append(row)
-    metrics: dict[str, Any] = {"macro_auroc": _ci(test.y, test.mask, scores, "macro_auroc", idx)}
-    metrics["macro_ap"] = float(np.nanmean(aps)) if np.isfinite(aps).any() else None
-    return metrics, per_label, notes
 
 
 def _fit_linear(
@@ -308,7 +228,7 @@ def run_probe(
         with torch.inference_mode(False):
             scores, selected, extra = fit(request, train, val, test)
         metrics, per_label, more = evaluate_scores(
-            test, labels, scores, request.n_boot, request.seed
+            test.y, test.mask, labels, scores, request.n_boot, request.seed
         )
         notes.extend(more)
         scores_out = ScoreTable(test.ids, tuple(labels), test.y, test.mask, scores)
@@ -412,7 +332,6 @@ __all__ = [
     "ProbeOutcome",
     "ProbeRequest",
     "comparison_table",
-    "evaluate_scores",
     "find_probe_entry",
     "probe_plan",
     "render_record",

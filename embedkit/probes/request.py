@@ -1,0 +1,39 @@
+"""What to probe: the request value and the probe kinds it takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from embedkit.errors import EmbedkitError
+
+ProbeKind = Literal["linear", "knn", "fewshot"]
+PROBE_KINDS: tuple[str, ...] = ("linear", "knn", "fewshot")
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeRequest:
+    """One probe run; every field that changes the result is part of the record id."""
+
+    kind: ProbeKind
+    model: str
+    dataset: str
+    resolution: int
+    pooling: str | None = None  # default: cls+mean for linear / few-shot, cls for kNN
+    entry: str | None = None  # a digest (prefix) when several entries match
+    seed: int = 0
+    n_boot: int = 1000
+    ks: tuple[int, ...] = (10, 20, 100, 200)
+    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    draws: int = 5
+    max_iter: int = 1000  # L-BFGS iterations per C (DINOv2 protocol: 1000)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROBE_KINDS:
+            raise EmbedkitError(f"unknown probe kind {self.kind!r}; choose one of {PROBE_KINDS}")
+        if self.n_boot < 1 or self.draws < 1 or self.max_iter < 1 or not self.ks or not self.shots:
+            raise EmbedkitError(
+                f"Expected n_boot >= 1, draws >= 1 and non-empty ks and shots, got "
+                f"n_boot={self.n_boot}, draws={self.draws}, ks={self.ks}, shots={self.shots}"
+            )
