@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -46,13 +44,16 @@ def test_vectorised_replicates_equal_loop() -> None:
     assert fast == pytest.approx(slow, abs=1e-12)
 
 
-def test_thousand_replicates_of_10k_by_14_take_seconds() -> None:
+def test_thousand_replicates_of_10k_by_14_bracket_the_point_and_repeat() -> None:
+    # The speed of this size is measured in benchmarks/bench_probes.py (bootstrap), not here.
     rng = np.random.default_rng(0)
     y = (rng.random((10_000, 14)) < 0.1).astype(float)
     s = y + rng.normal(size=y.shape)
-    t0 = time.perf_counter()
-    B.bootstrap_ci(y, None, s, indices=B.bootstrap_indices(10_000, 1000))
-    assert time.perf_counter() - t0 < 30.0  # ~5 s on a 2-core VM shared with other jobs
+    idx = B.bootstrap_indices(10_000, 1000)
+    ci = B.bootstrap_ci(y, None, s, indices=idx)
+    assert ci.low < ci.point < ci.high
+    assert ci.high - ci.low < 0.02  # 10k rows: a narrow interval around a ~0.76 macro AUROC
+    assert B.bootstrap_ci(y, None, s, indices=B.bootstrap_indices(10_000, 1000)) == ci
 
 
 def test_paired_test_identical_and_different() -> None:
