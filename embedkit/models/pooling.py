@@ -25,6 +25,19 @@ from embedkit.models.families import Tokens, get_family
 from embedkit.models.registry import EncoderSpec, validate_resolution
 from embedkit.store import DERIVED_POOLINGS
 
+__all__ = [
+    "DERIVED_POOLINGS",
+    "GRID_POOLINGS",
+    "UnknownPoolingError",
+    "available_poolings",
+    "check_poolings",
+    "derive",
+    "derived_components",
+    "pool",
+    "pooling_dims",
+    "stored_poolings",
+]
+
 GRID_POOLINGS = frozenset({"patch"})
 
 
