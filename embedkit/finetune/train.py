@@ -118,7 +118,7 @@ def _plan(
     table = manifest.dataset(request.dataset).load()
     preprocessing = Preprocessing(size=size, mean=spec.mean, std=spec.std)
     pooling = request.pooling or default_pooling(spec)
-    if request.layer_decay != 1.0 and not get_family(spec.family).layer_decay:
+    if request.layer_decay != 1.0 and not get_family(spec.family).supports_layer_decay:
         raise ConfigError(
             f"layer-wise lr decay applies to ViT families; {spec.name} is a {spec.family} "
             "(use --layer-decay 1.0)"

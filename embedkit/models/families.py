@@ -130,7 +130,7 @@ class FamilyAdapter:
         return sum(p.numel() for p in model.parameters())
 
     @property
-    def layer_decay(self) -> bool:
+    def supports_layer_decay(self) -> bool:
         """Whether layer-wise lr decay applies (the family declares its embeddings)."""
         return self.embeddings_at is not None
 

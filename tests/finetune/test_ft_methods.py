@@ -186,3 +186,19 @@ def test_layer_decay_scales_lr_by_depth(ft_model_cache: Path) -> None:
     assert by_name[id(params["encoder.model.layer.1.norm1.weight"])] == 0.5
     assert by_name[id(params["encoder.model.layer.0.norm1.weight"])] == 0.25
     assert by_name[id(params["encoder.embeddings.cls_token"])] == 0.125
+
+
+def test_layer_decay_is_refused_for_a_family_without_it(
+    ft_manifest: Path, ft_model_cache: Path
+) -> None:
+    request = FinetuneRequest(
+        model="test/tiny-dinov3-convnext", dataset="demo", resolution=64, method="full",
+        layer_decay=0.5, device="cpu",
+    )  # fmt: skip
+    assert not get_family("dinov3-convnext").supports_layer_decay
+    with pytest.raises(ConfigError, match=r"use --layer-decay 1\.0"):
+        _plan(request, load_manifest(ft_manifest), ft_model_cache)
+    classifier = _classifier("test/tiny-dinov3-convnext", ft_model_cache, "full")
+    with pytest.raises(ConfigError, match="layer-wise lr decay"):
+        _param_groups(classifier, 1.0, 0.0, 0.5)
+    assert len(_param_groups(classifier, 1.0, 0.0, 1.0)) == 1

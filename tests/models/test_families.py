@@ -77,7 +77,7 @@ def test_blocks_are_the_repeated_blocks_in_order(family: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_ids_for_layer_wise_lr_decay(family: str) -> None:
     adapter, _, model = _tiny(family)
-    if not adapter.layer_decay:
+    if not adapter.supports_layer_decay:
         with pytest.raises(ConfigError, match=r"--layer-decay 1\.0"):
             adapter.layer_ids(model)
         return
