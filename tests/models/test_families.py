@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import PreTrainedModel
 
 from embedkit.errors import ConfigError, ModelLoadError
 from embedkit.models import (
@@ -25,7 +26,7 @@ from embedkit.models.throughput import flops_per_image, shape_from_config, shape
 FAMILIES = [family.name for family in list_families()]
 
 
-def _tiny(family: str) -> tuple[FamilyAdapter, EncoderSpec, torch.nn.Module]:
+def _tiny(family: str) -> tuple[FamilyAdapter, EncoderSpec, PreTrainedModel]:
     adapter = get_family(family)
     spec = next(s for s in list_specs() if s.family == family and s.tiny_config is not None)
     assert spec.tiny_config is not None
@@ -34,9 +35,8 @@ def _tiny(family: str) -> tuple[FamilyAdapter, EncoderSpec, torch.nn.Module]:
     return adapter, spec, model
 
 
-def _config(model: torch.nn.Module) -> dict[str, object]:
-    config = getattr(model, "config")  # noqa: B009 (transformers models hold their config)
-    as_dict: dict[str, object] = config.to_dict()
+def _config(model: PreTrainedModel) -> dict[str, object]:
+    as_dict: dict[str, object] = model.config.to_dict()
     return as_dict
 
 
