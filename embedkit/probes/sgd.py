@@ -47,7 +47,8 @@ class SGDLinearProbe(LinearPredictor):
     validation metric (macro AUROC multi-label, accuracy multi-class; ties to the smaller lr) is
     kept; there is no refit. Loss: masked BCE-with-logits averaged over valid entries
     (multi-label), cross-entropy over valid rows (multi-class). ``standardize`` is off by default,
-    as in the reference code.
+    as in the reference code. Fitted: ``lr_`` (grid value), ``lr_scaled_``, ``val_scores_``
+    (``{lr: joint validation metric}``), ``val_metric_``, ``val_per_label_``.
     """
 
     def __init__(
@@ -62,7 +63,7 @@ class SGDLinearProbe(LinearPredictor):
         metric: Literal["auto", "auroc", "accuracy", "log_loss"] = "auto",
         val_fraction: float = 0.1,
         device: str = "cpu",
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str = "float32",
         seed: int = 0,
     ) -> None:
         self.lrs = lrs
@@ -81,6 +82,7 @@ class SGDLinearProbe(LinearPredictor):
         self,
         X: ArrayLike,
         y: ArrayLike,
+        *,
         mask: ArrayLike | None = None,
         groups: ArrayLike | None = None,
     ) -> SGDLinearProbe:
@@ -190,6 +192,7 @@ class SGDLinearProbe(LinearPredictor):
         self.task_ = task
         if classes is not None:
             self.classes_ = classes
+        self.val_metric_ = metric
         self.lr_ = float(self.lrs[best])
         self.lr_scaled_ = float(lrs[best])
         self.val_scores_ = dict(zip([float(v) for v in self.lrs], joint, strict=True))

@@ -71,7 +71,7 @@ def test_mask_equals_fitting_on_the_subset() -> None:
     Y_garbage = Y.copy()
     Y_garbage[~mask] = -1  # masked entries may hold anything
     # No standardisation: its statistics would differ between all rows and the subset.
-    masked = LogisticProbe(C=0.1, standardize=False).fit(X, Y_garbage, mask)
+    masked = LogisticProbe(C=0.1, standardize=False).fit(X, Y_garbage, mask=mask)
     P = masked.predict_proba(X)
     for j in range(3):
         sub = LogisticProbe(C=0.1, standardize=False).fit(X[mask[:, j]], Y[mask[:, j], j : j + 1])
