@@ -132,7 +132,8 @@ class LinearPredictor(ClassifierMixin, BaseEstimator):
         arr = check_features(X)
         if arr.shape[1] != self._W.shape[0] - 1:
             raise ProbeInputError(
-                f"Expected {self._W.shape[0] - 1} features as in fit, got {arr.shape[1]}."
+                f"X has {arr.shape[1]} features, but {type(self).__name__} is expecting "
+                f"{self._W.shape[0] - 1} features as input (as in fit)."
             )
         return self._logits(self._blocks(arr), self._W)
 

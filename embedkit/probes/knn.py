@@ -30,6 +30,7 @@ from embedkit.probes.backends import (
     check_features,
     torch_dtype,
 )
+from embedkit.probes.targets import check_targets
 
 __all__ = ["DINO_KS", "KNNProbe"]
 
@@ -120,9 +121,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
     def fit(self, X: ArrayLike, y: ArrayLike, *, mask: ArrayLike | None = None) -> KNNProbe:
         """Remember the training features (by reference), labels and mask."""
         arr = check_features(X)
-        y_arr = np.asarray(y)
-        if y_arr.shape[0] != arr.shape[0]:
-            raise ProbeInputError(f"Expected {arr.shape[0]} rows of targets, got {y_arr.shape[0]}.")
+        y_arr = check_targets(y, arr.shape[0], "KNNProbe")
         task = (
             self.task
             if self.task != "auto"
@@ -169,7 +168,8 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         arr = check_features(X)
         if arr.shape[1] != self.n_features_in_:
             raise ProbeInputError(
-                f"Expected {self.n_features_in_} features as in fit, got {arr.shape[1]}."
+                f"X has {arr.shape[1]} features, but KNNProbe is expecting "
+                f"{self.n_features_in_} features as input (as in fit)."
             )
         return arr
 

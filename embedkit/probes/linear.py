@@ -43,6 +43,7 @@ from embedkit.probes.precondition import Spectrum
 from embedkit.probes.targets import (
     Targets,
     Task,
+    check_targets,
     holdout_split,
     make_targets,
     output_classes,
@@ -272,6 +273,7 @@ class LogisticProbe(LinearPredictor):
         """Fit at ``C`` if set; otherwise choose C on a held-out ``val_fraction`` of the rows
         (whole ``groups`` per side when given; DINOv2: 10%, seed 0) and refit on all rows."""
         arr = check_features(X)
+        y = check_targets(y, arr.shape[0], "LogisticProbe")
         if self.C is None:
             tr, va = holdout_split(arr.shape[0], self.val_fraction, self.seed, groups)
             y_arr = np.asarray(y)

@@ -27,7 +27,14 @@ from embedkit.probes.backends import (
     torch_dtype,
 )
 from embedkit.probes.fitted import LinearPredictor, best_index, val_scores
-from embedkit.probes.targets import Task, holdout_split, make_targets, output_classes, resolve_task
+from embedkit.probes.targets import (
+    Task,
+    check_targets,
+    holdout_split,
+    make_targets,
+    output_classes,
+    resolve_task,
+)
 
 __all__ = ["DINO_LR_GRID", "SGDLinearProbe"]
 
@@ -88,8 +95,8 @@ class SGDLinearProbe(LinearPredictor):
     ) -> SGDLinearProbe:
         """Hold out ``val_fraction`` of the rows (by ``groups`` if given), then fit_select."""
         arr = check_features(X)
+        y_arr = check_targets(y, arr.shape[0], "SGDLinearProbe")
         tr, va = holdout_split(arr.shape[0], self.val_fraction, self.seed, groups)
-        y_arr = np.asarray(y)
         m_arr = np.ones(y_arr.shape, bool) if mask is None else np.asarray(mask, bool)
         return self._fit(arr, tr, y_arr[tr], m_arr[tr], arr, va, y_arr[va], m_arr[va])
 
@@ -104,6 +111,8 @@ class SGDLinearProbe(LinearPredictor):
     ) -> SGDLinearProbe:
         """Train every head on train, keep the best one on validation."""
         xt, xv = check_features(X_train), check_features(X_val, "X_val")
+        y_train = check_targets(y_train, xt.shape[0], "SGDLinearProbe")
+        y_val = check_targets(y_val, xv.shape[0], "SGDLinearProbe")
         return self._fit(
             xt, np.arange(xt.shape[0]), y_train, mask_train, xv, np.arange(xv.shape[0]), y_val,
             mask_val,
