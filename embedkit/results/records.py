@@ -80,7 +80,7 @@ class ResultRecord:
     """Everything needed to read, compare and reproduce one run."""
 
     record_id: str
-    kind: str  # linear | knn | fewshot | finetune-...
+    kind: str  # a registered probe kind (linear, knn, fewshot, sgd, ...) or finetune-<method>
     dataset: str
     model: str
     resolution: int

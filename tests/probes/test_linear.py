@@ -99,7 +99,7 @@ def test_warm_path_equals_cold_fits_and_selection() -> None:
         per_label_auroc(Yva, None, cold.predict_proba(Xva)), path.scores[3], atol=1e-6
     )
     # Refit on train + val at the chosen C equals a cold fit on the concatenation.
-    full = LogisticProbe(C=probe.C_).fit(np.vstack([Xtr, Xva]), np.vstack([Ytr, Yva]))
+    full = LogisticProbe(C=float(probe.C_)).fit(np.vstack([Xtr, Xva]), np.vstack([Ytr, Yva]))
     assert np.abs(full.predict_proba(X) - probe.predict_proba(X)).max() < P_TOL
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from embedkit.errors import CacheNotFoundError, EmbedkitError
 from embedkit.extract import ExtractionRequest, extract
 from embedkit.manifest import load_manifest
+from embedkit.probes import KindResult, ProbeData
 from embedkit.probes.run import ProbeRequest, run_probe
 from embedkit.results import load_scores
 
@@ -226,3 +229,58 @@ def test_unknown_kind_lists_the_registered_ones() -> None:
         _probe("knm")
     with pytest.raises(ConfigError, match=r"choose one of \['linear', 'knn', 'fewshot', 'sgd'\]"):
         _probe("ridge")
+
+
+class _CentroidKind:
+    """A probe kind written as a newcomer would: cosine to the positive minus the negative class
+    mean per label. One class and one registration; nothing else changes."""
+
+    name = "centroid"
+    curve = None
+
+    def default_pooling(self, stored: Collection[str]) -> str:
+        return "cls"
+
+    def params(self, request: ProbeRequest) -> dict[str, Any]:
+        return {"similarity": "cosine"}
+
+    def fit_score(self, request: ProbeRequest, data: ProbeData) -> KindResult:
+        train, test = data.train, data.test
+
+        def unit(a: np.ndarray) -> np.ndarray:
+            a = a.astype(np.float64)
+            return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+        Xtr, Xte = unit(train.X), unit(test.X)
+        scores = np.zeros((len(Xte), train.y.shape[1]))
+        for j in range(train.y.shape[1]):
+            valid = train.mask[:, j]
+            pos = valid & (train.y[:, j] == 1)
+            neg = valid & (train.y[:, j] == 0)
+            if pos.any() and neg.any():
+                scores[:, j] = Xte @ (unit(Xtr[pos].mean(0)) - unit(Xtr[neg].mean(0)))
+        return KindResult({}, {"n_train": len(Xtr)}, scores=scores)
+
+
+def test_a_new_kind_is_one_class_and_one_registration(
+    extracted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embedkit.errors import ConfigError
+    from embedkit.probes import registry
+    from embedkit.report import build_report
+
+    kind = _CentroidKind()
+    monkeypatch.setitem(registry._KINDS, kind.name, kind)  # register(kind), undone afterwards
+    with pytest.raises(ConfigError, match="already registered"):
+        registry.register(kind)
+    outcome = run_probe(_probe("centroid"), manifest=extracted, results=tmp_path / "results")
+    record = outcome.record
+    assert (record.kind, record.pooling, record.curve) == ("centroid", "cls", None)
+    assert record.params["similarity"] == "cosine" and record.extra["n_train"] == record.n["train"]
+    assert outcome.path.name.startswith("centroid-")
+    scores = load_scores(outcome.path)
+    assert scores.scores.shape == (record.n["test"], len(record.labels))
+    run_probe(_probe("linear"), manifest=extracted, results=tmp_path / "results")
+    built = build_report(tmp_path / "results", tmp_path / "report", n_boot=50)
+    assert {row.method for row in built.summary} == {"centroid", "linear"}
+    assert [c.axis for c in built.comparisons] == ["method"]  # paired on the same test images

@@ -69,9 +69,7 @@ ESTIMATORS = [
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch: non-writable arrays in some checks
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # overflow in exp on extreme check data
-@parametrize_with_checks(  # type: ignore[misc]
-    ESTIMATORS, expected_failed_checks=_expected_failures, xfail_strict=True
-)
+@parametrize_with_checks(ESTIMATORS, expected_failed_checks=_expected_failures, xfail_strict=True)
 def test_sklearn_estimator_checks(estimator: BaseEstimator, check: Callable[..., Any]) -> None:
     """Every check that applies passes (get_params / set_params, clone, fitted attributes,
     n_features_in_, pickling, fit idempotence, subset invariance, ...); the ones listed above
@@ -114,5 +112,5 @@ def test_fit_takes_the_mask_as_a_keyword_only() -> None:
     mask = np.ones_like(Y, bool)
     for estimator in (LogisticProbe(C=1.0), KNNProbe(k=5), SGDLinearProbe(epochs=1)):
         with pytest.raises(TypeError):
-            estimator.fit(X, Y, mask)  # type: ignore[misc]
+            estimator.fit(X, Y, mask)  # type: ignore[call-arg]
         assert estimator.fit(X, Y, mask=mask).predict_proba(X).shape == Y.shape
