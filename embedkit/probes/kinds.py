@@ -51,7 +51,7 @@ def _point(part: SplitFeatures, scores: np.ndarray) -> float:
 
 class LinearKind:
     name = "linear"
-    curve = None
+    curve: str | None = None
 
     def default_pooling(self, stored: Collection[str]) -> str:
         return _stored_default(stored, "+mean")
@@ -82,7 +82,7 @@ class LinearKind:
 
 class KNNKind:
     name = "knn"
-    curve = None
+    curve: str | None = None
 
     def default_pooling(self, stored: Collection[str]) -> str:
         return _stored_default(stored, "")
@@ -109,7 +109,7 @@ class KNNKind:
 
 class SGDKind:
     name = "sgd"
-    curve = None
+    curve: str | None = None
 
     def default_pooling(self, stored: Collection[str]) -> str:
         return _stored_default(stored, "+mean")
@@ -141,7 +141,7 @@ class SGDKind:
 
 class FewShotKind:
     name = "fewshot"
-    curve = "shots"
+    curve: str | None = "shots"
 
     def default_pooling(self, stored: Collection[str]) -> str:
         return _stored_default(stored, "+mean")

@@ -7,15 +7,12 @@ from dataclasses import dataclass
 from embedkit.errors import EmbedkitError
 from embedkit.probes.registry import get_kind
 
-#: A registered probe kind (:data:`embedkit.probes.PROBE_KINDS`, from the kind registry).
-ProbeKind = str
-
 
 @dataclass(frozen=True, slots=True)
 class ProbeRequest:
     """One probe run; every field that changes the result is part of the record id."""
 
-    kind: ProbeKind
+    kind: str  # a registered probe kind: embedkit.probes.PROBE_KINDS
     model: str
     dataset: str
     resolution: int
