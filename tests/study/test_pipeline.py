@@ -15,7 +15,7 @@ from embedkit.results.consistency import MixedResultsError
 from embedkit.study.demodata import demo_dataset_config
 from embedkit.study.pipeline import expand, load_pipeline, run_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "pipelines").glob("*.yaml"))
 
 
