@@ -14,7 +14,10 @@ MethodName = Literal["full", "lora", "bitfit", "linear"]
 @dataclass(frozen=True, slots=True)
 class FinetuneRequest:
     """One finetuning run. Every field except ``device``, ``num_workers`` and ``overwrite``
-    is part of the run id (a changed hyper-parameter is a new run, never a resume)."""
+    is part of the run id (a changed hyper-parameter is a new run, never a resume).
+
+    The field defaults are the only defaults: `embedkit finetune` and a pipeline's finetune
+    steps read them from here (through embedkit.study.options)."""
 
     model: str
     dataset: str

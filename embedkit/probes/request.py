@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from embedkit.errors import EmbedkitError
 
 ProbeKind = Literal["linear", "knn", "fewshot"]
-PROBE_KINDS: tuple[str, ...] = ("linear", "knn", "fewshot")
+PROBE_KINDS: tuple[str, ...] = get_args(ProbeKind)
 
 
 @dataclass(frozen=True, slots=True)
 class ProbeRequest:
-    """One probe run; every field that changes the result is part of the record id."""
+    """One probe run; every field that changes the result is part of the record id.
+
+    The field defaults are the only defaults: `embedkit probe` and a pipeline's probe steps
+    read them from here (through embedkit.study.options).
+    """
 
     kind: ProbeKind
     model: str
