@@ -74,3 +74,5 @@ class ExtractionRequest:
                 raise ValueError(f"Expected a positive integer for {name}, got {value!r} instead")
         if self.num_workers < 0:
             raise ValueError(f"Expected num_workers >= 0, got {self.num_workers} instead")
+        if self.lease_ttl_s is not None and not self.lease_ttl_s > 0:
+            raise ValueError(f"Expected lease_ttl_s > 0 seconds, got {self.lease_ttl_s} instead")
