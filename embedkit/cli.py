@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, get_args
+from typing import Annotated, Any, TypeVar, get_args, overload
 
 import typer
 from rich.console import Console
@@ -108,6 +108,10 @@ def _one_of(literal: Any) -> dict[str, Any]:
     return _choice(get_args(literal))
 
 
+@overload
+def _csv(values: None) -> None: ...
+@overload
+def _csv(values: tuple[object, ...]) -> str: ...
 def _csv(values: tuple[object, ...] | None) -> str | None:
     """A sequence default as the command line writes it (``10,20,100,200``)."""
     return None if values is None else ",".join(map(str, values))

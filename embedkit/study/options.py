@@ -18,7 +18,6 @@ the pipeline steps offer the same options with the same defaults.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -83,7 +82,7 @@ def _field_types(request_type: type[Any]) -> dict[str, Any]:
     every other problem of the file."""
     hints = get_type_hints(request_type)
     if request_type is ProbeRequest:
-        hints["kind"] = Literal.__getitem__(probe_kinds())  # type: ignore[attr-defined]
+        hints["kind"] = Literal.__getitem__(probe_kinds())
     if request_type is FinetuneRequest:
         hints["method"] = str
     return hints
@@ -98,11 +97,20 @@ def field_defaults(request_type: type[Any]) -> dict[str, Any]:
     }
 
 
-@functools.cache
 def step_schema(request_type: type[Any], *, identity: bool = False) -> type[BaseModel]:
     """The pydantic model of a pipeline step building ``request_type``: one field per request
     field (same type and default) except the block's axes :data:`IDENTITY` (with
-    ``identity=True``: every field). Unknown keys are refused."""
+    ``identity=True``: every field). Unknown keys are refused. One model per request type."""
+    key = (request_type, identity)
+    if key not in _SCHEMAS:
+        _SCHEMAS[key] = _derive_schema(request_type, identity)
+    return _SCHEMAS[key]
+
+
+_SCHEMAS: dict[tuple[type[Any], bool], type[BaseModel]] = {}
+
+
+def _derive_schema(request_type: type[Any], identity: bool) -> type[BaseModel]:
     aliases = PIPELINE_ALIASES.get(request_type, {})
     types = _field_types(request_type)
     fields: dict[str, Any] = {}
@@ -117,7 +125,7 @@ def step_schema(request_type: type[Any], *, identity: bool = False) -> type[Base
         # Older pipelines put the method-specific options in a mapping; both forms work.
         fields["options"] = (dict[str, Any], Field(default_factory=dict))
     name = request_type.__name__.removesuffix("Request") + ("Options" if identity else "Step")
-    return create_model(  # type: ignore[call-overload, no-any-return]
+    return create_model(
         name,
         __config__=ConfigDict(extra="forbid", frozen=True),
         __doc__=f"The options of {request_type.__name__} (derived from its fields).",

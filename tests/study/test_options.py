@@ -50,7 +50,8 @@ def _cli_options(command: str) -> dict[str, object]:
             out[p.name] = REQUIRED  # an option the request lacks fails the comparison
             continue
         value = parse_option(request_type, p.name, p.default)
-        out[p.name] = TypeAdapter(schema.model_fields[p.name].annotation).validate_python(value)
+        annotation: Any = schema.model_fields[p.name].annotation
+        out[p.name] = TypeAdapter(annotation).validate_python(value)
     return out
 
 
