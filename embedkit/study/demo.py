@@ -63,6 +63,11 @@ def _manifest_for(out_dir: Path) -> Manifest:
     return load_manifest(path)
 
 
+def _without(step: dict[str, Any], key: str) -> dict[str, Any]:
+    """A finetune step's nested ``options`` without ``key`` (set at the step's top level)."""
+    return {k: v for k, v in (step.get("options") or {}).items() if k != key}
+
+
 def _apply_options(
     data: dict[str, Any],
     *,
@@ -91,7 +96,7 @@ def _apply_options(
         if workers is not None:
             block["extract"] = {**(block.get("extract") or {}), "workers": workers}
             block["finetune"] = [
-                {**step, "options": {**(step.get("options") or {}), "num_workers": workers}}
+                {**step, "num_workers": workers, "options": _without(step, "num_workers")}
                 for step in block.get("finetune") or []
             ]
         blocks.append(block)

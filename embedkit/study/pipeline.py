@@ -208,12 +208,13 @@ def _name_problems(spec: PipelineFile) -> list[str]:
                 continue
             request = _finetune_checked(problems, where, step)
             pooling = None if request is None else request.pooling
+            key = "pooling" if "pooling" in step.model_fields_set else "options.pooling"
             for model, spec_or_none in targets.items():
                 if spec_or_none is not None and pooling is not None:
                     try:
                         head_dim(spec_or_none, pooling)
                     except EmbedkitError as exc:
-                        problems.append(f"{where}.pooling: {model}: {exc}")
+                        problems.append(f"{where}.{key}: {model}: {exc}")
     for i, (_, problem) in enumerate(_pair_choices(spec)):
         if problem is not None:
             problems.append(f"compare[{i}]: {problem}")
