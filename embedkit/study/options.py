@@ -100,7 +100,9 @@ def field_defaults(request_type: type[Any]) -> dict[str, Any]:
 def step_schema(request_type: type[Any], *, identity: bool = False) -> type[BaseModel]:
     """The pydantic model of a pipeline step building ``request_type``: one field per request
     field (same type and default) except the block's axes :data:`IDENTITY` (with
-    ``identity=True``: every field). Unknown keys are refused. One model per request type."""
+    ``identity=True``: every field). A field with a :data:`PIPELINE_ALIASES` key is named by
+    that key in a step and takes both names. Unknown keys are refused. One model per request
+    type."""
     key = (request_type, identity)
     if key not in _SCHEMAS:
         _SCHEMAS[key] = _derive_schema(request_type, identity)
@@ -118,9 +120,10 @@ def _derive_schema(request_type: type[Any], identity: bool) -> type[BaseModel]:
         if f.name in IDENTITY and not identity:
             continue
         default = ... if f.default is dataclasses.MISSING else f.default
-        extra = [key for key, name in aliases.items() if name == f.name]
-        info = Field(default, validation_alias=AliasChoices(*extra, f.name)) if extra else default
-        fields[f.name] = (types[f.name], info)
+        keys = [key for key, name in aliases.items() if name == f.name]
+        info = Field(default, validation_alias=AliasChoices(*keys, f.name)) if keys else default
+        # A step names the field as pipelines already write it; the request schema by its name.
+        fields[f.name if identity or not keys else keys[0]] = (types[f.name], info)
     if request_type is FinetuneRequest and not identity:
         # Older pipelines put the method-specific options in a mapping; both forms work.
         fields["options"] = (dict[str, Any], Field(default_factory=dict))
@@ -178,8 +181,9 @@ def request_from_options(
 
 
 def step_values(step: BaseModel) -> dict[str, Any]:
-    """The options a validated step sets, by request field name (a finetune step's
-    ``options`` mapping merged in); what it leaves out takes the request's default."""
+    """The options a validated step sets, as :func:`request_from_options` takes them (a
+    finetune step's ``options`` mapping merged in); what it leaves out takes the request's
+    default."""
     values = {name: getattr(step, name) for name in step.model_fields_set}
     nested = values.pop("options", None) or {}
     return {**values, **nested}

@@ -20,6 +20,7 @@ from embedkit.finetune.request import FinetuneRequest
 from embedkit.probes.request import ProbeRequest
 from embedkit.study.options import (
     IDENTITY,
+    PIPELINE_ALIASES,
     REQUEST_TYPES,
     parse_option,
     request_from_options,
@@ -55,12 +56,15 @@ def _cli_options(command: str) -> dict[str, object]:
     return out
 
 
-def _step_options(step: type[BaseModel]) -> dict[str, object]:
-    """Options of a pipeline step (name -> default), the block's axes included as required."""
+def _step_options(request_type: type[Any], step: type[BaseModel]) -> dict[str, object]:
+    """Options of a pipeline step (request field name -> default), the block's axes included
+    as required."""
+    aliases = PIPELINE_ALIASES.get(request_type, {})
     out: dict[str, object] = dict.fromkeys(IDENTITY, REQUIRED)
-    for name, info in step.model_fields.items():
-        if name == "options":  # a finetune step's nested mapping of the same fields
+    for key, info in step.model_fields.items():
+        if key == "options":  # a finetune step's nested mapping of the same fields
             continue
+        name = aliases.get(key, key)
         out[name] = REQUIRED if info.default is PydanticUndefined else info.default
     return out
 
@@ -71,7 +75,7 @@ def test_every_cli_option_is_a_pipeline_step_option_with_the_same_default(comman
     step = BLOCK_STEPS[command]
     assert step is step_schema(request_type)
     cli = _cli_options(command)
-    pipeline = _step_options(step)
+    pipeline = _step_options(request_type, step)
     assert set(cli) == set(pipeline), (
         f"only on the command line: {sorted(set(cli) - set(pipeline))}; "
         f"only in a pipeline step: {sorted(set(pipeline) - set(cli))}"
