@@ -185,16 +185,6 @@ def _fmt_ids(ids: Sequence[str], limit: int = 10) -> str:
     return shown + (f", ... and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
-def _lock_for(root: CacheRoot, relpath: str) -> contextlib.AbstractContextManager[Any]:
-    """A local file lock beside the entry (copies into local roots); a no-op elsewhere."""
-    if root.local_path is None:
-        return contextlib.nullcontext()
-    path = root.local_path / f"{relpath}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # One lock object per path in this process: re-entrant here, exclusive across processes.
-    return filelock.FileLock(str(path), is_singleton=True, thread_local=False)
-
-
 def entry_relpaths(root: CacheRoot) -> list[str]:
     """Relative paths of every entry directory under ``root`` (``<dataset>/<model>/<x>.zarr``)."""
     return [p for p in root.glob("*/*/*.zarr") if root.exists(f"{p}/zarr.json")]
@@ -1130,7 +1120,7 @@ def remove_entry(root: CacheRoot, key: CacheKey | str) -> None:
             f"e.g. {root.url(live[0])}); wait for it to finish or stop it before --overwrite. "
             "A stopped job's claims stop counting after twice their ttl."
         )
-    lock = _lock_for(root, relpath)
+    lock = root.lock(relpath)
     if isinstance(lock, filelock.BaseFileLock):
         try:
             lock.acquire(timeout=0)

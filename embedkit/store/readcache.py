@@ -49,7 +49,6 @@ from embedkit.store.entry import (
     LAST_USED_FILE,
     LAST_USED_INTERVAL_S,
     FeatureEntry,
-    _lock_for,
     entry_relpaths,
 )
 from embedkit.store.key import digest_ids
@@ -105,7 +104,7 @@ def _exclusive(root: CacheRoot, relpath: str) -> Iterator[None]:
     key = root.url(relpath)
     with _THREAD_LOCKS_GUARD:
         tlock = _THREAD_LOCKS.setdefault(key, threading.Lock())
-    with tlock, _lock_for(root, relpath):
+    with tlock, root.lock(relpath):
         yield
 
 

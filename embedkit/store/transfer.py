@@ -22,7 +22,6 @@ from embedkit.store.entry import (
     LAST_USED_FILE,
     FeatureEntry,
     _checksum,
-    _lock_for,
     remove_entry,
 )
 from embedkit.store.lease import LEASES_DIR
@@ -126,7 +125,7 @@ def copy_entry(
             "Pass --overwrite to replace it with the copy."
         )
 
-    with _lock_for(dst_root, relpath):  # local destinations: one copy at a time (not leases)
+    with dst_root.lock(relpath):  # local destinations: one copy at a time (not leases)
         objects = {
             p: st
             for p, st in src_root.files(relpath).items()

@@ -216,7 +216,7 @@ def test_verify_finds_corruption(root: CacheRoot, kit) -> None:  # type: ignore[
     if root.local_path is not None:
         os.remove(root.local_path / entry.relpath / "units" / "000004.json")
     else:
-        root._fs.rm(root._fsabs(f"{entry.relpath}/units/000004.json"))
+        root.backend.fs.rm(root.backend.abspath(f"{entry.relpath}/units/000004.json"))
     problems = entry.verify()
     assert any("unit 2 (rows 10-15): checksum mismatch in features/cls" in p for p in problems)
     assert any("unit 4 (rows 20-23): no completion record" in p for p in problems)

@@ -17,7 +17,7 @@ def test_size_of_a_tree_whose_files_come_and_go(
     root.write_bytes_atomic("e/units/000000.json", b"12345")
     root.write_bytes_atomic("e/leases/.probe-x", b"1")
     if not root.is_local:
-        real_info = root._fs._info if hasattr(root._fs, "_info") else None
+        real_info = root.backend.fs._info if hasattr(root.backend.fs, "_info") else None
 
         async def vanished(path: str, *a: object, **kw: object) -> object:
             if ".probe-" in path:
@@ -25,8 +25,8 @@ def test_size_of_a_tree_whose_files_come_and_go(
             assert real_info is not None
             return await real_info(path, *a, **kw)
 
-        if real_info is not None and root._fs.async_impl:
-            monkeypatch.setattr(root._fs, "_info", vanished)
+        if real_info is not None and root.backend.fs.async_impl:
+            monkeypatch.setattr(root.backend.fs, "_info", vanished)
     assert root.size_bytes("e") == 6
     assert root.size_bytes("missing") == 0
 
