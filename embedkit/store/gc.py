@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import filelock
 
-from embedkit.store.entry import LAST_USED_FILE
+from embedkit.store.layout import LAST_USED_FILE
 from embedkit.store.lease import live_claims
 from embedkit.store.root import CacheRoot
 

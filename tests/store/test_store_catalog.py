@@ -86,14 +86,14 @@ def test_an_entry_removed_while_listing_is_left_out(
 
     kept = build(root, kit, model="dinov3/vitb16", units=None)
     gone = build(root, kit, model="dinov2/vitl14", units=None)
-    real = catalog._read_attrs
+    real = catalog.read_attrs
 
     def removed_meanwhile(r: CacheRoot, relpath: str) -> dict[str, object]:
         if relpath == gone.relpath:  # `gc` or `--overwrite` deleted it after it was listed
             raise FileNotFoundError(f"{relpath}/zarr.json")
         return real(r, relpath)
 
-    monkeypatch.setattr(catalog, "_read_attrs", removed_meanwhile)
+    monkeypatch.setattr(catalog, "read_attrs", removed_meanwhile)
     assert [s.relpath for s in list_entries(root, use_index=False)] == [kept.relpath]
 
 

@@ -228,7 +228,7 @@ def test_verify_finds_corrupt_chunk_file_local(tmp_path: Path, kit) -> None:  # 
     entry = new_entry(root, kit)
     write_all(entry, kit.make_features(N, DIMS), list(range(entry.n_units)))
     entry.finalize()
-    layout = entry._layout("features/mean")
+    layout = entry.layout.chunk_layout("features/mean")
     assert layout is not None
     chunk, other = layout.chunk_path(1), layout.chunk_path(3)
     assert chunk.is_file() and chunk.name == "c.1.0"

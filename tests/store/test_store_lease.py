@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import embedkit.store.writer as writer_mod
 from embedkit.errors import ConfigError, EntryExistsError
 from embedkit.store import CacheRoot, FeatureEntry
 from embedkit.store.lease import TTL_ENV, Leases, Owner, live_claims, resolve_ttl
@@ -144,14 +145,14 @@ def test_layout_is_created_by_one_job(
     root: CacheRoot, kit: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     created: list[int] = []
-    real = FeatureEntry._create
+    real = writer_mod.create_layout
 
     def counting(*args: Any) -> dict[str, Any]:
         created.append(1)
         time.sleep(0.2)  # widen the window in which the others arrive
         return real(*args)
 
-    monkeypatch.setattr(FeatureEntry, "_create", staticmethod(counting))
+    monkeypatch.setattr(writer_mod, "create_layout", counting)
     entries = race(4, lambda i: new_entry(root, kit, lease_ttl_s=30))
     assert all(isinstance(e, FeatureEntry) for e in entries), entries
     assert len(created) == 1
