@@ -1,4 +1,18 @@
-"""Content-addressed, resumable feature store (Zarr v3) on local paths or fsspec URLs."""
+"""Content-addressed, resumable feature store (Zarr v3) on local paths or fsspec URLs.
+
+Where things live:
+
+* ``backend.py``: the storage primitives (:class:`Backend`: exclusive create, atomic write,
+  ranged read, list, delete, sync), ``LocalBackend`` and ``FsspecBackend``, registered by URL
+  scheme (a new kind of storage: one module with its class, one :func:`register_backend`);
+* ``root.py``: :class:`CacheRoot`, a backend plus read-only handling and error messages;
+* ``key.py``: :class:`CacheKey`, the identity of an entry;
+* ``layout.py`` (files of an entry, ``DERIVED_POOLINGS``), ``writer.py``, ``reader.py``,
+  ``verify.py``, with :class:`FeatureEntry` (``entry.py``) as their facade; ``chunkio.py`` and
+  ``checks.py`` are the fast local chunk I/O and the NaN/Inf and checksum scans;
+* ``lease.py`` (claims of concurrent writers), ``catalog.py`` and ``index.py`` (listing),
+  ``gc.py``, ``transfer.py`` (push/pull), ``readcache.py`` (local copies of remote entries).
+"""
 
 from embedkit.store.backend import BACKENDS, Backend, register_backend
 from embedkit.store.catalog import (

@@ -177,7 +177,7 @@ class EntryLayout:
         }
         self.writable = writable
         self._store = root.zarr_store(relpath, read_only=not writable)
-        self._arrays: dict[str, zarr.Array] = {}
+        self._arrays: dict[str, zarr.Array[Any]] = {}
         self._chunk_layouts: dict[str, ChunkLayout | None] = {}
         #: The image ids, read once (a writer sets them from its arguments).
         self.cached_ids: tuple[str, ...] | None = None
@@ -193,7 +193,7 @@ class EntryLayout:
             self.cached_ids = tuple(str(x) for x in np.asarray(self.array("ids")[:]).tolist())
         return self.cached_ids
 
-    def array(self, name: str) -> zarr.Array:
+    def array(self, name: str) -> zarr.Array[Any]:
         """The zarr array ``name`` (``features/<pooling>``, ``ids``, ``valid``), opened once."""
         arr = self._arrays.get(name)
         if arr is None:
@@ -201,7 +201,7 @@ class EntryLayout:
             self._arrays[name] = arr
         return arr
 
-    def feature(self, pooling: str) -> zarr.Array:
+    def feature(self, pooling: str) -> zarr.Array[Any]:
         return self.array(f"features/{pooling}")
 
     def chunk_layout(self, name: str) -> ChunkLayout | None:

@@ -90,7 +90,7 @@ class EntryReader:
             raise IndexError(f"Row index out of range for {n_images} rows.")
         return np.where(idx < 0, idx + n_images, idx)
 
-    def read_into(self, arr: zarr.Array, sel: Selection, out: np.ndarray) -> None:
+    def read_into(self, arr: zarr.Array[Any], sel: Selection, out: np.ndarray) -> None:
         """Fill ``out`` with rows ``sel`` of ``arr``; a chunk that fails to decode raises
         :class:`IntegrityError` naming the repair."""
         try:
@@ -101,7 +101,7 @@ class EntryReader:
                 "Run `embedkit cache verify` to see which units, then re-extract with --overwrite."
             ) from exc
 
-    def _read_chunks_into(self, arr: zarr.Array, sel: Selection, out: np.ndarray) -> None:
+    def _read_chunks_into(self, arr: zarr.Array[Any], sel: Selection, out: np.ndarray) -> None:
         layout = self.layout.chunk_layout(arr.path) if isinstance(sel, slice) else None
         if layout is not None and isinstance(sel, slice):
             layout.read_rows(sel.start, sel.stop, out)

@@ -8,6 +8,7 @@ local read caches).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import zarr
@@ -50,7 +51,7 @@ def verify_entry(reader: EntryReader) -> list[str]:
     """Re-read everything and return the problems found; ``[]`` means healthy."""
     lay = reader.layout
     problems: list[str] = []
-    arrays: dict[str, zarr.Array] = {}
+    arrays: dict[str, zarr.Array[Any]] = {}
     for name, spec in lay.attrs["poolings"].items():
         try:
             arr = lay.feature(name)
