@@ -36,7 +36,6 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _new(root: CacheRoot, kit: Any, compression: str | None = None) -> FeatureEntry:
     ids = kit.make_ids(N)
-    extra = {} if compression is None else {"compression": compression}
     return FeatureEntry.create_or_open(
         root,
         kit.make_key(ids, poolings=tuple(DIMS)),
@@ -44,7 +43,7 @@ def _new(root: CacheRoot, kit: Any, compression: str | None = None) -> FeatureEn
         shapes=DIMS,
         unit_rows=UNIT,
         provenance={},
-        **extra,
+        compression="none" if compression is None else compression,
     )
 
 
@@ -356,7 +355,12 @@ def test_scratch_mode_syncs_nothing(
     calls: list[str] = []
     for name in ("fsync", "fdatasync"):
         real = getattr(os, name)
-        monkeypatch.setattr(os, name, lambda fd, n=name, f=real: (calls.append(n), f(fd))[1])
+
+        def counted(fd: int, n: str = name, f: Any = real) -> Any:
+            calls.append(n)
+            return f(fd)
+
+        monkeypatch.setattr(os, name, counted)
     monkeypatch.setattr(writer_mod, "FSYNC", fsync)
     entry = _new(CacheRoot.from_uri(tmp_path / "c"), kit, "zstd")
     calls.clear()
