@@ -52,6 +52,7 @@ from embedkit.models import (
     validate_resolution,
 )
 from embedkit.models.device import resolve_device, resolve_dtype
+from embedkit.models.families import get_family
 from embedkit.models.throughput import ModelShape, ThroughputReport, shape_from_config
 from embedkit.store import (
     CacheKey,
@@ -486,7 +487,7 @@ def _load(
             dtype=plan.compute_dtype,
             device_map=request.device_map,
         )
-        if plan.spec.patch_size is None and plan.device.type == "cuda":
+        if get_family(plan.spec.family).channels_last and plan.device.type == "cuda":
             cast(Any, encoder.model).to(memory_format=torch.channels_last)
     if request.compile:
         encoder.model = torch.compile(encoder.model, dynamic=False)  # type: ignore[assignment]

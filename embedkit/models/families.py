@@ -92,6 +92,8 @@ class FamilyAdapter:
     #: Module holding the patch / position embeddings (layer id 0 of layer-wise lr decay); None
     #: when the family has no layer-wise lr decay (its blocks are not one depth-ordered stack).
     embeddings_at: str | None = None
+    #: Convolutional families run faster in the channels-last memory format on a GPU.
+    channels_last: bool = False
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # for __init__/from_pretrained
     forward_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -374,6 +376,7 @@ for _adapter in (
         shape=_convnext_shape,
         lora_targets=("pointwise_conv1", "pointwise_conv2"),
         blocks_at="model.stages.*.layers",
+        channels_last=True,
     ),
     FamilyAdapter(
         name="dinov2",
@@ -412,6 +415,7 @@ for _adapter in (
         shape=_convnext_shape,
         lora_targets=("pwconv1", "pwconv2"),
         blocks_at="encoder.stages.*.layers",
+        channels_last=True,
     ),
     FamilyAdapter(
         name="vit",
