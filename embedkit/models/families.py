@@ -241,7 +241,7 @@ def _int_size(value: object) -> int:
     raise ModelLoadError(f"non-square patch size {value!r} is not supported")
 
 
-def _vit_facts(config: PretrainedConfig) -> ConfigFacts:
+def vit_facts(config: PretrainedConfig) -> ConfigFacts:
     patch = _int_size(config.patch_size)
     return ConfigFacts(
         embed_dim=int(config.hidden_size),
@@ -251,7 +251,7 @@ def _vit_facts(config: PretrainedConfig) -> ConfigFacts:
     )
 
 
-def _convnext_facts(config: PretrainedConfig) -> ConfigFacts:
+def convnext_facts(config: PretrainedConfig) -> ConfigFacts:
     return ConfigFacts(
         embed_dim=int(config.hidden_sizes[-1]),
         patch_size=None,
@@ -272,7 +272,7 @@ def _config_int(config: Mapping[str, object], key: str, default: int) -> int:
     return int(value) if isinstance(value, int | float) else default
 
 
-def _vit_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
+def vit_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
     if spec.patch_size is None:
         raise ModelLoadError(f"{spec.name}: a ViT spec needs a patch_size")
     if config is None:  # the family follows the standard S/B/L/H/g layouts
@@ -290,7 +290,7 @@ def _vit_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelS
     )
 
 
-def _convnext_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
+def convnext_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
     """Stages of blocks after a 4x4 stem; ``embed_dim`` is the first stage's width."""
     depths = config.get("depths") if config is not None else None
     sizes = config.get("hidden_sizes") if config is not None else None
@@ -317,7 +317,7 @@ def _as_grid(flat: torch.Tensor, grid: tuple[int, int], spec: EncoderSpec) -> to
     return flat.reshape(batch, grid[0], grid[1], dim)
 
 
-def _vit_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
+def vit_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
     hidden: torch.Tensor = outputs.last_hidden_state
     patches = hidden[:, 1 + spec.num_register_tokens :]
     return Tokens(
@@ -325,7 +325,7 @@ def _vit_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) ->
     )
 
 
-def _dinov3_convnext_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
+def dinov3_convnext_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
     hidden: torch.Tensor = outputs.last_hidden_state
     return Tokens(
         cls=None,
@@ -334,7 +334,7 @@ def _dinov3_convnext_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[i
     )
 
 
-def _convnext_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
+def convnext_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
     feature_map: torch.Tensor = outputs.last_hidden_state  # (B, C, h, w)
     patches = feature_map.permute(0, 2, 3, 1)
     flat = patches.reshape(patches.shape[0], -1, patches.shape[-1])
@@ -358,9 +358,9 @@ for _adapter in (
         config_class_name="DINOv3ViTConfig",
         model_types=("dinov3_vit",),
         stored_poolings=VIT_POOLINGS,
-        tokens=_vit_tokens,
-        facts=_vit_facts,
-        shape=_vit_shape,
+        tokens=vit_tokens,
+        facts=vit_facts,
+        shape=vit_shape,
         lora_targets=VIT_LORA_TARGETS,
         blocks_at="model.layer",
         embeddings_at="embeddings",
@@ -371,9 +371,9 @@ for _adapter in (
         config_class_name="DINOv3ConvNextConfig",
         model_types=("dinov3_convnext",),
         stored_poolings=CONVNEXT_POOLINGS,
-        tokens=_dinov3_convnext_tokens,
-        facts=_convnext_facts,
-        shape=_convnext_shape,
+        tokens=dinov3_convnext_tokens,
+        facts=convnext_facts,
+        shape=convnext_shape,
         lora_targets=("pointwise_conv1", "pointwise_conv2"),
         blocks_at="model.stages.*.layers",
         channels_last=True,
@@ -384,9 +384,9 @@ for _adapter in (
         config_class_name="Dinov2Config",
         model_types=("dinov2",),
         stored_poolings=VIT_POOLINGS,
-        tokens=_vit_tokens,
-        facts=_vit_facts,
-        shape=_vit_shape,
+        tokens=vit_tokens,
+        facts=vit_facts,
+        shape=vit_shape,
         lora_targets=VIT_LORA_TARGETS,
         blocks_at="encoder.layer",
         embeddings_at="embeddings",
@@ -397,9 +397,9 @@ for _adapter in (
         config_class_name="Dinov2WithRegistersConfig",
         model_types=("dinov2_with_registers",),
         stored_poolings=VIT_POOLINGS,
-        tokens=_vit_tokens,
-        facts=_vit_facts,
-        shape=_vit_shape,
+        tokens=vit_tokens,
+        facts=vit_facts,
+        shape=vit_shape,
         lora_targets=VIT_LORA_TARGETS,
         blocks_at="encoder.layer",
         embeddings_at="embeddings",
@@ -410,9 +410,9 @@ for _adapter in (
         config_class_name="ConvNextConfig",
         model_types=("convnext",),
         stored_poolings=CONVNEXT_POOLINGS,
-        tokens=_convnext_tokens,
-        facts=_convnext_facts,
-        shape=_convnext_shape,
+        tokens=convnext_tokens,
+        facts=convnext_facts,
+        shape=convnext_shape,
         lora_targets=("pwconv1", "pwconv2"),
         blocks_at="encoder.stages.*.layers",
         channels_last=True,
@@ -423,9 +423,9 @@ for _adapter in (
         config_class_name="ViTConfig",
         model_types=("vit",),
         stored_poolings=VIT_POOLINGS,
-        tokens=_vit_tokens,
-        facts=_vit_facts,
-        shape=_vit_shape,
+        tokens=vit_tokens,
+        facts=vit_facts,
+        shape=vit_shape,
         lora_targets=VIT_LORA_TARGETS,
         blocks_at="layers",
         embeddings_at="embeddings",
