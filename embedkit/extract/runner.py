@@ -197,7 +197,9 @@ class _UnitWriter:
     def __init__(self, entry: FeatureEntry, leases: Leases | None = None) -> None:
         self._entry = entry
         self._leases = leases
-        self._queue: queue.Queue[tuple[int, dict[str, np.ndarray], np.ndarray, list] | None]
+        self._queue: queue.Queue[
+            tuple[int, dict[str, np.ndarray], np.ndarray, list[tuple[str, str]]] | None
+        ]
         self._queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self.units: list[int] = []
@@ -237,7 +239,11 @@ class _UnitWriter:
             self._error = exc
 
     def _begin(
-        self, u: int, arrays: dict[str, np.ndarray], valid: np.ndarray, skipped: list
+        self,
+        u: int,
+        arrays: dict[str, np.ndarray],
+        valid: np.ndarray,
+        skipped: list[tuple[str, str]],
     ) -> PendingUnit | None:
         try:
             return self._entry.begin_unit(u, arrays, valid=valid, skipped=skipped)
@@ -258,7 +264,11 @@ class _UnitWriter:
             self._leases.release_unit(u)
 
     def submit(
-        self, u: int, arrays: dict[str, np.ndarray], valid: np.ndarray, skipped: list
+        self,
+        u: int,
+        arrays: dict[str, np.ndarray],
+        valid: np.ndarray,
+        skipped: list[tuple[str, str]],
     ) -> None:
         self.raise_if_failed()
         self._queue.put((u, arrays, valid, skipped))
