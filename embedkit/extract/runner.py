@@ -183,6 +183,11 @@ class _LazyBatches:
         return self._batches
 
 
+#: Images left out of a unit: (image id, why).
+Skipped = list[tuple[str, str]]
+_QueuedUnit = tuple[int, dict[str, np.ndarray], np.ndarray, Skipped]
+
+
 class _UnitWriter:
     """Writes finished units on a background thread, so writes overlap the forward pass.
 
