@@ -10,7 +10,7 @@ import pytest
 import embedkit
 
 PACKAGE = Path(embedkit.__file__).parent
-GROUND = {"errors", "atomic", "progress", "versions", "distributed"}
+GROUND = {"errors", "atomic", "progress", "versions", "distributed", "lazy"}
 
 
 def _imported(folder: str) -> dict[str, set[str]]:
