@@ -71,3 +71,23 @@ def test_every_command_help_works_without_heavy_packages() -> None:
     failed = {path: detail for path, (code, detail) in codes.items() if code != 0}
     assert not failed, f"--help failed for: {failed}"
     assert report["heavy"] == [], f"--help imported {report['heavy']}"
+
+
+def test_the_registries_and_option_sets_load_without_heavy_packages() -> None:
+    code = (
+        "import sys\n"
+        "from embedkit.data.policies import OnBadImage, ResizeMode\n"
+        "from embedkit.models.policies import ComputeDtype, DeviceMap, ShardMode\n"
+        "from embedkit.extract.request import ExtractionRequest\n"
+        "from embedkit.finetune.methods import METHOD_NAMES\n"
+        "from embedkit.probes.registry import registered_kinds\n"
+        "from embedkit.models import get_spec\n"
+        "print(','.join(METHOD_NAMES), ','.join(registered_kinds()),\n"
+        "      get_spec('dinov2/base').name)\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
+    proc = _python("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    names, heavy = proc.stdout.splitlines()
+    assert names == "full,lora,bitfit,linear linear,knn,fewshot,sgd dinov2/base"
+    assert heavy == "[]"
