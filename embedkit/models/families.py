@@ -31,12 +31,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from embedkit.errors import ConfigError, ModelLoadError, UnknownModelError
 from embedkit.models.shape import ModelShape
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PretrainedConfig, PreTrainedModel
 
     from embedkit.models.registry import EncoderSpec
@@ -127,6 +126,8 @@ class FamilyAdapter:
 
     def count_params(self, config: PretrainedConfig) -> int:
         """Parameter count of the architecture, built on the meta device (no memory, no I/O)."""
+        import torch
+
         with torch.device("meta"):
             model = self.model_class(config, **self.model_kwargs)
         return sum(p.numel() for p in model.parameters())
