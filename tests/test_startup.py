@@ -91,3 +91,17 @@ def test_the_registries_and_option_sets_load_without_heavy_packages() -> None:
     names, heavy = proc.stdout.splitlines()
     assert names == "full,lora,bitfit,linear linear,knn,fewshot,sgd dinov2/base"
     assert heavy == "[]"
+
+
+def test_listing_the_models_loads_no_heavy_package() -> None:
+    """`embedkit models` reads the registry: facts, no weights, no torch."""
+    program = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom embedkit.cli import app\n"
+        "result = CliRunner().invoke(app, ['models'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "assert 'dinov3/vit7b16' in result.output, result.output\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
+    proc = _python("-c", program)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("[]"), f"`embedkit models` imported {proc.stdout}"

@@ -17,13 +17,15 @@ derived pooling when it stores all of its components.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from embedkit.errors import UnknownPoolingError
 from embedkit.models.families import Tokens, get_family
 from embedkit.models.registry import EncoderSpec, validate_resolution
 from embedkit.store import DERIVED_POOLINGS
+
+if TYPE_CHECKING:  # torch is imported where tensors are built, so listing models stays light
+    import torch
 
 __all__ = [
     "DERIVED_POOLINGS",
@@ -117,6 +119,8 @@ def derive(name: str, stored: Mapping[str, torch.Tensor]) -> torch.Tensor:
         )
     if len(parts) == 1:
         return stored[parts[0]]
+    import torch
+
     return torch.cat([stored[p] for p in parts], dim=1)
 
 
