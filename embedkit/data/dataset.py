@@ -144,9 +144,8 @@ def read_all(
     :class:`~embedkit.errors.BadImagesError` listing every bad image, not only the first.
     """
     if on_bad_image not in get_args(OnBadImage):
-        raise ValueError(
-            f"Expected on_bad_image one of {get_args(OnBadImage)}, got {on_bad_image!r} instead"
-        )
+        choices = " or ".join(repr(c) for c in get_args(OnBadImage))
+        raise ValueError(f"Expected on_bad_image {choices}, got {on_bad_image!r} instead")
     dataset = ImageDataset(ids, paths, preprocessing)
     loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers)
     kept: list[torch.Tensor] = []
