@@ -9,11 +9,12 @@ Two questions, answered on synthetic test sets whose true AUROCs are known:
    both classes, so the point estimate always measures the macro over all labels, whose true
    value is ``mean_j Φ(d_j / √2)`` for scores ``d_j y + N(0, 1)``.
 2. **Null rejection rate** at α = 0.05 of the paired comparison of two equally good models
-   (same ``d_j``, noise correlated ρ = 0.5 between the models): the paired bootstrap p-value
-   embedkit reports (percentile form), the centred ("shift") bootstrap p-value, and DeLong's test
-   on one label for reference.
+   (same ``d_j``, noise correlated ρ = 0.5 between the models): the paired permutation test that
+   embedkit's report uses, the paired bootstrap p-value (percentile form, as
+   ``paired_bootstrap_test`` returns it), the centred ("shift") bootstrap p-value, and DeLong's
+   test on the first (common) label for reference.
 
-Run: ``python benchmarks/sim_statistics.py --sims 1000`` (about 2 minutes on 2 cores). The
+Run: ``python benchmarks/sim_statistics.py --sims 1000`` (a few minutes on 2 cores). The
 figures in docs/statistics.md come from it; the seed makes a run repeatable.
 """
 
@@ -29,6 +30,7 @@ from numpy.typing import NDArray
 
 from embedkit.eval import bootstrap as B
 from embedkit.eval import delong_test
+from embedkit.eval.permutation import paired_permutation_test
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,11 @@ def _scores(
 def simulate(design: Design, sims: int, n_boot: int, seed: int) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     covered = {"fixed label set": 0, "plain resamples": 0}
-    rejected = {"paired bootstrap (percentile p)": 0, "paired bootstrap (centred p)": 0}
+    rejected = {
+        "paired permutation (report)": 0,
+        "paired bootstrap (percentile p)": 0,
+        "paired bootstrap (centred p)": 0,
+    }
     delong_rejected = 0
     for sim in range(sims):
         y = _test_set(rng, design)
@@ -73,6 +79,8 @@ def simulate(design: Design, sims: int, n_boot: int, seed: int) -> dict[str, flo
         for name, idx in (("fixed label set", fixed), ("plain resamples", plain)):
             ci = B.bootstrap_ci(y, None, sa, "macro_auroc", idx)
             covered[name] += ci.low <= truth <= ci.high
+        perm = paired_permutation_test(y, None, sa, sb, n_perm=n_boot, seed=sim)
+        rejected["paired permutation (report)"] += perm.p_value < 0.05
         test = B.paired_bootstrap_test(y, None, sa, sb, fixed)
         rejected["paired bootstrap (percentile p)"] += test.p_value < 0.05
         diffs = B._replicates(y, None, sa, "macro_auroc", fixed) - B._replicates(
