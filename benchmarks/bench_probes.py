@@ -170,7 +170,7 @@ def bench_knn(args: argparse.Namespace) -> None:
     faiss.omp_set_num_threads(args.threads)
     X, y, mask = make_features(args.n + args.queries, args.d, args.labels)
     Xtr, Xq = X[: args.n], X[args.n :]
-    knn = KNNProbe(k=20).fit(Xtr, y[: args.n], mask[: args.n])
+    knn = KNNProbe(k=20).fit(Xtr, y[: args.n], mask=mask[: args.n])
     t0 = time.perf_counter()
     _, idx = knn.kneighbors(Xq, 20)
     t_e = time.perf_counter() - t0
@@ -286,7 +286,7 @@ def memory_child(args: argparse.Namespace) -> None:
         return
     _reset_hwm()  # data generation / loading is not part of the fit's figure
     t0 = time.perf_counter()
-    probe = LogisticProbe(C=args.mem_c, max_iter=args.mem_iter).fit(X, y, mask)
+    probe = LogisticProbe(C=args.mem_c, max_iter=args.mem_iter).fit(X, y, mask=mask)
     out.update(
         shape=list(X.shape),
         nbytes=X.nbytes,

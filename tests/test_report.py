@@ -257,3 +257,62 @@ def test_report_renders_in_headless_chromium_with_its_plots_visible(tmp_path: Pa
         assert dark > 0.002 and coloured > 0.002, (left, top, dark, coloured)
     above = pixels[: min(top for *_, top, _w, _h in boxes)]  # headings and tables only
     assert ((above.max(axis=2) - above.min(axis=2)) > 60).mean() < 0.0005
+
+
+def _fewshot_record(model: str, shots: tuple[int, ...]) -> ResultRecord:
+    summary = {
+        f"{n}-shot": {
+            "macro_auroc": {"mean": 0.5 + 0.02 * n, "std": 0.01, "ci_low": 0.48 + 0.02 * n,
+                            "ci_high": 0.52 + 0.02 * n, "n": 5},
+            "macro_ap": {"mean": 0.4, "std": 0.02, "ci_low": 0.38, "ci_high": 0.42, "n": 5},
+        }
+        for n in shots
+    }  # fmt: skip
+    return ResultRecord(
+        record_id=f"fs{model[-1]}".ljust(16, "0"), kind="fewshot", dataset="toy", model=model,
+        resolution=224, pooling="cls+mean", task="multilabel", labels=list(LABELS), entry={},
+        params={}, selected={}, seed=0, metrics=summary, per_label=[],
+        n={"train": 10, "val": 5, "test": 120}, versions={}, elapsed_s=0.1,
+        created_at="2026-01-01T00:00:00+00:00", curve="shots",
+    )  # fmt: skip
+
+
+def test_report_reads_a_declared_curve_and_renders_finetune_records(tmp_path: Path) -> None:
+    """Few-shot records are read through what they declare (``curve``), including records
+    written before the field existed; a finetune record renders like a probe's."""
+    from rich.console import Console
+
+    from embedkit.probes.run import comparison_table, render_record
+    from embedkit.results import load_record
+
+    results = ResultsDir(tmp_path / "results")
+    _write(results, "m/a", 224, "linear", noise=1.2)
+    _write(results, "m/a", 224, "finetune-lora", noise=0.3)
+    results.write(_fewshot_record("m/a", (1, 4, 16)), None)
+    legacy = _fewshot_record("m/b", (2, 8))
+    path = results.write(legacy, None)
+    doc = json.loads(path.read_text())
+    del doc["curve"]  # a record written before records declared their curve
+    path.write_text(json.dumps(doc))
+    assert load_record(path).curve == "shots"
+
+    built = build_report(tmp_path / "results", tmp_path / "report", n_boot=100)
+    rows = {(s.model, s.method): s for s in built.summary}
+    fs = rows[("m/a", "fewshot")]
+    assert fs.metric == "16-shot macro_auroc" and fs.curve == "shots"
+    assert (fs.point, fs.low, fs.high) == pytest.approx((0.82, 0.8, 0.84))
+    assert rows[("m/b", "fewshot")].metric == "8-shot macro_auroc"
+    assert rows[("m/a", "finetune-lora")].curve is None
+    [pair] = built.comparisons  # linear vs finetune-lora; curves have no per-image scores
+    assert pair.axis == "method" and {pair.a, pair.b} == {
+        "m/a · 224px · linear", "m/a · 224px · finetune-lora",
+    }  # fmt: skip
+    assert (tmp_path / "report" / "fewshot_toy.png").is_file()
+    records = ResultsDir(tmp_path / "results").records()
+    console = Console(width=200, record=True)
+    for record in records:
+        console.print(render_record(record))
+    console.print(comparison_table(records))
+    text = console.export_text()
+    assert "0.820 ± 0.010" in text  # the 16-shot row of the curve table
+    assert "finetune-lora · toy" in text and "16-shot macro_auroc 0.820 [0.800, 0.840]" in text

@@ -52,7 +52,7 @@ from embedkit.models import (
     validate_resolution,
 )
 from embedkit.models.device import resolve_device, resolve_dtype
-from embedkit.models.throughput import ModelShape, ThroughputReport
+from embedkit.models.throughput import ModelShape, ThroughputReport, shape_from_config
 from embedkit.store import (
     CacheKey,
     CacheRoot,
@@ -496,7 +496,7 @@ def _load(
 def _shape(plan: ExtractionPlan, identity: EncoderIdentity) -> ModelShape:
     from embedkit.models.registry import read_config_json
 
-    return ModelShape.from_config(plan.spec, read_config_json(identity.directory))
+    return shape_from_config(plan.spec, read_config_json(identity.directory))
 
 
 def _auto_batch(

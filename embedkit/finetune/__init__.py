@@ -7,7 +7,7 @@ evaluates on the test split and writes a result record in the probes' format
 
 from embedkit.finetune.checkpoint import CheckpointError
 from embedkit.finetune.methods import (
-    LORA_TARGETS,
+    METHOD_NAMES,
     METHODS,
     LoraSettings,
     Method,
@@ -27,8 +27,8 @@ from embedkit.finetune.train import (
 
 __all__ = [
     "DEFAULT_RESULTS",
-    "LORA_TARGETS",
     "METHODS",
+    "METHOD_NAMES",
     "CheckpointError",
     "Classifier",
     "EpochLog",

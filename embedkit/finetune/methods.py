@@ -1,29 +1,36 @@
 """Finetuning methods: which parameters of a :class:`Classifier` train.
 
-A registry maps a method name to a :class:`Method`; ``prepare`` freezes the whole network, then
-unfreezes (or adds) what the method trains. The head always trains.
+A registry maps a method name to a :class:`Method`: ``prepare`` freezes the whole network, then
+unfreezes (or adds) what the method trains (the head always trains); ``record_params`` names the
+method's own settings for the result record (they are part of the run id); ``packages`` lists
+the packages whose versions the record notes. The train loop asks the method, never its name.
 
 - ``full``: every parameter (DINOv2 radiology study: backbone lr 1e-5);
-- ``lora``: low-rank adapters (``peft``) on the family's target modules; defaults from the later
-  CXR study: r 16, alpha 16, dropout 0.05 on the q/v projections;
+- ``lora``: low-rank adapters (``peft``) on the family's target modules
+  (:attr:`~embedkit.models.families.FamilyAdapter.lora_targets`); defaults from the later CXR
+  study: r 16, alpha 16, dropout 0.05 on the q/v projections;
 - ``bitfit``: the biases of the encoder;
 - ``linear``: nothing in the encoder (a linear probe trained end to end with augmentation).
+
+Adding a method: write its ``prepare`` (and ``record_params`` if it has settings) and add one
+:func:`register_method` call below; :data:`METHOD_NAMES` is what the CLI and pipelines offer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import MappingProxyType
+from typing import Any
 
 from torch import nn
 
 from embedkit.errors import ConfigError, did_you_mean
 from embedkit.finetune.model import Classifier
+from embedkit.models import EncoderSpec, get_family
 
 __all__ = [
-    "LORA_TARGETS",
     "METHODS",
+    "METHOD_NAMES",
     "LoraSettings",
     "Method",
     "count_parameters",
@@ -32,23 +39,11 @@ __all__ = [
     "register_method",
 ]
 
-#: LoRA target modules per encoder family (transformers 5 module names). ViT families: the query
-#: and value projections; ConvNeXt families: the two pointwise (linear) layers of each block.
-LORA_TARGETS: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {
-        "dinov3-vit": ("q_proj", "v_proj"),
-        "dinov2": ("q_proj", "v_proj"),
-        "dinov2-reg": ("q_proj", "v_proj"),
-        "vit": ("q_proj", "v_proj"),
-        "dinov3-convnext": ("pointwise_conv1", "pointwise_conv2"),
-        "convnext": ("pwconv1", "pwconv2"),
-    }
-)
-
 
 @dataclass(frozen=True, slots=True)
 class LoraSettings:
-    """LoRA hyper-parameters; ``targets=None`` means the family default of :data:`LORA_TARGETS`."""
+    """LoRA hyper-parameters; ``targets=None`` means the family's default
+    (:attr:`~embedkit.models.families.FamilyAdapter.lora_targets`)."""
 
     r: int = 16
     alpha: int = 16
@@ -65,15 +60,26 @@ class LoraSettings:
             raise ConfigError("Expected at least one LoRA target module, got none")
 
 
+#: Freeze the network, then unfreeze (or add) what the method trains.
 Prepare = Callable[[Classifier, LoraSettings], None]
+#: The method's own settings as recorded in the result's params (part of the run id).
+RecordParams = Callable[[EncoderSpec, LoraSettings], dict[str, Any]]
+
+
+def _no_params(_spec: EncoderSpec, _settings: LoraSettings) -> dict[str, Any]:
+    return {}
 
 
 @dataclass(frozen=True, slots=True)
 class Method:
+    """One finetuning method: what trains, and what its records say about it."""
+
     name: str
     description: str
     default_lr: float
     prepare: Prepare
+    record_params: RecordParams = _no_params
+    packages: tuple[str, ...] = ()  # packages whose versions its records note
 
 
 METHODS: dict[str, Method] = {}
@@ -123,14 +129,21 @@ def _bitfit(model: Classifier, _lora: LoraSettings) -> None:
 
 
 def lora_targets(family: str, settings: LoraSettings) -> tuple[str, ...]:
+    """The modules LoRA adapts: ``settings.targets``, else the family adapter's default."""
     if settings.targets is not None:
         return settings.targets
-    if family not in LORA_TARGETS:
-        raise ConfigError(
-            f"no default LoRA target modules for family {family!r}; pass --lora-targets "
-            "(module names of nn.Linear layers, e.g. q_proj,v_proj)"
-        )
-    return LORA_TARGETS[family]
+    return get_family(family).lora_targets
+
+
+def _lora_params(spec: EncoderSpec, settings: LoraSettings) -> dict[str, Any]:
+    return {
+        "lora": {
+            "r": settings.r,
+            "alpha": settings.alpha,
+            "dropout": settings.dropout,
+            "targets": list(lora_targets(spec.family, settings)),
+        }
+    }
 
 
 def _lora(model: Classifier, settings: LoraSettings) -> None:
@@ -158,9 +171,12 @@ def _lora(model: Classifier, settings: LoraSettings) -> None:
 
 for _method in (
     Method("full", "every parameter trains", 1e-5, _full),
-    Method("lora", "LoRA adapters (peft) + head", 1e-4, _lora),
+    Method("lora", "LoRA adapters (peft) + head", 1e-4, _lora, _lora_params, ("peft",)),
     Method("bitfit", "encoder biases + head", 1e-3, _bitfit),
     Method("linear", "head only (encoder frozen)", 1e-3, _linear),
 ):
     register_method(_method)
 del _method
+
+#: The registered method names, in registration order (the CLI's and pipelines' choices).
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

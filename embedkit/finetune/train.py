@@ -7,10 +7,11 @@ same test metrics with bootstrap CIs, test scores kept for paired tests), so ``e
 compares probes and finetuning on the same test images.
 
 Training: AdamW (weight decay 0 by default), linear warm-up then cosine decay per step,
-optional layer-wise lr decay for ViT families, flip + small-rotation augmentation on train only,
-BCE-with-logits with ``pos_weight = neg / pos`` (multi-label, masked entries ignored) or
-cross-entropy (multi-class). The best epoch is the one with the lowest validation loss. On a GPU,
-bf16 autocast and (if asked) gradient checkpointing; on CPU, fp32 without either.
+optional layer-wise lr decay (families whose adapter declares depth-ordered blocks: the ViTs),
+flip + small-rotation augmentation on train only, BCE-with-logits with
+``pos_weight = neg / pos`` (multi-label, masked entries ignored) or cross-entropy (multi-class).
+The best epoch is the one with the lowest validation loss. On a GPU, bf16 autocast and (if
+asked) gradient checkpointing; on CPU, fp32 without either.
 
 Resuming: after each epoch a checkpoint is written to ``<results>/runs/<run id>/``; rerunning
 the same request continues from the last finished epoch. Data order, augmentation and dropout
@@ -26,7 +27,6 @@ global batch, not the rank count). Rank 0 alone writes checkpoints and the recor
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -50,17 +50,14 @@ from embedkit.finetune.augment import MAX_ROTATION_DEG
 from embedkit.finetune.augment import apply as apply_augmentation
 from embedkit.finetune.augment import draw as draw_augmentation
 from embedkit.finetune.losses import masked_loss, pos_weight
-from embedkit.finetune.methods import (
-    count_parameters,
-    get_method,
-    lora_targets,
-)
+from embedkit.finetune.methods import count_parameters, get_method
 from embedkit.finetune.model import Classifier, default_pooling
 from embedkit.finetune.request import FinetuneRequest
 from embedkit.manifest import DatasetTable, Manifest, load_manifest
 from embedkit.models import (
     EncoderSpec,
     LoadedEncoder,
+    get_family,
     identify_encoder,
     load_encoder,
     validate_resolution,
@@ -121,11 +118,12 @@ def _plan(
     table = manifest.dataset(request.dataset).load()
     preprocessing = Preprocessing(size=size, mean=spec.mean, std=spec.std)
     pooling = request.pooling or default_pooling(spec)
-    if request.layer_decay != 1.0 and spec.patch_size is None:
+    if request.layer_decay != 1.0 and not get_family(spec.family).supports_layer_decay:
         raise ConfigError(
             f"layer-wise lr decay applies to ViT families; {spec.name} is a {spec.family} "
             "(use --layer-decay 1.0)"
         )
+    method = get_method(request.method)
     params: dict[str, Any] = {
         "method": request.method,
         "epochs": request.epochs,
@@ -142,18 +140,11 @@ def _plan(
         "pooling": pooling,
         "n_boot": request.n_boot,
     }
-    if request.method == "lora":
-        lora = request.lora_settings()
-        params["lora"] = {
-            "r": lora.r,
-            "alpha": lora.alpha,
-            "dropout": lora.dropout,
-            "targets": list(lora_targets(spec.family, lora)),
-        }
+    params.update(method.record_params(spec, request.lora_settings()))
     device = resolve_device(request.device)
     params["precision"] = "bf16-autocast" if device.type == "cuda" else "fp32"
     params["gradient_checkpointing"] = request.gradient_checkpointing and device.type == "cuda"
-    kind = f"finetune-{request.method}"
+    kind = f"finetune-{method.name}"
     identity = {
         "kind": kind,
         "model": spec.name,
@@ -181,26 +172,24 @@ def finetune_record_relpath(
     return _plan(request, manifest, cache_dir, world_size=world_size).relpath
 
 
-def _layer_id(name: str, n_layers: int) -> int:
-    """0 for embeddings, i + 1 for transformer block i, n_layers + 1 for the rest (norm, head)."""
-    parts = name.split(".")
-    if "embeddings" in parts:
-        return 0
-    for before, after in itertools.pairwise(parts):
-        if before in ("layer", "layers") and after.isdigit():
-            return int(after) + 1
-    return n_layers + 1
-
-
 def _param_groups(
     model: Classifier, lr: float, weight_decay: float, layer_decay: float
 ) -> list[dict[str, Any]]:
-    n_layers = int(getattr(getattr(model.encoder, "config", None), "num_hidden_layers", 0) or 0)
+    """AdamW groups; with ``layer_decay < 1`` the lr of layer id ``l`` of ``n`` blocks is
+    ``lr * layer_decay ** (n + 1 - l)`` (layer ids from the family adapter: 0 = embeddings,
+    ``i + 1`` = block ``i``; the final norm and the head train at ``lr``)."""
+    depths: dict[str, int] = {}
+    if layer_decay != 1.0:
+        adapter = get_family(model.spec.family)
+        top = len(adapter.blocks(model.encoder)) + 1
+        depths = {
+            f"encoder.{name}": top - layer
+            for name, layer in adapter.layer_ids(model.encoder).items()
+        }
     groups: dict[int, list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            depth = 0 if layer_decay == 1.0 else n_layers + 1 - _layer_id(name, n_layers)
-            groups.setdefault(depth, []).append(param)
+            groups.setdefault(depths.get(name, 0), []).append(param)
     return [
         {"params": ps, "lr": lr * layer_decay**d, "base_lr": lr * layer_decay**d,
          "weight_decay": weight_decay}
@@ -601,7 +590,7 @@ def _write_record(
         metrics=metrics,
         per_label=per_label,
         n={s: len(r) for s, r in rows.items()},
-        versions=package_versions(*(("peft",) if request.method == "lora" else ())),
+        versions=package_versions(*get_method(request.method).packages),
         elapsed_s=round(time.perf_counter() - started, 3),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         notes=notes,

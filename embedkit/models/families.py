@@ -1,8 +1,17 @@
 """Per-architecture adapters: one registered :class:`FamilyAdapter` per transformers model class.
 
-An adapter knows the model and config class, the ``model_type`` strings of ``config.json`` it
-claims, how to read the architecture facts (embed dim, patch size, registers) from a config, and how
-to map the model output to :class:`Tokens`. Loading and pooling look the adapter up by name; nothing
+An adapter holds everything embedkit knows about one encoder family, so that adding a family
+touches its adapter here and its registry entries (:mod:`embedkit.models.catalog`) only:
+
+- the model and config class, and the ``model_type`` strings of ``config.json`` it claims;
+- how to read the architecture facts (embed dim, patch size, registers) from a config;
+- how to map the model output to :class:`Tokens`, and which poolings one forward pass stores;
+- the LoRA target modules (:attr:`FamilyAdapter.lora_targets`);
+- where its repeated blocks are (:meth:`FamilyAdapter.blocks`: the units FSDP shards one by one,
+  and the depth of layer-wise lr decay, :meth:`FamilyAdapter.layer_ids`);
+- the shape FLOPs and memory planning use (:meth:`FamilyAdapter.flops_shape`).
+
+Loading, pooling, sharding, throughput and finetuning look the adapter up by name; nothing
 branches over families.
 
 Token layouts (checked by ``tests/models``):
@@ -24,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from embedkit.errors import ModelLoadError, UnknownModelError
+from embedkit.errors import ConfigError, ModelLoadError, UnknownModelError
+from embedkit.models.shape import ModelShape
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -33,6 +43,8 @@ if TYPE_CHECKING:
 
 #: Output stride of every ConvNeXt (4x4 stem, then three 2x downsamplings).
 CONVNEXT_STRIDE = 32
+#: Stride of the ConvNeXt stem (the first stage runs at 1/4 of the input side).
+CONVNEXT_STEM = 4
 
 
 @dataclass(slots=True)
@@ -56,6 +68,8 @@ class ConfigFacts:
 
 TokensFn = Callable[[Any, "EncoderSpec", tuple[int, int]], Tokens]
 FactsFn = Callable[["PretrainedConfig"], ConfigFacts]
+#: (spec, the checkpoint's config.json as a dict or None) -> the shape FLOPs are computed from
+ShapeFn = Callable[["EncoderSpec", "Mapping[str, object] | None"], ModelShape]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +83,25 @@ class FamilyAdapter:
     stored_poolings: tuple[str, ...]  # poolings computed from the model output, in order
     tokens: TokensFn  # (model output, spec, (height, width) of the input) -> Tokens
     facts: FactsFn
+    shape: ShapeFn  # see flops_shape
+    #: ``nn.Linear`` module names that LoRA adapts by default (``--lora-targets`` overrides).
+    lora_targets: tuple[str, ...]
+    #: Dotted path of the ``ModuleList`` of repeated blocks in the model; a ``*`` part stands for
+    #: every child (``model.stages.*.layers``: the blocks of every ConvNeXt stage, in order).
+    blocks_at: str
+    #: Module holding the patch / position embeddings (layer id 0 of layer-wise lr decay); None
+    #: when the family has no layer-wise lr decay (its blocks are not one depth-ordered stack).
+    embeddings_at: str | None = None
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # for __init__/from_pretrained
     forward_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.model_types:
             raise ValueError(f"family {self.name!r} claims no model_type")
+        if not self.lora_targets:
+            raise ValueError(f"family {self.name!r} declares no LoRA target modules")
+        if not self.blocks_at:
+            raise ValueError(f"family {self.name!r} declares no blocks")
         object.__setattr__(self, "model_kwargs", MappingProxyType(dict(self.model_kwargs)))
         object.__setattr__(self, "forward_kwargs", MappingProxyType(dict(self.forward_kwargs)))
 
@@ -101,6 +128,59 @@ class FamilyAdapter:
         with torch.device("meta"):
             model = self.model_class(config, **self.model_kwargs)
         return sum(p.numel() for p in model.parameters())
+
+    @property
+    def supports_layer_decay(self) -> bool:
+        """Whether layer-wise lr decay applies (the family declares its embeddings)."""
+        return self.embeddings_at is not None
+
+    def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The repeated blocks of ``model``, input to output: the units FSDP shards one at a
+        time and the layers of layer-wise lr decay (transformer blocks of a ViT; the blocks of
+        every stage of a ConvNeXt)."""
+        lists: list[torch.nn.Module] = [model]
+        for part in self.blocks_at.split("."):
+            if part == "*":
+                lists = [child for parent in lists for child in parent.children()]
+                continue
+            try:
+                lists = [parent.get_submodule(part) for parent in lists]
+            except AttributeError:
+                raise ModelLoadError(
+                    f"family {self.name!r}: {type(model).__name__} has no {self.blocks_at!r} "
+                    "(the adapter's blocks_at does not fit this transformers version)"
+                ) from None
+        found = [block for blocks in lists for block in blocks.children()]
+        if not found:
+            raise ModelLoadError(
+                f"family {self.name!r}: {type(model).__name__}.{self.blocks_at} holds no blocks"
+            )
+        return found
+
+    def layer_ids(self, model: torch.nn.Module) -> dict[str, int]:
+        """Layer id of every parameter of ``model`` for layer-wise lr decay: 0 for the
+        embeddings, ``i + 1`` for parameters of block ``i``, ``len(blocks) + 1`` for the rest
+        (final norm). A family without layer-wise decay raises :class:`ConfigError`."""
+        if self.embeddings_at is None:
+            raise ConfigError(
+                f"layer-wise lr decay applies to ViT families; family {self.name!r} has no "
+                "depth-ordered blocks (use --layer-decay 1.0)"
+            )
+        blocks = self.blocks(model)
+        ids = {name: len(blocks) + 1 for name, _ in model.named_parameters()}
+        by_param = {id(p): 0 for p in model.get_submodule(self.embeddings_at).parameters()}
+        for i, block in enumerate(blocks):
+            by_param.update({id(p): i + 1 for p in block.parameters()})
+        for name, param in model.named_parameters():
+            ids[name] = by_param.get(id(param), ids[name])
+        return ids
+
+    def flops_shape(
+        self, spec: EncoderSpec, config: Mapping[str, object] | None = None
+    ) -> ModelShape:
+        """The :class:`ModelShape` FLOPs and memory planning use: from the checkpoint's
+        ``config.json`` (as a dict) when at hand, else from registry facts alone (planning)."""
+        return self.shape(spec, config)
 
 
 _FAMILIES: dict[str, FamilyAdapter] = {}
@@ -178,6 +258,45 @@ def _convnext_facts(config: PretrainedConfig) -> ConfigFacts:
     )
 
 
+# --- shapes (FLOPs) ------------------------------------------------------------------------
+
+#: Transformer depth by width for the registry's ViTs (S/B: 12, L: 24, H+: 32, g/7B: 40); the
+#: planning guess when no config.json is at hand.
+_VIT_LAYERS_BY_DIM = {384: 12, 768: 12, 1024: 24, 1280: 32, 1536: 40, 4096: 40}
+
+
+def _config_int(config: Mapping[str, object], key: str, default: int) -> int:
+    value = config.get(key, default)
+    return int(value) if isinstance(value, int | float) else default
+
+
+def _vit_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
+    if spec.patch_size is None:
+        raise ModelLoadError(f"{spec.name}: a ViT spec needs a patch_size")
+    if config is None:  # the family follows the standard S/B/L/H/g layouts
+        layers = _VIT_LAYERS_BY_DIM.get(spec.embed_dim, 12)
+    else:
+        layers = _config_int(config, "num_hidden_layers", 12)
+    return ModelShape(
+        spec.params,
+        spec.embed_dim,
+        layers,
+        spec.patch_size,
+        spec.num_register_tokens,
+        "vit",
+        spec.gflops_224,
+    )
+
+
+def _convnext_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
+    """Stages of blocks after a 4x4 stem; ``embed_dim`` is the first stage's width."""
+    depths = config.get("depths") if config is not None else None
+    sizes = config.get("hidden_sizes") if config is not None else None
+    layers = sum(int(d) for d in depths) if isinstance(depths, list) else 1
+    first = int(sizes[0]) if isinstance(sizes, list) and sizes else spec.embed_dim
+    return ModelShape(spec.params, first, layers, CONVNEXT_STEM, 0, "convnet", spec.gflops_224)
+
+
 # --- tokens ------------------------------------------------------------------------------
 
 
@@ -226,6 +345,9 @@ def _convnext_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int
 
 VIT_POOLINGS = ("cls", "mean", "patch")
 CONVNEXT_POOLINGS = ("pooled", "mean", "patch")
+#: LoRA on the query and value projections (transformers 5 module names); ConvNeXt families
+#: adapt the two pointwise (linear) layers of each block instead.
+VIT_LORA_TARGETS = ("q_proj", "v_proj")
 
 for _adapter in (
     FamilyAdapter(
@@ -236,6 +358,10 @@ for _adapter in (
         stored_poolings=VIT_POOLINGS,
         tokens=_vit_tokens,
         facts=_vit_facts,
+        shape=_vit_shape,
+        lora_targets=VIT_LORA_TARGETS,
+        blocks_at="model.layer",
+        embeddings_at="embeddings",
     ),
     FamilyAdapter(
         name="dinov3-convnext",
@@ -245,6 +371,9 @@ for _adapter in (
         stored_poolings=CONVNEXT_POOLINGS,
         tokens=_dinov3_convnext_tokens,
         facts=_convnext_facts,
+        shape=_convnext_shape,
+        lora_targets=("pointwise_conv1", "pointwise_conv2"),
+        blocks_at="model.stages.*.layers",
     ),
     FamilyAdapter(
         name="dinov2",
@@ -254,6 +383,10 @@ for _adapter in (
         stored_poolings=VIT_POOLINGS,
         tokens=_vit_tokens,
         facts=_vit_facts,
+        shape=_vit_shape,
+        lora_targets=VIT_LORA_TARGETS,
+        blocks_at="encoder.layer",
+        embeddings_at="embeddings",
     ),
     FamilyAdapter(
         name="dinov2-reg",
@@ -263,6 +396,10 @@ for _adapter in (
         stored_poolings=VIT_POOLINGS,
         tokens=_vit_tokens,
         facts=_vit_facts,
+        shape=_vit_shape,
+        lora_targets=VIT_LORA_TARGETS,
+        blocks_at="encoder.layer",
+        embeddings_at="embeddings",
     ),
     FamilyAdapter(
         name="convnext",
@@ -272,6 +409,9 @@ for _adapter in (
         stored_poolings=CONVNEXT_POOLINGS,
         tokens=_convnext_tokens,
         facts=_convnext_facts,
+        shape=_convnext_shape,
+        lora_targets=("pwconv1", "pwconv2"),
+        blocks_at="encoder.stages.*.layers",
     ),
     FamilyAdapter(
         name="vit",
@@ -281,6 +421,10 @@ for _adapter in (
         stored_poolings=VIT_POOLINGS,
         tokens=_vit_tokens,
         facts=_vit_facts,
+        shape=_vit_shape,
+        lora_targets=VIT_LORA_TARGETS,
+        blocks_at="layers",
+        embeddings_at="embeddings",
         # The tanh pooler of ViTModel is not the CLS token: leave it out.
         model_kwargs={"add_pooling_layer": False},
         # Learned position embeddings at 224 px: interpolate them for other resolutions.

@@ -7,8 +7,11 @@
 - ``mean``: the mean of the patch / feature-map tokens, registers excluded;
 - ``patch``: the token grid, ``(h, w, D)`` per image.
 
-*Derived* poolings are computed from stored ones without re-running the model:
-``cls+mean`` = concat(cls, mean), the DINOv2/DINOv3 linear-evaluation input.
+*Derived* poolings are computed from stored ones without re-running the model, by concatenation
+along the feature axis: ``cls+mean`` = concat(cls, mean), the DINOv2/DINOv3 linear-evaluation
+input, and ``pooled+mean`` for ConvNeXt families. The table is the store's
+(:data:`embedkit.store.DERIVED_POOLINGS`, which serves them from stored arrays); a family offers a
+derived pooling when it stores all of its components.
 """
 
 from __future__ import annotations
@@ -20,9 +23,22 @@ import torch
 from embedkit.errors import UnknownPoolingError
 from embedkit.models.families import Tokens, get_family
 from embedkit.models.registry import EncoderSpec, validate_resolution
+from embedkit.store import DERIVED_POOLINGS
+
+__all__ = [
+    "DERIVED_POOLINGS",
+    "GRID_POOLINGS",
+    "UnknownPoolingError",
+    "available_poolings",
+    "check_poolings",
+    "derive",
+    "derived_components",
+    "pool",
+    "pooling_dims",
+    "stored_poolings",
+]
 
 GRID_POOLINGS = frozenset({"patch"})
-DERIVED_POOLINGS: Mapping[str, tuple[str, ...]] = {"cls+mean": ("cls", "mean")}
 
 
 def stored_poolings(spec: EncoderSpec) -> tuple[str, ...]:

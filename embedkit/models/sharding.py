@@ -2,10 +2,12 @@
 
 - :func:`plan_memory` is the ``--shard auto`` planner, a pure function of the model's shape, the
   resolution, the batch size, the device memory and the number of ranks.
-- :func:`load_sharded_encoder` builds the model on the meta device, wraps every transformer block
-  (and the root) with ``torch.distributed.fsdp.fully_shard``, allocates only this rank's 1/N of
-  every parameter and fills it from the safetensors files with ``safe_open(...).get_slice`` (a
-  rank reads only its rows). No rank ever holds the full weights: loading a 7B checkpoint needs
+- :func:`load_sharded_encoder` builds the model on the meta device, wraps every block the family
+  adapter names (:meth:`~embedkit.models.families.FamilyAdapter.blocks`: the transformer blocks
+  of a ViT, the blocks of every ConvNeXt stage) and the root with
+  ``torch.distributed.fsdp.fully_shard``, allocates only this rank's 1/N of every parameter and
+  fills it from the safetensors files with ``safe_open(...).get_slice`` (a rank reads only its
+  rows). No rank ever holds the full weights: loading a 7B checkpoint needs
   ~1/N of 13.4 GB (bf16) per rank, plus one layer at a time during the forward.
 
 Every rank runs its own data share through the sharded model; each forward all-gathers one block
@@ -26,7 +28,7 @@ import torch
 from embedkit.errors import ModelLoadError, ShardingError
 from embedkit.models.families import get_family
 from embedkit.models.loading import EncoderIdentity, LoadedEncoder, parse_dtype
-from embedkit.models.throughput import ModelShape
+from embedkit.models.shape import ModelShape
 
 ShardMode = Literal["none", "fsdp", "auto"]
 GB = 1e9
@@ -173,21 +175,6 @@ def resolve_shard(
 # --- FSDP2 ---------------------------------------------------------------------------------------
 
 
-def block_lists(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks to shard one by one: the children of the longest ``ModuleList``(s).
-
-    ViTs have one list of layers; ConvNeXts a list of stages, each holding a list of blocks, so
-    every list's children are returned when no single list dominates.
-    """
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        return []
-    longest = max(len(m) for m in lists)
-    if longest > 1 and sum(len(m) == longest for m in lists) == 1:
-        return list(next(m for m in lists if len(m) == longest))
-    return [child for m in lists for child in m]
-
-
 def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     """This rank's local tensor of a (possibly FSDP-sharded) parameter and its first dim-0 row."""
     from torch.distributed.tensor import DTensor, Shard
@@ -260,7 +247,7 @@ def load_sharded_encoder(
     model.requires_grad_(False)
     # Reshard after every forward, the root too (its default keeps the root's parameters
     # gathered for a backward pass that inference never runs).
-    for block in block_lists(model):
+    for block in adapter.blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
     model.to_empty(device=device)

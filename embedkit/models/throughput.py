@@ -7,6 +7,9 @@ FLOPs (forward, multiply-add = 2 FLOPs):
   ``tokens = (side / patch)**2 + 1 + registers``. Matches the PROTOCOLS.md table within 1-7%.
 - ConvNeXt: scales with the pixel count from its 224 px figure (``EncoderSpec.gflops_224``, else
   ``2 * 174 * params``, the ConvNeXt-B ratio 31 GFLOPs / 89M params).
+
+The :class:`ModelShape` of an encoder comes from its family adapter
+(:meth:`~embedkit.models.families.FamilyAdapter.flops_shape`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,22 @@ from dataclasses import dataclass
 
 import torch
 
+from embedkit.models.families import get_family
 from embedkit.models.registry import EncoderSpec
+from embedkit.models.shape import ModelShape
+
+__all__ = [
+    "PEAK_BF16_TFLOPS",
+    "ModelShape",
+    "ThroughputReport",
+    "device_peak_tflops",
+    "flops_per_image",
+    "is_oom",
+    "largest_batch",
+    "peak_tflops",
+    "shape_from_config",
+    "shape_from_spec",
+]
 
 #: Dense bf16 tensor-core peak, TFLOP/s (vendor datasheets, no sparsity).
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -44,56 +62,18 @@ PEAK_BF16_TFLOPS: dict[str, float] = {
 _CONVNEXT_FLOPS_PER_PARAM_224 = 31.0e9 / 89e6
 
 
-@dataclass(frozen=True, slots=True)
-class ModelShape:
-    """The architecture numbers that FLOPs and memory depend on.
+def shape_from_config(spec: EncoderSpec, config: Mapping[str, object]) -> ModelShape:
+    """The :class:`ModelShape` of ``spec`` from its checkpoint's ``config.json`` (as a dict)."""
+    return get_family(spec.family).flops_shape(spec, config)
 
-    ``patch``: the ViT patch size, or the stem stride (4) for a ConvNeXt; ``kind`` says which.
+
+def shape_from_spec(spec: EncoderSpec) -> ModelShape:
+    """A :class:`ModelShape` from registry facts alone (no config.json needed), for planning.
+
+    The family adapter knows its layout (a ViT's depth from its width, following the standard
+    S/B/L/H/g layouts); use :func:`shape_from_config` when the checkpoint's config is at hand.
     """
-
-    params: int
-    embed_dim: int
-    layers: int
-    patch: int
-    registers: int = 0
-    kind: str = "vit"  # "vit" or "convnet"
-    gflops_224: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("params", "embed_dim", "layers", "patch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelShape: expected a positive int {name}, got {value!r}")
-        if self.kind not in ("vit", "convnet"):
-            raise ValueError(f"ModelShape: expected kind 'vit' or 'convnet', got {self.kind!r}")
-
-    def tokens(self, side: int) -> int:
-        """Sequence length of a ViT at ``side`` x ``side`` px (CLS + registers + patches)."""
-        return (side // self.patch) ** 2 + 1 + self.registers
-
-    @classmethod
-    def from_config(cls, spec: EncoderSpec, config: Mapping[str, object]) -> ModelShape:
-        """From a registry spec and its checkpoint's ``config.json`` (as a dict)."""
-
-        def num(key: str, default: int) -> int:
-            value = config.get(key, default)
-            return int(value) if isinstance(value, int | float) else default
-
-        if spec.patch_size is None:  # ConvNeXt: stages of blocks after a 4x4 stem
-            depths = config.get("depths")
-            sizes = config.get("hidden_sizes")
-            layers = sum(int(d) for d in depths) if isinstance(depths, list) else 1
-            first = int(sizes[0]) if isinstance(sizes, list) and sizes else spec.embed_dim
-            return cls(spec.params, first, layers, 4, 0, "convnet", spec.gflops_224)
-        return cls(
-            spec.params,
-            spec.embed_dim,
-            num("num_hidden_layers", 12),
-            spec.patch_size,
-            spec.num_register_tokens,
-            "vit",
-            spec.gflops_224,
-        )
+    return get_family(spec.family).flops_shape(spec)
 
 
 def flops_per_image(shape: ModelShape, side: int) -> float:
@@ -202,21 +182,3 @@ def largest_batch(try_batch: Callable[[int], None], *, start: int, limit: int = 
             return good
         else:
             n = (good + bad) // 2
-
-
-#: Transformer depth by width for the registry's ViTs (S/B: 12, L: 24, H+: 32, g/7B: 40).
-_VIT_LAYERS_BY_DIM = {384: 12, 768: 12, 1024: 24, 1280: 32, 1536: 40, 4096: 40}
-
-
-def shape_from_spec(spec: EncoderSpec) -> ModelShape:
-    """A :class:`ModelShape` from registry facts alone (no config.json needed), for planning.
-
-    ViT depth comes from the width (the registry's families follow the standard S/B/L/H/g
-    layouts); use :meth:`ModelShape.from_config` when the checkpoint's config is at hand.
-    """
-    if spec.patch_size is None:
-        return ModelShape(spec.params, spec.embed_dim, 1, 4, 0, "convnet", spec.gflops_224)
-    layers = _VIT_LAYERS_BY_DIM.get(spec.embed_dim, 12)
-    return ModelShape(
-        spec.params, spec.embed_dim, layers, spec.patch_size, spec.num_register_tokens
-    )

@@ -71,7 +71,10 @@ def check_features(X: Any, name: str = "X") -> NDArray[Any]:
     """Accept a 2-D float16/float32/float64 array (memory maps included) without copying."""
     arr = X if isinstance(X, np.ndarray) else np.asarray(X)
     if arr.ndim != 2:
-        raise ProbeInputError(f"Expected {name} of shape (N, D), got {arr.shape} instead.")
+        raise ProbeInputError(
+            f"Expected {name} of shape (N, D), got {arr.shape} instead. Reshape your data "
+            "(one row per image: X[None, :] for a single image)."
+        )
     if arr.dtype not in (np.float16, np.float32, np.float64):
         raise ProbeInputError(
             f"Expected {name} as float16, float32 or float64, got {arr.dtype} instead."

@@ -245,7 +245,9 @@ def run_fewshot(
             X_d = np.asarray(Xtr[draw.indices])
             y_d = y_tr[draw.indices]
             if classifier == "linear":
-                probe = LogisticProbe(C=linear_C, task=kind, dtype=dtype).fit(X_d, y_d, draw.mask)
+                probe = LogisticProbe(C=linear_C, task=kind, dtype=dtype).fit(
+                    X_d, y_d, mask=draw.mask
+                )
                 scores = probe.predict_proba(Xte)
                 if kind == "multiclass":  # align probe classes to all training classes
                     assert classes is not None
@@ -256,7 +258,7 @@ def run_fewshot(
                 scores = _prototype_scores(X_d, y_d, draw.mask, Xte, kind, classes)
             else:
                 knn = KNNProbe(k=min(knn_k, draw.indices.size), task=kind, dtype=dtype)
-                scores = knn.fit(X_d, y_d, draw.mask).predict_proba(Xte, k=knn.k)  # type: ignore[arg-type]
+                scores = knn.fit(X_d, y_d, mask=draw.mask).predict_proba(Xte)
             runs[(n_shots, seed)] = _evaluate(kind, y_te, m_te, scores, classes)
     summary: dict[int, dict[str, dict[str, float]]] = {}
     for n_shots in shots:

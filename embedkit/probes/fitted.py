@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from embedkit.errors import NotFittedError
 from embedkit.eval import metrics as M
@@ -75,13 +76,20 @@ def best_index(values: NDArray[np.float64], lower_is_better: bool) -> int:
     return int(np.nanargmax(v))
 
 
-class LinearPredictor:
-    """Shared prediction code for linear probes (weights kept in standardised space)."""
+class LinearPredictor(ClassifierMixin, BaseEstimator):
+    """Shared prediction code for linear probes (weights kept in standardised space).
+
+    A scikit-learn estimator: constructor arguments are stored unchanged (``get_params`` /
+    ``set_params``, so :func:`sklearn.base.clone` and ``GridSearchCV`` work), fitted attributes
+    end in ``_``, and every prediction method raises :class:`~embedkit.errors.NotFittedError`
+    before ``fit``.
+    """
 
     task_: Literal["multilabel", "multiclass"]
     mean_: NDArray[np.float64] | None
     scale_: NDArray[np.float64] | None
     _W: torch.Tensor
+    classes_: NDArray[Any]
     device: str
     dtype: torch.dtype | str
 
@@ -124,7 +132,8 @@ class LinearPredictor:
         arr = check_features(X)
         if arr.shape[1] != self._W.shape[0] - 1:
             raise ProbeInputError(
-                f"Expected {self._W.shape[0] - 1} features as in fit, got {arr.shape[1]}."
+                f"X has {arr.shape[1]} features, but {type(self).__name__} is expecting "
+                f"{self._W.shape[0] - 1} features as input (as in fit)."
             )
         return self._logits(self._blocks(arr), self._W)
 
@@ -136,3 +145,11 @@ class LinearPredictor:
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return np.asarray(e / e.sum(axis=1, keepdims=True))
+
+    def predict(self, X: ArrayLike) -> NDArray[Any]:
+        """Multi-class: the most probable class of ``classes_``; multi-label: 0/1 per label
+        (probability >= 0.5)."""
+        proba = self.predict_proba(X)
+        if self.task_ == "multilabel":
+            return (proba >= 0.5).astype(np.int64)
+        return np.asarray(self.classes_[np.argmax(proba, axis=1)])

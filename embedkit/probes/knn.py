@@ -15,11 +15,12 @@ broken towards the lower training index, so results do not depend on the block s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from embedkit.errors import NotFittedError
 from embedkit.probes.backends import (
@@ -29,6 +30,7 @@ from embedkit.probes.backends import (
     check_features,
     torch_dtype,
 )
+from embedkit.probes.targets import check_targets
 
 __all__ = ["DINO_KS", "KNNProbe"]
 
@@ -76,13 +78,17 @@ def _block_topk_exact(sims: torch.Tensor, offset: int, k: int) -> tuple[torch.Te
     return _ordered(sims.gather(1, cols), cols + offset, k)
 
 
-class KNNProbe:
+class KNNProbe(ClassifierMixin, BaseEstimator):
     """Cosine kNN with DINO's temperature-weighted vote; see the module docstring.
 
     ``fit`` keeps a reference to the training features (no copy) and their inverse norms; the
     normalisation is applied per block in ``dtype`` (float32 default; float64 for exactness
-    checks). ``predict_proba(X)`` returns ``{k: scores}`` for every k in ``k``;
-    ``predict_proba(X, k=20)`` the scores for one k.
+    checks). ``predict_proba(X)`` returns the scores for the smallest k in ``k`` (the only one
+    when ``k`` is an int), ``predict_proba(X, k=20)`` those for one k, and
+    ``predict_proba_per_k(X)`` ``{k: scores}`` for every k in ``k`` from one neighbour search.
+
+    A scikit-learn estimator (``get_params`` / ``set_params``, :func:`sklearn.base.clone`);
+    fitted attributes end in ``_``; :class:`~embedkit.errors.NotFittedError` before ``fit``.
     """
 
     def __init__(
@@ -91,7 +97,7 @@ class KNNProbe:
         temperature: float = 0.07,
         block_size: int = 2048,
         device: str = "cpu",
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str = "float32",
         task: Literal["auto", "multilabel", "multiclass"] = "auto",
         train_block_size: int | None = None,
         max_resident_bytes: int = DEFAULT_MAX_RESIDENT_BYTES,
@@ -112,12 +118,10 @@ class KNNProbe:
             raise ProbeInputError(f"Expected k >= 1, got {self.k}.")
         return sorted(set(ks))
 
-    def fit(self, X: ArrayLike, y: ArrayLike, mask: ArrayLike | None = None) -> KNNProbe:
+    def fit(self, X: ArrayLike, y: ArrayLike, *, mask: ArrayLike | None = None) -> KNNProbe:
         """Remember the training features (by reference), labels and mask."""
         arr = check_features(X)
-        y_arr = np.asarray(y)
-        if y_arr.shape[0] != arr.shape[0]:
-            raise ProbeInputError(f"Expected {arr.shape[0]} rows of targets, got {y_arr.shape[0]}.")
+        y_arr = check_targets(y, arr.shape[0], "KNNProbe")
         task = (
             self.task
             if self.task != "auto"
@@ -158,6 +162,16 @@ class KNNProbe:
     def _check_fitted(self) -> None:
         if not hasattr(self, "_X"):
             raise NotFittedError("This KNNProbe is not fitted yet; call fit first.")
+
+    def _check_query(self, X: ArrayLike) -> NDArray[Any]:
+        self._check_fitted()
+        arr = check_features(X)
+        if arr.shape[1] != self.n_features_in_:
+            raise ProbeInputError(
+                f"X has {arr.shape[1]} features, but KNNProbe is expecting "
+                f"{self.n_features_in_} features as input (as in fit)."
+            )
+        return arr
 
     def _normalise(self, block: NDArray[Any]) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(block)).to(
@@ -211,8 +225,7 @@ class KNNProbe:
     ) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
         """Cosine similarities ``(N, k)`` and training indices ``(N, k)`` of the nearest neighbours,
         ordered by similarity (ties: lower index first)."""
-        self._check_fitted()
-        arr = check_features(X)
+        arr = self._check_query(X)
         kk = k or max(self._ks)
         kk = min(kk, self._X.shape[0])
         sims = np.empty((arr.shape[0], kk))
@@ -233,18 +246,19 @@ class KNNProbe:
         prev = torch.as_tensor(self.prevalence_, dtype=votes.dtype, device=votes.device)
         return torch.where(total > 0, votes / total.clamp_min(torch.finfo(total.dtype).tiny), prev)
 
-    @overload
-    def predict_proba(self, X: ArrayLike, k: None = None) -> dict[int, NDArray[np.float64]]: ...
-    @overload
-    def predict_proba(self, X: ArrayLike, k: int) -> NDArray[np.float64]: ...
+    def predict_proba(self, X: ArrayLike, k: int | None = None) -> NDArray[np.float64]:
+        """Scores ``(N, L)`` / ``(N, K)`` for ``k`` (default: the smallest configured k)."""
+        kk = self._ks[0] if k is None else k
+        return self._predict_ks(X, [kk])[kk]
 
-    def predict_proba(
-        self, X: ArrayLike, k: int | None = None
-    ) -> dict[int, NDArray[np.float64]] | NDArray[np.float64]:
-        """Scores ``(N, L)`` / ``(N, K)`` for one ``k``, or a dict ``{k: scores}`` for all ``k``."""
-        self._check_fitted()
-        arr = check_features(X)
-        ks = self._ks if k is None else [k]
+    def predict_proba_per_k(self, X: ArrayLike) -> dict[int, NDArray[np.float64]]:
+        """``{k: scores}`` for every configured k, from one neighbour search per query block."""
+        return self._predict_ks(X, self._ks)
+
+    def _predict_ks(self, X: ArrayLike, ks: list[int]) -> dict[int, NDArray[np.float64]]:
+        arr = self._check_query(X)
+        if min(ks) < 1:
+            raise ProbeInputError(f"Expected k >= 1, got {min(ks)}.")
         k_max = min(max(ks), self._X.shape[0])
         out = {kk: np.empty((arr.shape[0], self._votes.shape[1])) for kk in ks}
         for lo in range(0, arr.shape[0], self.block_size):
@@ -252,11 +266,12 @@ class KNNProbe:
             for kk in ks:
                 scores = self._scores(sims, idx, min(kk, k_max))
                 out[kk][lo : lo + self.block_size] = scores.double().cpu().numpy()
-        return out if k is None else out[k]
+        return out
 
     def predict(self, X: ArrayLike, k: int | None = None) -> NDArray[Any]:
-        """Multi-class: the class with the largest vote (for ``k`` or the smallest configured k)."""
-        proba = self.predict_proba(X, k=k or self._ks[0])
-        if self.task_ != "multiclass":
-            raise ProbeInputError("predict is for multi-class targets; use predict_proba scores.")
+        """Multi-class: the class with the largest vote; multi-label: 0/1 per label (score >=
+        0.5); for ``k`` or the smallest configured k."""
+        proba = self.predict_proba(X, k=k)
+        if self.task_ == "multilabel":
+            return (proba >= 0.5).astype(np.int64)
         return np.asarray(self.classes_[np.argmax(proba, axis=1)])

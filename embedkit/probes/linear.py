@@ -43,6 +43,7 @@ from embedkit.probes.precondition import Spectrum
 from embedkit.probes.targets import (
     Targets,
     Task,
+    check_targets,
     holdout_split,
     make_targets,
     output_classes,
@@ -89,6 +90,7 @@ class LogisticProbe(LinearPredictor):
     ``max_iter`` 1000 (per C), ``tol`` 1e-12, float64, validation split 10% / seed 0 when ``fit``
     gets no validation data, refit on train + val.
 
+    - ``Cs``: the C grid searched when ``C`` is None (None: DINOv2's grid, :data:`DINOV2_CS`).
     - ``C``: if set, :meth:`fit` trains at this C without any selection.
     - ``standardize``: features are centred and scaled to unit variance with statistics computed by
       row blocks in float64 from the (float16 / float32) input (``mean_``, ``scale_``; constant
@@ -118,14 +120,14 @@ class LogisticProbe(LinearPredictor):
 
     def __init__(
         self,
-        Cs: ArrayLike = DINOV2_CS,
+        Cs: ArrayLike | None = None,
         C: float | None = None,
         *,
         standardize: bool = True,
         max_iter: int = 1000,
         tol: float = 1e-12,
         device: str = "cpu",
-        dtype: torch.dtype | str = torch.float64,
+        dtype: torch.dtype | str = "float64",
         task: Task = "auto",
         select: Literal["joint", "per_label"] = "joint",
         metric: Literal["auto", "auroc", "accuracy", "log_loss"] = "auto",
@@ -153,7 +155,8 @@ class LogisticProbe(LinearPredictor):
 
     # ---- helpers
     def _sorted_cs(self) -> NDArray[np.float64]:
-        cs = np.sort(np.asarray(self.Cs, dtype=np.float64).ravel())
+        grid = DINOV2_CS if self.Cs is None else self.Cs
+        cs = np.sort(np.asarray(grid, dtype=np.float64).ravel())
         if cs.size == 0 or (cs <= 0).any():
             raise ProbeInputError(f"Expected positive C values, got {cs.tolist()[:5]}...")
         return cs
@@ -263,12 +266,14 @@ class LogisticProbe(LinearPredictor):
         self,
         X: ArrayLike,
         y: ArrayLike,
+        *,
         mask: ArrayLike | None = None,
         groups: ArrayLike | None = None,
     ) -> LogisticProbe:
         """Fit at ``C`` if set; otherwise choose C on a held-out ``val_fraction`` of the rows
         (whole ``groups`` per side when given; DINOv2: 10%, seed 0) and refit on all rows."""
         arr = check_features(X)
+        y = check_targets(y, arr.shape[0], "LogisticProbe")
         if self.C is None:
             tr, va = holdout_split(arr.shape[0], self.val_fraction, self.seed, groups)
             y_arr = np.asarray(y)

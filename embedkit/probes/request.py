@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from embedkit.errors import EmbedkitError
-
-ProbeKind = Literal["linear", "knn", "fewshot"]
-PROBE_KINDS: tuple[str, ...] = ("linear", "knn", "fewshot")
+from embedkit.probes.registry import get_kind
 
 
 @dataclass(frozen=True, slots=True)
 class ProbeRequest:
     """One probe run; every field that changes the result is part of the record id."""
 
-    kind: ProbeKind
+    kind: str  # a registered probe kind: embedkit.probes.PROBE_KINDS
     model: str
     dataset: str
     resolution: int
@@ -30,8 +27,7 @@ class ProbeRequest:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in PROBE_KINDS:
-            raise EmbedkitError(f"unknown probe kind {self.kind!r}; choose one of {PROBE_KINDS}")
+        get_kind(self.kind)  # an unknown kind: ConfigError naming the registered ones
         if self.n_boot < 1 or self.draws < 1 or self.max_iter < 1 or not self.ks or not self.shots:
             raise EmbedkitError(
                 f"Expected n_boot >= 1, draws >= 1 and non-empty ks and shots, got "

@@ -2,39 +2,38 @@
 
 The features come from a complete cache entry (found by dataset, model and resolution, or named
 by digest), joined with the manifest's labels and splits by image id. Nothing is re-extracted.
+The probe kind (``linear``, ``knn``, ``fewshot``, ``sgd``, ...) is looked up in the kind
+registry (:mod:`embedkit.probes.registry`, kinds in :mod:`embedkit.probes.kinds`): it gives the
+default pooling, the hyper-parameters of the record identity, and the fit-and-score step.
 
-- ``linear``: L2 logistic regression over the DINOv2 C grid, C chosen on the validation split
-  (one C for all labels, by macro AUROC), refit on train + val, evaluated on test;
-- ``knn``: cosine kNN with the DINO weighted vote, k chosen on validation from {10, 20, 100, 200};
-- ``fewshot``: n = 1, 2, 4, 8, 16 training examples per class / label, 5 draws each, sampled by
-  patient from the train split only; mean, std and 95% CI over draws.
-
-Test metrics: per-label AUROC and AP, sensitivity / specificity at the Youden threshold, macro
-AUROC (labels without both classes are reported and left out), each with a 95% percentile
-bootstrap CI from ``n_boot`` resamples. The bootstrap indices depend only on the test-set size
-and the seed, so runs compared on the same test set share them, as paired tests require.
+Test metrics of a kind that returns test scores: per-label AUROC and AP, sensitivity /
+specificity at the Youden threshold, macro AUROC (labels without both classes are reported and
+left out), each with a 95% percentile bootstrap CI from ``n_boot`` resamples. The bootstrap
+indices depend only on the test-set size and the seed, so runs compared on the same test set
+share them, as paired tests require. A kind whose metrics form a curve (few-shot) computes them
+itself and declares the curve on its record (``ResultRecord.curve``).
 """
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.table import Table
 
 from embedkit.errors import CacheNotFoundError, EmbedkitError
-from embedkit.eval import evaluate_scores, macro_auroc, ovr_macro_auroc
+from embedkit.eval import evaluate_scores
 from embedkit.manifest import Manifest, load_manifest
 from embedkit.models import EncoderSpec, resolve
-from embedkit.probes import FewShotSamplingError, KNNProbe, LogisticProbe, run_fewshot
-from embedkit.probes.features import SplitFeatures, split_features
-from embedkit.probes.request import PROBE_KINDS, ProbeRequest
+from embedkit.probes import PROBE_KINDS
+from embedkit.probes.features import split_features
+from embedkit.probes.registry import ProbeData, get_kind
+from embedkit.probes.request import ProbeRequest
+from embedkit.report.tables import headline
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
 from embedkit.store import CacheRoot, FeatureEntry, find_entry, list_entries, open_local_copy
 from embedkit.store.readcache import ProgressFactory
@@ -85,69 +84,15 @@ def find_probe_entry(
     return find_entry(root, complete[0].relpath, allow_partial=False)
 
 
-def _default_pooling(kind: str, entry: FeatureEntry) -> str:
-    stored = set(entry.poolings)
-    if "cls" in stored:
-        return "cls" if kind == "knn" else "cls+mean"
-    return "pooled" if kind == "knn" else "pooled+mean"
-
-
-def _fit_linear(
-    req: ProbeRequest, train: SplitFeatures, val: SplitFeatures, test: SplitFeatures
-) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
-    probe = LogisticProbe(seed=req.seed, max_iter=req.max_iter)
-    if len(val.ids):
-        probe.fit_select(train.X, train.y, train.mask, val.X, val.y, val.mask)
-    else:  # no validation split: hold out 10% of train by patient (DINOv2 protocol)
-        probe.fit(train.X, train.y, train.mask, groups=np.asarray(train.patients))
-    path = probe.path_
-    extra = {
-        "val_score_per_C": dict(zip(map(float, path.Cs), map(float, path.score), strict=True)),
-        "val_metric": path.metric,
-        "converged": bool(np.all(probe.converged_)),
-    }
-    return probe.predict_proba(test.X), {"C": float(probe.C_)}, extra
-
-
-def _fit_knn(
-    req: ProbeRequest, train: SplitFeatures, val: SplitFeatures, test: SplitFeatures
-) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
-    ks = tuple(k for k in req.ks if k <= len(train.ids)) or (len(train.ids),)
-    probe = KNNProbe(k=ks).fit(train.X, train.y, train.mask)
-    if len(val.ids):
-        val_scores = probe.predict_proba(val.X)
-        by_k = {k: _point(val, s) for k, s in val_scores.items()}
-        finite = {k: v for k, v in by_k.items() if np.isfinite(v)}
-        best = max(finite, key=lambda k: (finite[k], -k)) if finite else 20
-    else:
-        by_k, best = {}, min(ks, key=lambda k: abs(k - 20))
-    scores = probe.predict_proba(test.X, k=best)
-    return scores, {"k": int(best)}, {"val_score_per_k": {int(k): v for k, v in by_k.items()}}
-
-
-def _point(part: SplitFeatures, scores: np.ndarray) -> float:
-    """The selection metric on validation: macro AUROC (one-vs-rest for multi-class)."""
-    if part.y.ndim == 1:
-        return float(ovr_macro_auroc(part.y, scores, part.mask))
-    return float(macro_auroc(part.y, part.mask, scores))
-
-
 def probe_plan(request: ProbeRequest, entry: FeatureEntry) -> tuple[str, dict[str, Any], str, str]:
     """(pooling, hyper-parameters, record id, record relpath) of ``request`` on ``entry``.
 
     The record id covers the entry digest, the kind, every hyper-parameter and the seed, so an
     identical run finds its record without computing anything.
     """
-    pooling = request.pooling or _default_pooling(request.kind, entry)
-    params: dict[str, Any] = {"pooling": pooling, "n_boot": request.n_boot}
-    if request.kind == "linear":
-        params.update(
-            Cs="10^linspace(-6, 5, 45)", standardize=True, select="joint", max_iter=request.max_iter
-        )
-    elif request.kind == "knn":
-        params.update(ks=list(request.ks), temperature=0.07)
-    else:
-        params.update(shots=list(request.shots), draws=request.draws, classifier="linear", C=1.0)
+    kind = get_kind(request.kind)
+    pooling = request.pooling or kind.default_pooling(entry.poolings)
+    params: dict[str, Any] = {"pooling": pooling, "n_boot": request.n_boot, **kind.params(request)}
     identity = {"entry": entry.key.digest(), "kind": request.kind, "params": params}
     rid = record_id({**identity, "seed": request.seed})
     model = entry.key.model.replace("/", "--")
@@ -198,40 +143,19 @@ def run_probe(
     notes = [
         f"{p.n_skipped} unreadable {s} images left out" for s, p in parts.items() if p.n_skipped
     ]
+    data = ProbeData(train, val, test, tuple(labels), task, request.dataset)
+    with torch.inference_mode(False):
+        result = get_kind(request.kind).fit_score(request, data)
+    notes.extend(result.notes)
     scores_out: ScoreTable | None = None
-    extra: dict[str, Any] = {}
-    if request.kind == "fewshot":
-        metrics: dict[str, Any] = {}
-        extra["runs"] = {}
-        for n_shots in request.shots:
-            try:
-                fs = run_fewshot(
-                    train.X, train.y, train.mask, np.asarray(train.patients),
-                    test.X, test.y, test.mask, shots=(n_shots,),
-                    seeds=range(request.seed, request.seed + request.draws), task=task,
-                )  # fmt: skip
-            except FewShotSamplingError as exc:
-                named = re.sub(r"label (\d+)", lambda m: f"'{labels[int(m[1])]}'", str(exc))
-                notes.append(f"{n_shots}-shot skipped: {named}")
-                continue
-            metrics[f"{n_shots}-shot"] = fs.summary[n_shots]
-            extra["runs"].update({f"{n}-shot/seed{s}": v for (n, s), v in fs.runs.items()})
-        if not metrics:
-            raise EmbedkitError(
-                f"few-shot: no shot count in {list(request.shots)} can be drawn from the train "
-                f"split of {request.dataset}: " + "; ".join(notes)
-            )
-        per_label: list[dict[str, Any]] = []
-        selected: dict[str, Any] = {}
-    else:
-        fit = _fit_linear if request.kind == "linear" else _fit_knn
-        with torch.inference_mode(False):
-            scores, selected, extra = fit(request, train, val, test)
+    if result.scores is not None:
         metrics, per_label, more = evaluate_scores(
-            test.y, test.mask, labels, scores, request.n_boot, request.seed
+            test.y, test.mask, labels, result.scores, request.n_boot, request.seed
         )
         notes.extend(more)
-        scores_out = ScoreTable(test.ids, tuple(labels), test.y, test.mask, scores)
+        scores_out = ScoreTable(test.ids, tuple(labels), test.y, test.mask, result.scores)
+    else:
+        metrics, per_label = dict(result.metrics or {}), []
     record = ResultRecord(
         record_id=rid,
         kind=request.kind,
@@ -248,7 +172,7 @@ def run_probe(
             "key": source.key.to_dict(),
         },
         params=params,
-        selected=selected,
+        selected=result.selected,
         seed=request.seed,
         metrics=metrics,
         per_label=per_label,
@@ -257,7 +181,8 @@ def run_probe(
         elapsed_s=round(time.perf_counter() - started, 3),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         notes=notes,
-        extra=extra,
+        extra=result.extra,
+        curve=get_kind(request.kind).curve,
     )
     path = out.write(record, scores_out, overwrite=request.overwrite)
     return ProbeOutcome(record, path, False, notes)
@@ -272,20 +197,20 @@ def _fmt(metric: Any) -> str:
 
 
 def render_record(record: ResultRecord) -> Table:
-    """Per-label table (or few-shot table) of one record, with the headline in the title."""
+    """Per-label table (or the curve's table) of one record, with the headline in the title."""
     chosen = ", ".join(f"{k}={v:g}" for k, v in record.selected.items())
     title = (
         f"{record.kind} · {record.dataset} · {record.model} · {record.resolution}px · "
         f"{record.pooling}" + (f" · {chosen}" if chosen else "")
     )
     table = Table(title=title, title_justify="left")
-    if record.kind == "fewshot":
-        table.add_column("shots")
+    if record.curve is not None:
+        table.add_column(record.curve)
         names = sorted({m for v in record.metrics.values() for m in v})
         for name in names:
             table.add_column(f"{name} (mean ± std over draws)")
-        for shots, values in record.metrics.items():
-            table.add_row(shots, *(_fmt(values.get(n)) for n in names))
+        for point, values in record.metrics.items():
+            table.add_row(point, *(_fmt(values.get(n)) for n in names))
         return table
     if record.per_label:
         for column in ("label", "AUROC [95% CI]", "AP", "sens", "spec", "pos/neg"):
@@ -315,15 +240,16 @@ def comparison_table(records: list[ResultRecord]) -> Table:
     for column in ("dataset", "model", "res", "probe", "pooling", "chosen", "headline"):
         table.add_column(column)
     for r in records:
-        if r.kind == "fewshot":
-            most = max(r.metrics, key=lambda s: int(s.split("-")[0]))
-            key = "macro_auroc" if "macro_auroc" in r.metrics[most] else "ovr_macro_auroc"
-            headline = f"{most} {key} {_fmt(r.metrics[most][key])}"
-        else:
-            key = "macro_auroc" if "macro_auroc" in r.metrics else "ovr_macro_auroc"
-            headline = f"{key} {_fmt(r.metrics[key])}"
+        name, point, low, high = headline(r)
+        value = _fmt(
+            {"point": point, "low": low, "high": high}
+            if low is not None and high is not None
+            else point
+        )
         chosen = ", ".join(f"{k}={v:g}" for k, v in r.selected.items())
-        table.add_row(r.dataset, r.model, str(r.resolution), r.kind, r.pooling, chosen, headline)
+        table.add_row(
+            r.dataset, r.model, str(r.resolution), r.kind, r.pooling, chosen, f"{name} {value}"
+        )
     return table
 
 

@@ -27,7 +27,14 @@ from embedkit.probes.backends import (
     torch_dtype,
 )
 from embedkit.probes.fitted import LinearPredictor, best_index, val_scores
-from embedkit.probes.targets import Task, holdout_split, make_targets, output_classes, resolve_task
+from embedkit.probes.targets import (
+    Task,
+    check_targets,
+    holdout_split,
+    make_targets,
+    output_classes,
+    resolve_task,
+)
 
 __all__ = ["DINO_LR_GRID", "SGDLinearProbe"]
 
@@ -47,7 +54,8 @@ class SGDLinearProbe(LinearPredictor):
     validation metric (macro AUROC multi-label, accuracy multi-class; ties to the smaller lr) is
     kept; there is no refit. Loss: masked BCE-with-logits averaged over valid entries
     (multi-label), cross-entropy over valid rows (multi-class). ``standardize`` is off by default,
-    as in the reference code.
+    as in the reference code. Fitted: ``lr_`` (grid value), ``lr_scaled_``, ``val_scores_``
+    (``{lr: joint validation metric}``), ``val_metric_``, ``val_per_label_``.
     """
 
     def __init__(
@@ -62,7 +70,7 @@ class SGDLinearProbe(LinearPredictor):
         metric: Literal["auto", "auroc", "accuracy", "log_loss"] = "auto",
         val_fraction: float = 0.1,
         device: str = "cpu",
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str = "float32",
         seed: int = 0,
     ) -> None:
         self.lrs = lrs
@@ -81,13 +89,14 @@ class SGDLinearProbe(LinearPredictor):
         self,
         X: ArrayLike,
         y: ArrayLike,
+        *,
         mask: ArrayLike | None = None,
         groups: ArrayLike | None = None,
     ) -> SGDLinearProbe:
         """Hold out ``val_fraction`` of the rows (by ``groups`` if given), then fit_select."""
         arr = check_features(X)
+        y_arr = check_targets(y, arr.shape[0], "SGDLinearProbe")
         tr, va = holdout_split(arr.shape[0], self.val_fraction, self.seed, groups)
-        y_arr = np.asarray(y)
         m_arr = np.ones(y_arr.shape, bool) if mask is None else np.asarray(mask, bool)
         return self._fit(arr, tr, y_arr[tr], m_arr[tr], arr, va, y_arr[va], m_arr[va])
 
@@ -102,6 +111,8 @@ class SGDLinearProbe(LinearPredictor):
     ) -> SGDLinearProbe:
         """Train every head on train, keep the best one on validation."""
         xt, xv = check_features(X_train), check_features(X_val, "X_val")
+        y_train = check_targets(y_train, xt.shape[0], "SGDLinearProbe")
+        y_val = check_targets(y_val, xv.shape[0], "SGDLinearProbe")
         return self._fit(
             xt, np.arange(xt.shape[0]), y_train, mask_train, xv, np.arange(xv.shape[0]), y_val,
             mask_val,
@@ -190,6 +201,7 @@ class SGDLinearProbe(LinearPredictor):
         self.task_ = task
         if classes is not None:
             self.classes_ = classes
+        self.val_metric_ = metric
         self.lr_ = float(self.lrs[best])
         self.lr_scaled_ = float(lrs[best])
         self.val_scores_ = dict(zip([float(v) for v in self.lrs], joint, strict=True))

@@ -16,7 +16,15 @@ from numpy.typing import ArrayLike, NDArray
 
 from embedkit.probes.backends import ProbeInputError
 
-__all__ = ["Targets", "Task", "holdout_split", "make_targets", "output_classes", "resolve_task"]
+__all__ = [
+    "Targets",
+    "Task",
+    "check_targets",
+    "holdout_split",
+    "make_targets",
+    "output_classes",
+    "resolve_task",
+]
 
 Task = Literal["auto", "multilabel", "multiclass"]
 
@@ -32,6 +40,18 @@ class Targets:
     @property
     def n_rows(self) -> int:
         return int(self.y.shape[0])
+
+
+def check_targets(y: ArrayLike | None, n_rows: int, estimator: str) -> NDArray[Any]:
+    """``y`` as an array of ``n_rows`` targets (a row per row of X), or a clear error."""
+    if y is None:
+        raise ProbeInputError(f"{estimator} requires y to be passed, but the target y is None.")
+    arr = np.asarray(y)
+    if arr.ndim not in (1, 2) or arr.shape[0] != n_rows:
+        raise ProbeInputError(
+            f"Expected targets of shape ({n_rows},) or ({n_rows}, L) like X, got {arr.shape}."
+        )
+    return arr
 
 
 def resolve_task(task: Task, y: NDArray[Any]) -> Literal["multilabel", "multiclass"]:
@@ -55,7 +75,8 @@ def output_classes(
     classes = np.unique(y[m])
     if classes.size < 2:
         raise ProbeInputError(
-            f"Expected at least 2 classes among valid training targets, got {classes.tolist()}."
+            f"Expected at least 2 classes among valid training targets, got {classes.tolist()}; "
+            "a probe cannot be fitted on one class."
         )
     return classes, int(classes.size)
 

@@ -152,7 +152,7 @@ def build_report(
     images = (
         plots.auroc_vs_resolution(rows, out_dir)
         + plots.per_label_deltas(records, out_dir)
-        + plots.fewshot_curves(records, out_dir)
+        + plots.curves(records, out_dir)
     )
     report.files += images
     summary_table = _table_html(

@@ -120,7 +120,7 @@ def compare_records(
     scored: dict[tuple[str, tuple[str, ...]], list[tuple[ResultRecord, ScoreTable]]]
     scored = defaultdict(list)
     for record, path in records:
-        if record.kind == "fewshot" or not path.with_suffix(".parquet").is_file():
+        if record.curve is not None or not path.with_suffix(".parquet").is_file():
             continue
         scores = load_scores(path)
         scored[(record.dataset, tuple(sorted(scores.ids)))].append((record, scores))

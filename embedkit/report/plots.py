@@ -1,4 +1,4 @@
-"""Report figures (matplotlib, headless): AUROC vs resolution, per-label deltas, few-shot curves."""
+"""Report figures (matplotlib, headless): AUROC vs resolution, per-label deltas, declared curves."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt
 
-from embedkit.report.tables import SummaryRow
+from embedkit.report.tables import SummaryRow, curve_x
 from embedkit.results import ResultRecord
 
 
@@ -29,7 +29,7 @@ def auroc_vs_resolution(rows: Sequence[SummaryRow], out: Path) -> list[Path]:
         lambda: defaultdict(list)
     )
     for row in rows:
-        if row.method != "fewshot":
+        if row.curve is None:
             by_dataset[row.dataset][(row.model, row.method)].append(row)
     for dataset, series in sorted(by_dataset.items()):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -80,28 +80,29 @@ def per_label_deltas(records: Sequence[ResultRecord], out: Path) -> list[Path]:
     return paths
 
 
-def fewshot_curves(records: Sequence[ResultRecord], out: Path) -> list[Path]:
-    """Mean test AUROC vs shots (log2 axis) with the 95% CI over draws."""
-    runs = [r for r in records if r.kind == "fewshot"]
-    by_dataset: dict[str, list[ResultRecord]] = defaultdict(list)
-    for r in runs:
-        by_dataset[r.dataset].append(r)
+def curves(records: Sequence[ResultRecord], out: Path) -> list[Path]:
+    """One figure per dataset and kind of the records that declare a curve (few-shot: mean test
+    AUROC vs shots on a log2 axis), with the 95% CI over draws."""
+    groups: dict[tuple[str, str], list[ResultRecord]] = defaultdict(list)
+    for r in records:
+        if r.curve is not None:
+            groups[(r.dataset, r.kind)].append(r)
     paths = []
-    for dataset, group in sorted(by_dataset.items()):
+    for (dataset, kind), group in sorted(groups.items()):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for r in sorted(group, key=lambda r: (r.model, r.resolution)):
-            shots = sorted(r.metrics, key=lambda s: int(s.split("-")[0]))
-            key = "macro_auroc" if "macro_auroc" in r.metrics[shots[0]] else "ovr_macro_auroc"
-            xs = [int(s.split("-")[0]) for s in shots]
-            mean = [r.metrics[s][key]["mean"] for s in shots]
+            points = sorted(r.metrics, key=curve_x)
+            key = "macro_auroc" if "macro_auroc" in r.metrics[points[0]] else "ovr_macro_auroc"
+            xs = [curve_x(s) for s in points]
+            mean = [r.metrics[s][key]["mean"] for s in points]
             ax.plot(xs, mean, marker="o", label=f"{r.model} · {r.resolution}px")
-            lows = [r.metrics[s][key]["ci_low"] for s in shots]
-            highs = [r.metrics[s][key]["ci_high"] for s in shots]
+            lows = [r.metrics[s][key]["ci_low"] for s in points]
+            highs = [r.metrics[s][key]["ci_high"] for s in points]
             ax.fill_between(xs, lows, highs, alpha=0.15)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("training examples per class / label")
-        ax.set_ylabel("macro AUROC (test)")
-        ax.set_title(f"{dataset}: few-shot")
+        ax.set_xlabel(group[0].curve or "")
+        ax.set_ylabel("macro AUROC (test, mean and 95% CI over draws)")
+        ax.set_title(f"{dataset}: {kind}")
         ax.legend(fontsize=7)
-        paths.append(_save(fig, out / f"fewshot_{dataset}.png"))
+        paths.append(_save(fig, out / f"{kind}_{dataset}.png".replace("/", "--")))
     return paths

@@ -24,20 +24,26 @@ class SummaryRow:
     n_test: int
     chosen: str
     record_id: str
+    curve: str | None = None  # the record's declaration: its headline is one point of a curve
+
+
+def curve_x(key: str) -> int:
+    """The x value of a curve point's metrics key (``"16-shot"`` -> 16)."""
+    return int(key.split("-")[0])
 
 
 def headline(record: ResultRecord) -> tuple[str, float, float | None, float | None]:
     """(metric name, point, CI low, CI high) of the record's main metric.
 
-    Multi-label: macro AUROC; multi-class: one-vs-rest macro AUROC; few-shot: the largest shot
-    count's mean over draws with its 95% t-interval.
+    Multi-label: macro AUROC; multi-class: one-vs-rest macro AUROC; a record that declares a
+    curve (few-shot): the largest point's mean (over draws) with its 95% t-interval.
     """
     metrics = record.metrics
-    if record.kind == "fewshot":
-        shots = max(metrics, key=lambda s: int(s.split("-")[0]))
-        name = "macro_auroc" if "macro_auroc" in metrics[shots] else "ovr_macro_auroc"
-        m = metrics[shots][name]
-        return f"{shots} {name}", m["mean"], m.get("ci_low"), m.get("ci_high")
+    if record.curve is not None:
+        last = max(metrics, key=curve_x)
+        name = "macro_auroc" if "macro_auroc" in metrics[last] else "ovr_macro_auroc"
+        m = metrics[last][name]
+        return f"{last} {name}", m["mean"], m.get("ci_low"), m.get("ci_high")
     name = "macro_auroc" if "macro_auroc" in metrics else "ovr_macro_auroc"
     m = metrics[name]
     return name, m["point"], m["low"], m["high"]
@@ -62,6 +68,7 @@ def summary_rows(records: Sequence[ResultRecord]) -> list[SummaryRow]:
                 r.n.get("test", 0),
                 chosen,
                 r.record_id,
+                r.curve,
             )
         )
     return sorted(rows, key=lambda s: (s.dataset, s.model, s.method, s.resolution))

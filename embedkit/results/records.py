@@ -80,7 +80,7 @@ class ResultRecord:
     """Everything needed to read, compare and reproduce one run."""
 
     record_id: str
-    kind: str  # linear | knn | fewshot | finetune-...
+    kind: str  # a registered probe kind (linear, knn, fewshot, sgd, ...) or finetune-<method>
     dataset: str
     model: str
     resolution: int
@@ -100,6 +100,10 @@ class ResultRecord:
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = RECORD_FORMAT_VERSION
+    # What the report reads instead of the kind name: None = point metrics on the test split
+    # (per-image scores saved beside the record); else the axis of the curve the metrics form,
+    # keyed "<x>-<unit>" (few-shot: "shots", keys "1-shot", "2-shot", ...).
+    curve: str | None = None
 
     def relpath(self) -> str:
         model = self.model.replace("/", "--")
@@ -156,6 +160,8 @@ def load_record(path: str | os.PathLike[str]) -> ResultRecord:
         data = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise CacheNotFoundError(f"no result record at {path}") from exc
+    if "curve" not in data and data.get("kind") == "fewshot":  # written before `curve` existed
+        data["curve"] = "shots"
     return ResultRecord(**data)
 
 

@@ -18,19 +18,27 @@ pytestmark = pytest.mark.slow
 ATOL = 1e-6
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        "test/tiny-dinov3-vit",
+        # blocks from the family adapter: every block of every stage
+        "test/tiny-dinov3-convnext",
+    ],
+)
 def test_sharded_encoder_holds_half_the_weights_and_matches(
-    dist_env: dict[str, str], tmp_path: Path
+    model: str, dist_env: dict[str, str], tmp_path: Path
 ) -> None:
     worker = Path(__file__).with_name("fsdp_worker.py")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         "--standalone",
-        str(worker), str(tmp_path),
+        str(worker), str(tmp_path), model,
     ]  # fmt: skip
     run(cmd, dist_env)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     total = reports[0]["total"]
-    assert total > 100_000  # 42k fp32 parameters
+    assert total > 100_000  # 42k (ViT) or 26k (ConvNeXt) fp32 parameters
     for rep in reports:
         assert 0.45 * total <= rep["resident"] <= 0.55 * total
         assert rep["max_abs_diff"] <= ATOL

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+import embedkit.finetune
 from embedkit.errors import ConfigError
-from embedkit.finetune import METHODS, Classifier, LoraSettings, count_parameters, get_method
+from embedkit.finetune import (
+    METHOD_NAMES,
+    METHODS,
+    Classifier,
+    FinetuneRequest,
+    LoraSettings,
+    Method,
+    count_parameters,
+    get_method,
+    register_method,
+)
 from embedkit.finetune.losses import masked_loss
-from embedkit.finetune.train import _param_groups
-from embedkit.models import load_encoder
+from embedkit.finetune.train import _param_groups, _plan
+from embedkit.manifest import load_manifest
+from embedkit.models import EncoderSpec, get_family, get_spec, list_families, load_encoder
 
 MODELS = {"test/tiny-dinov3-vit": 64, "test/tiny-dinov2": 56, "test/tiny-dinov3-convnext": 64}
 
@@ -34,8 +48,83 @@ def _classifier(model: str, cache: Path, method: str, **lora: object) -> Classif
 
 def test_registry_holds_the_four_methods() -> None:
     assert set(METHODS) == {"full", "lora", "bitfit", "linear"}
+    assert METHOD_NAMES == ("full", "lora", "bitfit", "linear") == tuple(METHODS)
     with pytest.raises(ConfigError, match="did you mean 'lora'"):
         get_method("lorra")
+    with pytest.raises(ConfigError, match="Methods: full, lora, bitfit, linear"):
+        get_method("adapter")
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(Method("lora", "again", 1.0, METHODS["lora"].prepare))
+
+
+def test_the_train_loop_asks_the_method_never_its_name() -> None:
+    """No ``if method == "lora"``: what differs per method is in its registry entry."""
+    folder = Path(embedkit.finetune.__file__).parent
+    for path in folder.glob("*.py"):
+        if path.name not in ("methods.py", "request.py"):  # the registry; the option schema
+            text = path.read_text()
+            assert not re.search(r"method\s*(==|!=|\bin\b)\s*[\"'(]", text), path.name
+            assert not any(f'"{name}"' in text for name in ("lora", "bitfit")), path.name
+
+
+def test_lora_records_its_settings_and_peft() -> None:
+    spec = get_spec("test/tiny-dinov3-convnext")
+    lora = get_method("lora")
+    assert lora.packages == ("peft",)
+    assert lora.record_params(spec, LoraSettings(r=4)) == {
+        "lora": {"r": 4, "alpha": 16, "dropout": 0.05,
+                 "targets": ["pointwise_conv1", "pointwise_conv2"]}
+    }  # fmt: skip
+    custom = LoraSettings(targets=("fc1",))
+    assert lora.record_params(spec, custom)["lora"]["targets"] == ["fc1"]
+    for name in ("full", "bitfit", "linear"):
+        assert get_method(name).record_params(spec, LoraSettings()) == {}
+        assert get_method(name).packages == ()
+
+
+@pytest.mark.parametrize("family", [f.name for f in list_families()])
+def test_lora_defaults_come_from_the_family_adapter(family: str) -> None:
+    from embedkit.finetune.methods import lora_targets
+
+    assert lora_targets(family, LoraSettings()) == get_family(family).lora_targets
+    assert lora_targets(family, LoraSettings(targets=("x",))) == ("x",)
+
+
+@pytest.fixture
+def headonly() -> Iterator[Method]:
+    """A method added by one registration (the extension path of docs/extending.md)."""
+
+    def prepare(model: Classifier, _settings: LoraSettings) -> None:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("head.weight"))
+
+    def record(_spec: EncoderSpec, _settings: LoraSettings) -> dict[str, Any]:
+        return {"headonly": {"bias": False}}
+
+    method = register_method(Method("test-headonly", "head weights", 2e-3, prepare, record))
+    try:
+        yield method
+    finally:
+        del METHODS["test-headonly"]
+
+
+def test_a_registered_method_runs_through_the_plan(
+    headonly: Method, ft_manifest: Path, ft_model_cache: Path
+) -> None:
+    request = FinetuneRequest(
+        model="test/tiny-dinov2", dataset="demo", resolution=56,
+        method="test-headonly",  # type: ignore[arg-type]
+        device="cpu",
+    )  # fmt: skip
+    assert request.effective_lr == 2e-3
+    plan = _plan(request, load_manifest(ft_manifest), ft_model_cache)
+    assert plan.params["method"] == "test-headonly"
+    assert plan.params["headonly"] == {"bias": False}
+    assert "lora" not in plan.params
+    assert plan.identity["kind"] == "finetune-test-headonly"
+    assert "/finetune-test-headonly-" in plan.relpath
+    classifier = _classifier("test/tiny-dinov2", ft_model_cache, "test-headonly")
+    assert {n for n, p in classifier.named_parameters() if p.requires_grad} == {"head.weight"}
 
 
 @pytest.mark.parametrize("method", sorted(EXPECTED))
@@ -97,3 +186,19 @@ def test_layer_decay_scales_lr_by_depth(ft_model_cache: Path) -> None:
     assert by_name[id(params["encoder.model.layer.1.norm1.weight"])] == 0.5
     assert by_name[id(params["encoder.model.layer.0.norm1.weight"])] == 0.25
     assert by_name[id(params["encoder.embeddings.cls_token"])] == 0.125
+
+
+def test_layer_decay_is_refused_for_a_family_without_it(
+    ft_manifest: Path, ft_model_cache: Path
+) -> None:
+    request = FinetuneRequest(
+        model="test/tiny-dinov3-convnext", dataset="demo", resolution=64, method="full",
+        layer_decay=0.5, device="cpu",
+    )  # fmt: skip
+    assert not get_family("dinov3-convnext").supports_layer_decay
+    with pytest.raises(ConfigError, match=r"use --layer-decay 1\.0"):
+        _plan(request, load_manifest(ft_manifest), ft_model_cache)
+    classifier = _classifier("test/tiny-dinov3-convnext", ft_model_cache, "full")
+    with pytest.raises(ConfigError, match="layer-wise lr decay"):
+        _param_groups(classifier, 1.0, 0.0, 0.5)
+    assert len(_param_groups(classifier, 1.0, 0.0, 1.0)) == 1

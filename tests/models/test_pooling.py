@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from embedkit import models, store
 from embedkit.errors import ResolutionError
 from embedkit.models import (
     Tokens,
@@ -10,10 +11,15 @@ from embedkit.models import (
     available_poolings,
     derive,
     derived_components,
+    get_family,
     get_spec,
+    list_families,
+    list_specs,
     pool,
     pooling_dims,
 )
+from embedkit.models import pooling as models_pooling
+from embedkit.models.pooling import check_poolings
 
 
 def _tokens(with_cls: bool) -> Tokens:
@@ -72,7 +78,44 @@ def test_derive_from_stored_features() -> None:
 
 def test_available_poolings_per_family() -> None:
     assert available_poolings(get_spec("dinov3/vitb16")) == ("cls", "mean", "patch", "cls+mean")
-    assert available_poolings(get_spec("dinov3/convnext-base")) == ("pooled", "mean", "patch")
+    assert available_poolings(get_spec("dinov3/convnext-base")) == (
+        "pooled",
+        "mean",
+        "patch",
+        "pooled+mean",
+    )
+
+
+def test_one_derived_poolings_table() -> None:
+    """The models layer serves the store's table (no copy of its own to drift)."""
+    assert models_pooling.DERIVED_POOLINGS is store.DERIVED_POOLINGS
+    assert models.DERIVED_POOLINGS is store.DERIVED_POOLINGS
+
+
+@pytest.mark.parametrize("family", [f.name for f in list_families()])
+def test_pooled_plus_mean_is_offered_by_every_family_storing_pooled_and_mean(family: str) -> None:
+    adapter = get_family(family)
+    spec = next(s for s in list_specs() if s.family == family)
+    offered = available_poolings(spec)
+    if {"pooled", "mean"} <= set(adapter.stored_poolings):
+        assert "pooled+mean" in offered
+        assert check_poolings(spec, ["pooled+mean"]) == ("pooled+mean",)
+        side = spec.input_multiple * 7
+        assert pooling_dims(spec, ["pooled+mean"], resolution=side) == {
+            "pooled+mean": (2 * spec.embed_dim,)
+        }
+    else:
+        assert "pooled+mean" not in offered
+    for name, parts in store.DERIVED_POOLINGS.items():
+        assert (name in offered) == (set(parts) <= set(adapter.stored_poolings))
+
+
+def test_pool_convnext_tokens_pooled_plus_mean() -> None:
+    tokens = _tokens(with_cls=False)
+    out = pool(tokens, ["pooled+mean"])
+    assert tokens.pooled is not None
+    want = torch.cat([tokens.pooled, tokens.patches.mean(dim=(1, 2))], dim=1)
+    torch.testing.assert_close(out["pooled+mean"], want)
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,9 @@ def test_multilabel_scores_equal_bruteforce_with_ties_and_masks() -> None:
     Xq = _tied(rng, 40)
     Xq[:10] = Xtr[:10]  # queries with exact duplicates
     for k in (1, 10, 37):
-        probe = KNNProbe(k=k, dtype="float64", block_size=7, train_block_size=50).fit(Xtr, y, mask)
+        probe = KNNProbe(k=k, dtype="float64", block_size=7, train_block_size=50).fit(
+            Xtr, y, mask=mask
+        )
         np.testing.assert_allclose(
             probe.predict_proba(Xq, k=k), _reference(Xtr, y, mask, Xq, k, 0.07), atol=1e-10
         )
@@ -83,8 +85,10 @@ def test_neighbours_equal_sklearn_cosine_brute_on_digits() -> None:
     dist, ref_idx = nn.kneighbors(Xq)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_allclose(1.0 - sims, dist, atol=1e-10)
-    scores = probe.predict_proba(Xq)
+    scores = probe.predict_proba_per_k(Xq)
     assert set(scores) == {10, 20}
+    np.testing.assert_array_equal(probe.predict_proba(Xq, k=20), scores[20])
+    np.testing.assert_array_equal(probe.predict_proba(Xq), scores[10])  # the smallest k
     assert (probe.classes_[scores[20].argmax(1)] == y[1500:]).mean() > 0.9
     np.testing.assert_allclose(scores[10].sum(1), 1.0)
 

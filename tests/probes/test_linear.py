@@ -71,7 +71,7 @@ def test_mask_equals_fitting_on_the_subset() -> None:
     Y_garbage = Y.copy()
     Y_garbage[~mask] = -1  # masked entries may hold anything
     # No standardisation: its statistics would differ between all rows and the subset.
-    masked = LogisticProbe(C=0.1, standardize=False).fit(X, Y_garbage, mask)
+    masked = LogisticProbe(C=0.1, standardize=False).fit(X, Y_garbage, mask=mask)
     P = masked.predict_proba(X)
     for j in range(3):
         sub = LogisticProbe(C=0.1, standardize=False).fit(X[mask[:, j]], Y[mask[:, j], j : j + 1])
@@ -99,7 +99,7 @@ def test_warm_path_equals_cold_fits_and_selection() -> None:
         per_label_auroc(Yva, None, cold.predict_proba(Xva)), path.scores[3], atol=1e-6
     )
     # Refit on train + val at the chosen C equals a cold fit on the concatenation.
-    full = LogisticProbe(C=probe.C_).fit(np.vstack([Xtr, Xva]), np.vstack([Ytr, Yva]))
+    full = LogisticProbe(C=float(probe.C_)).fit(np.vstack([Xtr, Xva]), np.vstack([Ytr, Yva]))
     assert np.abs(full.predict_proba(X) - probe.predict_proba(X)).max() < P_TOL
 
 

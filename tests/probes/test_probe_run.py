@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from embedkit.errors import CacheNotFoundError, EmbedkitError
 from embedkit.extract import ExtractionRequest, extract
 from embedkit.manifest import load_manifest
+from embedkit.probes import KindResult, ProbeData
 from embedkit.probes.run import ProbeRequest, run_probe
 from embedkit.results import load_scores
 
@@ -146,3 +149,138 @@ def test_features_read_by_blocks_equal_one_read(extracted: Path) -> None:
         got = read_features(entry, "cls+mean", ids, block_rows=block_rows)
         assert got.dtype == whole.dtype == np.float16
         np.testing.assert_array_equal(got, whole)
+
+
+def test_sgd_kind_chooses_lr_on_validation_and_writes_a_scored_record(
+    extracted: Path, tmp_path: Path
+) -> None:
+    from embedkit.probes import DINO_LR_GRID, SGDLinearProbe
+    from embedkit.probes.features import split_features
+    from embedkit.probes.run import find_probe_entry, render_record
+    from embedkit.store import CacheRoot
+
+    outcome = run_probe(_probe("sgd"), manifest=extracted, results=tmp_path)
+    record = outcome.record
+    assert record.kind == "sgd" and record.curve is None and outcome.path.name.startswith("sgd-")
+    assert record.pooling == "cls+mean" and record.params["lrs"] == list(DINO_LR_GRID)
+    assert record.selected["lr"] in DINO_LR_GRID
+    per_lr = record.extra["val_score_per_lr"]
+    finite = {float(k): v for k, v in per_lr.items() if np.isfinite(v)}
+    best = max(finite.values())
+    assert finite[record.selected["lr"]] == best  # the best validation macro AUROC ...
+    assert record.selected["lr"] == min(lr for lr, v in finite.items() if v == best)  # ties: small
+    # The saved test scores are those of the estimator fitted by the documented rule.
+    man = load_manifest(extracted)
+    entry = find_probe_entry(CacheRoot.from_uri(man.cache), "demo", "test/tiny-dinov3-vit", 224)
+    table = man.dataset("demo").load()
+    tr, va, te = (split_features(entry, table, s, "cls+mean") for s in ("train", "val", "test"))
+    probe = SGDLinearProbe(seed=0).fit_select(tr.X, tr.y, tr.mask, va.X, va.y, va.mask)
+    assert probe.lr_ == record.selected["lr"]
+    scores = load_scores(outcome.path)
+    np.testing.assert_allclose(scores.scores, probe.predict_proba(te.X))
+    m = scores.mask[:, 0]
+    row = record.per_label[0]
+    if row["auroc"] is not None:
+        assert row["auroc"] == pytest.approx(roc_auc_score(scores.y[m, 0], scores.scores[m, 0]))
+    assert (
+        render_record(record).title
+        and run_probe(_probe("sgd"), manifest=extracted, results=tmp_path).reused
+    )
+
+
+def test_fewshot_kind_returns_a_curve_over_shots_from_the_train_split() -> None:
+    from embedkit.probes import get_kind, run_fewshot
+    from embedkit.probes.features import SplitFeatures
+    from embedkit.probes.registry import ProbeData
+
+    rng = np.random.default_rng(0)
+
+    def part(name: str, n: int) -> SplitFeatures:
+        y = (rng.random((n, 2)) < 0.4).astype(np.float32)
+        X = (rng.normal(size=(n, 8)) + 2 * y[:, :1]).astype(np.float16)
+        patients = tuple(f"{name}{i // 2}" for i in range(n))  # two images per patient
+        ids = tuple(f"{name}-{i}" for i in range(n))
+        return SplitFeatures(name, "cls+mean", X, ids, y, np.ones_like(y, bool), patients, 0)
+
+    train, val, test = part("train", 80), part("val", 0), part("test", 30)
+    kind = get_kind("fewshot")
+    request = _probe("fewshot", shots=(1, 2, 64), draws=3, seed=4)
+    data = ProbeData(train, val, test, ("A", "B"), "multilabel", "toy")
+    result = kind.fit_score(request, data)
+    assert kind.curve == "shots" and result.scores is None and result.selected == {}
+    assert result.metrics is not None and list(result.metrics) == ["1-shot", "2-shot"]
+    assert result.notes == [
+        "64-shot skipped: 'A' positives: "
+        f"{len({p for p, y in zip(train.patients, train.y[:, 0], strict=True) if y})} eligible "
+        "patients, 64 needed; use fewer shots."
+    ]
+    ref = run_fewshot(train.X, train.y, train.mask, np.asarray(train.patients), test.X, test.y,
+                      test.mask, shots=(1, 2), seeds=range(4, 7))  # fmt: skip
+    assert result.metrics["2-shot"] == ref.summary[2]
+    assert set(result.extra["runs"]) == {f"{n}-shot/seed{s}" for n in (1, 2) for s in (4, 5, 6)}
+
+
+def test_unknown_kind_lists_the_registered_ones() -> None:
+    from embedkit.errors import ConfigError
+    from embedkit.probes import PROBE_KINDS
+
+    assert PROBE_KINDS == ("linear", "knn", "fewshot", "sgd")
+    with pytest.raises(ConfigError, match=r"unknown probe kind 'knm'; did you mean 'knn'\?"):
+        _probe("knm")
+    with pytest.raises(ConfigError, match=r"choose one of \['linear', 'knn', 'fewshot', 'sgd'\]"):
+        _probe("ridge")
+
+
+class _CentroidKind:
+    """A probe kind written as a newcomer would: cosine to the positive minus the negative class
+    mean per label. One class and one registration; nothing else changes."""
+
+    name = "centroid"
+    curve = None
+
+    def default_pooling(self, stored: Collection[str]) -> str:
+        return "cls"
+
+    def params(self, request: ProbeRequest) -> dict[str, Any]:
+        return {"similarity": "cosine"}
+
+    def fit_score(self, request: ProbeRequest, data: ProbeData) -> KindResult:
+        train, test = data.train, data.test
+
+        def unit(a: np.ndarray) -> np.ndarray:
+            a = a.astype(np.float64)
+            return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+        Xtr, Xte = unit(train.X), unit(test.X)
+        scores = np.zeros((len(Xte), train.y.shape[1]))
+        for j in range(train.y.shape[1]):
+            valid = train.mask[:, j]
+            pos = valid & (train.y[:, j] == 1)
+            neg = valid & (train.y[:, j] == 0)
+            if pos.any() and neg.any():
+                scores[:, j] = Xte @ (unit(Xtr[pos].mean(0)) - unit(Xtr[neg].mean(0)))
+        return KindResult({}, {"n_train": len(Xtr)}, scores=scores)
+
+
+def test_a_new_kind_is_one_class_and_one_registration(
+    extracted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embedkit.errors import ConfigError
+    from embedkit.probes import registry
+    from embedkit.report import build_report
+
+    kind = _CentroidKind()
+    monkeypatch.setitem(registry._KINDS, kind.name, kind)  # register(kind), undone afterwards
+    with pytest.raises(ConfigError, match="already registered"):
+        registry.register(kind)
+    outcome = run_probe(_probe("centroid"), manifest=extracted, results=tmp_path / "results")
+    record = outcome.record
+    assert (record.kind, record.pooling, record.curve) == ("centroid", "cls", None)
+    assert record.params["similarity"] == "cosine" and record.extra["n_train"] == record.n["train"]
+    assert outcome.path.name.startswith("centroid-")
+    scores = load_scores(outcome.path)
+    assert scores.scores.shape == (record.n["test"], len(record.labels))
+    run_probe(_probe("linear"), manifest=extracted, results=tmp_path / "results")
+    built = build_report(tmp_path / "results", tmp_path / "report", n_boot=50)
+    assert {row.method for row in built.summary} == {"centroid", "linear"}
+    assert [c.axis for c in built.comparisons] == ["method"]  # paired on the same test images
