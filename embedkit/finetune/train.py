@@ -560,7 +560,7 @@ def _write_record(
     table = plan.table
     test_rows = np.asarray(kept, dtype=np.int64)
     labels = list(table.labels.names)
-    metrics, per_label, more = evaluate_scores(
+    metrics, per_label, more, _op = evaluate_scores(
         table.labels.y[test_rows], table.labels.mask[test_rows], labels, scores,
         request.n_boot, request.seed,
     )  # fmt: skip

@@ -149,7 +149,7 @@ def run_probe(
     notes.extend(result.notes)
     scores_out: ScoreTable | None = None
     if result.scores is not None:
-        metrics, per_label, more = evaluate_scores(
+        metrics, per_label, more, _op = evaluate_scores(
             test.y, test.mask, labels, result.scores, request.n_boot, request.seed
         )
         notes.extend(more)

@@ -126,7 +126,11 @@ def compare_records(
         scored[(record.dataset, tuple(sorted(scores.ids)))].append((record, scores))
     pending: list[tuple[str, str, ResultRecord, ResultRecord, str, PairedTest, int]] = []
     for (dataset, ids), runs in sorted(scored.items(), key=lambda kv: kv[0][0]):
-        idx = bootstrap_indices(len(ids), n_boot=n_boot, seed=seed)
+        order = np.argsort(runs[0][1].ids)  # every run's arrays are aligned to sorted ids
+        idx = bootstrap_indices(
+            len(ids), n_boot=n_boot, seed=seed,
+            targets=runs[0][1].y[order], mask=runs[0][1].mask[order],
+        )  # fmt: skip
         for (ra, sa), (rb, sb) in combinations(runs, 2):
             axis = _axis(ra, rb)
             if axis is None:
