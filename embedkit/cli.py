@@ -5,15 +5,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from enum import StrEnum
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar, get_args, overload
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from embedkit.errors import EmbedkitError
+from embedkit.errors import EmbedkitError, did_you_mean
+from embedkit.eval.bootstrap import Correction
+from embedkit.extract.request import (
+    BadImagePolicy,
+    Compression,
+    DeviceMap,
+    ExtractionRequest,
+    ResizePolicy,
+    ShardPolicy,
+    StorageDtype,
+)
+from embedkit.finetune.request import FinetuneRequest
+from embedkit.models.device import ComputeDtype
+from embedkit.probes.request import ProbeRequest
+from embedkit.study.options import (
+    field_defaults,
+    finetune_methods,
+    probe_kinds,
+    request_from_options,
+)
+
+R = TypeVar("R")
 
 app = typer.Typer(
     name="embedkit",
@@ -68,44 +89,50 @@ LocalCacheOpt = Annotated[
 ]
 
 
-class DtypeChoice(StrEnum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+def _choice(values: Iterable[str]) -> dict[str, Any]:
+    """`typer.Option` arguments for a closed option set, from the names its layer declares."""
+    choices = tuple(values)
+
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(
+                f"{value!r} is not one of {', '.join(map(repr, choices))}"
+                f"{did_you_mean(value, choices)}"
+            )
+        return value
+
+    return {"parser": parse, "metavar": "[" + "|".join(choices) + "]"}
 
 
-class StorageChoice(StrEnum):
-    float16 = "float16"
-    float32 = "float32"
+def _one_of(literal: Any) -> dict[str, Any]:
+    return _choice(get_args(literal))
 
 
-class CompressionChoice(StrEnum):
-    none = "none"
-    zstd = "zstd"
+@overload
+def _csv(values: None) -> None: ...
+@overload
+def _csv(values: tuple[object, ...]) -> str: ...
+def _csv(values: tuple[object, ...] | None) -> str | None:
+    """A sequence default as the command line writes it (``10,20,100,200``)."""
+    return None if values is None else ",".join(map(str, values))
 
 
-class ShardChoice(StrEnum):
-    none = "none"
-    fsdp = "fsdp"
-    auto = "auto"
+# Every request option's default comes from its request dataclass (the same defaults a pipeline
+# step has); the commands only add flags and help.
+EXTRACT = field_defaults(ExtractionRequest)
+PROBE = field_defaults(ProbeRequest)
+FINETUNE = field_defaults(FinetuneRequest)
+
+#: Options that say where a command reads, writes or runs, not what it computes: they are not
+#: part of its request. Every other option of `extract`, `probe` and `finetune` is a request
+#: field of the same name.
+RUN_CONTEXT = frozenset({"cache", "manifest", "local_cache", "results", "nproc"})
 
 
-class DeviceMapChoice(StrEnum):
-    auto = "auto"
-    balanced = "balanced"
-    sequential = "sequential"
-
-
-class ResizeChoice(StrEnum):
-    squash = "squash"
-    pad = "pad"
-    crop = "crop"
-
-
-class BadImageChoice(StrEnum):
-    fail = "fail"
-    skip = "skip"
+def _request(ctx: typer.Context, request_type: type[R]) -> R:
+    """The command's request: its parsed options through the mapping pipeline steps use."""
+    options = {k: v for k, v in ctx.params.items() if k not in RUN_CONTEXT}
+    return request_from_options(request_type, options)
 
 
 def _cache_uri(cache: str | None, manifest: Path | None) -> str:
@@ -171,6 +198,7 @@ def models(
 
 @app.command("extract")
 def extract(
+    ctx: typer.Context,
     model: Annotated[
         str,
         typer.Option(
@@ -194,77 +222,98 @@ def extract(
             "(cls and mean, or pooled and mean for ConvNeXt; cls+mean is derived) are always "
             "stored.",
         ),
-    ] = False,
+    ] = EXTRACT["patch_tokens"],
     dtype: Annotated[
-        DtypeChoice, typer.Option(help="Compute dtype; auto = bf16 on GPU, fp32 on CPU.")
-    ] = DtypeChoice.auto,
-    storage_dtype: Annotated[
-        StorageChoice, typer.Option(help="dtype of the stored features.")
-    ] = StorageChoice.float16,
-    compression: Annotated[
-        CompressionChoice,
+        str,
         typer.Option(
+            **_one_of(ComputeDtype), help="Compute dtype; auto = bf16 on GPU, fp32 on CPU."
+        ),
+    ] = EXTRACT["dtype"],
+    storage_dtype: Annotated[
+        str, typer.Option(**_one_of(StorageDtype), help="dtype of the stored features.")
+    ] = EXTRACT["storage_dtype"],
+    compression: Annotated[
+        str,
+        typer.Option(
+            **_one_of(Compression),
             help="Codec of a new entry's files: none (default; fastest reads, float16 features "
             "compress only ~8%) or zstd (level 1; ~8% smaller, 3-5x slower full reads). "
-            "Not part of the cache key: both hold the same features."
+            "Not part of the cache key: both hold the same features.",
         ),
-    ] = CompressionChoice.none,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    workers: Annotated[
-        int, typer.Option(min=0, help="Image-loading worker processes (0 = in the main process).")
-    ] = 2,
+    ] = EXTRACT["compression"],
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = EXTRACT["batch_size"],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = EXTRACT["device"],
+    num_workers: Annotated[
+        int,
+        typer.Option("--workers", help="Image-loading worker processes (0 = in the main process)."),
+    ] = EXTRACT["num_workers"],
     unit_rows: Annotated[
-        int, typer.Option(min=1, help="Images per resumable work unit (one chunk per pooling).")
-    ] = 1024,
+        int, typer.Option(help="Images per resumable work unit (one chunk per pooling).")
+    ] = EXTRACT["unit_rows"],
     resize: Annotated[
-        ResizeChoice,
-        typer.Option(help="squash: resize to a square; pad: letterbox; crop: centre square."),
-    ] = ResizeChoice.squash,
+        str,
+        typer.Option(
+            **_one_of(ResizePolicy),
+            help="squash: resize to a square; pad: letterbox; crop: centre square.",
+        ),
+    ] = EXTRACT["resize"],
     snap_resolution: Annotated[
         bool,
         typer.Option(
-            help="If the resolution is not a multiple of the model's patch size, use the nearest "
-            "one instead of stopping (the used size is recorded in the cache key)."
+            help="A resolution that is not a multiple of the model's patch size becomes the "
+            "nearest one (DINOv2, patch 14: 512 -> 518); the size used is recorded in the "
+            "cache key and printed. --no-snap-resolution stops with the valid sizes instead."
         ),
-    ] = False,
+    ] = EXTRACT["snap_resolution"],
     on_bad_image: Annotated[
-        BadImageChoice,
+        str,
         typer.Option(
+            **_one_of(BadImagePolicy),
             help="fail: stop after listing every unreadable image (finished work is kept); "
-            "skip: leave them out and record their IDs in the entry."
+            "skip: leave them out and record their IDs in the entry.",
         ),
-    ] = BadImageChoice.fail,
+    ] = EXTRACT["on_bad_image"],
     revision: Annotated[
         str | None, typer.Option(help="Hub revision (branch, tag or commit).")
-    ] = None,
+    ] = EXTRACT["revision"],
     overwrite: Annotated[
         bool, typer.Option(help="Delete an existing entry with the same key and recompute.")
-    ] = False,
+    ] = EXTRACT["overwrite"],
     shard: Annotated[
-        ShardChoice,
+        str,
         typer.Option(
+            **_one_of(ShardPolicy),
             help="none: a full replica per rank; fsdp: split the weights over the ranks "
             "(FSDP2, needs >= 2 ranks); auto: replicas if the model fits the device, else fsdp.",
         ),
-    ] = ShardChoice.none,
+    ] = EXTRACT["shard"],
     device_map: Annotated[
-        DeviceMapChoice | None,
+        str | None,
         typer.Option(
+            **_one_of(DeviceMap),
             help="One process, layers spread over all visible GPUs (accelerate): for a model "
             "no single GPU holds when torchrun + --shard fsdp is not an option. No speed-up.",
         ),
-    ] = None,
-    compile_model: Annotated[
+    ] = EXTRACT["device_map"],
+    compile: Annotated[
         bool, typer.Option("--compile/--no-compile", help="torch.compile the encoder.")
-    ] = False,
+    ] = EXTRACT["compile"],
     auto_batch: Annotated[
         bool,
         typer.Option(
             help="GPU: find the largest batch (up to 8x --batch-size) that fits, backing off "
             "on out-of-memory. Ignored on CPU."
         ),
-    ] = False,
+    ] = EXTRACT["auto_batch"],
+    lease_ttl_s: Annotated[
+        float | None,
+        typer.Option(
+            "--lease-ttl",
+            help="Seconds after which another job takes over a unit whose job stopped "
+            "heartbeating (crashed). Default: $EMBEDKIT_LEASE_TTL, else 60. Jobs on one entry "
+            "may extract at once on every backend; they split its units (docs/sharing.md).",
+        ),
+    ] = EXTRACT["lease_ttl_s"],
     nproc: Annotated[
         int,
         typer.Option(
@@ -273,15 +322,6 @@ def extract(
             "each). For several nodes, run torchrun yourself (docs/scale-out.md).",
         ),
     ] = 1,
-    lease_ttl: Annotated[
-        float | None,
-        typer.Option(
-            min=0.1,
-            help="Seconds after which another job takes over a unit whose job stopped "
-            "heartbeating (crashed). Default: $EMBEDKIT_LEASE_TTL, else 60. Jobs on one entry "
-            "may extract at once on every backend; they split its units (docs/sharing.md).",
-        ),
-    ] = None,
     cache: CacheOpt = None,
     manifest: ManifestOpt = None,
 ) -> None:
@@ -293,7 +333,6 @@ def extract(
     standard pooling comes from the same forward pass, so asking later for another pooling
     never re-runs the encoder.
     """
-    from embedkit.extract import ExtractionRequest
     from embedkit.extract import extract as run
     from embedkit.progress import rich_progress
 
@@ -301,29 +340,7 @@ def extract(
         from embedkit.distributed import launch_torchrun
 
         raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
-    request = ExtractionRequest(
-        model=model,
-        dataset=dataset,
-        resolution=resolution,
-        patch_tokens=patch_tokens,
-        dtype=dtype.value,
-        storage_dtype=storage_dtype.value,
-        compression=compression.value,
-        batch_size=batch_size,
-        device=device,
-        num_workers=workers,
-        unit_rows=unit_rows,
-        resize=resize.value,
-        snap_resolution=snap_resolution,
-        on_bad_image=on_bad_image.value,
-        revision=revision,
-        overwrite=overwrite,
-        shard=shard.value,
-        device_map=device_map.value if device_map is not None else None,
-        compile=compile_model,
-        auto_batch=auto_batch,
-        lease_ttl_s=lease_ttl,
-    )
+    request = _request(ctx, ExtractionRequest)
     try:
         result = run(request, manifest=manifest, cache=cache, progress=rich_progress)
     except KeyboardInterrupt:
@@ -335,6 +352,11 @@ def extract(
     entry = result.entry
     if result.rank != 0:
         return  # rank 0 of a torchrun job reports for the whole job
+    if entry.key.resolution != request.resolution:
+        err.print(
+            f"[yellow]note:[/yellow] resolution {request.resolution} is not a multiple of the "
+            f"model's patch size; used {entry.key.resolution} (--no-snap-resolution to refuse)"
+        )
     if result.reused:
         out.print(f"[green]found[/green] {entry.uri} (complete; nothing to compute)")
     else:
@@ -535,19 +557,15 @@ def cache_gc(
     )
 
 
-class ProbeChoice(StrEnum):
-    linear = "linear"
-    knn = "knn"
-    fewshot = "fewshot"
-
-
 @app.command("probe")
 def probe(
+    ctx: typer.Context,
     kind: Annotated[
-        ProbeChoice,
+        str,
         typer.Option(
             "--kind",
             "-k",
+            **_choice(probe_kinds()),
             help="linear: logistic regression, C chosen on val (DINOv2 grid); knn: cosine kNN, "
             "k chosen on val; fewshot: 1-16 examples per class/label, 5 draws.",
         ),
@@ -561,18 +579,33 @@ def probe(
             help="cls, mean, cls+mean (pooled, pooled+mean for ConvNeXt). Default: cls+mean for "
             "linear and few-shot, cls for kNN."
         ),
-    ] = None,
+    ] = PROBE["pooling"],
     entry: Annotated[
         str | None, typer.Option(help="Cache entry digest (prefix) when several entries match.")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for bootstrap and few-shot draws.")] = 0,
-    n_boot: Annotated[int, typer.Option(min=1, help="Bootstrap resamples for the CIs.")] = 1000,
+    ] = PROBE["entry"],
+    seed: Annotated[int, typer.Option(help="Seed for bootstrap and few-shot draws.")] = PROBE[
+        "seed"
+    ],
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = PROBE["n_boot"],
+    ks: Annotated[
+        str,
+        typer.Option(help="kNN: the k to choose from on val, comma-separated (DINOv2 protocol)."),
+    ] = _csv(PROBE["ks"]),
+    shots: Annotated[
+        str, typer.Option(help="Few-shot: examples per class/label, comma-separated.")
+    ] = _csv(PROBE["shots"]),
+    draws: Annotated[int, typer.Option(help="Few-shot: random draws per shot count.")] = PROBE[
+        "draws"
+    ],
+    max_iter: Annotated[
+        int, typer.Option(help="Linear: L-BFGS iterations per C (DINOv2 protocol: 1000).")
+    ] = PROBE["max_iter"],
     results: Annotated[
         Path, typer.Option("--out", "-o", help="Results directory (JSON + Parquet records).")
     ] = Path("embedkit-results"),
     overwrite: Annotated[
         bool, typer.Option(help="Recompute even if an identical record exists.")
-    ] = False,
+    ] = PROBE["overwrite"],
     cache: CacheOpt = None,
     manifest: ManifestOpt = None,
     local_cache: LocalCacheOpt = None,
@@ -584,22 +617,11 @@ def probe(
     metrics, per-label table, test scores for paired tests) to --out. An identical earlier run
     is reused unless --overwrite.
     """
-    from embedkit.probes.run import ProbeRequest, render_record, run_probe
+    from embedkit.probes.run import render_record, run_probe
     from embedkit.progress import rich_progress
 
-    request = ProbeRequest(
-        kind=kind.value,
-        model=model,
-        dataset=dataset,
-        resolution=resolution,
-        pooling=pooling,
-        entry=entry,
-        seed=seed,
-        n_boot=n_boot,
-        overwrite=overwrite,
-    )
     outcome = run_probe(
-        request,
+        _request(ctx, ProbeRequest),
         manifest=manifest,
         cache=cache,
         results=results,
@@ -654,12 +676,6 @@ def run_pipeline_cmd(
         raise typer.Exit(1)
 
 
-class CorrectionChoice(StrEnum):
-    holm = "holm"
-    bonferroni = "bonferroni"
-    fdr_bh = "fdr_bh"
-
-
 @app.command("report")
 def report(
     results: Annotated[
@@ -669,8 +685,9 @@ def report(
         "embedkit-report"
     ),
     correction: Annotated[
-        CorrectionChoice, typer.Option(help="Multiple-comparison correction of the p-values.")
-    ] = CorrectionChoice.holm,
+        str,
+        typer.Option(**_one_of(Correction), help="Multiple-comparison correction of the p-values."),
+    ] = "holm",
 ) -> None:
     """Build a comparison report from result records alone (no features, no models).
 
@@ -682,66 +699,71 @@ def report(
     """
     from embedkit.report import build_report
 
-    built = build_report(results, out_dir, correction=correction.value)
+    built = build_report(results, out_dir, correction=correction)  # type: ignore[arg-type]
     out.print(
         f"{len(built.summary)} runs, {len(built.comparisons)} paired comparisons -> "
         f"{built.html} (+ {len(built.files) - 1} files in {out_dir})"
     )
 
 
-class FinetuneMethodChoice(StrEnum):
-    full = "full"
-    lora = "lora"
-    bitfit = "bitfit"
-    linear = "linear"
-
-
 @app.command("finetune")
 def finetune(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option("--model", help="Registered model name or hub id.")],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset in the manifest.")],
     resolution: Annotated[int, typer.Option("--resolution", "-r", help="Resolution in px.")],
     method: Annotated[
-        FinetuneMethodChoice,
+        str,
         typer.Option(
+            **_choice(finetune_methods()),
             help="full: every parameter; lora: LoRA adapters (peft) + head; bitfit: encoder "
-            "biases + head; linear: head only."
+            "biases + head; linear: head only.",
         ),
     ],
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    epochs: Annotated[int, typer.Option()] = FINETUNE["epochs"],
     lr: Annotated[
         float | None,
         typer.Option(help="Peak learning rate. Default: full 1e-5, lora 1e-4, bitfit/linear 1e-3."),
-    ] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    weight_decay: Annotated[float, typer.Option(min=0.0)] = 0.0,
-    warmup: Annotated[float, typer.Option(help="Fraction of steps in linear warm-up.")] = 0.1,
+    ] = FINETUNE["lr"],
+    batch_size: Annotated[int, typer.Option()] = FINETUNE["batch_size"],
+    weight_decay: Annotated[float, typer.Option()] = FINETUNE["weight_decay"],
+    warmup: Annotated[float, typer.Option(help="Fraction of steps in linear warm-up.")] = FINETUNE[
+        "warmup"
+    ],
     layer_decay: Annotated[
         float, typer.Option(help="Layer-wise lr decay for ViT families (1.0 = off).")
-    ] = 1.0,
+    ] = FINETUNE["layer_decay"],
     pooling: Annotated[
         str | None,
         typer.Option(help="Head input: mean (ViT default), cls, cls+mean; pooled (ConvNeXt)."),
-    ] = None,
-    augment: Annotated[bool, typer.Option(help="Flip + small rotation on train.")] = True,
-    lora_r: Annotated[int, typer.Option(min=1)] = 16,
-    lora_alpha: Annotated[int, typer.Option(min=1)] = 16,
-    lora_dropout: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.05,
+    ] = FINETUNE["pooling"],
+    augment: Annotated[bool, typer.Option(help="Flip + small rotation on train.")] = FINETUNE[
+        "augment"
+    ],
+    lora_r: Annotated[int, typer.Option()] = FINETUNE["lora_r"],
+    lora_alpha: Annotated[int, typer.Option()] = FINETUNE["lora_alpha"],
+    lora_dropout: Annotated[float, typer.Option()] = FINETUNE["lora_dropout"],
     lora_targets: Annotated[
         str | None,
         typer.Option(help="Comma-separated module names (default per family: q_proj,v_proj)."),
-    ] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="GPU only.")] = False,
-    seed: Annotated[int, typer.Option()] = 0,
-    n_boot: Annotated[int, typer.Option(min=1, help="Bootstrap resamples for the CIs.")] = 1000,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    num_workers: Annotated[int, typer.Option(min=0)] = 2,
+    ] = _csv(FINETUNE["lora_targets"]),
+    gradient_checkpointing: Annotated[bool, typer.Option(help="GPU only.")] = FINETUNE[
+        "gradient_checkpointing"
+    ],
+    seed: Annotated[int, typer.Option()] = FINETUNE["seed"],
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = FINETUNE[
+        "n_boot"
+    ],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = FINETUNE["device"],
+    num_workers: Annotated[
+        int, typer.Option(help="Image-loading worker processes (0 = in the main process).")
+    ] = FINETUNE["num_workers"],
     results: Annotated[
         Path, typer.Option("--out", "-o", help="Results directory (records + run checkpoints).")
     ] = Path("embedkit-results"),
     overwrite: Annotated[
         bool, typer.Option(help="Retrain even if an identical record exists.")
-    ] = False,
+    ] = FINETUNE["overwrite"],
     nproc: Annotated[
         int,
         typer.Option(
@@ -761,37 +783,14 @@ def finetune(
     same command after a kill resumes from the last finished epoch. Under torchrun (or with
     --nproc N) the ranks train data-parallel (DDP); rank 0 writes checkpoints and the record.
     """
-    from embedkit.finetune import FinetuneRequest, run_finetune
+    from embedkit.finetune import run_finetune
     from embedkit.probes.run import render_record
 
     if nproc > 1:
         from embedkit.distributed import launch_torchrun
 
         raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
-    request = FinetuneRequest(
-        model=model,
-        dataset=dataset,
-        resolution=resolution,
-        method=method.value,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        weight_decay=weight_decay,
-        warmup=warmup,
-        layer_decay=layer_decay,
-        pooling=pooling,
-        augment=augment,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        lora_targets=tuple(t.strip() for t in lora_targets.split(",")) if lora_targets else None,
-        gradient_checkpointing=gradient_checkpointing,
-        seed=seed,
-        n_boot=n_boot,
-        device=device,
-        num_workers=num_workers,
-        overwrite=overwrite,
-    )
+    request = _request(ctx, FinetuneRequest)
 
     def progress(log: object) -> None:
         err.print(f"[dim]{escape(str(log))}[/dim]")

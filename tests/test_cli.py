@@ -98,7 +98,10 @@ def test_cache_ls_info_verify_and_corruption(
     ("args", "message"),
     [
         (["--model", "dinov3/vitb61", "--resolution", "224"], "did you mean 'dinov3/vitb16'"),
-        (["--model", "test/tiny-dinov2", "--resolution", "512"], "nearest valid: 504 or 518"),
+        (
+            ["--model", "test/tiny-dinov2", "--resolution", "512", "--no-snap-resolution"],
+            "nearest valid: 504 or 518",
+        ),
         (
             ["--model", "test/tiny-dinov3-vit", "--resolution", "224", "-d", "nih"],
             "no dataset 'nih'",
@@ -115,6 +118,18 @@ def test_user_errors_exit_2_with_the_fix_and_no_traceback(
     assert code == 2
     assert message in " ".join(output.split())
     assert "Traceback" not in output
+
+
+def test_extract_snaps_the_resolution_by_default_and_says_so(
+    demo_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = ["--manifest", str(demo_run / "manifest.yaml"), "--cache", str(tmp_path / "cache")]
+    args = ["extract", *cache, "-d", "demo", "--model", "test/tiny-dinov2", "-r", "64"]
+    code, output = _run([*args, "--workers", "0", "--unit-rows", "32"], capsys)
+    assert code == 0, output
+    assert "resolution 64 is not a multiple of the model's patch size; used 70" in output
+    code, output = _run(["cache", "ls", "--json", *cache], capsys)
+    assert [r["resolution"] for r in json.loads(output)] == [70]  # nearest multiple of 14
 
 
 def test_manifest_check_reports_and_fails_on_a_broken_manifest(

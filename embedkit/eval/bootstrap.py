@@ -22,7 +22,7 @@ label) are dropped and counted in the result.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -33,6 +33,7 @@ from embedkit.eval import metrics as M
 __all__ = [
     "BootstrapCI",
     "BootstrapError",
+    "Correction",
     "PairedTest",
     "adjust_pvalues",
     "bootstrap_ci",
@@ -343,9 +344,11 @@ def paired_bootstrap_test(
     return PairedTest(delta, _percentiles(diffs, level), p, n_valid)
 
 
-def adjust_pvalues(
-    p: ArrayLike, method: Literal["holm", "bonferroni", "fdr_bh"] = "holm"
-) -> NDArray[np.float64]:
+#: The multiple-comparison corrections :func:`adjust_pvalues` applies.
+Correction = Literal["holm", "bonferroni", "fdr_bh"]
+
+
+def adjust_pvalues(p: ArrayLike, method: Correction = "holm") -> NDArray[np.float64]:
     """Adjust p-values for multiple comparisons; NaN entries stay NaN and do not count.
 
     ``bonferroni``: ``min(1, m p)``. ``holm`` (step-down, family-wise): sorted ascending,
@@ -372,7 +375,7 @@ def adjust_pvalues(
     elif method == "fdr_bh":
         adj_sorted = np.minimum.accumulate((ranked * m / rank)[::-1])[::-1]
     else:
-        choices = ["holm", "bonferroni", "fdr_bh"]
+        choices = list(get_args(Correction))
         raise BootstrapError(
             f"Invalid method '{method}', choose one of {choices}{did_you_mean(method, choices)}"
         )

@@ -5,16 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from embedkit.data.dataset import OnBadImage
+from embedkit.data.transforms import ResizeMode
 from embedkit.errors import EmbedkitError
 from embedkit.models.device import ComputeDtype
+from embedkit.models.sharding import ShardMode
 
+# The closed option sets of an extraction. Each is declared once, by the layer that interprets
+# it (resize: data.transforms; bad images: data.dataset; sharding: models.sharding; compute
+# dtype: models.device); the names below are what `embedkit extract` and a pipeline's
+# `extract:` offer (both build this request through embedkit.study.options).
 StorageDtype = Literal["float16", "float32"]
-#: Storage codec of a new entry (see embedkit.store.entry.COMPRESSIONS): not part of the cache
-#: key, since it changes the files but not the stored values (checksums cover decoded bytes).
+#: Storage codec of a new entry (the store checks it against embedkit.store.entry.COMPRESSIONS):
+#: not part of the cache key, since it changes the files but not the stored values (checksums
+#: cover decoded bytes).
 Compression = Literal["none", "zstd"]
-BadImagePolicy = Literal["fail", "skip"]
-ResizePolicy = Literal["squash", "pad", "crop"]
-ShardPolicy = Literal["none", "fsdp", "auto"]
+#: ``device_map`` of transformers/accelerate: one process, layers over all visible GPUs.
+DeviceMap = Literal["auto", "balanced", "sequential"]
+BadImagePolicy = OnBadImage
+ResizePolicy = ResizeMode
+ShardPolicy = ShardMode
 
 #: Images per work unit: one Zarr chunk per pooling, one completion record.
 DEFAULT_UNIT_ROWS = 1024
@@ -22,7 +32,13 @@ DEFAULT_UNIT_ROWS = 1024
 
 @dataclass(frozen=True, slots=True)
 class ExtractionRequest:
-    """What to extract. Everything that changes the stored bytes ends up in the cache key."""
+    """What to extract. Everything that changes the stored bytes ends up in the cache key.
+
+    The field defaults are the only defaults: `embedkit extract` and a pipeline's ``extract:``
+    read them from here. ``snap_resolution`` is on: a resolution that is not a multiple of the
+    model's patch size becomes the nearest one (DINOv2 at 512 px runs at 518; the size used is
+    recorded in the cache key); turn it off to be refused instead.
+    """
 
     model: str
     dataset: str
@@ -36,12 +52,12 @@ class ExtractionRequest:
     num_workers: int = 2
     unit_rows: int = DEFAULT_UNIT_ROWS
     resize: ResizePolicy = "squash"
-    snap_resolution: bool = False
+    snap_resolution: bool = True
     on_bad_image: BadImagePolicy = "fail"
     revision: str | None = None
     overwrite: bool = False
     shard: ShardPolicy = "none"
-    device_map: str | None = None  # "auto": one process, layers over all GPUs (accelerate)
+    device_map: DeviceMap | None = None
     compile: bool = False
     auto_batch: bool = False
     lease_ttl_s: float | None = None  # None: $EMBEDKIT_LEASE_TTL, else 60 s
@@ -58,3 +74,5 @@ class ExtractionRequest:
                 raise ValueError(f"Expected a positive integer for {name}, got {value!r} instead")
         if self.num_workers < 0:
             raise ValueError(f"Expected num_workers >= 0, got {self.num_workers} instead")
+        if self.lease_ttl_s is not None and not self.lease_ttl_s > 0:
+            raise ValueError(f"Expected lease_ttl_s > 0 seconds, got {self.lease_ttl_s} instead")

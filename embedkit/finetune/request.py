@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from embedkit.errors import ConfigError
 from embedkit.finetune.methods import LoraSettings, get_method
-
-MethodName = Literal["full", "lora", "bitfit", "linear"]
 
 
 @dataclass(frozen=True, slots=True)
 class FinetuneRequest:
     """One finetuning run. Every field except ``device``, ``num_workers`` and ``overwrite``
-    is part of the run id (a changed hyper-parameter is a new run, never a resume)."""
+    is part of the run id (a changed hyper-parameter is a new run, never a resume).
+
+    The field defaults are the only defaults: `embedkit finetune` and a pipeline's finetune
+    steps read them from here (through embedkit.study.options)."""
 
     model: str
     dataset: str
     resolution: int
-    method: MethodName
+    method: str  # a registered finetuning method: embedkit.finetune.METHOD_NAMES
     epochs: int = 10
     lr: float | None = None  # default: the method's (full 1e-5, lora 1e-4, bitfit/linear 1e-3)
     batch_size: int = 32

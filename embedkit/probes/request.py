@@ -10,7 +10,11 @@ from embedkit.probes.registry import get_kind
 
 @dataclass(frozen=True, slots=True)
 class ProbeRequest:
-    """One probe run; every field that changes the result is part of the record id."""
+    """One probe run; every field that changes the result is part of the record id.
+
+    The field defaults are the only defaults: `embedkit probe` and a pipeline's probe steps
+    read them from here (through embedkit.study.options).
+    """
 
     kind: str  # a registered probe kind: embedkit.probes.PROBE_KINDS
     model: str

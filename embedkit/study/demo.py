@@ -63,6 +63,14 @@ def _manifest_for(out_dir: Path) -> Manifest:
     return load_manifest(path)
 
 
+def _with_workers(step: dict[str, Any], workers: int) -> dict[str, Any]:
+    """A finetune step with ``num_workers`` set where the step sets it (top level or, as
+    pipelines/demo.yaml does, in its ``options``)."""
+    if "num_workers" in step:
+        return {**step, "num_workers": workers}
+    return {**step, "options": {**(step.get("options") or {}), "num_workers": workers}}
+
+
 def _apply_options(
     data: dict[str, Any],
     *,
@@ -91,8 +99,7 @@ def _apply_options(
         if workers is not None:
             block["extract"] = {**(block.get("extract") or {}), "workers": workers}
             block["finetune"] = [
-                {**step, "options": {**(step.get("options") or {}), "num_workers": workers}}
-                for step in block.get("finetune") or []
+                _with_workers(step, workers) for step in block.get("finetune") or []
             ]
         blocks.append(block)
     return {**data, "demo_data": demo, "blocks": blocks}

@@ -24,54 +24,44 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from embedkit.errors import CacheNotFoundError, ConfigError, EmbedkitError
+from embedkit.errors import CacheNotFoundError, ConfigError, EmbedkitError, did_you_mean
+from embedkit.extract.request import ExtractionRequest
+from embedkit.finetune.request import FinetuneRequest
 from embedkit.manifest import Manifest, load_manifest
 from embedkit.manifest.loader import format_validation_error, read_yaml
 from embedkit.models import EncoderSpec, resolve, validate_resolution
+from embedkit.probes.request import ProbeRequest
+from embedkit.study.options import (
+    REQUEST_TYPES,
+    request_from_options,
+    step_schema,
+    step_values,
+)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ExtractOptions(_Strict):
-    batch_size: Annotated[int, Field(ge=1)] = 32
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    storage_dtype: Literal["float16", "float32"] = "float16"
-    compression: Literal["none", "zstd"] = "none"
-    device: str = "auto"
-    workers: Annotated[int, Field(ge=0)] = 2
-    unit_rows: Annotated[int, Field(ge=1)] = 1024
-    patch_tokens: bool = False
-    resize: Literal["squash", "pad", "crop"] = "squash"
-    snap_resolution: bool = True  # DINOv2 (patch 14) at 512 -> 518, recorded in the key
-    on_bad_image: Literal["fail", "skip"] = "fail"
-
-
-class ProbeStep(_Strict):
-    kind: Literal["linear", "knn", "fewshot"]
-    pooling: str | None = None
-    seed: int = 0
-    n_boot: Annotated[int, Field(ge=1)] = 1000
-    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
-    draws: Annotated[int, Field(ge=1)] = 5
-    max_iter: Annotated[int, Field(ge=1)] = 1000
-
-
-class FinetuneStep(_Strict):
-    method: str  # a registered finetuning method (checked with the other names)
-    epochs: Annotated[int, Field(ge=1)] = 10
-    lr: Annotated[float | None, Field(gt=0)] = None  # default: the method's (full: 1e-5)
-    batch_size: Annotated[int, Field(ge=1)] = 32
-    seed: int = 0
-    options: dict[str, Any] = Field(default_factory=dict)  # method-specific (lora_r, ...)
+# A block's `extract:`, `probes:` and `finetune:` steps take the fields of the request they
+# build, with its types and defaults (embedkit.study.options derives them; `workers` is also
+# accepted for num_workers, and a finetune step may put its options in an `options:` mapping).
+# Typed access goes through the request a step builds, so mypy sees plain models here.
+if TYPE_CHECKING:
+    ExtractOptions = BaseModel
+    ProbeStep = BaseModel
+    FinetuneStep = BaseModel
+else:
+    ExtractOptions = step_schema(ExtractionRequest)
+    ProbeStep = step_schema(ProbeRequest)
+    FinetuneStep = step_schema(FinetuneRequest)
 
 
 class Block(_Strict):
@@ -154,9 +144,25 @@ def _joined(problems: list[str]) -> str:
     return f"{len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems)
 
 
+#: Stand-ins for a block's axes when a step's options are checked on their own.
+_PLACEHOLDER = {"model": "-", "dataset": "-", "resolution": 1}
+
+
+def _checked(
+    problems: list[str], where: str, request_type: type[Any], values: dict[str, Any]
+) -> Any:
+    """The request ``values`` build (the block's axes stood in for), or None after recording
+    why they do not."""
+    try:
+        return request_from_options(request_type, {**values, **_PLACEHOLDER}, where=where)
+    except EmbedkitError as exc:
+        problems.append(str(exc))
+        return None
+
+
 def _name_problems(spec: PipelineFile) -> list[str]:
-    """``key: problem`` for every name in ``spec`` that does not resolve."""
-    from embedkit.finetune import FinetuneRequest, get_method
+    """``key: problem`` for every name and option value in ``spec`` that does not resolve."""
+    from embedkit.finetune import get_method
     from embedkit.finetune.model import head_dim
     from embedkit.models import available_poolings
 
@@ -171,36 +177,44 @@ def _name_problems(spec: PipelineFile) -> list[str]:
                 problems.append(f"{at}.models[{j}]: {exc}")
                 continue
             targets[model] = resolved if isinstance(resolved, EncoderSpec) else None
+        extract = _checked(problems, f"{at}.extract", ExtractionRequest, step_values(block.extract))
+        snap = extract.snap_resolution if extract is not None else True
+        probes = [
+            _checked(problems, f"{at}.probes[{k}]", ProbeRequest, step_values(probe))
+            for k, probe in enumerate(block.probes)
+        ]
         for model, target in targets.items():
             if target is None:
                 continue
             for k, res in enumerate(block.resolutions):
                 try:
-                    validate_resolution(target, res, snap=block.extract.snap_resolution)
+                    validate_resolution(target, res, snap=snap)
                 except EmbedkitError as exc:
                     problems.append(f"{at}.resolutions[{k}]: {exc}")
-            for k, probe in enumerate(block.probes):
-                offered = available_poolings(target)
-                if probe.pooling is not None and probe.pooling not in offered:
+            offered = available_poolings(target)
+            for k, probe in enumerate(probes):
+                if probe is not None and probe.pooling is not None and probe.pooling not in offered:
                     problems.append(
                         f"{at}.probes[{k}].pooling: {probe.pooling!r} is not stored for "
                         f"{model}; choose one of {', '.join(offered)}"
                     )
         for k, step in enumerate(block.finetune):
             where = f"{at}.finetune[{k}]"
+            values = step_values(step)
             try:
-                get_method(step.method)
+                get_method(values["method"])
             except EmbedkitError as exc:
                 problems.append(f"{where}.method: {exc}")
                 continue
-            problems.extend(_finetune_option_problems(where, step, targets, FinetuneRequest))
-            pooling = step.options.get("pooling")
+            request = _finetune_checked(problems, where, step)
+            pooling = None if request is None else request.pooling
+            key = "pooling" if "pooling" in step.model_fields_set else "options.pooling"
             for model, spec_or_none in targets.items():
-                if spec_or_none is not None and isinstance(pooling, str):
+                if spec_or_none is not None and pooling is not None:
                     try:
                         head_dim(spec_or_none, pooling)
                     except EmbedkitError as exc:
-                        problems.append(f"{where}.options.pooling: {model}: {exc}")
+                        problems.append(f"{where}.{key}: {model}: {exc}")
     for i, (_, problem) in enumerate(_pair_choices(spec)):
         if problem is not None:
             problems.append(f"compare[{i}]: {problem}")
@@ -238,33 +252,29 @@ def _pair_choices(spec: PipelineFile) -> list[tuple[Any, str | None]]:
     return out
 
 
-#: FinetuneRequest fields a pipeline sets from the step itself, not from ``options``.
-_STEP_FIELDS = ("model", "dataset", "resolution", "method", "epochs", "lr", "batch_size", "seed")
+def _finetune_checked(problems: list[str], where: str, step: BaseModel) -> Any:
+    """A finetune step's request (axes stood in for), or None after recording its problems.
 
-
-def _finetune_option_problems(
-    where: str, step: FinetuneStep, targets: dict[str, EncoderSpec | None], request_type: Any
-) -> list[str]:
-    from dataclasses import fields
-
-    allowed = [f.name for f in fields(request_type) if f.name not in _STEP_FIELDS]
-    unknown = [k for k in step.options if k not in allowed]
-    if unknown:
-        from embedkit.errors import did_you_mean
-
-        return [
-            f"{where}.options.{k}: unknown option{did_you_mean(k, allowed) or '.'} "
-            f"Options: {', '.join(allowed)}"
-            for k in unknown
-        ]
-    try:
-        request_type(
-            model="-", dataset="-", resolution=1, method=step.method, epochs=step.epochs,
-            lr=step.lr, batch_size=step.batch_size, seed=step.seed, **step.options,
-        )  # fmt: skip
-    except (EmbedkitError, TypeError) as exc:
-        return [f"{where}.options: {exc}"]
-    return []
+    Its ``options:`` mapping takes the same keys as the step itself, each set in one place."""
+    nested: dict[str, Any] = step.model_dump(include={"options"})["options"]
+    allowed = [n for n in step_schema(FinetuneRequest).model_fields if n != "options"]
+    found = [
+        f"{where}.options.{k}: unknown option{did_you_mean(k, allowed) or '.'} "
+        f"Options: {', '.join(allowed)}"
+        for k in nested
+        if k not in allowed
+    ]
+    found += [
+        f"{where}.options.{k}: also set at the step's top level; set it in one place"
+        for k in nested
+        if k in step.model_fields_set
+    ]
+    if found:
+        problems.extend(found)
+        return None
+    return _checked(
+        problems, f"{where}.options" if nested else where, FinetuneRequest, step_values(step)
+    )
 
 
 @dataclass
@@ -274,18 +284,28 @@ class Step:
     dataset: str
     model: str
     resolution: int
-    options: Any  # ExtractOptions | ProbeStep | FinetuneStep
+    options: BaseModel  # ExtractOptions | ProbeStep | FinetuneStep
     status: str = "to run"
     estimate: str = ""
     error: str = ""
 
     @property
     def what(self) -> str:
-        if isinstance(self.options, ProbeStep):
-            return f"probe {self.options.kind}"
-        if isinstance(self.options, FinetuneStep):
-            return f"finetune {self.options.method}"
+        values = step_values(self.options)
+        if self.action == "probe":
+            return f"probe {values['kind']}"
+        if self.action == "finetune":
+            return f"finetune {values['method']}"
         return "extract"
+
+    def request(self, resolution: int | None = None) -> Any:
+        """The request this step runs (at ``resolution``, default the block's), built from
+        its options by the same mapping as the command line's."""
+        res = self.resolution if resolution is None else resolution
+        axes = {"model": self.model, "dataset": self.dataset, "resolution": res}
+        return request_from_options(
+            REQUEST_TYPES[self.action], {**step_values(self.options), **axes}
+        )
 
 
 def expand(pipeline: Pipeline) -> list[Step]:
@@ -331,7 +351,8 @@ def _estimate(ctx: Context, step: Step) -> str:
     n = _images(ctx, step.dataset)
     if not isinstance(target, EncoderSpec) or n is None:
         return "?"
-    side = validate_resolution(target, step.resolution, snap=step.options.snap_resolution)
+    snap = step.request().snap_resolution
+    side = validate_resolution(target, step.resolution, snap=snap)
     total = n * flops_per_image(shape_from_spec(target), side)
     hours = total / (800e12 * 0.5) / 3600  # an H100 at 50% of ~800 dense bf16 TFLOP/s
     return (
@@ -355,7 +376,7 @@ def _status(ctx: Context, step: Step) -> str:
     target = resolve(step.model)
     res = step.resolution
     if isinstance(target, EncoderSpec):
-        snap = step.options.snap_resolution if isinstance(step.options, ExtractOptions) else True
+        snap = step.request().snap_resolution if step.action == "extract" else True
         res = validate_resolution(target, res, snap=snap)
     if "://" not in ctx.cache and not Path(ctx.cache).exists():
         return "to run"  # planning never creates the cache folder
@@ -366,28 +387,10 @@ def _status(ctx: Context, step: Step) -> str:
     if step.action == "extract":
         return "cached"
     if step.action == "probe":
-        request = _probe_request(step, res)
+        request = step.request(res)
         *_, relpath = probe_plan(request, entry)
         return "done" if (ctx.results / relpath).with_suffix(".json").is_file() else "to run"
     return "to run"
-
-
-def _probe_request(step: Step, resolution: int) -> Any:
-    from embedkit.probes.run import ProbeRequest
-
-    p: ProbeStep = step.options
-    return ProbeRequest(
-        kind=p.kind,
-        model=step.model,
-        dataset=step.dataset,
-        resolution=resolution,
-        pooling=p.pooling,
-        seed=p.seed,
-        n_boot=p.n_boot,
-        shots=p.shots,
-        draws=p.draws,
-        max_iter=p.max_iter,
-    )
 
 
 def _effective_resolution(step: Step, snap: bool) -> int:
@@ -398,27 +401,11 @@ def _effective_resolution(step: Step, snap: bool) -> int:
 
 
 def _run_extract(ctx: Context, step: Step) -> str:
-    from embedkit.extract import ExtractionRequest, extract
+    from embedkit.extract import extract
     from embedkit.progress import rich_progress
 
-    o: ExtractOptions = step.options
     result = extract(
-        ExtractionRequest(
-            model=step.model,
-            dataset=step.dataset,
-            resolution=step.resolution,
-            patch_tokens=o.patch_tokens,
-            dtype=o.dtype,
-            storage_dtype=o.storage_dtype,
-            compression=o.compression,
-            batch_size=o.batch_size,
-            device=o.device,
-            num_workers=o.workers,
-            unit_rows=o.unit_rows,
-            resize=o.resize,
-            snap_resolution=o.snap_resolution,
-            on_bad_image=o.on_bad_image,
-        ),
+        step.request(),
         manifest=ctx.manifest,
         cache=ctx.cache,
         progress=lambda total, desc: rich_progress(total, desc, console=ctx.console),
@@ -429,7 +416,7 @@ def _run_extract(ctx: Context, step: Step) -> str:
 def _run_probe(ctx: Context, step: Step) -> str:
     from embedkit.probes.run import run_probe
 
-    request = _probe_request(step, _effective_resolution(step, snap=True))
+    request = step.request(_effective_resolution(step, snap=True))
     outcome = run_probe(
         request,
         manifest=ctx.manifest,
@@ -441,20 +428,7 @@ def _run_probe(ctx: Context, step: Step) -> str:
 
 
 def _finetune_request(step: Step) -> Any:
-    from embedkit.finetune import FinetuneRequest
-
-    f: FinetuneStep = step.options
-    return FinetuneRequest(
-        model=step.model,
-        dataset=step.dataset,
-        resolution=_effective_resolution(step, snap=True),
-        method=f.method,  # type: ignore[arg-type]  # checked against the registry on load
-        epochs=f.epochs,
-        lr=f.lr,
-        batch_size=f.batch_size,
-        seed=f.seed,
-        **f.options,
-    )
+    return step.request(_effective_resolution(step, snap=True))
 
 
 def _run_finetune(ctx: Context, step: Step) -> str:
