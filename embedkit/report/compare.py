@@ -191,6 +191,17 @@ def _choose(
     return next((o for c in pairs if (o := c.orient(first, second)) is not None), None)
 
 
+def _both_scored(
+    a: np.ndarray, b: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Multi-label: a label one run left unscored (NaN: one class in its train split) is left
+    out of the pair's macro, like an undefined label."""
+    if mask.ndim == 1:
+        return a, b, mask
+    scored = ~(np.isnan(a).all(axis=0) | np.isnan(b).all(axis=0))
+    return np.nan_to_num(a), np.nan_to_num(b), mask & scored[None, :]
+
+
 def compare_records(
     records: Sequence[tuple[ResultRecord, Path]],
     *,
@@ -226,12 +237,9 @@ def compare_records(
             s_first, s_second = (sa, sb) if first is ra else (sb, sa)
             o1, o2 = np.argsort(s_first.ids), np.argsort(s_second.ids)  # align by image id
             metric = "ovr_macro_auroc" if y.ndim == 1 else "macro_auroc"
-            boot = paired_bootstrap_test(
-                y, mask, s_first.scores[o1], s_second.scores[o2], idx, metric=metric
-            )
-            perm = paired_permutation_test(
-                y, mask, s_first.scores[o1], s_second.scores[o2], n_perm=perms, seed=seed
-            )
+            sc1, sc2, m = _both_scored(s_first.scores[o1], s_second.scores[o2], mask)
+            boot = paired_bootstrap_test(y, m, sc1, sc2, idx, metric=metric)
+            perm = paired_permutation_test(y, m, sc1, sc2, n_perm=perms, seed=seed)
             axis = ", ".join(_differences(first, second)) or "same run attributes"
             numbers = (boot.delta, boot.ci[0], boot.ci[1], perm.p_value)
             pending.append((dataset, axis, first, second, metric, numbers, len(ids)))
