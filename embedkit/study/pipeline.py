@@ -443,7 +443,10 @@ def _run_finetune(ctx: Context, step: Step) -> str:
             f"({log.seconds:.1f} s; checkpoint saved)"
         )
 
-    outcome = run_finetune(request, manifest=ctx.manifest, results=ctx.results, on_epoch=progress)
+    outcome = run_finetune(
+        request, manifest=ctx.manifest, results=ctx.results, on_epoch=progress,
+        requested_resolution=step.resolution,
+    )  # fmt: skip
     return "done (reused)" if outcome.reused else "done"
 
 
