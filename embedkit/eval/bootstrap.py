@@ -1,8 +1,10 @@
 """Bootstrap confidence intervals, paired bootstrap tests and multiple-testing corrections.
 
-Protocol (CXR study, PROTOCOLS.md "Metrics"): 1,000 bootstrap resamples of the test set, **the same
-resample indices for every model compared**, 95% percentile CI, paired bootstrap p-value for model A
-vs model B.
+Protocol (the CXR study; ``docs/statistics.md``): 1,000 bootstrap resamples of the test set,
+**the same resample indices for every model compared** (drawn with ``targets=`` so that every
+resample keeps the test set's label set), 95% percentile CI, and a paired bootstrap p-value for
+model A vs model B (kept for reference: the report's p-values come from
+:func:`embedkit.eval.permutation.paired_permutation_test`, which holds α where this one does not).
 
 Sharing the indices: :func:`bootstrap_indices` is deterministic (same ``n``, ``n_boot``, ``seed``
 and ``strata`` give the same array on every machine, numpy ``PCG64``), but a comparison must not
