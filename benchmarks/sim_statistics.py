@@ -14,8 +14,12 @@ Two questions, answered on synthetic test sets whose true AUROCs are known:
    ``paired_bootstrap_test`` returns it), the centred ("shift") bootstrap p-value, and DeLong's
    test on the first (common) label for reference.
 
-Run: ``python benchmarks/sim_statistics.py --sims 1000`` (a few minutes on 2 cores). The
-figures in docs/statistics.md come from it; the seed makes a run repeatable.
+3. **Coverage by positives**: the 95% CI of one label's AUROC with exactly k positives among 150
+   test images, which sets the rare-label flag of the records (fewer than 10).
+
+Run: ``python benchmarks/sim_statistics.py --sims 1000`` (~12 minutes on 2 cores; ``--part
+positives`` or ``--part designs`` runs one half). The figures in docs/statistics.md come from
+it; the seed makes a run repeatable.
 """
 
 from __future__ import annotations
@@ -95,11 +99,37 @@ def simulate(design: Design, sims: int, n_boot: int, seed: int) -> dict[str, flo
     return out
 
 
+def coverage_by_positives(
+    n: int, positives: tuple[int, ...], sims: int, n_boot: int, seed: int, effect: float = 1.0
+) -> dict[int, float]:
+    """Coverage of the 95% bootstrap CI (fixed label set) of one label's AUROC with exactly
+    ``k`` positives among ``n`` test images (scores ``effect * y + N(0, 1)``): how few positives
+    a label may have before its CI stops meaning 95% (the rare-label flag of the records)."""
+    truth = 0.5 * (1 + math.erf(effect / 2))
+    out = {}
+    for k in positives:
+        rng = np.random.default_rng(seed + k)
+        hits = 0
+        for sim in range(sims):
+            y = np.zeros((n, 1))
+            y[rng.choice(n, k, replace=False)] = 1.0
+            s = y * effect + rng.normal(size=y.shape)
+            idx = B.bootstrap_indices(n, n_boot, seed=sim, targets=y)
+            ci = B.bootstrap_ci(y, None, s, "auroc", idx)
+            hits += ci.low <= truth <= ci.high
+        out[k] = hits / sims
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sims", type=int, default=1000)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--part", choices=("all", "designs", "positives"), default="all",
+        help="designs: coverage and null rejection; positives: coverage by positives per label",
+    )  # fmt: skip
     args = parser.parse_args()
     designs = {
         "n=150, prevalences 0.3/0.2/0.1/0.015": Design(
@@ -112,6 +142,16 @@ def main() -> None:
     se = math.sqrt(0.05 * 0.95 / args.sims)
     print(f"{args.sims} simulations per design, {args.n_boot} resamples; ±{se:.3f} is one")
     print("simulation standard error of a 5% rate (coverage target 0.95, rejection 0.05)")
+    if args.part in ("all", "positives"):
+        started = time.perf_counter()
+        ks = (2, 3, 5, 10, 20, 40)
+        result = coverage_by_positives(150, ks, args.sims, args.n_boot, args.seed)
+        print("\none label, n=150, AUROC 0.760, 95% CI coverage by positives in test:")
+        for k, value in result.items():
+            print(f"  {k:>3} positives  {value:.3f}")
+        print(f"  ({time.perf_counter() - started:.0f} s)")
+    if args.part == "positives":
+        return
     for label, design in designs.items():
         started = time.perf_counter()
         result = simulate(design, args.sims, args.n_boot, args.seed)

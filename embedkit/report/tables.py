@@ -110,7 +110,7 @@ def _num(value: float | None) -> str:
 def per_label_markdown(record: ResultRecord) -> str:
     """Per-label table of one record; sensitivity / specificity are at the record's operating
     point (``ResultRecord.operating_point``, e.g. Youden on validation); a rare label (fewer than
-    10 positives or negatives in test) is marked ``rare``."""
+    20 positives or negatives in test) is marked ``rare``."""
     op = record.operating_point or "no operating point"
     lines = [
         f"#### {record.dataset} · {record.model} · {record.resolution}px · {record.kind}",
