@@ -40,6 +40,7 @@ __all__ = [
     "adjust_pvalues",
     "bootstrap_ci",
     "bootstrap_indices",
+    "label_set_indices",
     "metric_function",
     "paired_bootstrap_test",
 ]
@@ -156,6 +157,23 @@ def bootstrap_indices(
         f"in {_MAX_REDRAW_ROUNDS} rounds: too few positives or negatives among {n} rows to "
         "bootstrap with a fixed label set; report those labels separately"
     )
+
+
+def label_set_indices(
+    n: int, n_boot: int, seed: int, targets: ArrayLike, mask: ArrayLike | None
+) -> tuple[NDArray[np.int64], str | None]:
+    """The resamples of a record or a report: :func:`bootstrap_indices` with the fixed label set,
+    and None; or, when no such resamples can be drawn (several labels with one or two positives
+    in a small test set), plain resamples and a note saying so, so that the run still gets its
+    (flagged) intervals instead of failing."""
+    try:
+        return bootstrap_indices(n, n_boot, seed, targets=targets, mask=mask), None
+    except BootstrapError as exc:
+        note = (
+            f"{exc}: the intervals use plain resamples instead (a replicate may average fewer "
+            "labels than the point estimate; docs/statistics.md)"
+        )
+        return bootstrap_indices(n, n_boot, seed), note
 
 
 #: Redraw rounds before :func:`bootstrap_indices` gives up on a fixed label set. A label with a

@@ -4,7 +4,9 @@ Rules:
 
 - **Fixed label set**: the bootstrap resamples keep both classes of every label that has both on
   the full test split (:func:`~embedkit.eval.bootstrap.bootstrap_indices` with ``targets=``), so
-  every replicate of the macro AUROC averages the same labels as the point estimate.
+  every replicate of the macro AUROC averages the same labels as the point estimate (when no
+  such resamples exist, e.g. many one-positive labels in a tiny test set: plain resamples and a
+  note).
 - **Rare labels**: a label with fewer than :data:`RARE_LABEL_MIN` positives or negatives among
   its valid test entries is flagged (``rare: true`` in its per-label row and a note): its CI
   under-covers (simulation in ``docs/statistics.md``).
@@ -23,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from embedkit.eval.bootstrap import bootstrap_ci, bootstrap_indices
+from embedkit.eval.bootstrap import bootstrap_ci, label_set_indices
 from embedkit.eval.metrics import per_label_ap, youden
 
 __all__ = ["OPERATING_POINT", "RARE_LABEL_MIN", "Evaluation", "evaluate_scores"]
@@ -82,7 +84,8 @@ def evaluate_scores(
     notes: list[str] = []
     scores = np.asarray(scores, dtype=np.float64)
     if targets.ndim == 1:  # multi-class
-        idx = bootstrap_indices(len(targets), n_boot=n_boot, seed=seed, targets=targets, mask=mask)
+        idx, fallback = label_set_indices(len(targets), n_boot, seed, targets, mask)
+        notes.extend([fallback] if fallback else [])
         multiclass: dict[str, Any] = {
             "ovr_macro_auroc": _ci(targets, mask, scores, "ovr_macro_auroc", idx),
             "accuracy": _ci(targets, mask, scores, "accuracy", idx),
@@ -91,7 +94,8 @@ def evaluate_scores(
         return Evaluation(multiclass, [], notes, None)
     unscored = np.isnan(scores).all(axis=0)
     eval_mask = mask & ~unscored[None, :]
-    idx = bootstrap_indices(len(targets), n_boot=n_boot, seed=seed, targets=targets, mask=eval_mask)
+    idx, fallback = label_set_indices(len(targets), n_boot, seed, targets, eval_mask)
+    notes.extend([fallback] if fallback else [])
     safe = np.where(np.isnan(scores), 0.0, scores)
     aps = per_label_ap(targets, eval_mask, safe)
     per_label = []

@@ -31,7 +31,8 @@ from typing import Literal
 
 import numpy as np
 
-from embedkit.eval import adjust_pvalues, bootstrap_indices, paired_bootstrap_test
+from embedkit.eval import adjust_pvalues, paired_bootstrap_test
+from embedkit.eval.bootstrap import label_set_indices
 from embedkit.eval.permutation import paired_permutation_test
 from embedkit.results import ResultRecord, ScoreTable, load_scores
 
@@ -226,9 +227,7 @@ def compare_records(
     for (dataset, ids), runs in sorted(scored.items(), key=lambda kv: kv[0][0]):
         order = np.argsort(runs[0][1].ids)  # every run's arrays are aligned to sorted ids
         y, mask = runs[0][1].y[order], runs[0][1].mask[order]
-        idx = bootstrap_indices(
-            len(ids), n_boot=n_boot, seed=seed, targets=y, mask=mask
-        )  # fmt: skip
+        idx, _fallback = label_set_indices(len(ids), n_boot, seed, y, mask)  # noted in records
         for (ra, sa), (rb, sb) in combinations(runs, 2):
             chosen = _choose(ra, rb, pairs)
             if chosen is None:

@@ -78,3 +78,18 @@ def test_a_label_without_scores_is_left_out_of_the_macro() -> None:
         alone.metrics["macro_auroc"]["point"]
     )
     assert result.metrics["macro_auroc"] == pytest.approx(alone.metrics["macro_auroc"])
+
+
+def test_without_a_possible_fixed_label_set_the_record_still_gets_noted_intervals() -> None:
+    rng = np.random.default_rng(0)
+    y = np.zeros((40, 8))
+    y[np.arange(8), np.arange(8)] = 1.0  # eight labels with one positive each among 40 rows
+    s = y + rng.normal(size=y.shape)
+    m = np.ones_like(y, dtype=bool)
+    with pytest.raises(B.BootstrapError, match="could not draw"):
+        B.bootstrap_indices(40, 200, seed=0, targets=y, mask=m)
+    result = evaluate_scores(y, m, [f"l{j}" for j in range(8)], s, n_boot=200, seed=0)
+    assert any("plain resamples instead" in n for n in result.notes)
+    ci = B.bootstrap_ci(y, m, s, "macro_auroc", B.bootstrap_indices(40, 200, seed=0))
+    assert result.metrics["macro_auroc"] == {"point": ci.point, "low": ci.low, "high": ci.high}
+    assert all(r["rare"] for r in result.per_label)
