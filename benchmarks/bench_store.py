@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 
 import embedkit.store.chunkio as chunkio
-import embedkit.store.entry as entry_mod
+import embedkit.store.writer as writer_mod
 from embedkit.store import CacheKey, CacheRoot, FeatureEntry, canonical_json, digest_ids
+from embedkit.store.layout import EntryLayout
 
 
 def settle(nbytes: int = 0) -> None:
@@ -174,7 +175,7 @@ def main() -> None:
     if not args.no_survey:
         codec_survey(data, args.repeat)
     ids = [f"img{i:07d}" for i in range(n)]
-    chunk_rows = entry_mod._chunk_rows(args.unit_rows, d * 2, "none")  # the store's files
+    chunk_rows = writer_mod.chunk_rows(args.unit_rows, d * 2, "none")  # the store's files
     configs = [(c, True, True) for c in args.compression]  # (compression, fsync, fast engine)
     configs += [(c, False, True) for c in args.compression]
     if not args.no_zarr:
@@ -185,7 +186,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="embedkit-bench-", dir=args.tmp))
     print(f"matrix {n} x {d} float16 = {data.nbytes / 1e6:.0f} MB raw; tmp {tmp}")
     npy = tmp / "baseline.npy"
-    real_layout = FeatureEntry._layout
+    real_layout = EntryLayout.chunk_layout
     try:
         for rep in range(args.repeat):
             # New files, like the store's: overwriting a file whose pages are still dirty
@@ -206,8 +207,8 @@ def main() -> None:
                 label = f"{compression} {'fsync' if fsync else 'no-fsync'}" + (
                     "" if fast else " zarr-python"
                 )
-                entry_mod.FSYNC = fsync
-                FeatureEntry._layout = real_layout if fast else lambda self, name: None  # type: ignore[method-assign]
+                writer_mod.FSYNC = fsync
+                EntryLayout.chunk_layout = real_layout if fast else lambda self, name: None  # type: ignore[method-assign]
                 root = CacheRoot.from_uri(tmp / f"root-{rep}")
                 key = CacheKey(
                     dataset="bench",
@@ -260,8 +261,8 @@ def main() -> None:
                 sizes[label] = du(root.local_path / entry.relpath)  # type: ignore[operator]
                 shutil.rmtree(root.local_path / entry.relpath)  # type: ignore[operator]
     finally:
-        FeatureEntry._layout = real_layout  # type: ignore[method-assign]
-        entry_mod.FSYNC = True
+        EntryLayout.chunk_layout = real_layout  # type: ignore[method-assign]
+        writer_mod.FSYNC = True
         shutil.rmtree(tmp, ignore_errors=True)
 
     best = {k: min(v) for k, v in times.items()}

@@ -18,6 +18,7 @@ from embedkit.eval.bootstrap import Correction
 from embedkit.extract.request import (
     BadImagePolicy,
     Compression,
+    ComputeDtype,
     DeviceMap,
     ExtractionRequest,
     ResizePolicy,
@@ -25,7 +26,6 @@ from embedkit.extract.request import (
     StorageDtype,
 )
 from embedkit.finetune.request import FinetuneRequest
-from embedkit.models.device import ComputeDtype
 from embedkit.probes.request import ProbeRequest
 from embedkit.study.options import (
     field_defaults,

@@ -11,18 +11,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from embedkit.data.policies import OnBadImage
 from embedkit.data.readers import read_image
 from embedkit.data.transforms import Preprocessing
 from embedkit.errors import BadImagesError, ImageReadError, ManifestError
 
 __all__ = ["Batch", "ImageDataset", "Sample", "collate", "make_loader", "read_all"]
-
-OnBadImage = Literal["fail", "skip"]
 
 
 @dataclass

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from embedkit.data.policies import Interpolation, ResizeMode
 from embedkit.errors import ResolutionError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "snap_resolution"]
@@ -36,8 +37,6 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "snap_resolution"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ResizeMode = Literal["squash", "pad", "crop"]
-Interpolation = Literal["bilinear", "bicubic"]
 _RESIZE_MODES: tuple[str, ...] = ("squash", "pad", "crop")
 _INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic")
 

@@ -1,23 +1,55 @@
-"""Extraction: manifest split ─► loader ─► frozen encoder ─► poolings ─► cache entry."""
+"""Extraction: manifest split ─► loader ─► frozen encoder ─► poolings ─► cache entry.
 
-from embedkit.extract.request import (
-    DEFAULT_UNIT_ROWS,
-    BadImagePolicy,
-    Compression,
-    ComputeDtype,
-    ExtractionRequest,
-    ResizePolicy,
-    ShardPolicy,
-    StorageDtype,
-)
-from embedkit.extract.runner import (
-    ExtractionPlan,
-    ExtractionResult,
-    content_fingerprint,
-    extract,
-    plan_extraction,
-    run_extraction,
-)
+Exports load lazily (:mod:`embedkit.lazy`): the request and its option sets come without torch.
+"""
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from embedkit.extract.request import (
+        DEFAULT_UNIT_ROWS,
+        BadImagePolicy,
+        Compression,
+        ComputeDtype,
+        ExtractionRequest,
+        ResizePolicy,
+        ShardPolicy,
+        StorageDtype,
+    )
+    from embedkit.extract.runner import (
+        ExtractionPlan,
+        ExtractionResult,
+        content_fingerprint,
+        extract,
+        plan_extraction,
+        run_extraction,
+    )
+else:
+    from embedkit.lazy import lazy_exports
+
+    __getattr__, __dir__ = lazy_exports(
+        __name__,
+        {
+            "request": (
+                "DEFAULT_UNIT_ROWS",
+                "BadImagePolicy",
+                "Compression",
+                "ComputeDtype",
+                "ExtractionRequest",
+                "ResizePolicy",
+                "ShardPolicy",
+                "StorageDtype",
+            ),
+            "runner": (
+                "ExtractionPlan",
+                "ExtractionResult",
+                "content_fingerprint",
+                "extract",
+                "plan_extraction",
+                "run_extraction",
+            ),
+        },
+    )
 
 __all__ = [
     "DEFAULT_UNIT_ROWS",

@@ -5,23 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from embedkit.data.dataset import OnBadImage
-from embedkit.data.transforms import ResizeMode
+from embedkit.data.policies import OnBadImage, ResizeMode
 from embedkit.errors import EmbedkitError
-from embedkit.models.device import ComputeDtype
-from embedkit.models.sharding import ShardMode
+from embedkit.models.policies import ComputeDtype, DeviceMap, ShardMode
 
 # The closed option sets of an extraction. Each is declared once, by the layer that interprets
-# it (resize: data.transforms; bad images: data.dataset; sharding: models.sharding; compute
-# dtype: models.device); the names below are what `embedkit extract` and a pipeline's
+# it, in a torch-free module (resize, bad images: data.policies; sharding, compute dtype, device
+# map: models.policies); the names below are what `embedkit extract` and a pipeline's
 # `extract:` offer (both build this request through embedkit.study.options).
 StorageDtype = Literal["float16", "float32"]
 #: Storage codec of a new entry (the store checks it against embedkit.store.entry.COMPRESSIONS):
 #: not part of the cache key, since it changes the files but not the stored values (checksums
 #: cover decoded bytes).
 Compression = Literal["none", "zstd"]
-#: ``device_map`` of transformers/accelerate: one process, layers over all visible GPUs.
-DeviceMap = Literal["auto", "balanced", "sequential"]
 BadImagePolicy = OnBadImage
 ResizePolicy = ResizeMode
 ShardPolicy = ShardMode

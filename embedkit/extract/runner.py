@@ -52,6 +52,7 @@ from embedkit.models import (
     validate_resolution,
 )
 from embedkit.models.device import resolve_device, resolve_dtype
+from embedkit.models.families import get_family
 from embedkit.models.throughput import ModelShape, ThroughputReport, shape_from_config
 from embedkit.store import (
     CacheKey,
@@ -182,6 +183,11 @@ class _LazyBatches:
         return self._batches
 
 
+#: Images left out of a unit: (image id, why).
+Skipped = list[tuple[str, str]]
+_QueuedUnit = tuple[int, dict[str, np.ndarray], np.ndarray, Skipped]
+
+
 class _UnitWriter:
     """Writes finished units on a background thread, so writes overlap the forward pass.
 
@@ -196,7 +202,9 @@ class _UnitWriter:
     def __init__(self, entry: FeatureEntry, leases: Leases | None = None) -> None:
         self._entry = entry
         self._leases = leases
-        self._queue: queue.Queue[tuple[int, dict[str, np.ndarray], np.ndarray, list] | None]
+        self._queue: queue.Queue[
+            tuple[int, dict[str, np.ndarray], np.ndarray, list[tuple[str, str]]] | None
+        ]
         self._queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self.units: list[int] = []
@@ -236,7 +244,11 @@ class _UnitWriter:
             self._error = exc
 
     def _begin(
-        self, u: int, arrays: dict[str, np.ndarray], valid: np.ndarray, skipped: list
+        self,
+        u: int,
+        arrays: dict[str, np.ndarray],
+        valid: np.ndarray,
+        skipped: list[tuple[str, str]],
     ) -> PendingUnit | None:
         try:
             return self._entry.begin_unit(u, arrays, valid=valid, skipped=skipped)
@@ -257,7 +269,11 @@ class _UnitWriter:
             self._leases.release_unit(u)
 
     def submit(
-        self, u: int, arrays: dict[str, np.ndarray], valid: np.ndarray, skipped: list
+        self,
+        u: int,
+        arrays: dict[str, np.ndarray],
+        valid: np.ndarray,
+        skipped: list[tuple[str, str]],
     ) -> None:
         self.raise_if_failed()
         self._queue.put((u, arrays, valid, skipped))
@@ -486,7 +502,7 @@ def _load(
             dtype=plan.compute_dtype,
             device_map=request.device_map,
         )
-        if plan.spec.patch_size is None and plan.device.type == "cuda":
+        if get_family(plan.spec.family).channels_last and plan.device.type == "cuda":
             cast(Any, encoder.model).to(memory_format=torch.channels_last)
     if request.compile:
         encoder.model = torch.compile(encoder.model, dynamic=False)  # type: ignore[assignment]

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from embedkit.errors import ConfigError, did_you_mean
-from embedkit.finetune.model import Classifier
-from embedkit.models import EncoderSpec, get_family
+from embedkit.models import get_family
+
+if TYPE_CHECKING:  # torch and peft load where a method runs, not with the registry
+    from torch import nn
+
+    from embedkit.finetune.model import Classifier
+    from embedkit.models import EncoderSpec
 
 __all__ = [
     "METHODS",
@@ -61,9 +64,9 @@ class LoraSettings:
 
 
 #: Freeze the network, then unfreeze (or add) what the method trains.
-Prepare = Callable[[Classifier, LoraSettings], None]
+Prepare: TypeAlias = "Callable[[Classifier, LoraSettings], None]"
 #: The method's own settings as recorded in the result's params (part of the run id).
-RecordParams = Callable[[EncoderSpec, LoraSettings], dict[str, Any]]
+RecordParams: TypeAlias = "Callable[[EncoderSpec, LoraSettings], dict[str, Any]]"
 
 
 def _no_params(_spec: EncoderSpec, _settings: LoraSettings) -> dict[str, Any]:
@@ -148,6 +151,7 @@ def _lora_params(spec: EncoderSpec, settings: LoraSettings) -> dict[str, Any]:
 
 def _lora(model: Classifier, settings: LoraSettings) -> None:
     from peft import LoraConfig, inject_adapter_in_model
+    from torch import nn
 
     targets = lora_targets(model.spec.family, settings)
     config = LoraConfig(

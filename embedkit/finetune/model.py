@@ -63,4 +63,5 @@ class Classifier(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         features = self.features(pixels)
-        return self.head(features.to(self.head.weight.dtype))
+        logits: torch.Tensor = self.head(features.to(self.head.weight.dtype))
+        return logits

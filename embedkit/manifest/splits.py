@@ -81,7 +81,8 @@ def _given(spec: GivenSplits, index: IndexFrame) -> np.ndarray:
             f"holds values that splits.values does not map: {found}. Map them under "
             f"splits.values (now {lookup}) or filter those rows out."
         )
-    return split.to_numpy(dtype=SPLIT_DTYPE)
+    values: np.ndarray = split.to_numpy(dtype=SPLIT_DTYPE)
+    return values
 
 
 def _read_ids(path: Path, split: str) -> list[str]:

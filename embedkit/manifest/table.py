@@ -60,7 +60,7 @@ class DatasetTable:
 
     def rows_for_ids(self, ids: Sequence[str]) -> np.ndarray:
         """Row indices of ``ids``, in their order; ids not in the table raise ``ManifestError``."""
-        rows = self._row_of.get_indexer(list(ids)).astype(np.int64)
+        rows: np.ndarray = self._row_of.get_indexer(list(ids)).astype(np.int64)
         missing = [i for i, row in zip(ids, rows, strict=True) if row < 0]
         if missing:
             raise ManifestError(

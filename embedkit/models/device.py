@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from embedkit.errors import EmbedkitError
-
-ComputeDtype = Literal["auto", "fp32", "bf16", "fp16"]
+from embedkit.models.policies import ComputeDtype
 
 
 def resolve_device(device: str) -> torch.device:

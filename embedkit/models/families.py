@@ -31,12 +31,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from embedkit.errors import ConfigError, ModelLoadError, UnknownModelError
 from embedkit.models.shape import ModelShape
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PretrainedConfig, PreTrainedModel
 
     from embedkit.models.registry import EncoderSpec
@@ -92,6 +91,8 @@ class FamilyAdapter:
     #: Module holding the patch / position embeddings (layer id 0 of layer-wise lr decay); None
     #: when the family has no layer-wise lr decay (its blocks are not one depth-ordered stack).
     embeddings_at: str | None = None
+    #: Convolutional families run faster in the channels-last memory format on a GPU.
+    channels_last: bool = False
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # for __init__/from_pretrained
     forward_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -125,6 +126,8 @@ class FamilyAdapter:
 
     def count_params(self, config: PretrainedConfig) -> int:
         """Parameter count of the architecture, built on the meta device (no memory, no I/O)."""
+        import torch
+
         with torch.device("meta"):
             model = self.model_class(config, **self.model_kwargs)
         return sum(p.numel() for p in model.parameters())
@@ -239,7 +242,7 @@ def _int_size(value: object) -> int:
     raise ModelLoadError(f"non-square patch size {value!r} is not supported")
 
 
-def _vit_facts(config: PretrainedConfig) -> ConfigFacts:
+def vit_facts(config: PretrainedConfig) -> ConfigFacts:
     patch = _int_size(config.patch_size)
     return ConfigFacts(
         embed_dim=int(config.hidden_size),
@@ -249,7 +252,7 @@ def _vit_facts(config: PretrainedConfig) -> ConfigFacts:
     )
 
 
-def _convnext_facts(config: PretrainedConfig) -> ConfigFacts:
+def convnext_facts(config: PretrainedConfig) -> ConfigFacts:
     return ConfigFacts(
         embed_dim=int(config.hidden_sizes[-1]),
         patch_size=None,
@@ -270,7 +273,7 @@ def _config_int(config: Mapping[str, object], key: str, default: int) -> int:
     return int(value) if isinstance(value, int | float) else default
 
 
-def _vit_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
+def vit_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
     if spec.patch_size is None:
         raise ModelLoadError(f"{spec.name}: a ViT spec needs a patch_size")
     if config is None:  # the family follows the standard S/B/L/H/g layouts
@@ -288,7 +291,7 @@ def _vit_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelS
     )
 
 
-def _convnext_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
+def convnext_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
     """Stages of blocks after a 4x4 stem; ``embed_dim`` is the first stage's width."""
     depths = config.get("depths") if config is not None else None
     sizes = config.get("hidden_sizes") if config is not None else None
@@ -315,7 +318,7 @@ def _as_grid(flat: torch.Tensor, grid: tuple[int, int], spec: EncoderSpec) -> to
     return flat.reshape(batch, grid[0], grid[1], dim)
 
 
-def _vit_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
+def vit_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
     hidden: torch.Tensor = outputs.last_hidden_state
     patches = hidden[:, 1 + spec.num_register_tokens :]
     return Tokens(
@@ -323,7 +326,7 @@ def _vit_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) ->
     )
 
 
-def _dinov3_convnext_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
+def dinov3_convnext_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
     hidden: torch.Tensor = outputs.last_hidden_state
     return Tokens(
         cls=None,
@@ -332,7 +335,7 @@ def _dinov3_convnext_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[i
     )
 
 
-def _convnext_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
+def convnext_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
     feature_map: torch.Tensor = outputs.last_hidden_state  # (B, C, h, w)
     patches = feature_map.permute(0, 2, 3, 1)
     flat = patches.reshape(patches.shape[0], -1, patches.shape[-1])
@@ -356,9 +359,9 @@ for _adapter in (
         config_class_name="DINOv3ViTConfig",
         model_types=("dinov3_vit",),
         stored_poolings=VIT_POOLINGS,
-        tokens=_vit_tokens,
-        facts=_vit_facts,
-        shape=_vit_shape,
+        tokens=vit_tokens,
+        facts=vit_facts,
+        shape=vit_shape,
         lora_targets=VIT_LORA_TARGETS,
         blocks_at="model.layer",
         embeddings_at="embeddings",
@@ -369,11 +372,12 @@ for _adapter in (
         config_class_name="DINOv3ConvNextConfig",
         model_types=("dinov3_convnext",),
         stored_poolings=CONVNEXT_POOLINGS,
-        tokens=_dinov3_convnext_tokens,
-        facts=_convnext_facts,
-        shape=_convnext_shape,
+        tokens=dinov3_convnext_tokens,
+        facts=convnext_facts,
+        shape=convnext_shape,
         lora_targets=("pointwise_conv1", "pointwise_conv2"),
         blocks_at="model.stages.*.layers",
+        channels_last=True,
     ),
     FamilyAdapter(
         name="dinov2",
@@ -381,9 +385,9 @@ for _adapter in (
         config_class_name="Dinov2Config",
         model_types=("dinov2",),
         stored_poolings=VIT_POOLINGS,
-        tokens=_vit_tokens,
-        facts=_vit_facts,
-        shape=_vit_shape,
+        tokens=vit_tokens,
+        facts=vit_facts,
+        shape=vit_shape,
         lora_targets=VIT_LORA_TARGETS,
         blocks_at="encoder.layer",
         embeddings_at="embeddings",
@@ -394,9 +398,9 @@ for _adapter in (
         config_class_name="Dinov2WithRegistersConfig",
         model_types=("dinov2_with_registers",),
         stored_poolings=VIT_POOLINGS,
-        tokens=_vit_tokens,
-        facts=_vit_facts,
-        shape=_vit_shape,
+        tokens=vit_tokens,
+        facts=vit_facts,
+        shape=vit_shape,
         lora_targets=VIT_LORA_TARGETS,
         blocks_at="encoder.layer",
         embeddings_at="embeddings",
@@ -407,11 +411,12 @@ for _adapter in (
         config_class_name="ConvNextConfig",
         model_types=("convnext",),
         stored_poolings=CONVNEXT_POOLINGS,
-        tokens=_convnext_tokens,
-        facts=_convnext_facts,
-        shape=_convnext_shape,
+        tokens=convnext_tokens,
+        facts=convnext_facts,
+        shape=convnext_shape,
         lora_targets=("pwconv1", "pwconv2"),
         blocks_at="encoder.stages.*.layers",
+        channels_last=True,
     ),
     FamilyAdapter(
         name="vit",
@@ -419,9 +424,9 @@ for _adapter in (
         config_class_name="ViTConfig",
         model_types=("vit",),
         stored_poolings=VIT_POOLINGS,
-        tokens=_vit_tokens,
-        facts=_vit_facts,
-        shape=_vit_shape,
+        tokens=vit_tokens,
+        facts=vit_facts,
+        shape=vit_shape,
         lora_targets=VIT_LORA_TARGETS,
         blocks_at="layers",
         embeddings_at="embeddings",

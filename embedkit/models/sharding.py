@@ -28,9 +28,9 @@ import torch
 from embedkit.errors import ModelLoadError, ShardingError
 from embedkit.models.families import get_family
 from embedkit.models.loading import EncoderIdentity, LoadedEncoder, parse_dtype
+from embedkit.models.policies import ShardMode
 from embedkit.models.shape import ModelShape
 
-ShardMode = Literal["none", "fsdp", "auto"]
 GB = 1e9
 #: Live activations of one block at inference, in units of tokens x dim x bytes: residual stream,
 #: qkv (3), attention output, MLP hidden (4, or ~5.3 for SwiGLU), plus allocator slack.

@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedkit.errors import EmbedkitError, FewShotSamplingError
 from embedkit.eval import macro_auroc, ovr_macro_auroc
-from embedkit.probes.features import SplitFeatures
-from embedkit.probes.fewshot import run_fewshot
-from embedkit.probes.knn import KNNProbe
-from embedkit.probes.linear import LogisticProbe
 from embedkit.probes.registry import KindResult, ProbeData, register
-from embedkit.probes.request import ProbeRequest
-from embedkit.probes.sgd import DINO_LR_GRID, SGDLinearProbe
+
+# The estimators (torch) load in fit_score/params, so registering the kinds stays cheap.
+if TYPE_CHECKING:
+    from embedkit.probes.features import SplitFeatures
+    from embedkit.probes.linear import LogisticProbe
+    from embedkit.probes.request import ProbeRequest
+    from embedkit.probes.sgd import SGDLinearProbe
 
 __all__ = ["FewShotKind", "KNNKind", "LinearKind", "SGDKind"]
 
@@ -73,6 +74,8 @@ class LinearKind:
         }
 
     def fit_score(self, request: ProbeRequest, data: ProbeData) -> KindResult:
+        from embedkit.probes.linear import LogisticProbe
+
         train, val = data.train, data.val
         probe = LogisticProbe(seed=request.seed, max_iter=request.max_iter)
         if len(val.ids):
@@ -102,6 +105,8 @@ class KNNKind:
         return {"ks": list(request.ks), "temperature": 0.07}
 
     def fit_score(self, request: ProbeRequest, data: ProbeData) -> KindResult:
+        from embedkit.probes.knn import KNNProbe
+
         train, val = data.train, data.val
         ks = tuple(k for k in request.ks if k <= len(train.ids)) or (len(train.ids),)
         probe = KNNProbe(k=ks).fit(train.X, train.y, mask=train.mask)
@@ -127,6 +132,8 @@ class SGDKind:
         return _stored_default(stored, "+mean")
 
     def params(self, request: ProbeRequest) -> dict[str, Any]:
+        from embedkit.probes.sgd import DINO_LR_GRID, SGDLinearProbe
+
         probe = SGDLinearProbe()
         return {
             "lrs": list(DINO_LR_GRID),
@@ -137,6 +144,8 @@ class SGDKind:
         }
 
     def fit_score(self, request: ProbeRequest, data: ProbeData) -> KindResult:
+        from embedkit.probes.sgd import SGDLinearProbe
+
         train, val = data.train, data.val
         probe = SGDLinearProbe(seed=request.seed)
         if len(val.ids):
@@ -166,6 +175,8 @@ class FewShotKind:
                 "C": 1.0}  # fmt: skip
 
     def fit_score(self, request: ProbeRequest, data: ProbeData) -> KindResult:
+        from embedkit.probes.fewshot import run_fewshot
+
         train, test = data.train, data.test
         metrics: dict[str, Any] = {}
         runs: dict[str, Any] = {}

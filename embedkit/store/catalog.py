@@ -10,8 +10,9 @@ from typing import Any
 from rich.table import Table
 
 from embedkit.errors import CacheNotFoundError
-from embedkit.store.entry import FeatureEntry, _read_attrs, entry_relpaths, resolve_entry
+from embedkit.store.entry import FeatureEntry
 from embedkit.store.index import indexed_summaries
+from embedkit.store.layout import entry_relpaths, read_attrs, resolve_entry
 from embedkit.store.root import CacheRoot
 
 __all__ = [
@@ -49,7 +50,7 @@ class EntrySummary:
 
 
 def _summary(root: CacheRoot, relpath: str) -> EntrySummary:
-    attrs = _read_attrs(root, relpath)
+    attrs = read_attrs(root, relpath)
     key = attrs["key"]
     prov = attrs.get("provenance") or {}
     by = prov.get("created_by") or attrs.get("created_by") or {}

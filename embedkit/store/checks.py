@@ -12,11 +12,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 
 import google_crc32c
 import numpy as np
 
-__all__ = ["SCAN_PIECE", "Scan", "any_nonfinite", "crc32c_combine", "nonfinite_rows", "scan"]
+from embedkit.errors import IntegrityError
+
+__all__ = [
+    "CHECKSUM_ALGORITHM",
+    "SCAN_PIECE",
+    "Scan",
+    "any_nonfinite",
+    "checksum",
+    "crc32c_combine",
+    "nonfinite_rows",
+    "scan",
+]
+
+#: Checksum of new unit records: crc32c when its C implementation is present, else sha256.
+CHECKSUM_ALGORITHM = "crc32c" if google_crc32c.implementation == "c" else "sha256"
 
 #: Bytes checked and summed at a time: the piece stays in the CPU cache between the two.
 SCAN_PIECE = 1 << 20
@@ -39,6 +54,17 @@ except ImportError:  # pragma: no cover - a core dependency; kept working withou
         return int(google_crc32c.extend(crc, data))  # takes arrays, not memoryviews
 
     FAST_CRC32C = google_crc32c.implementation == "c"
+
+
+def checksum(a: np.ndarray, algorithm: str = CHECKSUM_ALGORITHM) -> str:
+    """Hex digest of the C-order bytes of ``a`` (``algorithm`` as named in a unit record)."""
+    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    if algorithm == "crc32c":
+        return f"{google_crc32c.value(flat):08x}"
+    if algorithm == "sha256":
+        return hashlib.sha256(flat.data).hexdigest()
+    raise IntegrityError(f"Unknown checksum algorithm {algorithm!r} in a unit record.")
+
 
 _FLOAT_BITS = {np.dtype(np.float16): 16, np.dtype(np.float32): 32, np.dtype(np.float64): 64}
 _EXPONENT = {16: 0x7C00, 32: 0x7F800000, 64: 0x7FF0000000000000}

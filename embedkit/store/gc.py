@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import filelock
 
-from embedkit.store.entry import LAST_USED_FILE, _lock_for
+from embedkit.store.layout import LAST_USED_FILE
 from embedkit.store.lease import live_claims
 from embedkit.store.root import CacheRoot
 
@@ -69,7 +69,7 @@ def _unless_locked(root: CacheRoot, relpath: str) -> Iterator[bool]:
     if live_claims(root, relpath):
         yield False
         return
-    lock = _lock_for(root, relpath) if root.writable else None
+    lock = root.lock(relpath) if root.writable else None
     if not isinstance(lock, filelock.BaseFileLock):
         yield True
         return

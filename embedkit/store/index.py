@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from embedkit.store.entry import LAST_USED_FILE
+from embedkit.store.layout import LAST_USED_FILE
 from embedkit.store.root import CacheRoot, ObjectStat
 
 __all__ = ["INDEX_PATH", "indexed_summaries"]

@@ -45,16 +45,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from embedkit.errors import CacheNotFoundError, ConfigError, IncompleteEntryError, IntegrityError
-from embedkit.store.entry import (
-    LAST_USED_FILE,
-    LAST_USED_INTERVAL_S,
-    FeatureEntry,
-    _lock_for,
-    entry_relpaths,
-)
+from embedkit.store.entry import FeatureEntry
 from embedkit.store.key import digest_ids
+from embedkit.store.layout import LAST_USED_FILE, LAST_USED_INTERVAL_S, entry_relpaths
 from embedkit.store.root import CacheRoot, ObjectStat
-from embedkit.store.transfer import COPY_THREADS, check_unit, copy_object
+from embedkit.store.transfer import COPY_THREADS, copy_object
 
 __all__ = ["LocalCopy", "local_copy_status", "open_local_copy", "verify_local_copies"]
 
@@ -105,7 +100,7 @@ def _exclusive(root: CacheRoot, relpath: str) -> Iterator[None]:
     key = root.url(relpath)
     with _THREAD_LOCKS_GUARD:
         tlock = _THREAD_LOCKS.setdefault(key, threading.Lock())
-    with tlock, _lock_for(root, relpath):
+    with tlock, root.lock(relpath):
         yield
 
 
@@ -282,10 +277,10 @@ def _fill(
         if u in local_units and _read_or_none(local, record_path) == record_bytes:
             with lock:
                 checked[0] += 1
-            if not check_unit(entry, u, record):
+            if not entry.check_unit(u, record):
                 return  # the local unit matches the remote record: keep it
         fetch(per_unit[u], force=True)
-        problems = check_unit(entry, u, record)
+        problems = entry.check_unit(u, record)
         if problems:
             raise IntegrityError(
                 f"Unit {u} of {remote.uri} does not match its own record after a fresh copy "

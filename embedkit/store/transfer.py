@@ -10,25 +10,18 @@ already present with the right size are skipped; the small JSON objects are alwa
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
 from embedkit.errors import EntryExistsError, IncompleteEntryError, IntegrityError
 from embedkit.store.catalog import find_entry
-from embedkit.store.entry import (
-    LAST_USED_FILE,
-    FeatureEntry,
-    _checksum,
-    _lock_for,
-    remove_entry,
-)
+from embedkit.store.entry import FeatureEntry, remove_entry
+from embedkit.store.layout import LAST_USED_FILE
 from embedkit.store.lease import LEASES_DIR
 from embedkit.store.root import CacheRoot, ObjectStat
 
-__all__ = ["CopiedObject", "check_unit", "copy_entry", "copy_object"]
+__all__ = ["CopiedObject", "copy_entry", "copy_object"]
 
 #: Parallel object copies (object stores are latency bound; local disks do not mind).
 COPY_THREADS = 8
@@ -67,33 +60,6 @@ def copy_object(
     return False
 
 
-def check_unit(entry: FeatureEntry, u: int, record: Mapping[str, object]) -> list[str]:
-    """Problems of unit ``u`` of ``entry`` against a unit ``record`` (its own or a source's).
-
-    Re-reads the unit's rows of every array the record has a checksum for; ``[]`` means the
-    stored bytes match.
-    """
-    start, stop = entry.unit_bounds(u)
-    if record.get("rows") != [start, stop]:
-        return [f"unit {u}: record rows {record.get('rows')} != [{start}, {stop}]"]
-    checksums = record.get("checksums")
-    if not isinstance(checksums, dict) or not checksums:
-        return [f"unit {u}: the record holds no checksums"]
-    algorithm = str(record.get("checksum_algorithm", "sha256"))
-    problems = []
-    for name, want in checksums.items():
-        try:
-            arr = entry._array(name)
-            data = np.empty((stop - start, *arr.shape[1:]), dtype=arr.dtype)
-            entry._read_into(arr, slice(start, stop), data)
-        except (OSError, KeyError, IntegrityError) as exc:
-            problems.append(f"unit {u} (rows {start}-{stop}): {name} cannot be read ({exc})")
-            continue
-        if _checksum(data, algorithm) != want:
-            problems.append(f"unit {u} (rows {start}-{stop}): checksum mismatch in {name}")
-    return problems
-
-
 def copy_entry(
     src_root: CacheRoot,
     dst_root: CacheRoot,
@@ -126,7 +92,7 @@ def copy_entry(
             "Pass --overwrite to replace it with the copy."
         )
 
-    with _lock_for(dst_root, relpath):  # local destinations: one copy at a time (not leases)
+    with dst_root.lock(relpath):  # local destinations: one copy at a time (not leases)
         objects = {
             p: st
             for p, st in src_root.files(relpath).items()

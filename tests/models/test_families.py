@@ -57,6 +57,18 @@ def test_lora_targets_name_linear_layers_of_every_block(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_channels_last_is_declared_by_the_convolutional_families(family: str) -> None:
+    """The channels-last memory format (used on GPUs) pays off where the blocks convolve."""
+    adapter, _, model = _tiny(family)
+    convolves = any(
+        isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)
+        for block in adapter.blocks(model)
+        for m in block.modules()
+    )
+    assert adapter.channels_last == convolves, family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_blocks_are_the_repeated_blocks_in_order(family: str) -> None:
     adapter, spec, model = _tiny(family)
     blocks = adapter.blocks(model)

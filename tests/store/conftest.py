@@ -91,7 +91,7 @@ def root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CacheRoot]:
         s3_root = CacheRoot.from_uri(server.new_uri())
         yield s3_root
         if s3_root.exists(""):
-            s3_root._fs.rm(s3_root._fsabs(""), recursive=True)
+            s3_root.backend.delete("")
         return
     name = f"embedkit-test-{uuid.uuid4().hex}"
     yield CacheRoot.from_uri(f"memory://{name}")

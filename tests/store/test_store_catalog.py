@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -79,21 +80,21 @@ def test_list_find_render(root: CacheRoot, kit) -> None:  # type: ignore[no-unty
 
 def test_an_entry_removed_while_listing_is_left_out(
     root: CacheRoot,
-    kit,
-    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    kit: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from embedkit.store import catalog
 
     kept = build(root, kit, model="dinov3/vitb16", units=None)
     gone = build(root, kit, model="dinov2/vitl14", units=None)
-    real = catalog._read_attrs
+    real = catalog.read_attrs
 
     def removed_meanwhile(r: CacheRoot, relpath: str) -> dict[str, object]:
         if relpath == gone.relpath:  # `gc` or `--overwrite` deleted it after it was listed
             raise FileNotFoundError(f"{relpath}/zarr.json")
         return real(r, relpath)
 
-    monkeypatch.setattr(catalog, "_read_attrs", removed_meanwhile)
+    monkeypatch.setattr(catalog, "read_attrs", removed_meanwhile)
     assert [s.relpath for s in list_entries(root, use_index=False)] == [kept.relpath]
 
 
@@ -146,7 +147,7 @@ def _complete_rest(entry: FeatureEntry, kit) -> None:  # type: ignore[no-untyped
 
 def test_index_serves_unchanged_complete_entries(
     root: CacheRoot,
-    kit,  # type: ignore[no-untyped-def]
+    kit: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import datetime as dt
@@ -256,7 +257,7 @@ def test_cli_cache_ls_json_filters_on_s3(s3_server, kit) -> None:  # type: ignor
     build(root, kit, model="dinov2/vitl14", units=1)
     runner = CliRunner()
 
-    def ls(*args: str) -> list[dict]:  # type: ignore[type-arg]
+    def ls(*args: str) -> list[dict[str, Any]]:
         result = runner.invoke(app, ["cache", "ls", "--cache", uri, "--json", *args])
         assert result.exit_code == 0, result.output
         rows = json.loads(result.output)

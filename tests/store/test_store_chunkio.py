@@ -13,10 +13,11 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 import embedkit.store.checks as checks
-import embedkit.store.entry as entry_mod
+import embedkit.store.writer as writer_mod
 from embedkit.errors import IntegrityError
 from embedkit.store import CacheRoot, FeatureEntry
 from embedkit.store.chunkio import ChunkDecodeError, ChunkLayout, zstd_content_size
+from embedkit.store.layout import EntryLayout
 
 CASES = [
     # shape, chunk rows, dtype, zstd?
@@ -193,10 +194,13 @@ def _write_units(entry: FeatureEntry, feats: dict[str, np.ndarray]) -> np.ndarra
 def test_entry_fast_path_is_plain_zarr(
     tmp_path: Path, kit: Any, compression: str, fsync: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(entry_mod, "FSYNC", fsync)
+    monkeypatch.setattr(writer_mod, "FSYNC", fsync)
     root = CacheRoot.from_uri(tmp_path / "cache")
     entry, feats = _entry(root, kit, compression)
-    assert entry._layout("features/cls") is not None and entry._layout("valid") is not None
+    assert (
+        entry.layout.chunk_layout("features/cls") is not None
+        and entry.layout.chunk_layout("valid") is not None
+    )
     valid = _write_units(entry, feats)
     entry.finalize()
     want = {p: np.where(valid[:, None], a, 0).astype(np.float16) for p, a in feats.items()}
@@ -220,11 +224,11 @@ def test_fast_path_reads_zarr_written_entry(
     """Units written by zarr-python (the fsspec code path) read back through the fast path."""
     root = CacheRoot.from_uri(tmp_path / "cache")
     entry, feats = _entry(root, kit, "zstd")
-    monkeypatch.setattr(FeatureEntry, "_layout", lambda self, name: None)
+    monkeypatch.setattr(EntryLayout, "chunk_layout", lambda self, name: None)
     valid = _write_units(entry, feats)
     monkeypatch.undo()
     reader = FeatureEntry.open(root, entry.key, allow_partial=True)
-    assert reader._layout("features/cls") is not None
+    assert reader.layout.chunk_layout("features/cls") is not None
     want = np.where(valid[:, None], feats["cls"], 0).astype(np.float16)
     np.testing.assert_array_equal(reader.read("cls"), want)
     assert reader.verify() == ["no COMPLETE.json: entry incomplete (5 of 5 units written)"]
@@ -236,12 +240,12 @@ def test_sha256_records_still_verify(tmp_path: Path, kit: Any) -> None:
     _write_units(entry, feats)
     entry.finalize()
     # rewrite unit 1's record as an older version wrote it: sha256, no algorithm field
-    path = root.local_path / entry._unit_path(1)  # type: ignore[operator]
+    path = root.local_path / entry.layout.unit_path(1)  # type: ignore[operator]
     record = json.loads(path.read_bytes())
     del record["checksum_algorithm"]
     s, e = entry.unit_bounds(1)
     for name in record["checksums"]:
-        data = np.ascontiguousarray(entry._array(name)[s:e])
+        data = np.ascontiguousarray(entry.layout.array(name)[s:e])
         record["checksums"][name] = hashlib.sha256(data.view(np.uint8).data).hexdigest()
     path.write_text(json.dumps(record))
     assert entry.verify() == []
@@ -255,7 +259,7 @@ def test_damaged_zstd_chunk_read_raises_integrity_error(tmp_path: Path, kit: Any
     entry, feats = _entry(root, kit, "zstd")
     _write_units(entry, feats)
     entry.finalize()
-    layout = entry._layout("features/cls")
+    layout = entry.layout.chunk_layout("features/cls")
     assert layout is not None
     chunk = layout.chunk_path(2)
     chunk.write_bytes(chunk.read_bytes()[:-5])

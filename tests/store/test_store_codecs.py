@@ -19,7 +19,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 import embedkit.store.chunkio as chunkio
-import embedkit.store.entry as entry_mod
+import embedkit.store.writer as writer_mod
 from embedkit.errors import CacheWriteError, IncompleteEntryError, IntegrityError
 from embedkit.store import CacheRoot, FeatureEntry
 
@@ -31,12 +31,11 @@ ROW_BYTES = 8 * 2  # float16
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """zstd chunks of 2 rows (32 bytes), 3 per 6-row unit; uncompressed ones of 3 rows, 2."""
-    monkeypatch.setattr(entry_mod, "CHUNK_BYTES", {"none": 4 * ROW_BYTES, "zstd": 2 * ROW_BYTES})
+    monkeypatch.setattr(writer_mod, "CHUNK_BYTES", {"none": 4 * ROW_BYTES, "zstd": 2 * ROW_BYTES})
 
 
 def _new(root: CacheRoot, kit: Any, compression: str | None = None) -> FeatureEntry:
     ids = kit.make_ids(N)
-    extra = {} if compression is None else {"compression": compression}
     return FeatureEntry.create_or_open(
         root,
         kit.make_key(ids, poolings=tuple(DIMS)),
@@ -44,7 +43,7 @@ def _new(root: CacheRoot, kit: Any, compression: str | None = None) -> FeatureEn
         shapes=DIMS,
         unit_rows=UNIT,
         provenance={},
-        **extra,
+        compression="none" if compression is None else compression,
     )
 
 
@@ -55,22 +54,22 @@ def _write(entry: FeatureEntry, feats: dict[str, np.ndarray], units: list[int]) 
 
 
 def test_chunk_rows() -> None:
-    target = entry_mod.CHUNK_BYTES["zstd"]
-    assert entry_mod._chunk_rows(16384, 2048, "none") * 2048 == 16 << 20  # 2 chunks of 16 MiB
-    assert entry_mod._chunk_rows(1024, 2048, "none") == 1024  # 2 MB unit: one chunk
-    assert entry_mod._chunk_rows(4096, 2048, "none") == 4096  # 8 MB: one chunk
-    assert entry_mod._chunk_rows(16384, 2048, "zstd") * 2048 == target  # 8 chunks of 4 MiB
-    assert entry_mod._chunk_rows(1024, 1536, "zstd") == 1024  # 1.5 MB unit: one chunk
-    assert entry_mod._chunk_rows(1000, 16384, "zstd") == 250  # 16 MB: 4 chunks of 4 MB
-    assert entry_mod._chunk_rows(1009, 16384, "zstd") == 1009  # prime: no split
-    rows = entry_mod._chunk_rows(1024, 301_056, "zstd")  # patch tokens, 14x14x768 float16
+    target = writer_mod.CHUNK_BYTES["zstd"]
+    assert writer_mod.chunk_rows(16384, 2048, "none") * 2048 == 16 << 20  # 2 chunks of 16 MiB
+    assert writer_mod.chunk_rows(1024, 2048, "none") == 1024  # 2 MB unit: one chunk
+    assert writer_mod.chunk_rows(4096, 2048, "none") == 4096  # 8 MB: one chunk
+    assert writer_mod.chunk_rows(16384, 2048, "zstd") * 2048 == target  # 8 chunks of 4 MiB
+    assert writer_mod.chunk_rows(1024, 1536, "zstd") == 1024  # 1.5 MB unit: one chunk
+    assert writer_mod.chunk_rows(1000, 16384, "zstd") == 250  # 16 MB: 4 chunks of 4 MB
+    assert writer_mod.chunk_rows(1009, 16384, "zstd") == 1009  # prime: no split
+    rows = writer_mod.chunk_rows(1024, 301_056, "zstd")  # patch tokens, 14x14x768 float16
     assert 1024 % rows == 0 and target / 4 <= rows * 301_056 <= target
 
 
 def test_default_is_uncompressed(tmp_path: Path, kit: Any) -> None:
     root = CacheRoot.from_uri(tmp_path / "c")
     entry = _new(root, kit)
-    assert entry_mod.COMPRESSIONS[0] == "none"
+    assert writer_mod.COMPRESSIONS[0] == "none"
     assert entry.info()["compression"] == {"name": "none"}
     arr = zarr.open_array(root.zarr_store(entry.relpath, read_only=True), path="features/cls")
     assert arr.compressors == () and arr.chunks == (UNIT, 8)
@@ -98,7 +97,7 @@ def test_multichunk_zstd_units_round_trip(root: CacheRoot, kit: Any) -> None:
     assert reader.verify() == []
     # reopening with the default compression keeps the entry's own codec and chunks
     again = _new(root, kit)
-    assert again.info()["compression"] == {"name": "zstd", "level": entry_mod.ZSTD_LEVEL}
+    assert again.info()["compression"] == {"name": "zstd", "level": writer_mod.ZSTD_LEVEL}
 
 
 @pytest.mark.usefixtures("small_chunks")
@@ -114,7 +113,7 @@ def test_multichunk_files_match_zarr_python(tmp_path: Path, kit: Any) -> None:
         dtype="float16",
         chunks=(2, 8),
         chunk_key_encoding={"name": "default", "separator": "."},
-        compressors=[ZstdCodec(level=entry_mod.ZSTD_LEVEL)],
+        compressors=[ZstdCodec(level=writer_mod.ZSTD_LEVEL)],
         filters=None,
         fill_value=0,
         config={"write_empty_chunks": True},
@@ -176,9 +175,9 @@ def test_parallel_durable_writes_equal_serial_plain_ones(
     trees = []
     for name, workers, fsync in (("serial", 1, False), ("parallel", 2, True)):
         with ThreadPoolExecutor(max_workers=workers) as pool, monkeypatch.context() as mp:
-            mp.setattr(entry_mod, "POOL", pool)
+            mp.setattr(writer_mod, "POOL", pool)
             mp.setattr(chunkio, "POOL", pool)
-            mp.setattr(entry_mod, "FSYNC", fsync)
+            mp.setattr(writer_mod, "FSYNC", fsync)
             mp.setattr(chunkio, "WRITEBACK_PIECE", 40)  # several kicked pieces per chunk
             root = CacheRoot.from_uri(tmp_path / name)
             entry = _new(root, kit, compression)
@@ -242,7 +241,7 @@ def test_entries_with_nested_chunk_keys_still_work(
     root = CacheRoot.from_uri(tmp_path / "c")
     feats = kit.make_features(N, DIMS)
     with monkeypatch.context() as mp:
-        mp.setattr(entry_mod, "_CHUNK_KEYS", {"name": "default", "separator": "/"})
+        mp.setattr(writer_mod, "CHUNK_KEYS", {"name": "default", "separator": "/"})
         old = _new(root, kit, compression)
         _write(old, feats, [0, 2])
     entry = _new(root, kit)  # resumed by the current code
@@ -252,7 +251,7 @@ def test_entries_with_nested_chunk_keys_still_work(
     assert sorted(p.name for p in cdir.iterdir()) == ["c", "zarr.json"]
     assert (cdir / "c" / "3" / "0").is_file()
     reader = FeatureEntry.open(root, entry.key)
-    assert reader._layout("features/cls") is not None
+    assert reader.layout.chunk_layout("features/cls") is not None
     np.testing.assert_array_equal(reader.read("cls"), feats["cls"].astype(np.float16))
     assert reader.verify() == []
 
@@ -260,7 +259,7 @@ def test_entries_with_nested_chunk_keys_still_work(
 def _unit_chunk_files(entry: FeatureEntry, u: int) -> set[Path]:
     files = set()
     for name in ("features/cls", "features/mean", "valid"):
-        layout = entry._layout(name)
+        layout = entry.layout.chunk_layout(name)
         assert layout is not None
         files |= {layout.chunk_path(i).resolve() for i in layout.chunks_in(*entry.unit_bounds(u))}
     return files
@@ -356,8 +355,13 @@ def test_scratch_mode_syncs_nothing(
     calls: list[str] = []
     for name in ("fsync", "fdatasync"):
         real = getattr(os, name)
-        monkeypatch.setattr(os, name, lambda fd, n=name, f=real: (calls.append(n), f(fd))[1])
-    monkeypatch.setattr(entry_mod, "FSYNC", fsync)
+
+        def counted(fd: int, n: str = name, f: Any = real) -> Any:
+            calls.append(n)
+            return f(fd)
+
+        monkeypatch.setattr(os, name, counted)
+    monkeypatch.setattr(writer_mod, "FSYNC", fsync)
     entry = _new(CacheRoot.from_uri(tmp_path / "c"), kit, "zstd")
     calls.clear()
     _write(entry, kit.make_features(N, DIMS), [0, 1])

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import embedkit.store.writer as writer_mod
 from embedkit.errors import ConfigError, EntryExistsError
 from embedkit.store import CacheRoot, FeatureEntry
 from embedkit.store.lease import TTL_ENV, Leases, Owner, live_claims, resolve_ttl
@@ -144,14 +145,14 @@ def test_layout_is_created_by_one_job(
     root: CacheRoot, kit: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     created: list[int] = []
-    real = FeatureEntry._create
+    real = writer_mod.create_layout
 
     def counting(*args: Any) -> dict[str, Any]:
         created.append(1)
         time.sleep(0.2)  # widen the window in which the others arrive
         return real(*args)
 
-    monkeypatch.setattr(FeatureEntry, "_create", staticmethod(counting))
+    monkeypatch.setattr(writer_mod, "create_layout", counting)
     entries = race(4, lambda i: new_entry(root, kit, lease_ttl_s=30))
     assert all(isinstance(e, FeatureEntry) for e in entries), entries
     assert len(created) == 1
@@ -203,11 +204,13 @@ def test_store_ignoring_conditional_writes_is_detected(
         pytest.skip("the probe is for object stores")
     assert Leases(root, "e.zarr", ttl_s=30)._conditional_ok()
 
-    def ignoring(self: CacheRoot, relpath: str, data: bytes, durable: bool = True) -> bool:
-        self.write_bytes_atomic(relpath, data)  # an S3 clone that drops If-None-Match
+    backend = root.backend
+
+    def ignoring(path: str, data: bytes, durable: bool = True) -> bool:
+        backend.write_atomic(path, data)  # an S3 clone that drops If-None-Match
         return True
 
-    monkeypatch.setattr(CacheRoot, "_create_exclusive", ignoring)
+    monkeypatch.setattr(backend, "create_exclusive", ignoring)
     leases = Leases(root, "e.zarr", ttl_s=30)
     assert not leases._conditional_ok()
     assert "best-effort" in caplog.text

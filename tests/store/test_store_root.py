@@ -7,6 +7,7 @@ import pytest
 
 from embedkit.errors import CacheWriteError
 from embedkit.store import CacheRoot
+from embedkit.store.backend import FsspecBackend
 
 
 def test_size_of_a_tree_whose_files_come_and_go(
@@ -16,8 +17,9 @@ def test_size_of_a_tree_whose_files_come_and_go(
     gone before its size is asked for must not fail the listing."""
     root.write_bytes_atomic("e/units/000000.json", b"12345")
     root.write_bytes_atomic("e/leases/.probe-x", b"1")
-    if not root.is_local:
-        real_info = root._fs._info if hasattr(root._fs, "_info") else None
+    if isinstance(root.backend, FsspecBackend):
+        fs = root.backend.fs
+        real_info = fs._info if hasattr(fs, "_info") else None
 
         async def vanished(path: str, *a: object, **kw: object) -> object:
             if ".probe-" in path:
@@ -25,8 +27,8 @@ def test_size_of_a_tree_whose_files_come_and_go(
             assert real_info is not None
             return await real_info(path, *a, **kw)
 
-        if real_info is not None and root._fs.async_impl:
-            monkeypatch.setattr(root._fs, "_info", vanished)
+        if real_info is not None and fs.async_impl:
+            monkeypatch.setattr(fs, "_info", vanished)
     assert root.size_bytes("e") == 6
     assert root.size_bytes("missing") == 0
 

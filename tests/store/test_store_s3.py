@@ -124,7 +124,7 @@ def test_local_read_only_root_lists_and_reads(
     # tests run as root, which ignores permissions: make the access check say "read-only"
     real_access = __import__("os").access
     monkeypatch.setattr(
-        "embedkit.store.root.os.access",
+        "embedkit.store.backend.os.access",
         lambda path, mode: False if mode & 2 else real_access(path, mode),
     )
     root = CacheRoot.from_uri(tmp_path / "c")
@@ -146,7 +146,7 @@ def test_local_permission_error_on_write_is_mapped(
     def denied(*args: Any, **kwargs: Any) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("embedkit.store.root.os.replace", denied)
+    monkeypatch.setattr("embedkit.store.backend.os.replace", denied)
     with pytest.raises(CacheWriteError, match=r"Cannot write a\.json in .*permission denied"):
         root.write_bytes_atomic("a.json", b"{}")
     assert not list((tmp_path / "c").iterdir())  # the temporary file was cleaned up

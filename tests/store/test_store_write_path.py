@@ -13,7 +13,7 @@ import pytest
 
 import embedkit.store.checks as checks
 import embedkit.store.chunkio as chunkio
-import embedkit.store.entry as entry_mod
+import embedkit.store.writer as writer_mod
 from embedkit.errors import CacheWriteError, EntryExistsError, IntegrityError
 from embedkit.store import CacheRoot, FeatureEntry
 
@@ -23,7 +23,7 @@ N, UNIT = 23, 6  # 4 units, the last one short; 6-row units hold 2 chunks of 3 r
 
 @pytest.fixture(autouse=True)
 def two_chunks_per_unit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(entry_mod, "CHUNK_BYTES", {"none": 3 * 16, "zstd": 2 * 16})
+    monkeypatch.setattr(writer_mod, "CHUNK_BYTES", {"none": 3 * 16, "zstd": 2 * 16})
 
 
 def _new(root: CacheRoot, kit: Any, compression: str = "none") -> FeatureEntry:
@@ -100,7 +100,7 @@ def test_pipelined_units_equal_serial_ones(tmp_path: Path, kit: Any, compression
 
     piped_root = CacheRoot.from_uri(tmp_path / "piped")
     piped = _new(piped_root, kit, compression)
-    layout = piped._layout("features/cls")
+    layout = piped.layout.chunk_layout("features/cls")
     assert layout is not None
     assert len(layout.chunks_in(*piped.unit_bounds(0))) == (2 if compression == "none" else 3)
     pending = None
@@ -128,7 +128,7 @@ def test_pipelined_units_equal_serial_ones(tmp_path: Path, kit: Any, compression
 
 def test_unit_checksum_joins_its_chunks(tmp_path: Path, kit: Any) -> None:
     """The record's crc32c (joined from 2 chunk scans) is the crc32c of the unit's bytes."""
-    if entry_mod.CHECKSUM_ALGORITHM != "crc32c" or not checks.FAST_CRC32C:
+    if writer_mod.CHECKSUM_ALGORITHM != "crc32c" or not checks.FAST_CRC32C:
         pytest.skip("needs the C crc32c")
     root = CacheRoot.from_uri(tmp_path / "c")
     entry = _new(root, kit)

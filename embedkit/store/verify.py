@@ -1,0 +1,119 @@
+"""Verifying a feature cache entry against its records: arrays, ids, units, checksums, NaN/Inf.
+
+:func:`verify_entry` re-reads everything (``embedkit cache verify``); :func:`check_unit` checks
+one unit's stored bytes against a unit record, the entry's own or a source entry's (copies,
+local read caches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+
+from embedkit.errors import IntegrityError
+from embedkit.store.checks import checksum, nonfinite_rows
+from embedkit.store.key import digest_ids
+from embedkit.store.layout import fmt_ids
+from embedkit.store.reader import EntryReader
+
+__all__ = ["check_unit", "verify_entry"]
+
+
+def check_unit(reader: EntryReader, u: int, record: Mapping[str, object]) -> list[str]:
+    """Problems of unit ``u`` of an entry against a unit ``record`` (its own or a source's).
+
+    Re-reads the unit's rows of every array the record has a checksum for; ``[]`` means the
+    stored bytes match.
+    """
+    start, stop = reader.layout.unit_bounds(u)
+    if record.get("rows") != [start, stop]:
+        return [f"unit {u}: record rows {record.get('rows')} != [{start}, {stop}]"]
+    checksums = record.get("checksums")
+    if not isinstance(checksums, dict) or not checksums:
+        return [f"unit {u}: the record holds no checksums"]
+    algorithm = str(record.get("checksum_algorithm", "sha256"))
+    problems = []
+    for name, want in checksums.items():
+        try:
+            data = reader.read_rows_of(name, start, stop)
+        except (OSError, KeyError, IntegrityError) as exc:
+            problems.append(f"unit {u} (rows {start}-{stop}): {name} cannot be read ({exc})")
+            continue
+        if checksum(data, algorithm) != want:
+            problems.append(f"unit {u} (rows {start}-{stop}): checksum mismatch in {name}")
+    return problems
+
+
+def verify_entry(reader: EntryReader) -> list[str]:
+    """Re-read everything and return the problems found; ``[]`` means healthy."""
+    lay = reader.layout
+    problems: list[str] = []
+    arrays: dict[str, zarr.Array[Any]] = {}
+    for name, spec in lay.attrs["poolings"].items():
+        try:
+            arr = lay.feature(name)
+        except (FileNotFoundError, KeyError) as exc:
+            problems.append(f"features/{name}: array missing ({exc})")
+            continue
+        if list(arr.shape) != list(spec["shape"]) or str(arr.dtype) != spec["dtype"]:
+            problems.append(
+                f"features/{name}: expected {spec['dtype']} {tuple(spec['shape'])} per attrs, "
+                f"found {arr.dtype} {arr.shape}"
+            )
+            continue
+        if lay.unit_rows % arr.chunks[0]:
+            problems.append(
+                f"features/{name}: chunks of {arr.chunks[0]} rows straddle units of "
+                f"{lay.unit_rows} rows"
+            )
+        arrays[f"features/{name}"] = arr
+    try:
+        stored_ids = lay.ids
+        if len(stored_ids) != lay.n_images or digest_ids(stored_ids) != lay.key.ids_digest:
+            problems.append("ids: the stored image ids do not match key.ids_digest")
+    except (FileNotFoundError, KeyError) as exc:
+        problems.append(f"ids: array missing ({exc})")
+    arrays["valid"] = lay.array("valid")
+    done = lay.done_units()
+    for u in range(lay.n_units):
+        start, stop = lay.unit_bounds(u)
+        if u not in done:
+            problems.append(f"unit {u} (rows {start}-{stop}): no completion record")
+            continue
+        record = lay.unit_record(u)
+        if record.get("rows") != [start, stop]:
+            problems.append(f"unit {u}: record rows {record.get('rows')} != [{start}, {stop}]")
+        try:
+            valid = np.asarray(arrays["valid"][start:stop], dtype=bool)
+        except Exception as exc:  # a corrupt chunk fails in the codec, whatever its type
+            problems.append(f"unit {u} (rows {start}-{stop}): valid cannot be decoded ({exc})")
+            continue
+        for name, arr in arrays.items():
+            try:
+                data = np.asarray(arr[start:stop])
+            except Exception as exc:
+                problems.append(f"unit {u} (rows {start}-{stop}): {name} cannot be decoded ({exc})")
+                continue
+            want = record.get("checksums", {}).get(name)
+            algorithm = str(record.get("checksum_algorithm", "sha256"))
+            if want is None:
+                problems.append(f"unit {u}: no checksum recorded for {name}")
+            elif checksum(data.astype(arr.dtype, copy=False), algorithm) != want:
+                problems.append(f"unit {u} (rows {start}-{stop}): checksum mismatch in {name}")
+            if name.startswith("features/"):
+                bad = nonfinite_rows(data) & valid
+                if bad.any():
+                    bad_ids = [lay.ids[start + i] for i in np.flatnonzero(bad)]
+                    problems.append(f"unit {u}: NaN/Inf in {name} for {fmt_ids(bad_ids)}")
+        if int(valid.sum()) != record.get("n_valid"):
+            problems.append(
+                f"unit {u}: {int(valid.sum())} valid rows, record says {record.get('n_valid')}"
+            )
+    if not lay.is_complete:
+        problems.append(
+            f"no COMPLETE.json: entry incomplete ({len(done)} of {lay.n_units} units written)"
+        )
+    return problems
