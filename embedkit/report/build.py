@@ -15,9 +15,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from embedkit.errors import CacheNotFoundError
+from embedkit.eval.bootstrap import Correction
 from embedkit.report import plots
 from embedkit.report.compare import (
     CI_NAME,
@@ -127,7 +127,7 @@ def build_report(
     results: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    correction: Literal["holm", "bonferroni", "fdr_bh"] = "holm",
+    correction: Correction = "holm",
     n_boot: int = 1000,
     pairs: Sequence[PairChoice | RunPair] | None = None,
 ) -> ReportFiles:
@@ -160,11 +160,7 @@ def build_report(
         _write(out_dir / "comparisons.md", comparisons_markdown(comparisons, correction)),
         _write(out_dir / "comparisons.csv", to_csv(comparisons)),
     ]
-    images = (
-        plots.auroc_vs_resolution(rows, out_dir)
-        + plots.per_label_deltas(records, out_dir)
-        + plots.curves(records, out_dir)
-    )
+    images = plots.draw_all(rows, records, out_dir)
     report.files += images
     summary_table = _table_html(
         [

@@ -32,7 +32,7 @@ from typing import Literal
 import numpy as np
 
 from embedkit.eval import adjust_pvalues, paired_bootstrap_test
-from embedkit.eval.bootstrap import label_set_indices
+from embedkit.eval.bootstrap import Correction, label_set_indices
 from embedkit.eval.permutation import paired_permutation_test
 from embedkit.results import ResultRecord, ScoreTable, load_scores
 
@@ -208,7 +208,7 @@ def compare_records(
     *,
     n_boot: int = 1000,
     seed: int = 0,
-    correction: Literal["holm", "bonferroni", "fdr_bh"] = "holm",
+    correction: Correction = "holm",
     pairs: Sequence[PairChoice | RunPair] | None = None,
     n_perm: int | None = None,
 ) -> list[Comparison]:
