@@ -129,7 +129,7 @@ register(
 
 # --- self-supervised baselines: DINO (v1) and MAE ------------------------------------------
 
-for slug, dim, patch, params in (
+for slug, dim, patch_px, params in (
     ("vits16", 384, 16, 21_665_664),
     ("vits8", 384, 8, 21_670_272),
     ("vitb16", 768, 16, 85_798_656),
@@ -142,36 +142,36 @@ for slug, dim, patch, params in (
             hub_id=f"facebook/dino-{slug}",
             embed_dim=dim,
             params=params,
-            patch_size=patch,
-            input_multiple=patch,
+            patch_size=patch_px,
+            input_multiple=patch_px,
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             gated=False,
             license="apache-2.0",
-            description=f"DINO (v1) ViT-{slug[3].upper()}/{patch}, ImageNet-1k self-supervised",
+            description=f"DINO (v1) ViT-{slug[3].upper()}/{patch_px}, ImageNet-1k self-supervised",
         )
     )
 
-for size, dim, patch, params in (
+for size, dim, patch_px, params in (
     ("base", 768, 16, 85_798_656),
     ("large", 1024, 16, 303_301_632),
     ("huge", 1280, 14, 630_764_800),
 ):
     register(
         EncoderSpec(
-            name=f"mae/vit-{size}{patch}",
+            name=f"mae/vit-{size}{patch_px}",
             family="vit-mae",
             hub_id=f"facebook/vit-mae-{size}",
             embed_dim=dim,
             params=params,
-            patch_size=patch,
-            input_multiple=patch,
+            patch_size=patch_px,
+            input_multiple=patch_px,
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             gated=False,
             license="apache-2.0",
-            description=f"MAE ViT-{size[0].upper()}/{patch} encoder, ImageNet-1k self-supervised; "
-            "run without masking (mask_ratio 0), patches in their original order",
+            description=f"MAE ViT-{size[0].upper()}/{patch_px} encoder, ImageNet-1k "
+            "self-supervised; run without masking (mask_ratio 0), patches in their original order",
         )
     )
 
@@ -183,7 +183,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: SigLIP normalises to [-1, 1].
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
-for slug, hub, dim, patch, params in (
+for slug, hub, dim, patch_px, params in (
     ("vit-base16", "openai/clip-vit-base-patch16", 768, 16, 85_799_424),
     ("vit-base32", "openai/clip-vit-base-patch32", 768, 32, 87_456_000),
     ("vit-large14", "openai/clip-vit-large-patch14", 1024, 14, 303_179_776),
@@ -195,13 +195,13 @@ for slug, hub, dim, patch, params in (
             hub_id=hub,
             embed_dim=dim,
             params=params,
-            patch_size=patch,
-            input_multiple=patch,
+            patch_size=patch_px,
+            input_multiple=patch_px,
             mean=CLIP_MEAN,
             std=CLIP_STD,
             gated=False,
             license="mit",
-            description=f"OpenAI CLIP ViT-{slug[4].upper()}/{patch} vision tower (WIT-400M "
+            description=f"OpenAI CLIP ViT-{slug[4].upper()}/{patch_px} vision tower (WIT-400M "
             "image-text); cls = post-LayerNorm CLS (the pooler output)",
         )
     )

@@ -36,6 +36,7 @@ Patch tokens are row-major, so ``patches`` is ``(B, h, w, D)`` with ``h = H // s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -123,9 +124,7 @@ class FamilyAdapter:
             raise ValueError(f"family {self.name!r} declares no blocks")
         object.__setattr__(self, "model_kwargs", MappingProxyType(dict(self.model_kwargs)))
         object.__setattr__(self, "forward_kwargs", MappingProxyType(dict(self.forward_kwargs)))
-        object.__setattr__(
-            self, "config_overrides", MappingProxyType(dict(self.config_overrides))
-        )
+        object.__setattr__(self, "config_overrides", MappingProxyType(dict(self.config_overrides)))
 
     @property
     def model_class(self) -> type[PreTrainedModel]:
@@ -330,6 +329,20 @@ def vit_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelSh
         "vit",
         spec.gflops_224,
     )
+
+
+def siglip_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
+    """A ViT without a CLS token, with an attention-pooling (MAP) head whose query path and MLP
+    run once per image (its key and value projections run on every token)."""
+    base = vit_shape(spec, config)
+    tower = config.get("vision_config") if config is not None else None
+    if isinstance(tower, Mapping):
+        config = tower
+    dim = spec.embed_dim
+    mlp = _config_int(config, "intermediate_size", 4 * dim) if config is not None else 4 * dim
+    # query and output projections, probe, LayerNorm, MLP (fc1 + fc2)
+    head = 2 * (dim * dim + dim) + dim + 2 * dim + (2 * dim * mlp + mlp + dim)
+    return dataclasses.replace(base, cls_token=False, per_image_params=head)
 
 
 def convnext_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
@@ -565,7 +578,7 @@ for _adapter in (
         stored_poolings=CONVNEXT_POOLINGS,
         tokens=siglip_tokens,
         facts=vit_facts,
-        shape=vit_shape,
+        shape=siglip_shape,
         lora_targets=VIT_LORA_TARGETS,
         blocks_at="encoder.layers",
         embeddings_at="embeddings",

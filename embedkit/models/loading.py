@@ -122,7 +122,9 @@ class LoadedEncoder:
         if self.device.type == "cuda" and self.dtype in _HALF:
             autocast = torch.autocast("cuda", dtype=self.dtype)
         with torch.inference_mode(), autocast:
-            outputs = self.adapter.forward(self.model, pixels.to(self.device, self.dtype), self.spec)
+            outputs = self.adapter.forward(
+                self.model, pixels.to(self.device, self.dtype), self.spec
+            )
             tokens = self.adapter.tokens(outputs, self.spec, (height, width))
             features = pool(tokens, names)
         return {name: value.float() for name, value in features.items()}
@@ -283,7 +285,7 @@ def _from_pretrained(
     kwargs: dict[str, Any] = dict(adapter.model_kwargs)
     if config is None:
         with _hub_errors(str(source), revision):
-            config = adapter.config_class.from_pretrained(source, revision=revision)
+            config = adapter.config_class.from_pretrained(source, revision=revision or "main")
     kwargs["config"] = adapter.for_inference(config)
     if revision is not None:
         kwargs["revision"] = revision
