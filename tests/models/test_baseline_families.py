@@ -305,3 +305,46 @@ def test_extract_demo_data(model: str, demo_manifest: Path, model_cache: Path) -
         np.testing.assert_allclose(
             stored.astype(np.float32), reference.numpy(), rtol=2e-3, atol=2e-3
         )
+
+
+_S = {"hidden_size": 384, "num_attention_heads": 6, "intermediate_size": 1536}
+_L = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [
+        # the architecture in each checkpoint's config.json (defaults: ViT-B, 224 px)
+        ("dino/vits16", {**_S, "patch_size": 16}),
+        ("dino/vits8", {**_S, "patch_size": 8}),
+        ("dino/vitb16", {"patch_size": 16}),
+        ("dino/vitb8", {"patch_size": 8}),
+        ("mae/vit-base16", {}),
+        ("mae/vit-large16", _L),
+        ("mae/vit-huge14", {**_L, "hidden_size": 1280, "num_hidden_layers": 32,
+                            "intermediate_size": 5120, "patch_size": 14}),
+        ("clip/vit-base16", {"patch_size": 16}),
+        ("clip/vit-base32", {"patch_size": 32}),
+        ("clip/vit-large14", {**_L, "patch_size": 14}),
+        ("siglip/vit-base16", {"patch_size": 16}),
+    ],
+)  # fmt: skip
+def test_registry_facts_are_those_of_the_real_architecture(
+    name: str, config: dict[str, object]
+) -> None:
+    spec = get_spec(name)
+    adapter = get_family(spec.family)
+    built = adapter.build_config({"image_size": 224, **config})
+    facts = adapter.facts(built)
+    assert (facts.embed_dim, facts.patch_size, facts.num_register_tokens) == (
+        spec.embed_dim,
+        spec.patch_size,
+        spec.num_register_tokens,
+    )
+    assert adapter.count_params(built) == spec.params  # on the meta device
+    assert shape_from_spec(spec) == shape_from_config(spec, built.to_dict())
