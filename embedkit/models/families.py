@@ -575,7 +575,7 @@ for _adapter in (
         model_class_name="SiglipVisionModel",
         config_class_name="SiglipVisionConfig",
         model_types=("siglip", "siglip_vision_model"),
-        stored_poolings=CONVNEXT_POOLINGS,
+        stored_poolings=CONVNEXT_POOLINGS,  # no CLS token: the pooler output, as a ConvNeXt
         tokens=siglip_tokens,
         facts=vit_facts,
         shape=siglip_shape,
