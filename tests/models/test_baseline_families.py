@@ -348,3 +348,29 @@ def test_registry_facts_are_those_of_the_real_architecture(
     )
     assert adapter.count_params(built) == spec.params  # on the meta device
     assert shape_from_spec(spec) == shape_from_config(spec, built.to_dict())
+
+
+def test_mae_pretraining_checkpoint_loads_its_encoder(tmp_path: Path, cache_dir: Path) -> None:
+    """The facebook/vit-mae-* checkpoints hold ViTMAEForPreTraining (encoder + decoder)."""
+    torch.manual_seed(3)
+    config = transformers.ViTMAEConfig(
+        **_TINY_SIZES,
+        intermediate_size=64,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
+    whole = transformers.ViTMAEForPreTraining(config).eval()
+    whole.save_pretrained(tmp_path / "ckpt")
+    encoder = load_encoder(str(tmp_path / "ckpt"), cache_dir=cache_dir)
+    assert encoder.spec.family == "vit-mae"
+    assert encoder.model.config.mask_ratio == 0.0  # type: ignore[union-attr]
+    pixels = _pixels(2, 224, 224)
+    ordered = torch.arange(196, dtype=torch.float32).expand(2, -1)
+    whole.config.mask_ratio = 0.0
+    with torch.no_grad():
+        hidden = whole.vit(pixel_values=pixels, noise=ordered).last_hidden_state
+    features = encoder.encode(pixels, ["cls", "patch"])
+    torch.testing.assert_close(features["cls"], hidden[:, 0])
+    torch.testing.assert_close(features["patch"], hidden[:, 1:].reshape(2, 14, 14, 32))
