@@ -38,6 +38,7 @@ from embedkit.probes.backends import (
 )
 from embedkit.probes.fitted import LinearPredictor, best_index, logits, val_scores
 from embedkit.probes.lbfgs import SolveInfo, lbfgs
+from embedkit.probes.newton import newton_cg
 from embedkit.probes.objective import LogisticObjective
 from embedkit.probes.precondition import Spectrum
 from embedkit.probes.targets import (
@@ -56,6 +57,10 @@ logger = logging.getLogger(__name__)
 
 #: DINOv2 ``log_regression``: C = 10 ** linspace(-6, 5, 45).
 DINOV2_CS: NDArray[np.float64] = np.logspace(-6, 5, 45)
+#: ``solver="auto"``: Newton-CG up to this many features, preconditioned L-BFGS above.
+NEWTON_MAX_FEATURES = 4096
+#: Newton-CG preconditioned by the exact per-column Hessian blocks up to this many features.
+EXACT_BLOCKS_MAX_FEATURES = 256
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,7 @@ class LogisticProbe(LinearPredictor):
         history: int = 10,
         max_resident_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
         precondition: bool | Literal["auto"] = "auto",
+        solver: Literal["auto", "newton", "lbfgs"] = "auto",
     ) -> None:
         self.Cs = Cs
         self.C = C
@@ -152,6 +158,7 @@ class LogisticProbe(LinearPredictor):
         self.history = history
         self.max_resident_bytes = max_resident_bytes
         self.precondition = precondition
+        self.solver = solver
 
     # ---- helpers
     def _sorted_cs(self) -> NDArray[np.float64]:
@@ -225,6 +232,15 @@ class LogisticProbe(LinearPredictor):
             raise ProbeInputError(
                 f"Invalid precondition {self.precondition!r}, choose one of [True, False, 'auto']."
             )
+        if self.solver not in ("auto", "newton", "lbfgs"):
+            raise ProbeInputError(
+                f"Invalid solver {self.solver!r}, choose one of ['auto', 'newton', 'lbfgs']."
+            )
+        if self.solver == "newton" or (
+            self.solver == "auto" and obj.blocks.n_features <= NEWTON_MAX_FEATURES
+        ):
+            exact = obj.blocks.n_features <= EXACT_BLOCKS_MAX_FEATURES
+            return newton_cg(obj, W0, C_t, max_iter=self.max_iter, tol=self.tol, exact_blocks=exact)
         return lbfgs(
             obj,
             W0,
