@@ -164,6 +164,141 @@ def bench_linear(args: argparse.Namespace) -> None:
         )
 
 
+# ---- the size ladder (issue 14): embedkit vs scikit-learn at its defaults and at the protocol tol
+LADDER_ROWS = {
+    "digits": "digits-like multi-class: scikit-learn digits, 1,797 x 64, 10 classes",
+    "chexpert": "CheXpert-like multi-label: 20,000 x 768 float16, 14 labels, 5% masked",
+    "large": "large multi-label: 100,000 x 1,536 float16, 14 labels, 5% masked",
+}
+
+
+def ladder_data(row: str, scale: float) -> dict[str, Any]:
+    """Train / val / test of one ladder row: test = 20% of the rows, val = 10% of the rest
+    (DINOv2's split, seed 0). ``scale`` shrinks the synthetic rows' row count."""
+    rng = np.random.default_rng(0)
+    if row == "digits":
+        from sklearn.datasets import load_digits
+
+        X, y = load_digits(return_X_y=True)
+        X, M = X.astype(np.float32), None
+    else:
+        n, d = {"chexpert": (20_000, 768), "large": (100_000, 1536)}[row]
+        X, y, M = make_features(int(n * scale), d, 14)
+    perm = rng.permutation(X.shape[0])
+    n_te = X.shape[0] // 5
+    n_va = (X.shape[0] - n_te) // 10
+    parts = {"test": perm[:n_te], "val": perm[n_te : n_te + n_va], "train": perm[n_te + n_va :]}
+    out: dict[str, Any] = {"multiclass": M is None}
+    for name, idx in parts.items():
+        idx = np.sort(idx)
+        out[name] = (X[idx], y[idx], None if M is None else M[idx])
+    return out
+
+
+def _test_auroc(data: dict[str, Any], proba: np.ndarray) -> float:
+    from embedkit.eval.metrics import ovr_macro_auroc
+
+    _, yt, mt = data["test"]
+    if data["multiclass"]:
+        return float(ovr_macro_auroc(yt, proba, None))
+    return float(np.nanmean(per_label_auroc(yt, mt, proba)))
+
+
+def ladder_embedkit(data: dict[str, Any], tol: float | None) -> dict[str, Any]:
+    kw = {} if tol is None else {"tol": tol}
+    t0, c0 = time.perf_counter(), time.process_time()
+    probe = LogisticProbe(**kw).fit_select(*data["train"], *data["val"])
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    proba = probe.predict_proba(data["test"][0])
+    return {"wall": wall, "cpu": cpu, "C": float(probe.C_), "auroc": _test_auroc(data, proba)}
+
+
+def ladder_sklearn(data: dict[str, Any], tol: float, n_cs: int, n_labels: int) -> dict[str, Any]:
+    """scikit-learn ``LogisticRegression(lbfgs, C, tol, max_iter=1000)`` (one-vs-rest on each
+    label's valid rows for multi-label, multinomial for multi-class), standardised features,
+    through the same protocol: validation metric per C (accuracy / macro AUROC), the smallest
+    best C, refit on train + val. With ``n_cs`` < 45 or ``n_labels`` < 14 only that subset is
+    fitted and the time is extrapolated (labelled), and the chosen C / AUROC are not reported."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from embedkit.eval.metrics import accuracy
+
+    (Xtr, ytr, mtr), (Xva, yva, mva) = data["train"], data["val"]
+    sc = StandardScaler().fit(Xtr.astype(np.float64))
+    Xs, Xvs = sc.transform(Xtr.astype(np.float64)), sc.transform(Xva.astype(np.float64))
+    cs = DINOV2_CS
+    pick = np.linspace(0, cs.size - 1, n_cs).round().astype(int)
+    labels = 1 if data["multiclass"] else min(n_labels, ytr.shape[1])
+
+    def fit(X: np.ndarray, y: np.ndarray, m: np.ndarray | None, C: float, Xp: np.ndarray):
+        clf = LogisticRegression(C=C, tol=tol, max_iter=1000)
+        if data["multiclass"]:
+            return clf.fit(X, y).predict_proba(Xp)
+        cols = [clf.fit(X[m[:, j]], y[m[:, j], j]).predict_proba(Xp)[:, 1] for j in range(labels)]
+        return np.stack(cols, axis=1)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    scores = []
+    for i in pick:
+        p = fit(Xs, ytr, mtr, cs[i], Xvs)
+        if data["multiclass"]:
+            scores.append(accuracy(yva, p, None))
+        else:
+            scores.append(np.nanmean(per_label_auroc(yva[:, :labels], mva[:, :labels], p)))
+    C = float(cs[pick[int(np.nanargmax(scores))]])
+    Xall = np.vstack([Xtr, Xva]).astype(np.float64)
+    yall = np.concatenate([ytr, yva])
+    mall = None if mtr is None else np.vstack([mtr, mva])
+    sc = StandardScaler().fit(Xall)
+    proba = fit(sc.transform(Xall), yall, mall, C, sc.transform(data["test"][0].astype(np.float64)))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    factor = (cs.size + 1) / (pick.size + 1) * (14 / labels if not data["multiclass"] else 1)
+    out = {"wall": wall * factor, "cpu": cpu * factor, "extrapolated": factor > 1}
+    if factor == 1:
+        out.update(C=C, auroc=_test_auroc(data, proba))
+    else:
+        out["measured"] = f"{labels} label(s) x {pick.size} Cs in {wall:.0f} s, x{factor:.1f}"
+    return out
+
+
+def bench_ladder(args: argparse.Namespace) -> None:
+    from threadpoolctl import threadpool_limits
+
+    for row in args.rows.split(","):
+        data = ladder_data(row, args.scale)
+        n_tr = data["train"][0].shape[0]
+        print(f"ladder {row}: {LADDER_ROWS[row]} (train {n_tr}, scale {args.scale}), "
+              f"{args.threads} thread(s)", flush=True)  # fmt: skip
+        with threadpool_limits(args.threads):
+            strict = ladder_embedkit(data, 1e-12)
+            default = ladder_embedkit(data, None)
+            res = {
+                "embedkit default": default,
+                "embedkit tol 1e-12": strict,
+                "sklearn default (tol 1e-4)": ladder_sklearn(
+                    data, 1e-4, args.ladder_sk_cs, args.ladder_sk_labels
+                ),
+                "sklearn tol 1e-12": ladder_sklearn(
+                    data, 1e-12, args.ladder_sk_cs, args.ladder_sk_labels
+                ),
+            }
+        for name, r in res.items():
+            extra = f", extrapolated from {r['measured']}" if r.get("extrapolated") else (
+                f", C {r['C']:.4g}, test AUROC {r['auroc']:.6f}, dAUROC vs embedkit tol 1e-12 "
+                f"{r['auroc'] - strict['auroc']:+.1e}"
+            )  # fmt: skip
+            print(f"  {name:28s} wall {r['wall']:8.1f} s  CPU {r['cpu']:8.1f} s{extra}")
+        sk_d, sk_s = res["sklearn default (tol 1e-4)"], res["sklearn tol 1e-12"]
+        print(
+            f"  ratio wall sklearn-default / embedkit {sk_d['wall'] / default['wall']:.1f}x "
+            f"(CPU {sk_d['cpu'] / default['cpu']:.1f}x); sklearn-tol-1e-12 / embedkit "
+            f"{sk_s['wall'] / default['wall']:.1f}x (CPU {sk_s['cpu'] / default['cpu']:.1f}x); "
+            f"embedkit tol 1e-12 / default {strict['wall'] / default['wall']:.1f}x",
+            flush=True,
+        )
+
+
 def bench_knn(args: argparse.Namespace) -> None:
     import faiss
 
@@ -347,10 +482,17 @@ def main() -> None:
     ap.add_argument("--mem-iter", type=int, default=1000)
     ap.add_argument("--mem-store", default="", help="directory of a cache root to read from")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", default="digits,chexpert,large", help="ladder rows")
+    ap.add_argument("--ladder-sk-cs", type=int, default=45, help="ladder: sklearn Cs fitted")
+    ap.add_argument(
+        "--ladder-sk-labels", type=int, default=14, help="ladder: sklearn tol 1e-12 labels"
+    )
+    ap.add_argument("--scale", type=float, default=1.0, help="ladder: synthetic rows x scale")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sections = {
         "linear": bench_linear,
+        "ladder": bench_ladder,
         "knn": bench_knn,
         "bootstrap": bench_bootstrap,
         "memory": bench_memory,

@@ -1,14 +1,17 @@
 """L2 logistic-regression probe over a C path (DINOv2 ``log_regression``), on torch.
 
 :class:`LogisticProbe` follows DINOv2's protocol (PROTOCOLS.md "Probe protocols"): L2 penalty,
-``C = 10 ** linspace(-6, 5, 45)``, max_iter 1000, tol 1e-12, float64; C chosen on a validation
-split (10% of train, seed 0, when none is given); the final model is refit on train +
-validation. Per label the objective is scikit-learn's ``LogisticRegression(C=C)``
+``C = 10 ** linspace(-6, 5, 45)``, max_iter 1000, tol 1e-12 (here ``tol=1e-12``; the default
+:data:`DEFAULT_TOL` gives the same chosen C and test AUROC, measured), float64; C chosen on a
+validation split (10% of train, seed 0, when none is given); the final model is refit on
+train + validation. Per label the objective is scikit-learn's ``LogisticRegression(C=C)``
 (:mod:`embedkit.probes.objective`); multi-label = independent sigmoids (one-vs-rest, DINOv3's
 scikit-learn setup) with masks, multi-class = softmax (multinomial).
 
-All labels are solved together by a batched, preconditioned L-BFGS
-(:mod:`embedkit.probes.lbfgs`, :mod:`embedkit.probes.precondition`); the C grid is swept as a
+All labels are solved together: up to :data:`NEWTON_MAX_FEATURES` features by a batched
+Newton-CG with the exact Hessian blocks (:mod:`embedkit.probes.newton`), above by a batched,
+preconditioned L-BFGS (:mod:`embedkit.probes.lbfgs`, :mod:`embedkit.probes.precondition`);
+small problems run on one CPU thread (``n_threads``). The C grid is swept as a
 warm-started path from strong to weak regularisation. Features stay in their stored dtype
 (float16 by default): every pass converts one row block at a time to the compute dtype and
 standardisation is folded into the weights, so peak memory is the features plus a few blocks.
@@ -32,6 +35,7 @@ from embedkit.probes.backends import (
     Source,
     check_features,
     column_stats,
+    compute_threads,
     safe_scale,
     stat_tensors,
     torch_dtype,
@@ -51,16 +55,23 @@ from embedkit.probes.targets import (
     resolve_task,
 )
 
-__all__ = ["DINOV2_CS", "LogisticProbe", "PathResult"]
+__all__ = ["DEFAULT_TOL", "DINOV2_CS", "LogisticProbe", "PathResult"]
 
 logger = logging.getLogger(__name__)
 
 #: DINOv2 ``log_regression``: C = 10 ** linspace(-6, 5, 45).
 DINOV2_CS: NDArray[np.float64] = np.logspace(-6, 5, 45)
-#: ``solver="auto"``: Newton-CG up to this many features, preconditioned L-BFGS above.
-NEWTON_MAX_FEATURES = 4096
-#: Newton-CG preconditioned by the exact per-column Hessian blocks up to this many features.
+#: ``solver="auto"``: Newton-CG up to this many features, preconditioned L-BFGS above
+#: (measured, benchmarks/RESULTS.md "Probe solvers": at 768 features L-BFGS needs fewer passes
+#: over the rows than spectrum-preconditioned Newton-CG at the default tol).
+NEWTON_MAX_FEATURES = 256
+#: Newton-CG preconditioned by the exact per-column Hessian blocks up to this many features
+#: (by the features' spectrum above, with ``solver="newton"``).
 EXACT_BLOCKS_MAX_FEATURES = 256
+#: Default stopping tolerance (gradient max-norm of the scaled objective), chosen by measurement
+#: (benchmarks/RESULTS.md "Probe solvers"): the chosen C and the test AUROC of tol 1e-12 to
+#: within 2e-6 on the ladder datasets; ``tol=1e-12`` is DINOv2's strict protocol.
+DEFAULT_TOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -92,8 +103,8 @@ class LogisticProbe(LinearPredictor):
     """L2 logistic regression probe with DINOv2's C grid, solved as one batched torch problem.
 
     Parameters follow DINOv2 ``log_regression`` (PROTOCOLS.md): ``Cs`` = 10 ** linspace(-6, 5, 45),
-    ``max_iter`` 1000 (per C), ``tol`` 1e-12, float64, validation split 10% / seed 0 when ``fit``
-    gets no validation data, refit on train + val.
+    ``max_iter`` 1000 (per C), ``tol`` 1e-12 (default :data:`DEFAULT_TOL`, see above), float64,
+    validation split 10% / seed 0 when ``fit`` gets no validation data, refit on train + val.
 
     - ``Cs``: the C grid searched when ``C`` is None (None: DINOv2's grid, :data:`DINOV2_CS`).
     - ``C``: if set, :meth:`fit` trains at this C without any selection.
@@ -112,6 +123,12 @@ class LogisticProbe(LinearPredictor):
     - ``precondition``: ``"auto"`` / True (default) preconditions L-BFGS with the spectrum of the
       standardised features (exact up to 2,048 features, rank 512 randomized above; see
       :mod:`embedkit.probes.precondition`); False runs plain L-BFGS. Same optimum either way.
+    - ``tol``: stop when the gradient max-norm of the scaled objective is at most ``tol`` (or
+      the objective no longer decreases in floating point). ``1e-12`` is DINOv2's strict setting.
+    - ``solver``: ``"auto"`` (Newton-CG up to :data:`NEWTON_MAX_FEATURES` features, L-BFGS
+      above), ``"newton"`` or ``"lbfgs"``: same optimum, different speed.
+    - ``n_threads``: torch CPU threads while fitting (None: one for small problems, see
+      :func:`~embedkit.probes.backends.compute_threads`, torch's setting otherwise).
     - ``max_resident_bytes``: converted row blocks are cached between passes when their total
       fits (default 256 MiB: small problems only); larger inputs are re-converted per pass, so
       peak memory stays near the size of the stored features.
@@ -130,7 +147,7 @@ class LogisticProbe(LinearPredictor):
         *,
         standardize: bool = True,
         max_iter: int = 1000,
-        tol: float = 1e-12,
+        tol: float = DEFAULT_TOL,
         device: str = "cpu",
         dtype: torch.dtype | str = "float64",
         task: Task = "auto",
@@ -142,6 +159,7 @@ class LogisticProbe(LinearPredictor):
         max_resident_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
         precondition: bool | Literal["auto"] = "auto",
         solver: Literal["auto", "newton", "lbfgs"] = "auto",
+        n_threads: int | None = None,
     ) -> None:
         self.Cs = Cs
         self.C = C
@@ -159,6 +177,7 @@ class LogisticProbe(LinearPredictor):
         self.max_resident_bytes = max_resident_bytes
         self.precondition = precondition
         self.solver = solver
+        self.n_threads = n_threads
 
     # ---- helpers
     def _sorted_cs(self) -> NDArray[np.float64]:
@@ -289,6 +308,12 @@ class LogisticProbe(LinearPredictor):
         """Fit at ``C`` if set; otherwise choose C on a held-out ``val_fraction`` of the rows
         (whole ``groups`` per side when given; DINOv2: 10%, seed 0) and refit on all rows."""
         arr = check_features(X)
+        with compute_threads(self.n_threads, arr.size):
+            return self._fit(arr, y, mask, groups)
+
+    def _fit(
+        self, arr: NDArray[Any], y: ArrayLike, mask: ArrayLike | None, groups: ArrayLike | None
+    ) -> LogisticProbe:
         y = check_targets(y, arr.shape[0], "LogisticProbe")
         if self.C is None:
             tr, va = holdout_split(arr.shape[0], self.val_fraction, self.seed, groups)
@@ -326,14 +351,11 @@ class LogisticProbe(LinearPredictor):
         mask_val: ArrayLike | None,
     ) -> PathResult:
         """Fit the warm-started C path on train and score every C on validation (no refit)."""
-        return self._path(
-            [Source(check_features(X_train))],
-            y_train,
-            mask_train,
-            [Source(check_features(X_val, "X_val"))],
-            y_val,
-            mask_val,
-        )[0]
+        train, val = check_features(X_train), check_features(X_val, "X_val")
+        with compute_threads(self.n_threads, train.size + val.size):
+            return self._path([Source(train)], y_train, mask_train, [Source(val)], y_val, mask_val)[
+                0
+            ]
 
     def _path(
         self,
@@ -427,14 +449,11 @@ class LogisticProbe(LinearPredictor):
         """Choose C on validation along the path (``path_``), then refit on train + val at the
         chosen C (``C_``: float under joint selection, ``(L,)`` under per-label), warm-started
         from the path solution. Train and val are streamed together, never concatenated."""
-        return self._fit_select_sources(
-            [Source(check_features(X_train))],
-            y_train,
-            mask_train,
-            [Source(check_features(X_val, "X_val"))],
-            y_val,
-            mask_val,
-        )
+        train, val = check_features(X_train), check_features(X_val, "X_val")
+        with compute_threads(self.n_threads, train.size + val.size):
+            return self._fit_select_sources(
+                [Source(train)], y_train, mask_train, [Source(val)], y_val, mask_val
+            )
 
     def _fit_select_sources(
         self,

@@ -32,7 +32,7 @@ MAX_CG = 200
 #: Armijo backtracking halvings per Newton iteration at most.
 MAX_HALVINGS = 60
 #: ``exact_blocks``: refactor the Hessian blocks once CG needed more steps than this.
-REFRESH_CG_STEPS = 8
+REFRESH_CG_STEPS = 4
 
 
 def _psum(obj: LogisticObjective, per_col: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -130,6 +130,19 @@ def _pcg(
     return d, steps
 
 
+def _factors(
+    obj: LogisticObjective, S: torch.Tensor, C: torch.Tensor, cols: torch.Tensor, refresh: bool
+) -> torch.Tensor:
+    """Cholesky factors of the exact Hessian blocks of ``cols``: the loss part is reused from
+    the objective's cache (an earlier iteration or C of the path) unless ``refresh`` (CG needed
+    many steps: the curvature moved) or it lacks a column; forming it costs ``N D^2`` per
+    column, far more than a Hessian-vector product."""
+    cache = obj.gram_cache
+    if refresh or cache is None or not bool(torch.isin(cols, cache[0]).all()):
+        obj.gram_cache = cache = (cols, obj.curvature_gram(S))
+    return obj.factor_blocks(cache[1][torch.searchsorted(cache[0], cols)], C, cols)
+
+
 def newton_cg(
     obj: LogisticObjective,
     W: torch.Tensor,
@@ -143,10 +156,9 @@ def newton_cg(
     """Minimise every problem of ``obj`` from ``W`` (warm start); returns the new W and status.
 
     ``exact_blocks``: precondition CG with the Cholesky factors of the exact per-column Hessian
-    blocks (exact Newton for multi-label, block-Jacobi for softmax; costs ``N D^2`` per column
-    and factorisation, for small D) instead of the features' spectrum. The factors are
-    refreshed only once CG needs more than :data:`REFRESH_CG_STEPS` steps (the curvature moved):
-    a factorisation costs far more than a Hessian-vector product.
+    blocks (exact Newton for multi-label, block-Jacobi for softmax; for small D) instead of the
+    features' spectrum. The blocks are recomputed only once CG needs more than
+    :data:`REFRESH_CG_STEPS` steps, and are otherwise reused across iterations and Cs.
     ``n_iter`` counts Newton iterations (each a few to tens of passes over the rows).
     """
     dev, dt = W.device, W.dtype
@@ -170,7 +182,6 @@ def newton_cg(
         assert obj.last_state is not None
         state[:, cols] = obj.last_state
     factors: torch.Tensor | None = None
-    factor_cols = cols
     cg_steps = 0
     for _ in range(max_iter):
         gmax = obj.reduce(G.abs().amax(0), op="max")
@@ -182,11 +193,7 @@ def newton_cg(
         cols = obj.cols_of(active)
         S = state[:, cols]
         if exact_blocks:
-            if factors is None or cg_steps > REFRESH_CG_STEPS:
-                factors, factor_cols = obj.curvature_blocks(S, C, cols), cols
-            elif not torch.equal(factor_cols, cols):  # problems converged: drop their factors
-                keep = torch.isin(factor_cols, cols)
-                factors, factor_cols = factors[keep], factor_cols[keep]
+            factors = _factors(obj, S, C, cols, refresh=cg_steps > REFRESH_CG_STEPS)
         precond = _preconditioner(obj, C, cols, curv[cols], factors)
         d, cg_steps = _pcg(obj, G[:, cols], S, C, cols, precond, active, max_cg)
         gd = _pdot(obj, G[:, cols], d, cols)

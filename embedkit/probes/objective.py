@@ -65,6 +65,8 @@ class LogisticObjective:
         self.last_curv = self.curv
         self._spectrum = spectrum
         self.last_state: torch.Tensor | None = None
+        #: (columns, :meth:`curvature_gram`) last computed: reused along the C path.
+        self.gram_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def spectrum_if_estimated(self) -> Spectrum | None:
@@ -184,14 +186,12 @@ class LogisticObjective:
         out[:-1] += V[:-1] / (C[prob] * n)
         return out
 
-    def curvature_blocks(
-        self, state: torch.Tensor, C: torch.Tensor, cols: torch.Tensor
-    ) -> torch.Tensor:
-        """Cholesky factors ``(len(cols), D + 1, D + 1)`` of the per-column diagonal Hessian
-        blocks ``X~^T diag(s) X~ / n + I / (C n)`` (``X~`` the standardised rows with a column
-        of ones, no penalty on the intercept) at the point whose curvature state is ``state``:
-        the exact Hessian of a multi-label problem, the block-Jacobi part of a softmax one.
-        One pass over the rows costing ``N (D + 1)^2`` per column."""
+    def curvature_gram(self, state: torch.Tensor) -> torch.Tensor:
+        """The per-column diagonal Hessian blocks of the summed loss, ``X~^T diag(s) X~``
+        ``(q, D + 1, D + 1)`` (``X~`` the standardised rows with a column of ones; no penalty),
+        at the point whose curvature state is ``state`` ``(N, q)``: the exact Hessian of a
+        multi-label problem's loss, the block-Jacobi part of a softmax one. One pass over the
+        rows costing ``N (D + 1)^2`` per column; :meth:`factor_blocks` adds the penalty."""
         q, D = state.shape[1], self.blocks.n_features
         A = torch.zeros((q, D + 1, D + 1), dtype=state.dtype, device=state.device)
         for start, stop, Xb in self.blocks:
@@ -207,14 +207,18 @@ class LogisticObjective:
                 Sb = Sb * (1.0 - Sb)  # masked p (1 - p): the softmax's diagonal blocks
             for j in range(q):
                 A[j].addmm_(Xs.T, Xs * Sb[:, j : j + 1])
+        return A
+
+    def factor_blocks(self, A: torch.Tensor, C: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Cholesky factors of ``A / n + I / (C n)`` (no penalty on the intercept) per column."""
         prob = self.problem_of_col[cols]
         n = self.n_valid[prob]
-        A /= n[:, None, None]
-        lam = 1.0 / (C[prob] * n)
+        H = A / n[:, None, None]
+        D = A.shape[1] - 1
         idx = torch.arange(D, device=A.device)
-        A[:, idx, idx] += lam[:, None]
-        A[:, D, D] += torch.finfo(A.dtype).eps  # an all-masked column stays factorisable
-        return torch.linalg.cholesky(A)
+        H[:, idx, idx] += (1.0 / (C[prob] * n))[:, None]
+        H[:, D, D] += torch.finfo(A.dtype).eps  # an all-masked column stays factorisable
+        return torch.linalg.cholesky(H)
 
     def precondition(
         self, Q: torch.Tensor, C: torch.Tensor, curv: torch.Tensor, cols: torch.Tensor

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -12,6 +13,8 @@ from sklearn.preprocessing import StandardScaler
 import embedkit.probes.linear as linear_module
 from embedkit.eval.metrics import ovr_macro_auroc, per_label_auroc
 from embedkit.probes import LogisticProbe
+from embedkit.probes.backends import compute_threads
+from embedkit.probes.linear import DEFAULT_TOL
 
 P_TOL = 1e-4
 AUROC_TOL = 1e-4
@@ -39,7 +42,7 @@ def _sk(X: np.ndarray, y: np.ndarray, C: float) -> LogisticRegression:
 @pytest.mark.parametrize("C", [1e-4, 1.0, 1e3])
 def test_newton_multiclass_matches_sklearn(C: float) -> None:
     X, y, _, _ = _digits_split()
-    probe = LogisticProbe(C=C, solver="newton").fit(X, y)
+    probe = LogisticProbe(C=C, solver="newton", tol=1e-12).fit(X, y)
     Xs = StandardScaler().fit_transform(X.astype(np.float64))
     ref = _sk(Xs, y, C).predict_proba(Xs)
     assert np.abs(probe.predict_proba(X) - ref).max() < P_TOL
@@ -51,7 +54,7 @@ def test_newton_multiclass_matches_sklearn(C: float) -> None:
 def test_newton_masked_multilabel_matches_sklearn_on_valid_entries(C: float) -> None:
     X, y, _, _ = _digits_split()
     Y, mask = _multilabel(y, seed=1)
-    probe = LogisticProbe(C=C, solver="newton").fit(X, Y, mask=mask)
+    probe = LogisticProbe(C=C, solver="newton", tol=1e-12).fit(X, Y, mask=mask)
     Xs = StandardScaler().fit_transform(X.astype(np.float64))
     P = probe.predict_proba(X)
     for j in range(Y.shape[1]):
@@ -66,9 +69,9 @@ def test_spectral_preconditioned_newton_matches_exact_blocks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     X, y, _, _ = _digits_split()
-    exact = LogisticProbe(C=10.0, solver="newton").fit(X, y)
+    exact = LogisticProbe(C=10.0, solver="newton", tol=1e-12).fit(X, y)
     monkeypatch.setattr(linear_module, "EXACT_BLOCKS_MAX_FEATURES", 0)
-    spectral = LogisticProbe(C=10.0, solver="newton").fit(X, y)
+    spectral = LogisticProbe(C=10.0, solver="newton", tol=1e-12).fit(X, y)
     assert np.abs(exact.predict_proba(X) - spectral.predict_proba(X)).max() < 1e-6
     assert spectral.converged_.all()
 
@@ -89,8 +92,12 @@ def _sk_protocol(
 def test_newton_path_multiclass_same_choice_and_auroc_as_lbfgs_and_sklearn() -> None:
     X, y, Xte, yte = _digits_split()
     Xtr, ytr, Xva, yva = X[:1200], y[:1200], X[1200:], y[1200:]
-    newton = LogisticProbe(Cs=CS, solver="newton").fit_select(Xtr, ytr, None, Xva, yva, None)
-    lbfgs = LogisticProbe(Cs=CS, solver="lbfgs").fit_select(Xtr, ytr, None, Xva, yva, None)
+    newton = LogisticProbe(Cs=CS, solver="newton", tol=1e-12).fit_select(
+        Xtr, ytr, None, Xva, yva, None
+    )
+    lbfgs = LogisticProbe(Cs=CS, solver="lbfgs", tol=1e-12).fit_select(
+        Xtr, ytr, None, Xva, yva, None
+    )
     assert newton.C_ == lbfgs.C_
     np.testing.assert_allclose(newton.path_.score, lbfgs.path_.score, atol=1e-12)
     a_newton = ovr_macro_auroc(yte, newton.predict_proba(Xte), None)
@@ -105,7 +112,7 @@ def test_newton_path_masked_multilabel_same_choice_and_auroc_as_lbfgs() -> None:
     X, y, Xte, yte = _digits_split()
     Y, mask = _multilabel(y, seed=2)
     Yte, mte = _multilabel(yte, seed=3)
-    kw = {"Cs": CS, "select": "per_label"}
+    kw = {"Cs": CS, "select": "per_label", "tol": 1e-12}
     newton = LogisticProbe(solver="newton", **kw).fit(X, Y, mask=mask)
     lbfgs = LogisticProbe(solver="lbfgs", **kw).fit(X, Y, mask=mask)
     np.testing.assert_array_equal(newton.C_, lbfgs.C_)
@@ -121,3 +128,30 @@ def test_auto_solver_and_invalid_solver() -> None:
     np.testing.assert_array_equal(auto.n_iter_, newton.n_iter_)  # 64 features: Newton
     with pytest.raises(ValueError, match="solver"):
         LogisticProbe(C=1.0, solver="cg").fit(X, y)  # type: ignore[arg-type]
+
+
+def test_default_tol_same_choice_and_auroc_as_strict_protocol() -> None:
+    X, y, Xte, yte = _digits_split()
+    Y, mask = _multilabel(y, seed=4)
+    Yte, mte = _multilabel(yte, seed=5)
+    default = LogisticProbe().fit(X, Y, mask=mask)
+    strict = LogisticProbe(tol=1e-12).fit(X, Y, mask=mask)
+    assert default.tol == DEFAULT_TOL > 1e-12
+    assert default.C_ == strict.C_
+    a = np.nanmean(per_label_auroc(Yte, mte, default.predict_proba(Xte)))
+    b = np.nanmean(per_label_auroc(Yte, mte, strict.predict_proba(Xte)))
+    assert abs(a - b) <= AUROC_TOL
+    assert default.path_.n_iter.sum() < strict.path_.n_iter.sum()
+
+
+def test_compute_threads_small_problems_on_one_thread_and_restored() -> None:
+    before = torch.get_num_threads()
+    with compute_threads(None, 1000) as n:
+        assert n == 1 == torch.get_num_threads()
+    with compute_threads(None, 2**30) as n:
+        assert n == before
+    with compute_threads(2, 10) as n:
+        assert n == 2 == torch.get_num_threads()
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="n_threads"), compute_threads(0, 10):
+        pass
