@@ -40,6 +40,7 @@ from embedkit.probes.backends import (
     stat_tensors,
     torch_dtype,
 )
+from embedkit.probes.external import check_backend, fit_logistic
 from embedkit.probes.fitted import LinearPredictor, best_index, logits, val_scores
 from embedkit.probes.lbfgs import SolveInfo, lbfgs
 from embedkit.probes.newton import newton_cg
@@ -129,6 +130,10 @@ class LogisticProbe(LinearPredictor):
       above), ``"newton"`` or ``"lbfgs"``: same optimum, different speed.
     - ``n_threads``: torch CPU threads while fitting (None: one for small problems, see
       :func:`~embedkit.probes.backends.compute_threads`, torch's setting otherwise).
+    - ``backend``: ``"torch"`` (embedkit's solvers), ``"sklearn"`` (scikit-learn's
+      ``LogisticRegression`` per label and C: the CPU reference) or ``"cuml"`` (RAPIDS cuML on a
+      GPU, as DINOv2's reference evaluation); same protocol and objective, see
+      :mod:`embedkit.probes.external`. ``solver`` and ``precondition`` apply to ``"torch"``.
     - ``max_resident_bytes``: converted row blocks are cached between passes when their total
       fits (default 256 MiB: small problems only); larger inputs are re-converted per pass, so
       peak memory stays near the size of the stored features.
@@ -160,6 +165,7 @@ class LogisticProbe(LinearPredictor):
         precondition: bool | Literal["auto"] = "auto",
         solver: Literal["auto", "newton", "lbfgs"] = "auto",
         n_threads: int | None = None,
+        backend: Literal["torch", "sklearn", "cuml"] = "torch",
     ) -> None:
         self.Cs = Cs
         self.C = C
@@ -178,6 +184,7 @@ class LogisticProbe(LinearPredictor):
         self.precondition = precondition
         self.solver = solver
         self.n_threads = n_threads
+        self.backend = backend
 
     # ---- helpers
     def _sorted_cs(self) -> NDArray[np.float64]:
@@ -251,6 +258,18 @@ class LogisticProbe(LinearPredictor):
             raise ProbeInputError(
                 f"Invalid precondition {self.precondition!r}, choose one of [True, False, 'auto']."
             )
+        if check_backend(self.backend) != "torch":
+            W, n_iter, conv = fit_logistic(
+                self.backend,
+                obj.standardised_rows(),
+                obj.targets,
+                obj.n_cols,
+                C,
+                tol=self.tol,
+                max_iter=self.max_iter,
+            )
+            W_t = torch.as_tensor(W, dtype=W0.dtype, device=W0.device)
+            return W_t, SolveInfo(n_iter, conv)
         if self.solver not in ("auto", "newton", "lbfgs"):
             raise ProbeInputError(
                 f"Invalid solver {self.solver!r}, choose one of ['auto', 'newton', 'lbfgs']."

@@ -16,8 +16,10 @@ features converted to the compute dtype and nothing else.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import NDArray
 
 from embedkit.probes.backends import RowBlocks, fold_standardization
 from embedkit.probes.precondition import Spectrum, apply_inverse, estimate_spectrum
@@ -46,6 +48,7 @@ class LogisticObjective:
         self.blocks = blocks
         self.mean = mean
         self.inv_scale = inv_scale
+        self.targets = targets
         self.multiclass = targets.task == "multiclass"
         dev, dt = blocks.device, blocks.dtype
         self.y = torch.as_tensor(targets.y, device=dev)
@@ -67,6 +70,8 @@ class LogisticObjective:
         self.last_state: torch.Tensor | None = None
         #: (columns, :meth:`curvature_gram`) last computed: reused along the C path.
         self.gram_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: The standardised rows as one numpy array, for an external backend (built once).
+        self.dense: NDArray[np.float64] | None = None
 
     @property
     def spectrum_if_estimated(self) -> Spectrum | None:
@@ -79,6 +84,21 @@ class LogisticObjective:
         if self._spectrum is None:
             self._spectrum = estimate_spectrum(self.blocks, self.mean, self.inv_scale)
         return self._spectrum
+
+    def standardised_rows(self) -> NDArray[np.float64]:
+        """All rows standardised, ``(N, D)`` float64 (materialised once, for external backends
+        that take a whole matrix)."""
+        if self.dense is None:
+            out = np.empty((self.blocks.n_rows, self.blocks.n_features))
+            for start, stop, Xb in self.blocks:
+                Xs = Xb.double()
+                if self.mean is not None:
+                    Xs = Xs - self.mean.double()
+                if self.inv_scale is not None:
+                    Xs = Xs * self.inv_scale.double()
+                out[start:stop] = Xs.cpu().numpy()
+            self.dense = out
+        return self.dense
 
     def reduce(self, per_col: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """(Q,) -> (P,) by problem."""
