@@ -12,6 +12,19 @@ stored float16, 14 labels from a sparse logistic model, 5% of entries masked. Se
   no extrapolation), and its validation AUROCs are compared with the probe's on the same data.
   With ``--old-n > 0`` the previous solver (``precondition=False``) and the default are timed on a
   smaller ``--old-n`` x ``--old-d`` problem over every ``--old-every``-th C, in the same run.
+- ``ladder`` (issue 14): the size ladder, ``--rows digits,chexpert,large``: digits-like
+  multi-class (scikit-learn digits, 1,797 x 64, 10 classes), CheXpert-like multi-label (20,000 x
+  768, 14 labels, masks) and large (100,000 x 1,536); ``--scale`` shrinks the synthetic rows
+  (labelled). Per row, in one run on identical data and splits (test 20%, validation 10% of the
+  rest): ``LogisticProbe`` at its default tol and at tol 1e-12, and scikit-learn
+  ``LogisticRegression`` (lbfgs, max_iter 1000, standardised, one-vs-rest on valid rows) at its
+  default tol 1e-4 and at 1e-12 through the same protocol (45 Cs, validation choice, refit);
+  wall and CPU seconds, chosen C, test AUROC and its difference to embedkit's tol-1e-12 model.
+  ``--ladder-sk-cs`` / ``--ladder-sk-labels`` below 45 / 14 fit scikit-learn on that subset and
+  extrapolate its time (labelled so, no AUROC then).
+- ``small``: kNN (k=20, DINO vote) vs scikit-learn ``KNeighborsClassifier`` (brute, cosine, the
+  same weights) and faiss when installed, and few-shot (linear, C=1, 1-16 shots x 5 seeds) vs a
+  plain scikit-learn loop over the same draws, on the ladder rows.
 - ``knn``: ``KNNProbe.kneighbors`` (k=20) vs faiss-cpu ``IndexFlatIP`` on L2-normalised float32
   copies (normalisation included in faiss' time), same neighbours checked.
 - ``bootstrap``: ``bootstrap_ci`` macro AUROC, 1,000 resamples x 14 labels on ``--n-test`` rows.
@@ -20,6 +33,9 @@ stored float16, 14 labels from a sparse logistic model, 5% of entries masked. Se
   matrix is a complete cache entry ("cls" + "mean", written there on first use) read by ids as
   the probe runner reads it, and the peak of that read is reported too.
 
+    python benchmarks/bench_probes.py --section ladder --threads 1
+    python benchmarks/bench_probes.py --section ladder --rows large --ladder-sk-cs 5 \
+        --ladder-sk-labels 1
     python benchmarks/bench_probes.py --section linear --n 20000 --sk-labels 2
     python benchmarks/bench_probes.py --section knn --n 100000 --queries 5000
     python benchmarks/bench_probes.py --section memory --mem-n 200000 --mem-d 8192 \
@@ -33,6 +49,7 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -219,6 +236,7 @@ def ladder_sklearn(data: dict[str, Any], tol: float, n_cs: int, n_labels: int) -
     through the same protocol: validation metric per C (accuracy / macro AUROC), the smallest
     best C, refit on train + val. With ``n_cs`` < 45 or ``n_labels`` < 14 only that subset is
     fitted and the time is extrapolated (labelled), and the chosen C / AUROC are not reported."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -238,6 +256,7 @@ def ladder_sklearn(data: dict[str, Any], tol: float, n_cs: int, n_labels: int) -
         cols = [clf.fit(X[m[:, j]], y[m[:, j], j]).predict_proba(Xp)[:, 1] for j in range(labels)]
         return np.stack(cols, axis=1)
 
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)  # expected at tol 1e-12
     t0, c0 = time.perf_counter(), time.process_time()
     scores = []
     for i in pick:
@@ -297,6 +316,82 @@ def bench_ladder(args: argparse.Namespace) -> None:
             f"embedkit tol 1e-12 / default {strict['wall'] / default['wall']:.1f}x",
             flush=True,
         )
+
+
+def bench_small(args: argparse.Namespace) -> None:
+    """kNN and few-shot on the ladder's small rows against scikit-learn (and faiss if present)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    from embedkit.probes import run_fewshot, sample_fewshot
+
+    for row in args.rows.split(","):
+        data = ladder_data(row, args.scale)
+        (Xtr, ytr, mtr), (Xte, yte, _) = data["train"], data["test"]
+        if not data["multiclass"]:  # scikit-learn's kNN has no masks: fully labelled here
+            mtr = np.ones_like(mtr)
+        print(f"small {row}: {LADDER_ROWS[row]} (train {Xtr.shape[0]}, test {Xte.shape[0]})")
+        with threadpool_limits(args.threads):
+            t0, c0 = time.perf_counter(), time.process_time()
+            ours = KNNProbe(k=20).fit(Xtr, ytr, mask=mtr).predict_proba(Xte)
+            w_e, c_e = time.perf_counter() - t0, time.process_time() - c0
+
+            def weights(dist: np.ndarray) -> np.ndarray:  # DINO's vote: exp(cos / 0.07)
+                return np.exp((1.0 - dist) / 0.07 - 1.0 / 0.07)
+
+            t0, c0 = time.perf_counter(), time.process_time()
+            sk = KNeighborsClassifier(20, weights=weights, algorithm="brute", metric="cosine")
+            p = sk.fit(Xtr.astype(np.float32), ytr).predict_proba(Xte.astype(np.float32))
+            w_s, c_s = time.perf_counter() - t0, time.process_time() - c0
+            p = np.asarray(p) if data["multiclass"] else np.stack([q[:, 1] for q in p], axis=1)
+            print(
+                f"  knn k=20: KNNProbe {w_e:.2f} s (CPU {c_e:.2f}), sklearn KNeighborsClassifier "
+                f"(brute, cosine, DINO weights) {w_s:.2f} s (CPU {c_s:.2f}); ratio sklearn / "
+                f"embedkit {w_s / w_e:.1f}x; max |d score| {np.abs(ours - p).max():.1e}"
+            )
+            try:
+                import faiss
+            except ImportError:
+                print("  knn faiss: not installed here (pip install faiss-cpu), skipped")
+            else:
+                t0 = time.perf_counter()
+                a = Xtr.astype(np.float32)
+                a /= np.linalg.norm(a, axis=1, keepdims=True)
+                q = Xte.astype(np.float32)
+                q /= np.linalg.norm(q, axis=1, keepdims=True)
+                index = faiss.IndexFlatIP(a.shape[1])
+                index.add(a)
+                index.search(q, 20)
+                print(f"  knn faiss IndexFlatIP search only: {time.perf_counter() - t0:.2f} s")
+            if not data["multiclass"]:
+                continue
+            groups = np.arange(Xtr.shape[0])
+            shots, seeds = (1, 2, 4, 8, 16), range(5)
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = run_fewshot(Xtr, ytr, None, groups, Xte, yte, None, shots=shots, seeds=seeds)
+            w_e, c_e = time.perf_counter() - t0, time.process_time() - c0
+            t0, c0 = time.perf_counter(), time.process_time()
+            from embedkit.eval.metrics import ovr_macro_auroc
+
+            aucs = []
+            for n_shots in shots:
+                for seed in seeds:
+                    d = sample_fewshot(ytr, None, groups, n_shots, seed)
+                    sc = StandardScaler().fit(Xtr[d.indices].astype(np.float64))
+                    clf = LogisticRegression(C=1.0).fit(
+                        sc.transform(Xtr[d.indices]), ytr[d.indices]
+                    )
+                    aucs.append(ovr_macro_auroc(yte, clf.predict_proba(sc.transform(Xte)), None))
+            w_s, c_s = time.perf_counter() - t0, time.process_time() - c0
+            ours_auc = [res.runs[(n, s)]["ovr_macro_auroc"] for n in shots for s in seeds]
+            print(
+                f"  few-shot linear C=1, shots {list(shots)} x 5 seeds: run_fewshot {w_e:.2f} s "
+                f"(CPU {c_e:.2f}), scikit-learn loop (same draws) {w_s:.2f} s (CPU {c_s:.2f}); "
+                f"ratio {w_s / w_e:.1f}x; max |d AUROC| "
+                f"{np.nanmax(np.abs(np.array(ours_auc) - np.array(aucs))):.1e}"
+            )
 
 
 def bench_knn(args: argparse.Namespace) -> None:
@@ -493,6 +588,7 @@ def main() -> None:
     sections = {
         "linear": bench_linear,
         "ladder": bench_ladder,
+        "small": bench_small,
         "knn": bench_knn,
         "bootstrap": bench_bootstrap,
         "memory": bench_memory,
