@@ -83,10 +83,8 @@ for name, kw in shapes.items():
         model = DINOv3ViTModel(cfg)
     model = model.to_empty(device="cuda").to(torch.bfloat16)
     with torch.no_grad():
-        for p in model.parameters():
+        for p in model.parameters():  # buffers (RoPE) are not saved: rebuilt when loaded
             p.normal_(0.0, 0.02)
-        for b in model.buffers():
-            b.zero_()
     model.save_pretrained(f"{work}/{name}", max_shard_size="2GB", safe_serialization=True)
     n = sum(p.numel() for p in model.parameters())
     del model
@@ -117,14 +115,28 @@ print(f"SUMMARY demo data: 300 images of 1024 px in {work / 'demo'}")
 EOF
 }
 
-extract() {  # extract CHECKPOINT RESOLUTION EXTRA...
+extract() {  # extract CHECKPOINT RESOLUTION EXTRA...: the CLI in-process, then images/s, memory
     local ckpt=$1 res=$2
     shift 2
-    "$PY" -c 'import sys; from embedkit.cli import app; sys.argv[0] = "embedkit"; app()' \
-        extract --model "$WORK/$ckpt" -d demo -r "$res" -m "$WORK/manifest.yaml" \
-        --device cuda --dtype bf16 --overwrite "$@"
-    local rc=$?
-    echo "SUMMARY $ckpt at $res px: $(grep -iE 'images/s|img/s|mfu' "$WORK/extract-${ckpt#vit}.log" | tail -n 1)"
+    "$PY" - "$WORK" "$ckpt" "$res" "$@" <<'EOF'
+import sys, time, torch
+from embedkit.cli import app
+
+work, ckpt, res, *extra = sys.argv[1:]
+args = ["extract", "--model", f"{work}/{ckpt}", "-d", "demo", "-r", res,
+        "-m", f"{work}/manifest.yaml", "--device", "cuda", "--dtype", "bf16", "--overwrite", *extra]
+t0 = time.perf_counter()
+try:
+    app(args, standalone_mode=False)
+finally:
+    wall = time.perf_counter() - t0
+    print(f"SUMMARY {ckpt} at {res} px {' '.join(extra)}: 300 images in {wall:.0f} s = "
+          f"{300 / wall:.1f} images/s including load; peak GPU memory "
+          f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+EOF
+    local rc=$? log="$WORK/extract-${ckpt#vit}.log"
+    # The CLI's own throughput / MFU line joins the summary.
+    echo "SUMMARY $(grep '^SUMMARY ' "$log" | tail -n 1 | cut -c9-); $(grep 'throughput:' "$log" | tail -n 1)"
     return $rc
 }
 
