@@ -121,9 +121,9 @@ class LogisticProbe(LinearPredictor):
       (one-vs-rest macro).
     - ``device`` / ``dtype``: where and in which precision the solver runs (``"cuda"`` for GPUs);
       the features keep their own dtype and are converted one row block at a time.
-    - ``precondition``: ``"auto"`` / True (default) preconditions L-BFGS with the spectrum of the
-      standardised features (exact up to 2,048 features, rank 512 randomized above; see
-      :mod:`embedkit.probes.precondition`); False runs plain L-BFGS. Same optimum either way.
+    - ``precondition`` (L-BFGS only): ``"auto"`` / True (default) preconditions L-BFGS with the
+      spectrum of the standardised features (exact up to 2,048 features, rank 1,024 randomized
+      above; see :mod:`embedkit.probes.precondition`); False runs plain L-BFGS. Same optimum.
     - ``tol``: stop when the gradient max-norm of the scaled objective is at most ``tol`` (or
       the objective no longer decreases in floating point). ``1e-12`` is DINOv2's strict setting.
     - ``solver``: ``"auto"`` (Newton-CG up to :data:`NEWTON_MAX_FEATURES` features, L-BFGS
