@@ -131,16 +131,25 @@ def _pcg(
 
 
 def _factors(
-    obj: LogisticObjective, S: torch.Tensor, C: torch.Tensor, cols: torch.Tensor, refresh: bool
-) -> torch.Tensor:
-    """Cholesky factors of the exact Hessian blocks of ``cols``: the loss part is reused from
-    the objective's cache (an earlier iteration or C of the path) unless ``refresh`` (CG needed
-    many steps: the curvature moved) or it lacks a column; forming it costs ``N D^2`` per
-    column, far more than a Hessian-vector product."""
+    obj: LogisticObjective,
+    S: torch.Tensor,
+    C: torch.Tensor,
+    cols: torch.Tensor,
+    refresh: bool,
+    previous: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(columns, Cholesky factors) of the exact Hessian blocks of ``cols``. The loss part is
+    reused from the objective's cache (an earlier iteration or C of the path) unless
+    ``refresh`` (CG needed many steps: the curvature moved) or it lacks a column: forming it
+    costs ``N D^2`` per column, far more than a Hessian-vector product. The ``previous``
+    factors of this solve (same C) are reused while the cache is unchanged."""
     cache = obj.gram_cache
     if refresh or cache is None or not bool(torch.isin(cols, cache[0]).all()):
         obj.gram_cache = cache = (cols, obj.curvature_gram(S))
-    return obj.factor_blocks(cache[1][torch.searchsorted(cache[0], cols)], C, cols)
+        previous = None
+    if previous is not None and bool(torch.isin(cols, previous[0]).all()):
+        return cols, previous[1][torch.searchsorted(previous[0], cols)]
+    return cols, obj.factor_blocks(cache[1][torch.searchsorted(cache[0], cols)], C, cols)
 
 
 def newton_cg(
@@ -182,6 +191,7 @@ def newton_cg(
         assert obj.last_state is not None
         state[:, cols] = obj.last_state
     factors: torch.Tensor | None = None
+    factored: tuple[torch.Tensor, torch.Tensor] | None = None
     cg_steps = 0
     for _ in range(max_iter):
         gmax = obj.reduce(G.abs().amax(0), op="max")
@@ -193,7 +203,8 @@ def newton_cg(
         cols = obj.cols_of(active)
         S = state[:, cols]
         if exact_blocks:
-            factors = _factors(obj, S, C, cols, refresh=cg_steps > REFRESH_CG_STEPS)
+            factored = _factors(obj, S, C, cols, cg_steps > REFRESH_CG_STEPS, factored)
+            factors = factored[1]
         precond = _preconditioner(obj, C, cols, curv[cols], factors)
         d, cg_steps = _pcg(obj, G[:, cols], S, C, cols, precond, active, max_cg)
         gd = _pdot(obj, G[:, cols], d, cols)
