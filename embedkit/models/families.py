@@ -78,7 +78,7 @@ class ConfigFacts:
 
 TokensFn = Callable[[Any, "EncoderSpec", tuple[int, int]], Tokens]
 #: (pixels, spec) -> extra keyword inputs of the model's forward that depend on the batch
-InputsFn = Callable[[torch.Tensor, "EncoderSpec"], Mapping[str, Any]]
+InputsFn = Callable[["torch.Tensor", "EncoderSpec"], Mapping[str, Any]]
 FactsFn = Callable[["PretrainedConfig"], ConfigFacts]
 #: (spec, the checkpoint's config.json as a dict or None) -> the shape FLOPs are computed from
 ShapeFn = Callable[["EncoderSpec", "Mapping[str, object] | None"], ModelShape]
@@ -414,7 +414,7 @@ def mae_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> 
             "which sets mask_ratio = 0)"
         )
     index = restore.to(shuffled.device).unsqueeze(-1).expand(-1, -1, shuffled.shape[-1])
-    patches = torch.gather(shuffled, 1, index)
+    patches = shuffled.gather(1, index)
     return Tokens(
         cls=hidden[:, 0], pooled=None, patches=_as_grid(patches, _grid(spec, image_size), spec)
     )
@@ -422,6 +422,8 @@ def mae_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> 
 
 def mae_ordered_noise(pixels: torch.Tensor, spec: EncoderSpec) -> dict[str, torch.Tensor]:
     """MAE shuffles patches by ``argsort(noise)``: increasing noise keeps them in place."""
+    import torch
+
     h, w = _grid(spec, (int(pixels.shape[2]), int(pixels.shape[3])))
     order = torch.arange(h * w, device=pixels.device, dtype=torch.float32)
     return {"noise": order.expand(pixels.shape[0], -1)}
