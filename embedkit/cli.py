@@ -444,17 +444,21 @@ def cache_verify(
     if local_cache is not None:
         problems = verify_local_copies(root, local_cache, query)
     elif query is not None:
-        entry = find_entry(root, query)
-        problems = {entry.relpath: entry.verify()}
+        problems = verify_root(root, find_entry(root, query).relpath)
     else:
         problems = verify_root(root)
     bad = 0
     for relpath, issues in problems.items():
         if issues:
             bad += 1
-            err.print(f"[red]BAD[/red] {relpath}")
+            err.print(f"[red]BAD[/red] {relpath}", highlight=False)
             for issue in issues:
-                err.print(f"    {issue}")
+                err.print(f"    {escape(issue)}", highlight=False, soft_wrap=True)
+            err.print(
+                f"    repair: embedkit cache repair {relpath} --cache {root.url()}",
+                highlight=False,
+                soft_wrap=True,
+            )
         else:
             out.print(f"[green]ok[/green]  {relpath}")
     out.print(f"{len(problems) - bad} ok, {bad} with problems")

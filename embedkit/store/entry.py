@@ -278,22 +278,31 @@ class FeatureEntry:
         ids: Sequence[str] | None = None,
         rows: np.ndarray | slice | None = None,
         out_dtype: Any = None,
+        verify: bool = True,
     ) -> np.ndarray:
         """Features of one pooling (stored or derived, e.g. ``"cls+mean"``).
 
         All rows by default, or the rows of ``ids`` (in that order) or ``rows``. Only the
         chunks holding those rows are read; the output is allocated once and filled in place.
         The stored dtype is returned unless ``out_dtype`` is given.
+
+        Reads are checked: each unit the read touches is compared with the crc32c of its unit
+        record and scanned for NaN/Inf (once per entry object); damage (a flipped byte, a
+        missing or truncated chunk, NaN/Inf, a missing record) raises
+        :class:`~embedkit.errors.IntegrityError` naming the entry, array, unit, rows and the
+        repair command. ``verify=False`` skips the checks: only for data checked already
+        (``embedkit cache verify``), and a missing or short chunk still raises.
         """
-        return self.reader.read(pooling, ids=ids, rows=rows, out_dtype=out_dtype)
+        return self.reader.read(pooling, ids=ids, rows=rows, out_dtype=out_dtype, verify=verify)
 
     def read_rows(self, ids: Sequence[str]) -> np.ndarray:
         """Row numbers of ``ids`` in this entry (missing ids raise CacheNotFoundError)."""
         return np.asarray(self.reader.select(ids, None), dtype=np.int64)
 
-    def valid_mask(self) -> np.ndarray:
-        """(N,) bool: False for images skipped as unreadable (and for unwritten units)."""
-        return self.reader.valid_mask()
+    def valid_mask(self, *, verify: bool = True) -> np.ndarray:
+        """(N,) bool: False for images skipped as unreadable (and for unwritten units);
+        checked like :meth:`read`."""
+        return self.reader.valid_mask(verify=verify)
 
     def skipped(self) -> list[tuple[str, str]]:
         """``(image_id, reason)`` of every skipped image written so far."""
