@@ -466,6 +466,48 @@ def cache_verify(
         raise typer.Exit(1)
 
 
+@cache_app.command("repair")
+def cache_repair(
+    query: Annotated[str, typer.Argument(help="Entry digest (or a unique prefix of it) or path.")],
+    cache: CacheOpt = None,
+    manifest: ManifestOpt = None,
+    device: Annotated[
+        str, typer.Option(help="Device to recompute on (the original run's kind of device).")
+    ] = "auto",
+    workers: Annotated[int, typer.Option(help="Image loading worker processes.")] = 0,
+) -> None:
+    """Recompute the damaged or missing units of a complete entry from its images.
+
+    The units that `cache verify` reports (checksum mismatch, missing or truncated chunk,
+    NaN/Inf, bad unit record) are recomputed with the entry's recorded request (model,
+    revision, resolution, preprocessing, dtypes, batch size), so the entry becomes
+    bit-identical to an undamaged one; then the entry is verified. Exits non-zero if it
+    cannot be repaired (the images or the model changed: re-extract with --overwrite).
+    """
+    from embedkit.extract.repair import repair_entry
+    from embedkit.progress import rich_progress
+
+    result = repair_entry(
+        query,
+        manifest=manifest,
+        cache=cache,
+        device=device,
+        num_workers=workers,
+        progress=rich_progress,
+    )
+    entry = result.entry
+    if not result.units:
+        out.print(f"[green]ok[/green]  {entry.relpath}: nothing damaged, nothing to repair")
+        return
+    for u in result.units:
+        err.print(f"    unit {u}: " + escape("; ".join(result.problems[u])), highlight=False)
+    out.print(
+        f"[green]repaired[/green] {entry.relpath}: recomputed units "
+        f"{', '.join(map(str, result.units))} of {entry.n_units}, verified "
+        f"({result.elapsed_s:.1f} s)"
+    )
+
+
 def _copy_entry_cli(
     src_uri: str, dst_uri: str, query: str, *, overwrite: bool, verify: bool
 ) -> None:

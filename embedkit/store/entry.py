@@ -32,7 +32,7 @@ from embedkit.store.layout import (
 from embedkit.store.lease import live_claims
 from embedkit.store.reader import EntryReader
 from embedkit.store.root import CacheRoot
-from embedkit.store.verify import check_unit, verify_entry
+from embedkit.store.verify import check_unit, damaged_units, verify_entry
 from embedkit.store.writer import (
     COMPRESSIONS,
     Compression,
@@ -132,6 +132,26 @@ class FeatureEntry:
                 f"The cache entry {entry.uri} is incomplete: {len(entry.done_units())} of "
                 f"{entry.n_units} units written; rerun the same `embedkit extract` command to "
                 "finish it, or pass --allow-partial to read what is there."
+            )
+        return entry
+
+    @classmethod
+    def open_for_repair(cls, root: CacheRoot, key_or_relpath_or_digest: CacheKey | str) -> FeatureEntry:
+        """Open a complete entry writable, for ``embedkit cache repair`` only: the one way a
+        completed entry changes is :meth:`reopen_unit` + rewriting that unit's rows."""
+        root.require_writable("repair an entry in")
+        relpath = resolve_entry(root, key_or_relpath_or_digest)
+        attrs = existing_attrs(root, relpath)
+        if attrs is None:
+            raise CacheNotFoundError(
+                f"No readable cache entry at {root.url(relpath)} (its zarr.json is missing or "
+                "damaged): repair needs it; re-extract with --overwrite."
+            )
+        entry = cls(root, relpath, attrs, writable=True)
+        if not entry.is_complete:
+            raise IncompleteEntryError(
+                f"{entry.uri} is incomplete; rerun the same `embedkit extract` command to "
+                "finish it (repair is for complete entries)."
             )
         return entry
 
@@ -334,6 +354,20 @@ class FeatureEntry:
     def verify(self) -> list[str]:
         """Re-read everything and return the problems found; ``[]`` means healthy."""
         return verify_entry(self.reader)
+
+    def damaged_units(self) -> dict[int, list[str]]:
+        """Units whose data or record is damaged, with the problems (see ``verify``)."""
+        return damaged_units(self.reader)
+
+    def reopen_unit(self, u: int) -> None:
+        """Remove unit ``u``'s record so the unit can be written again (repair only: the entry
+        must be opened with :meth:`open_for_repair`). Until it is rewritten, reads of the unit
+        fail as damaged; a repair that stops half way is simply run again."""
+        if not self.layout.writable:
+            raise CacheWriteError(f"{self.uri} was opened for reading; use open_for_repair.")
+        self.layout.unit_bounds(u)
+        self.root.remove_tree(self.layout.unit_path(u))
+        self.reader = EntryReader(self.layout, verify=self.reader.verify)  # forget checks
 
     def check_unit(self, u: int, record: Mapping[str, object]) -> list[str]:
         """Problems of unit ``u`` against a unit ``record`` (its own or a source entry's)."""
