@@ -22,10 +22,9 @@ from typing import Any, cast
 from embedkit import distributed
 from embedkit.errors import EntryExistsError, IntegrityError
 from embedkit.extract.request import ExtractionRequest
-from embedkit.extract.runner import _load, plan_extraction, run_extraction
+from embedkit.extract.runner import ProgressFactory, _load, plan_extraction, run_extraction
 from embedkit.manifest import Manifest, load_manifest
 from embedkit.models import identify_encoder
-from embedkit.progress import ProgressFactory
 from embedkit.store import CacheRoot, FeatureEntry
 from embedkit.store.lease import LEASES_DIR, Leases, Owner, resolve_ttl
 
@@ -45,7 +44,9 @@ class RepairResult:
     elapsed_s: float
 
 
-def request_of(entry: FeatureEntry, *, device: str = "auto", num_workers: int = 0) -> ExtractionRequest:
+def request_of(
+    entry: FeatureEntry, *, device: str = "auto", num_workers: int = 0
+) -> ExtractionRequest:
     """The extraction request recorded in ``entry`` (its provenance and key)."""
     prov: dict[str, Any] = dict(entry.attrs.get("provenance") or {})
     missing = [

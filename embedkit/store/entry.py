@@ -136,7 +136,9 @@ class FeatureEntry:
         return entry
 
     @classmethod
-    def open_for_repair(cls, root: CacheRoot, key_or_relpath_or_digest: CacheKey | str) -> FeatureEntry:
+    def open_for_repair(
+        cls, root: CacheRoot, key_or_relpath_or_digest: CacheKey | str
+    ) -> FeatureEntry:
         """Open a complete entry writable, for ``embedkit cache repair`` only: the one way a
         completed entry changes is :meth:`reopen_unit` + rewriting that unit's rows."""
         root.require_writable("repair an entry in")

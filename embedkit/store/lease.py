@@ -256,7 +256,9 @@ class Leases:
         claim behind."""
         done = f"{self.relpath}/COMPLETE.json"
         if self.in_complete_entry:
-            self.root.write_bytes_atomic(self._path(name, h), self._body(name, h, released=released))
+            self.root.write_bytes_atomic(
+                self._path(name, h), self._body(name, h, released=released)
+            )
             return
         if self.root.exists(done):
             return

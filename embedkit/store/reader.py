@@ -181,7 +181,9 @@ class EntryReader:
             self.check_unit_of(arr, u)
         self._raw_read(arr, sel, out, None)
 
-    def _raw_read(self, arr: zarr.Array[Any], sel: Selection, out: np.ndarray, u: int | None) -> None:
+    def _raw_read(
+        self, arr: zarr.Array[Any], sel: Selection, out: np.ndarray, u: int | None
+    ) -> None:
         try:
             self._read_chunks_into(arr, sel, out)
         except (ChunkDecodeError, RuntimeError, ValueError, OSError) as exc:

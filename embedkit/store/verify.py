@@ -183,7 +183,7 @@ def _unit_problems(
         if name.startswith("features/") and data.dtype.kind == "f":
             bad = nonfinite_rows(data)  # skipped rows are stored as zeros
             if bad.any():
-                bad_ids = [stored_ids[start + i] for i in np.flatnonzero(bad)]
+                bad_ids = [stored_ids[start + int(i)] for i in np.flatnonzero(bad)]
                 problems.append(f"unit {u}: NaN/Inf in {name} for {fmt_ids(bad_ids)}")
     if valid is not None and int(valid.sum()) != record.get("n_valid"):
         problems.append(
