@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from embedkit.errors import IntegrityError
 from embedkit.extract import ExtractionRequest, extract
@@ -28,6 +29,7 @@ from embedkit.store import (
 )
 from embedkit.store.lease import LEASES_DIR, Leases, Owner
 from embedkit.store.root import check_object_path
+from embedkit.study.demodata import demo_dataset_config
 
 from .conftest import S3Server
 
@@ -54,10 +56,10 @@ def pristine(
     demo_data: Path, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, str]:
     """One real entry, extracted once; tests damage copies of its cache root."""
-    from ..conftest import write_manifest
-
     folder = tmp_path_factory.mktemp("integrity")
-    manifest = write_manifest(demo_data, cache=str(folder / "cache"), name="integrity.yaml")
+    manifest = demo_data / f"{folder.name}.yaml"  # its paths are relative to the images
+    doc = {"cache": str(folder / "cache"), "datasets": {"demo": demo_dataset_config()}}
+    manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
     entry = _extract(manifest, model_cache, folder / "cache")
     return folder / "cache", entry.relpath
 
