@@ -93,9 +93,17 @@ class EntryReader:
         )
 
     def _compare(
-        self, name: str, u: int, record: dict[str, Any], data: np.ndarray, crc: int | None
+        self,
+        name: str,
+        u: int,
+        record: dict[str, Any],
+        data: np.ndarray,
+        crc: int | None,
+        *,
+        scanned: bool = False,
     ) -> None:
-        """Raise unless ``data`` (unit ``u`` of ``name``) matches ``record`` and is finite."""
+        """Raise unless ``data`` (unit ``u`` of ``name``) matches ``record`` and is finite
+        (``scanned``: found finite already, by the scan that summed it)."""
         checksums = record.get("checksums")
         want = checksums.get(name) if isinstance(checksums, dict) else None
         if want is None:
@@ -108,7 +116,7 @@ class EntryReader:
             raise self.damaged(
                 name, u, f"checksum mismatch ({algorithm} {got}, the unit record says {want})"
             )
-        if name.startswith("features/") and data.dtype.kind == "f":
+        if name.startswith("features/") and data.dtype.kind == "f" and not scanned:
             bad = np.flatnonzero(nonfinite_rows(data))  # skipped rows are stored as zeros
             if bad.size:
                 start = self.layout.unit_bounds(u)[0]
@@ -173,7 +181,7 @@ class EntryReader:
                         break  # located and named by the check below
                     s, e = lay.unit_bounds(u)
                     part = out[s - sel.start : e - sel.start]
-                    self._compare(name, u, records[u], part, crcs[u])
+                    self._compare(name, u, records[u], part, crcs[u], scanned=True)
                     self._checked.add((name, u))
                 else:
                     return
