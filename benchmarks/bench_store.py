@@ -10,8 +10,8 @@ checksums, NaN/Inf/overflow checks and atomic unit records included) + ``finaliz
 back with ``read("cls")`` from a local temporary root: the default, checked read (every chunk
 crc32c-summed and NaN/Inf-scanned on the pool thread that read it, joined per unit and compared
 with the unit records), and once more with ``verify=False`` for the cost of the check.
-Baselines on the same filesystem: ``np.save`` (page cache only, like the store with ``FSYNC=False``), ``np.save`` + ``fsync`` (as
-durable as the store's default), ``np.load``,
+Baselines on the same filesystem: ``np.save`` (page cache only, like the store with
+``FSYNC=False``), ``np.save`` + ``fsync`` (as durable as the store's default), ``np.load``,
 and a bare ``fallocate`` + ``os.write`` of the same bytes as the store's chunk files, one thread
 (no checks, no checksums: what the engine adds to plain file writes).
 ``zarr-python`` rows run the same entries with the direct chunk engine switched off (the code
