@@ -438,13 +438,21 @@ def cache_verify(
     of the copy is re-checked against the cache's unit records and fetched again if damaged,
     then the copy is verified. Exits non-zero if any entry has a problem.
     """
+    from embedkit.errors import CacheNotFoundError
     from embedkit.store import CacheRoot, find_entry, verify_local_copies, verify_root
+    from embedkit.store.layout import resolve_entry
 
     root = CacheRoot.from_uri(_cache_uri(cache, manifest))
     if local_cache is not None:
         problems = verify_local_copies(root, local_cache, query)
     elif query is not None:
-        problems = verify_root(root, find_entry(root, query).relpath)
+        try:
+            relpath = find_entry(root, query).relpath
+        except CacheNotFoundError:  # a damaged entry may not open: find it by its name
+            relpath = resolve_entry(root, query)
+            if not root.exists(f"{relpath}/zarr.json"):
+                raise
+        problems = verify_root(root, relpath)
     else:
         problems = verify_root(root)
     bad = 0

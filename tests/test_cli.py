@@ -128,6 +128,9 @@ def test_cache_verify_survives_anything_in_one_entry(
     assert code == 1 and "1 ok, 1 with problems" in output and "Traceback" not in output
     assert f"ok  {good.relative_to(cache).as_posix()}" in output
     assert "embedkit cache repair" in output
+    digest = bad.name.rsplit("-", 1)[-1].removesuffix(".zarr")[:8]
+    code, output = _run(["cache", "verify", digest, "--cache", str(cache)], capsys)
+    assert code == 1 and "0 ok, 1 with problems" in output and "Traceback" not in output
 
 
 def test_cache_repair_restores_a_flipped_chunk_from_the_cli(
