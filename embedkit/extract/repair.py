@@ -22,7 +22,12 @@ from typing import Any, cast
 from embedkit import distributed
 from embedkit.errors import EntryExistsError, IntegrityError
 from embedkit.extract.request import ExtractionRequest
-from embedkit.extract.runner import ProgressFactory, _load, plan_extraction, run_extraction
+from embedkit.extract.runner import (
+    ProgressFactory,
+    load_planned_encoder,
+    plan_extraction,
+    run_extraction,
+)
 from embedkit.manifest import Manifest, load_manifest
 from embedkit.models import identify_encoder
 from embedkit.store import CacheRoot, FeatureEntry
@@ -109,7 +114,7 @@ def repair_entry(
             "the image list or the weights changed). Re-extract it with --overwrite."
         )
     ctx = distributed.DistContext(distributed.rank_env({}), plan.device, None)
-    encoder = _load(plan, identity, ctx)
+    encoder = load_planned_encoder(plan, identity, ctx)
     leases = Leases(
         root, entry.relpath, resolve_ttl(None), Owner.this_process(), in_complete_entry=True
     )
