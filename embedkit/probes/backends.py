@@ -91,7 +91,13 @@ class Source:
 
 
 def check_features(X: Any, name: str = "X") -> NDArray[Any]:
-    """Accept a 2-D float16/float32/float64 array (memory maps included) without copying."""
+    """Accept a 2-D float16/float32/float64 array (memory maps included) without copying.
+
+    Every value must be finite: a NaN or Inf would turn a probe's scores into silent nonsense
+    (kNN votes collapse to the prevalence, solvers stop on a linear-algebra error), so it is a
+    :class:`ProbeInputError` naming the first offending rows. The scan reads the array once, in
+    blocks, without a second copy.
+    """
     arr = X if isinstance(X, np.ndarray) else np.asarray(X)
     if arr.ndim != 2:
         raise ProbeInputError(
@@ -102,7 +108,25 @@ def check_features(X: Any, name: str = "X") -> NDArray[Any]:
         raise ProbeInputError(
             f"Expected {name} as float16, float32 or float64, got {arr.dtype} instead."
         )
+    bad = nonfinite_rows(arr)
+    if bad.size:
+        shown = ", ".join(map(str, bad[:5].tolist())) + (" ..." if bad.size > 5 else "")
+        raise ProbeInputError(
+            f"{name} holds NaN or Inf values in {bad.size} of {arr.shape[0]} rows (rows {shown}); "
+            "a probe needs finite features: check where they came from (`embedkit cache verify` "
+            "for cached features)"
+        )
     return arr
+
+
+def nonfinite_rows(arr: NDArray[Any], block_rows: int | None = None) -> NDArray[np.int64]:
+    """Indices of the rows of a 2-D array that hold a NaN or an Inf, scanned by row blocks."""
+    rows = block_rows or block_rows_for(int(arr.shape[1]) if arr.ndim == 2 else 1, 1)
+    found = [
+        start + np.flatnonzero(~np.isfinite(arr[start : start + rows]).all(axis=1))
+        for start in range(0, arr.shape[0], rows)
+    ]
+    return np.concatenate(found).astype(np.int64) if found else np.zeros(0, np.int64)
 
 
 def block_rows_for(n_features: int, itemsize: int) -> int:

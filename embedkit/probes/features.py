@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from embedkit.errors import ProbeInputError
 from embedkit.manifest import DatasetTable
+from embedkit.probes.backends import nonfinite_rows
 from embedkit.store import FeatureEntry
 
 
@@ -67,6 +69,15 @@ def split_features(
     kept = ids if len(keep) == len(ids) else [ids[i] for i in keep]
     # Only the valid rows are read, into one array of the stored dtype: no second copy.
     X = read_features(entry, pooling, kept)
+    bad = nonfinite_rows(X.reshape(X.shape[0], -1)) if X.size else np.zeros(0, np.int64)
+    if bad.size:
+        shown = ", ".join(kept[i] for i in bad[:5]) + (" ..." if bad.size > 5 else "")
+        raise ProbeInputError(
+            f"{split} features '{pooling}' of entry {entry.key.digest()[:12]} hold NaN or Inf "
+            f"for {bad.size} images ({shown}); a probe needs finite features. Check the entry "
+            f"with `embedkit cache verify {entry.key.digest()[:12]}` and restore it with "
+            "`embedkit cache repair`"
+        )
     labels = table.labels
     return SplitFeatures(
         split=split,

@@ -51,6 +51,13 @@ def check_targets(y: ArrayLike | None, n_rows: int, estimator: str) -> NDArray[A
         raise ProbeInputError(
             f"Expected targets of shape ({n_rows},) or ({n_rows}, L) like X, got {arr.shape}."
         )
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        bad = np.flatnonzero(~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1))
+        raise ProbeInputError(
+            f"{estimator}: the targets hold NaN or Inf in {bad.size} rows (rows "
+            f"{', '.join(map(str, bad[:5].tolist()))}); mark unknown targets with the mask "
+            "instead (mask=False), not with NaN"
+        )
     return arr
 
 

@@ -28,8 +28,6 @@ _BY_DESIGN = {
     "check_estimator_sparse_tag": "dense features only (the cache stores dense arrays)",
     "check_estimators_empty_data_messages": "an empty split is refused by the probe runner, "
     "before any estimator sees it",
-    "check_estimators_nan_inf": "the cache refuses NaN/Inf features when written; probes do not "
-    "rescan every feature",
     "check_estimators_unfitted": "raises embedkit.errors.NotFittedError (ValueError, "
     "AttributeError: embedkit's one error family), not sklearn's class of the same name",
     "check_supervised_y_2d": "a 2-D y is multi-label targets (one column per label), not a "
@@ -48,7 +46,6 @@ _SGD = {
 }
 _KNN = {
     "check_dict_unchanged": "predict caches the normalised training blocks for the next call",
-    "check_supervised_y_no_nan": "targets come validated from the manifest; kNN only counts votes",
 }
 
 
