@@ -135,6 +135,17 @@ def _request(ctx: typer.Context, request_type: type[R]) -> R:
     return request_from_options(request_type, options)
 
 
+def _launch(nproc: int, model: str, revision: str | None) -> None:
+    """Relaunch this command under torchrun with ``nproc`` ranks, after checking here that the
+    model resolves (one clean error, not one per rank; an unreachable hub is found once and the
+    ranks inherit offline mode)."""
+    from embedkit.distributed import launch_torchrun
+    from embedkit.models.loading import identify_encoder
+
+    identify_encoder(model, revision=revision)
+    raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
+
+
 def _cache_uri(cache: str | None, manifest: Path | None) -> str:
     if cache is not None:
         return cache
@@ -336,11 +347,9 @@ def extract(
     from embedkit.extract import extract as run
     from embedkit.progress import rich_progress
 
-    if nproc > 1:
-        from embedkit.distributed import launch_torchrun
-
-        raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
     request = _request(ctx, ExtractionRequest)
+    if nproc > 1:
+        _launch(nproc, request.model, request.revision)
     try:
         result = run(request, manifest=manifest, cache=cache, progress=rich_progress)
     except KeyboardInterrupt:
@@ -786,11 +795,9 @@ def finetune(
     from embedkit.finetune import run_finetune
     from embedkit.probes.run import render_record
 
-    if nproc > 1:
-        from embedkit.distributed import launch_torchrun
-
-        raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
     request = _request(ctx, FinetuneRequest)
+    if nproc > 1:
+        _launch(nproc, request.model, None)
 
     def progress(log: object) -> None:
         err.print(f"[dim]{escape(str(log))}[/dim]")

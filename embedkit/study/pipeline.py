@@ -91,6 +91,13 @@ class CompareStep(_Strict):
     b: str | int | None = None
 
 
+class ExpectedSize(_Strict):
+    """How big a dataset is expected to be, for planning before its data is in the manifest."""
+
+    images: Annotated[int, Field(ge=1)]
+    patients: Annotated[int, Field(ge=1)] | None = None
+
+
 class PipelineFile(_Strict):
     name: str
     description: str = ""
@@ -102,6 +109,8 @@ class PipelineFile(_Strict):
     blocks: tuple[Block, ...] = Field(min_length=1)
     demo_data: DemoData | None = None
     compare: tuple[CompareStep, ...] | None = None  # the report's paired comparisons
+    # Dataset sizes for the plan of a study whose data is not (yet) in the manifest.
+    expected: dict[str, ExpectedSize] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -218,6 +227,13 @@ def _name_problems(spec: PipelineFile) -> list[str]:
     for i, (_, problem) in enumerate(_pair_choices(spec)):
         if problem is not None:
             problems.append(f"compare[{i}]: {problem}")
+    named = set(spec.datasets) | {d for b in spec.blocks for d in (b.datasets or ())}
+    for name in spec.expected:
+        if name not in named:
+            problems.append(
+                f"expected.{name}: not a dataset of the pipeline"
+                f"{did_you_mean(name, sorted(named)) or '.'} Datasets: {', '.join(sorted(named))}"
+            )
     if spec.demo_data is not None and spec.demo_data.dataset not in spec.datasets:
         problems.append(
             f"demo_data.dataset: {spec.demo_data.dataset!r} is not one of the pipeline's "
@@ -332,38 +348,87 @@ class Context:
     console: Console
     n_images: dict[str, int | None] = field(default_factory=dict)
     local_cache: str | None = None  # probes read through a local copy of each entry
+    missing: frozenset[str] = frozenset()  # datasets the manifest does not define
+
+
+#: The GPU the plan's GPU-hours are stated for: name, dense bf16 FLOP/s, and the model FLOPs
+#: utilisation assumed.
+PLAN_GPU = ("H100", 800e12, 0.5)
+
+
+def gpu_hours(flops: float) -> float:
+    """``flops`` in GPU-hours on :data:`PLAN_GPU` at its stated MFU."""
+    _, peak, mfu = PLAN_GPU
+    return flops / (peak * mfu) / 3600
+
+
+def _flops_text(flops: float) -> str:
+    return f"{flops / 1e15:.3g} PFLOP (~{gpu_hours(flops):.2g} GPU-h)"
 
 
 def _images(ctx: Context, dataset: str) -> int | None:
+    """The dataset's image count: from the manifest when it defines (and can read) it, else the
+    pipeline's ``expected`` size."""
     if dataset not in ctx.n_images:
-        try:
-            ctx.n_images[dataset] = len(ctx.manifest.dataset(dataset).load())
-        except EmbedkitError:
-            ctx.n_images[dataset] = None
+        n: int | None = None
+        if dataset not in ctx.missing:
+            try:
+                n = len(ctx.manifest.dataset(dataset).load())
+            except EmbedkitError:
+                n = None
+        expected = ctx.pipeline.spec.expected.get(dataset)
+        ctx.n_images[dataset] = n if n is not None or expected is None else expected.images
     return ctx.n_images[dataset]
 
 
-def _estimate(ctx: Context, step: Step) -> str:
-    """Forward compute of an extraction: images x FLOPs per image (registry models only)."""
+def _forward_flops(ctx: Context, step: Step) -> tuple[int, float] | None:
+    """(images, forward FLOPs per image) of a step (registry models with a known size)."""
     from embedkit.models.throughput import flops_per_image, shape_from_spec
 
     target = resolve(step.model)
     n = _images(ctx, step.dataset)
     if not isinstance(target, EncoderSpec) or n is None:
-        return "?"
-    snap = step.request().snap_resolution
+        return None
+    snap = step.request().snap_resolution if step.action == "extract" else True
     side = validate_resolution(target, step.resolution, snap=snap)
-    total = n * flops_per_image(shape_from_spec(target), side)
-    hours = total / (800e12 * 0.5) / 3600  # an H100 at 50% of ~800 dense bf16 TFLOP/s
-    return (
-        f"{n:,} img x {total / n / 1e9:.3g} GFLOP = {total / 1e15:.3g} PFLOP "
-        f"(~{hours:.2g} H100-hours at 50% MFU)"
-    )
+    return n, flops_per_image(shape_from_spec(target), side)
+
+
+def _compute(ctx: Context, step: Step) -> float | None:
+    """The step's compute in FLOPs: extraction one forward pass per image; finetuning
+    epochs x images x 3 x forward (forward + backward); probes ~0 (they read features)."""
+    if step.action == "probe":
+        return 0.0
+    found = _forward_flops(ctx, step)
+    if found is None:
+        return None
+    n, per_image = found
+    if step.action == "extract":
+        return n * per_image
+    return step.request(_effective_resolution(step, snap=True)).epochs * n * 3 * per_image
+
+
+def _estimate(ctx: Context, step: Step) -> str:
+    """The step's compute in words (what :func:`_compute` counts)."""
+    if step.action == "probe":
+        return ""
+    found = _forward_flops(ctx, step)
+    total = _compute(ctx, step)
+    if found is None or total is None:
+        return "?"
+    n, per_image = found
+    if step.action == "extract":
+        return f"{n:,} img x {per_image / 1e9:.3g} GFLOP = {_flops_text(total)}"
+    epochs = total / (n * 3 * per_image)
+    return f"{epochs:g} ep x {n:,} img x 3 x {per_image / 1e9:.3g} GFLOP = {_flops_text(total)}"
 
 
 def _status(ctx: Context, step: Step) -> str:
     from embedkit.probes.run import find_probe_entry, probe_plan
     from embedkit.store import CacheRoot
+
+    if step.dataset in ctx.missing:
+        return "no data"
 
     if step.action == "finetune":
         from embedkit.finetune import finetune_record_relpath
@@ -466,6 +531,49 @@ def plan_table(steps: list[Step], title: str) -> Table:
     return table
 
 
+def totals_table(ctx: Context, steps: list[Step]) -> Table:
+    """Compute still to do (steps neither cached nor done), per block and for the study."""
+    name, peak, mfu = PLAN_GPU
+    table = Table(
+        title=f"compute to do, in GPU-hours on an {name} ({peak / 1e12:.0f} TFLOP/s dense bf16) "
+        f"at {mfu:.0%} MFU",
+        title_justify="left",
+    )
+    for column in ("block", "steps", "extract", "finetune", "total", "unknown"):
+        table.add_column(column)
+    rows: dict[str, dict[str, float]] = {}
+    for step in steps:
+        if step.status in ("cached", "done"):
+            continue
+        row = rows.setdefault(step.block, {"steps": 0, "extract": 0.0, "finetune": 0.0, "?": 0})
+        row["steps"] += 1
+        flops = _compute(ctx, step)
+        if flops is None:
+            row["?"] += 1
+        elif step.action != "probe":
+            row[step.action] += flops
+    study = {"steps": 0.0, "extract": 0.0, "finetune": 0.0, "?": 0.0}
+    for block, row in rows.items():
+        for k in study:
+            study[k] += row[k]
+        table.add_row(*_totals_row(block, row))
+    table.add_row(*_totals_row("study", study), style="bold")
+    return table
+
+
+def _totals_row(label: str, row: dict[str, float]) -> list[str]:
+    total = row["extract"] + row["finetune"]
+    unknown = f"{row['?']:.0f} steps" if row["?"] else ""
+    return [
+        label,
+        f"{row['steps']:.0f}",
+        f"{gpu_hours(row['extract']):,.3g}",
+        f"{gpu_hours(row['finetune']):,.3g}",
+        f"{gpu_hours(total):,.3g}",
+        unknown,
+    ]
+
+
 @dataclass
 class RunSummary:
     steps: list[Step]
@@ -476,19 +584,40 @@ class RunSummary:
         return [s for s in self.steps if s.status == "failed"]
 
 
-def _dataset_problems(pipe: Pipeline, man: Manifest) -> list[str]:
-    from embedkit.errors import did_you_mean
-
+def _missing_datasets(pipe: Pipeline, man: Manifest) -> list[tuple[str, str]]:
+    """``(key, name)`` of every dataset the pipeline names that the manifest does not define."""
     spec = pipe.spec
     named = [(f"datasets[{i}]", d) for i, d in enumerate(spec.datasets)]
     for i, block in enumerate(spec.blocks):
         named += [(f"blocks[{i}].datasets[{j}]", d) for j, d in enumerate(block.datasets or ())]
+    return [(key, name) for key, name in named if name not in man.datasets]
+
+
+def how_to_add(name: str, man: Manifest) -> str:
+    """How to define dataset ``name`` in the manifest (naming a commented entry only when the
+    manifest file holds one)."""
+    try:
+        text = Path(man.path).read_text(encoding="utf-8")
+    except OSError:
+        text = ""
+    commented = any(
+        line.lstrip().startswith("#") and line.lstrip("# \t").startswith(f"{name}:")
+        for line in text.splitlines()
+    )
+    if commented:
+        return f"uncomment its entry in {man.path} and point it at your copy of the data"
+    return (
+        f"add an entry `{name}:` under `datasets:` in {man.path} (images folder, index CSV, "
+        "labels, splits; see the `demo` entry), then check it with `embedkit manifest check "
+        f"-m {man.path} -d {name}`"
+    )
+
+
+def _dataset_problems(pipe: Pipeline, man: Manifest) -> list[str]:
     return [
         f"{pipe.path}: {key}: dataset {name!r} is not in {man.path}"
-        f"{did_you_mean(name, man.datasets) or '.'} Define it there (data_manifest.yaml has "
-        "commented entries for public CXR datasets)"
-        for key, name in named
-        if name not in man.datasets
+        f"{did_you_mean(name, man.datasets) or '.'} To add it: {how_to_add(name, man)}"
+        for key, name in _missing_datasets(pipe, man)
     ]
 
 
@@ -555,7 +684,7 @@ def run_pipeline(
     spec = pipe.spec
     man = load_manifest(manifest if manifest is not None else pipe.resolve_path(spec.manifest))
     problems = _dataset_problems(pipe, man)
-    if problems:
+    if problems and not dry_run:
         raise ConfigError(_joined(problems))
     ctx = Context(
         pipe,
@@ -564,6 +693,7 @@ def run_pipeline(
         Path(results) if results is not None else Path(pipe.resolve_path(spec.results)),
         con,
         local_cache=local_cache,
+        missing=frozenset(name for _, name in _missing_datasets(pipe, man)),
     )
     _prepare_demo(pipe, man, con, dry_run)
     if spec.demo_data is not None:  # known before the images exist (a dry run)
@@ -573,9 +703,17 @@ def run_pipeline(
     steps = expand(pipe)
     for step in steps:
         step.status = _status(ctx, step)
-        if step.action == "extract" and step.status != "cached":
+        if step.status not in ("cached", "done"):
             step.estimate = _estimate(ctx, step)
     con.print(plan_table(steps, f"pipeline {spec.name}: plan ({len(steps)} steps)"))
+    con.print(totals_table(ctx, steps))
+    for name in sorted(ctx.missing):
+        size = spec.expected.get(name)
+        planned = f" (planned with the expected {size.images:,} images)" if size else ""
+        con.print(
+            f"[yellow]{escape(name)}[/yellow]: not in the manifest{planned}; how to add it: "
+            f"{escape(how_to_add(name, man))}"
+        )
     report_dir = Path(report) if report is not None else Path(pipe.resolve_path(spec.report))
     if dry_run:
         return RunSummary(steps, None)
