@@ -12,7 +12,8 @@ Anything else raises :class:`UnknownModelError` with close matches, compared wit
 :func:`resolve` does no network I/O and returns a :class:`HubRef` for case 4, because the spec
 of an unregistered hub model can only be built from its ``config.json``:
 :func:`~embedkit.models.loading.load_encoder` builds it when it loads the model, and
-:func:`get_spec` fetches that config (from the network, or from the Hugging Face cache when offline).
+:func:`get_spec` fetches that config (from the network, or from the Hugging Face cache when
+offline).
 """
 
 from __future__ import annotations
