@@ -103,7 +103,7 @@ def test_dry_run_without_data_prints_the_whole_plan_and_totals(tmp_path: Path) -
 
 @pytest.mark.usefixtures("unreachable_hub")
 def test_running_a_study_without_its_data_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="'big-cxr' is not in .*To add it"):
+    with pytest.raises(ConfigError, match=r"'big-cxr' is not in .*To add it"):
         run_pipeline(_study(tmp_path), console=_console()[0])
 
 
