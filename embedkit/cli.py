@@ -12,6 +12,8 @@ from typing import Annotated, Any, TypeVar, get_args, overload
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer._click.core import Command, Context
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from embedkit.errors import EmbedkitError, did_you_mean
 from embedkit.eval.bootstrap import Correction
@@ -27,6 +29,7 @@ from embedkit.extract.request import (
 )
 from embedkit.finetune.request import FinetuneRequest
 from embedkit.probes.request import ProbeRequest
+from embedkit.study.epochs import epoch_line
 from embedkit.study.options import (
     field_defaults,
     finetune_methods,
@@ -36,7 +39,64 @@ from embedkit.study.options import (
 
 R = TypeVar("R")
 
+#: Conventional metavars for the types typer would show as ``<int>``, ``<str>``, ...
+_METAVARS = {
+    "int": "INTEGER",
+    "int range": "INTEGER",
+    "str": "TEXT",
+    "float": "FLOAT",
+    "float range": "FLOAT",
+    "path": "PATH",
+    "file": "FILE",
+    "directory": "DIR",
+}
+
+
+class _Argument(TyperArgument):
+    """A positional argument shown by its name alone (``PIPELINE``), without a ``<file>`` type."""
+
+    def display_type_rich(self, ctx: Context) -> str | None:
+        return None
+
+
+def _conventional_metavars(command: Command, ctx: Context) -> None:
+    """Flags show no metavar, values show TEXT/INTEGER/FLOAT/PATH (closed sets their choices),
+    arguments their name in capitals."""
+    for param in command.get_params(ctx):
+        if type(param) is TyperArgument:
+            param.__class__ = _Argument
+            param.metavar = param.metavar or str(param.name).removesuffix("_arg").upper()
+        if param.metavar is not None:
+            continue
+        if isinstance(param, TyperOption) and (param.is_flag or param.count):
+            param.metavar = ""
+            continue
+        label = param.display_type(ctx) if hasattr(param, "display_type") else ""
+        bare = label.strip("<>")
+        if bare.startswith("list[") and bare.endswith("]"):
+            bare = bare[5:-1]
+        if bare in _METAVARS:
+            param.metavar = _METAVARS[bare]
+        elif bare == "bool":
+            param.metavar = ""
+
+
+class _Group(TyperGroup):
+    """typer's group, with conventional metavars on every command's options."""
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _conventional_metavars(command, ctx)
+        return command
+
+    def format_help(self, ctx: Context, formatter: Any) -> None:
+        _conventional_metavars(self, ctx)
+        super().format_help(ctx, formatter)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="embedkit",
     help=(
         "Frozen-feature embedding store and probing toolkit for vision foundation models in "
@@ -46,8 +106,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-manifest_app = typer.Typer(help="Validate data manifests.", no_args_is_help=True)
+manifest_app = typer.Typer(cls=_Group, help="Validate data manifests.", no_args_is_help=True)
 cache_app = typer.Typer(
+    cls=_Group,
     help="List, inspect, verify, copy (push/pull) and clean up (gc) feature cache entries.",
     no_args_is_help=True,
 )
@@ -87,6 +148,43 @@ LocalCacheOpt = Annotated[
         "checksums, reused while the entry is unchanged.",
     ),
 ]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"embedkit {version('embedkit')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    _version_: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            metavar="",
+            callback=_version,
+            is_eager=True,
+            help="Print the embedkit version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Frozen-feature embedding store and probing toolkit for vision foundation models in
+    medical imaging. Extract features once into a shared Zarr cache, then probe from it."""
+
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-M",
+        help="Registry name (see `embedkit models`, e.g. dinov3/vitb16 or dinov3-7b), a "
+        "Hugging Face hub id, or a local directory with config.json + model.safetensors.",
+    ),
+]
+WorkersHelp = "Image-loading worker processes (0 = in the main process)."
 
 
 def _choice(values: Iterable[str]) -> dict[str, Any]:
@@ -156,10 +254,16 @@ def _cache_uri(cache: str | None, manifest: Path | None) -> str:
 
 @manifest_app.command("check")
 def manifest_check(
-    manifest: Annotated[
+    manifest_arg: Annotated[
         Path | None,
-        typer.Argument(help="Manifest file (default ./data_manifest.yaml).", dir_okay=False),
+        typer.Argument(
+            metavar="[MANIFEST]",
+            help="Manifest file, as -m/--manifest (either form; default ./data_manifest.yaml).",
+            dir_okay=False,
+            show_default=False,
+        ),
     ] = None,
+    manifest: ManifestOpt = None,
     dataset: Annotated[
         list[str] | None, typer.Option("--dataset", "-d", help="Only this dataset (repeatable).")
     ] = None,
@@ -175,7 +279,11 @@ def manifest_check(
     """
     from embedkit.manifest import check_dataset, load_manifest, render_report
 
-    man = load_manifest(manifest)
+    if manifest_arg is not None and manifest is not None and manifest_arg != manifest:
+        raise typer.BadParameter(
+            f"two manifests given ({manifest_arg} and -m {manifest}); pass one", param_hint="-m"
+        )
+    man = load_manifest(manifest or manifest_arg)
     names = dataset or list(man.datasets)
     failed = False
     for name in names:
@@ -210,14 +318,7 @@ def models(
 @app.command("extract")
 def extract(
     ctx: typer.Context,
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model",
-            help="Registry name (see `embedkit models`, e.g. dinov3/vitb16 or dinov3-7b), a "
-            "Hugging Face hub id, or a local directory with config.json + model.safetensors.",
-        ),
-    ],
+    model: ModelOpt,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name in the manifest.")],
     resolution: Annotated[
         int,
@@ -252,11 +353,12 @@ def extract(
             "Not part of the cache key: both hold the same features.",
         ),
     ] = EXTRACT["compression"],
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = EXTRACT["batch_size"],
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Images per forward pass.")
+    ] = EXTRACT["batch_size"],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = EXTRACT["device"],
     num_workers: Annotated[
-        int,
-        typer.Option("--workers", help="Image-loading worker processes (0 = in the main process)."),
+        int, typer.Option("--workers", "--num-workers", help=WorkersHelp)
     ] = EXTRACT["num_workers"],
     unit_rows: Annotated[
         int, typer.Option(help="Images per resumable work unit (one chunk per pooling).")
@@ -579,7 +681,9 @@ def probe(
             "k chosen on val; fewshot: 1-16 examples per class/label, 5 draws.",
         ),
     ],
-    model: Annotated[str, typer.Option("--model", help="Model of the cached features.")],
+    model: Annotated[
+        str, typer.Option("--model", "-M", help="Model of the cached features (as extracted).")
+    ],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset in the manifest.")],
     resolution: Annotated[int, typer.Option("--resolution", "-r", help="Resolution in px.")],
     pooling: Annotated[
@@ -610,7 +714,10 @@ def probe(
         int, typer.Option(help="Linear: L-BFGS iterations per C (DINOv2 protocol: 1000).")
     ] = PROBE["max_iter"],
     results: Annotated[
-        Path, typer.Option("--out", "-o", help="Results directory (JSON + Parquet records).")
+        Path,
+        typer.Option(
+            "--results", "--out", "-o", help="Results directory (JSON + Parquet records)."
+        ),
     ] = Path("embedkit-results"),
     overwrite: Annotated[
         bool, typer.Option(help="Recompute even if an identical record exists.")
@@ -655,7 +762,8 @@ def run_pipeline_cmd(
     manifest: ManifestOpt = None,
     cache: CacheOpt = None,
     results: Annotated[
-        Path | None, typer.Option(help="Results directory (default: the pipeline's).")
+        Path | None,
+        typer.Option("--results", help="Results directory (default: the pipeline's)."),
     ] = None,
     report_dir: Annotated[
         Path | None, typer.Option("--report", help="Report directory (default: the pipeline's).")
@@ -718,7 +826,7 @@ def report(
 @app.command("finetune")
 def finetune(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option("--model", help="Registered model name or hub id.")],
+    model: ModelOpt,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset in the manifest.")],
     resolution: Annotated[int, typer.Option("--resolution", "-r", help="Resolution in px.")],
     method: Annotated[
@@ -729,13 +837,19 @@ def finetune(
             "biases + head; linear: head only.",
         ),
     ],
-    epochs: Annotated[int, typer.Option()] = FINETUNE["epochs"],
+    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = FINETUNE[
+        "epochs"
+    ],
     lr: Annotated[
         float | None,
         typer.Option(help="Peak learning rate. Default: full 1e-5, lora 1e-4, bitfit/linear 1e-3."),
     ] = FINETUNE["lr"],
-    batch_size: Annotated[int, typer.Option()] = FINETUNE["batch_size"],
-    weight_decay: Annotated[float, typer.Option()] = FINETUNE["weight_decay"],
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Images per optimiser step (per rank).")
+    ] = FINETUNE["batch_size"],
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = FINETUNE[
+        "weight_decay"
+    ],
     warmup: Annotated[float, typer.Option(help="Fraction of steps in linear warm-up.")] = FINETUNE[
         "warmup"
     ],
@@ -749,26 +863,38 @@ def finetune(
     augment: Annotated[bool, typer.Option(help="Flip + small rotation on train.")] = FINETUNE[
         "augment"
     ],
-    lora_r: Annotated[int, typer.Option()] = FINETUNE["lora_r"],
-    lora_alpha: Annotated[int, typer.Option()] = FINETUNE["lora_alpha"],
-    lora_dropout: Annotated[float, typer.Option()] = FINETUNE["lora_dropout"],
+    lora_r: Annotated[int, typer.Option(help="LoRA: rank of the adapter matrices.")] = FINETUNE[
+        "lora_r"
+    ],
+    lora_alpha: Annotated[
+        int, typer.Option(help="LoRA: scaling numerator (the update is scaled by alpha / r).")
+    ] = FINETUNE["lora_alpha"],
+    lora_dropout: Annotated[
+        float, typer.Option(help="LoRA: dropout on the adapter input.")
+    ] = FINETUNE["lora_dropout"],
     lora_targets: Annotated[
         str | None,
         typer.Option(help="Comma-separated module names (default per family: q_proj,v_proj)."),
     ] = _csv(FINETUNE["lora_targets"]),
-    gradient_checkpointing: Annotated[bool, typer.Option(help="GPU only.")] = FINETUNE[
-        "gradient_checkpointing"
-    ],
-    seed: Annotated[int, typer.Option()] = FINETUNE["seed"],
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(help="Recompute activations in the backward pass to save memory (GPU only)."),
+    ] = FINETUNE["gradient_checkpointing"],
+    seed: Annotated[
+        int, typer.Option(help="Seed for initialisation, data order and bootstrap.")
+    ] = FINETUNE["seed"],
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = FINETUNE[
         "n_boot"
     ],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = FINETUNE["device"],
     num_workers: Annotated[
-        int, typer.Option(help="Image-loading worker processes (0 = in the main process).")
+        int, typer.Option("--workers", "--num-workers", help=WorkersHelp)
     ] = FINETUNE["num_workers"],
     results: Annotated[
-        Path, typer.Option("--out", "-o", help="Results directory (records + run checkpoints).")
+        Path,
+        typer.Option(
+            "--results", "--out", "-o", help="Results directory (records + run checkpoints)."
+        ),
     ] = Path("embedkit-results"),
     overwrite: Annotated[
         bool, typer.Option(help="Retrain even if an identical record exists.")
@@ -799,8 +925,8 @@ def finetune(
     if nproc > 1:
         _launch(nproc, request.model, None)
 
-    def progress(log: object) -> None:
-        err.print(f"[dim]{escape(str(log))}[/dim]")
+    def progress(log: Any) -> None:
+        err.print(escape(epoch_line(log, request.epochs)), highlight=False)
 
     outcome = run_finetune(request, manifest=manifest, results=results, on_epoch=progress)
     if outcome.rank != 0:
@@ -834,7 +960,9 @@ def demo(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Encoder for every step (default: the tiny random test/tiny-dinov3-vit)."
+            "--model",
+            "-M",
+            help="Encoder for every step (default: the tiny random test/tiny-dinov3-vit).",
         ),
     ] = None,
     resolution: Annotated[
@@ -846,7 +974,10 @@ def demo(
         ),
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(min=0, help="Image-loading worker processes (default 2).")
+        int | None,
+        typer.Option(
+            "--workers", "--num-workers", min=0, help="Image-loading worker processes (default 2)."
+        ),
     ] = None,
     pipeline: Annotated[
         Path | None,

@@ -38,6 +38,7 @@ from embedkit.manifest import Manifest, load_manifest
 from embedkit.manifest.loader import format_validation_error, read_yaml
 from embedkit.models import EncoderSpec, resolve, validate_resolution
 from embedkit.probes.request import ProbeRequest
+from embedkit.study.epochs import epoch_line
 from embedkit.study.options import (
     REQUEST_TYPES,
     request_from_options,
@@ -502,11 +503,7 @@ def _run_finetune(ctx: Context, step: Step) -> str:
     request = _finetune_request(step)
 
     def progress(log: Any) -> None:
-        val = "" if log.val_loss is None else f", val loss {log.val_loss:.4f}"
-        ctx.console.print(
-            f"  epoch {log.epoch}/{request.epochs}: train loss {log.train_loss:.4f}{val} "
-            f"({log.seconds:.1f} s; checkpoint saved)"
-        )
+        ctx.console.print(f"  {escape(epoch_line(log, request.epochs))}", highlight=False)
 
     outcome = run_finetune(request, manifest=ctx.manifest, results=ctx.results, on_epoch=progress)
     return "done (reused)" if outcome.reused else "done"
