@@ -244,6 +244,17 @@ def _launch(nproc: int, model: str, revision: str | None) -> None:
     raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
 
 
+def _snapped_resolution(model: str, resolution: int) -> int:
+    """``resolution`` as extraction with --snap-resolution stores it for ``model`` (the same
+    rule); unchanged when the model's patch size is not known without a download."""
+    from embedkit.models import EncoderSpec, resolve, validate_resolution
+
+    target = resolve(model)
+    if not isinstance(target, EncoderSpec):
+        return resolution
+    return validate_resolution(target, resolution, snap=True)
+
+
 def _cache_uri(cache: str | None, manifest: Path | None) -> str:
     if cache is not None:
         return cache
@@ -736,8 +747,17 @@ def probe(
     from embedkit.probes.run import render_record, run_probe
     from embedkit.progress import rich_progress
 
+    request = _request(ctx, ProbeRequest)
+    snapped = _snapped_resolution(request.model, request.resolution)
+    if snapped != request.resolution:
+        err.print(
+            f"[yellow]note:[/yellow] resolution {request.resolution} is not a multiple of the "
+            f"model's patch size; reading the entry extracted at {snapped} (as "
+            "`extract --snap-resolution` stores it)"
+        )
+        request = dataclasses.replace(request, resolution=snapped)
     outcome = run_probe(
-        _request(ctx, ProbeRequest),
+        request,
         manifest=manifest,
         cache=cache,
         results=results,

@@ -139,13 +139,35 @@ def parse_pipeline(data: object, source: Path) -> Pipeline:
     try:
         spec = PipelineFile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(
-            format_validation_error(exc, source=str(source), root=PipelineFile)
-        ) from None
+        lines = [
+            f"{source}: {line.strip()}"
+            for line in format_validation_error(exc, source="", root=PipelineFile).splitlines()
+            if line.strip() and not line.strip().endswith("problems:")
+        ]
+        lines = [line.replace(f"{source}: : ", f"{source}: ") for line in lines]
+        lines += [f"{source}: {p}" for p in _raw_model_problems(data)]
+        raise ConfigError(_joined(lines)) from None
     problems = [f"{source}: {p}" for p in _name_problems(spec)]
     if problems:
         raise ConfigError(_joined(problems))
     return Pipeline(source.resolve(), spec)
+
+
+def _raw_model_problems(data: object) -> list[str]:
+    """Model names of a pipeline that failed schema validation, checked anyway, so one run
+    reports every problem of the file (the schema does not check names)."""
+    problems: list[str] = []
+    blocks = data.get("blocks") if isinstance(data, dict) else None
+    for i, block in enumerate(blocks if isinstance(blocks, list) else []):
+        models = block.get("models") if isinstance(block, dict) else None
+        for j, model in enumerate(models if isinstance(models, list) else []):
+            if not isinstance(model, str):
+                continue
+            try:
+                resolve(model)
+            except EmbedkitError as exc:
+                problems.append(f"blocks[{i}].models[{j}]: {exc}")
+    return problems
 
 
 def _joined(problems: list[str]) -> str:
@@ -730,16 +752,35 @@ def run_pipeline(
             step.status, step.error = "failed", f"{type(exc).__name__}: {exc}"
             con.print(f"  [red]failed[/red]: {escape(traceback.format_exc(limit=3))}")
     built: Path | None = None
+    failed = [s for s in steps if s.status == "failed"]
     try:
         from embedkit.report import build_report
 
         pairs = [c for c, _ in _pair_choices(spec)] if spec.compare is not None else None
         built = build_report(ctx.results, report_dir, pairs=pairs).html
-        con.print(f"report: {built}")
+        if failed:
+            con.print(
+                f"report (of the records in {ctx.results}; it holds no result of the "
+                f"{len(failed)} failed steps): {built}"
+            )
+        else:
+            con.print(f"report: {built}")
     except EmbedkitError as exc:
         con.print(f"[yellow]no report[/yellow]: {escape(str(exc))}")
     con.print(plan_table(steps, f"pipeline {spec.name}: result"))
     summary = RunSummary(steps, built)
     if summary.failed:
-        con.print(f"[red]{len(summary.failed)} of {len(steps)} steps failed[/red] (see above)")
+        con.print(failure_summary(summary))
     return summary
+
+
+def failure_summary(summary: RunSummary) -> str:
+    """``N of M steps failed`` with each failed step and its first error line (rich markup)."""
+    lines = [f"[red]{len(summary.failed)} of {len(summary.steps)} steps failed[/red]:"]
+    for step in summary.failed:
+        lines.append(
+            f"  {escape(step.what)} · {escape(step.dataset)} · {escape(step.model)} · "
+            f"{step.resolution}px: {escape(step.error)}"
+        )
+    lines.append("Fix the cause and rerun the same command: finished steps are kept.")
+    return "\n".join(lines)

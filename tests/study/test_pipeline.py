@@ -222,3 +222,13 @@ def test_datasets_missing_from_the_manifest_are_named_with_their_keys(tmp_path: 
     message = str(caught.value)
     assert "datasets[1]: dataset 'dmeo' is not in" in message and "did you mean 'demo'" in message
     assert "blocks[0].datasets[0]: dataset 'chexpert'" in message
+
+
+def test_every_problem_of_a_pipeline_is_reported_at_once(tmp_path: Path) -> None:
+    """A schema error (an unknown probe kind) does not hide a model typo in the same file."""
+    doc = _doc(models=["dinov3/vitb61"], probes=[{"kind": "linaer"}])
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(_write(tmp_path, doc))
+    message = str(info.value)
+    assert "linaer" in message
+    assert "blocks[0].models[0]" in message and "did you mean 'dinov3/vitb16'" in message
