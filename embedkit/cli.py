@@ -829,7 +829,7 @@ def report(
     """Build a comparison report from result records alone (no features, no models).
 
     Writes summary.md/.csv (macro AUROC with 95% CI per dataset x model x resolution x method),
-    per_label.md/.csv, comparisons.md/.csv (paired bootstrap tests between runs on the same test
+    per_label.md/.csv, comparisons.md/.csv (paired permutation tests between runs on the same test
     images: resolutions, models and methods, with the chosen correction), PNG plots (AUROC vs
     resolution with CI bands, per-label deltas, few-shot curves) and report.html, one
     self-contained page that opens offline.

@@ -85,6 +85,26 @@ CHECKS = {
         assert summary.complete and summary.model == "test/tiny-vit"
         print("OK")
     """,
+    "A report plot": """
+        from embedkit.extract import ExtractionRequest, extract
+        from embedkit.probes.request import ProbeRequest
+        from embedkit.probes.run import run_probe
+        from embedkit.report import build_report
+
+        request = ExtractionRequest(
+            model="test/tiny-vit", dataset="demo", resolution=64, num_workers=0, unit_rows=8
+        )
+        extract(request, manifest=MANIFEST, model_cache_dir=MODEL_CACHE)
+        run_probe(
+            ProbeRequest(kind="knn", model="test/tiny-vit", dataset="demo", resolution=64,
+                         n_boot=50),
+            manifest=MANIFEST, results=RESULTS,
+        )
+        files = build_report(RESULTS, Path(RESULTS).parent / "report", n_boot=50)
+        names = [Path(f).name for f in files.files]
+        assert "test_positives_demo.png" in names, names
+        print("OK")
+    """,
 }
 
 

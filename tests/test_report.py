@@ -17,14 +17,23 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from embedkit.errors import CacheNotFoundError
-from embedkit.report import PairChoice, build_report
+from embedkit.eval import bootstrap_indices, paired_bootstrap_test
+from embedkit.eval.permutation import paired_permutation_test
+from embedkit.report import PairChoice, RunPair, RunSelector, build_report
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable
 from embedkit.results.consistency import MixedResultsError
 
 LABELS = ("A", "B", "C")
 
 
-def _write(results: ResultsDir, model: str, res: int, kind: str, noise: float) -> np.ndarray:
+def _write(
+    results: ResultsDir,
+    model: str,
+    res: int,
+    kind: str,
+    noise: float,
+    requested: int | None = None,
+) -> np.ndarray:
     rng = np.random.default_rng(7)  # the same test set (ids, targets) for every run
     n = 120
     y = (rng.random((n, 3)) < 0.4).astype(np.float32)
@@ -65,6 +74,7 @@ def _write(results: ResultsDir, model: str, res: int, kind: str, noise: float) -
         versions={},
         elapsed_s=0.1,
         created_at="2026-01-01T00:00:00+00:00",
+        requested_resolution=requested,
     )
     # Rows shuffled differently per run: the comparison must align them by image id.
     order = np.random.default_rng(res).permutation(n)
@@ -119,6 +129,79 @@ def test_report_can_be_limited_to_chosen_pairs(tmp_path: Path) -> None:
     assert [c.axis for c in models] == ["model"]
     with pytest.raises(ValueError, match="both values of a pair or neither"):
         PairChoice("model", "m/a")
+
+
+def _toy_truth() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    y = (rng.random((120, 3)) < 0.4).astype(np.float32)
+    mask = np.ones((120, 3), bool)
+    mask[:5, 2] = False
+    return y, mask
+
+
+def test_p_values_are_permutation_tests_and_cis_fixed_label_set_bootstraps(tmp_path: Path) -> None:
+    results = ResultsDir(tmp_path / "results")
+    a = _write(results, "m/a", 512, "linear", noise=0.9)
+    b = _write(results, "m/b", 512, "linear", noise=1.0)
+    [c] = build_report(tmp_path / "results", tmp_path / "report", n_boot=200).comparisons
+    y, mask = _toy_truth()
+    perm = paired_permutation_test(y, mask, a, b, n_perm=2000, seed=0)
+    boot = paired_bootstrap_test(
+        y, mask, a, b, bootstrap_indices(120, 200, seed=0, targets=y, mask=mask)
+    )
+    assert c.p_value == perm.p_value and c.n_resamples == 2000
+    assert (c.delta, c.low, c.high) == pytest.approx((boot.delta, *boot.ci))
+    assert "permutation" in c.test
+    text = (tmp_path / "report" / "comparisons.md").read_text()
+    assert "paired permutation" in text and "paired bootstrap percentile" in text
+    assert "paired permutation" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_runs_pair_by_resolution_tier_not_by_the_snapped_size(tmp_path: Path) -> None:
+    results = ResultsDir(tmp_path / "results")
+    _write(results, "dinov2/base", 518, "linear", noise=0.9, requested=512)
+    _write(results, "dinov2/base", 224, "linear", noise=1.0, requested=224)
+    _write(results, "dinov3/vitb16", 512, "linear", noise=0.8)  # an old record: tier = 512
+    found = {
+        (c.axis, c.a, c.b)
+        for c in build_report(tmp_path / "results", tmp_path / "r", n_boot=50).comparisons
+    }
+    assert found == {
+        ("resolution", "dinov2/base · 512px (518) · linear", "dinov2/base · 224px · linear"),
+        ("model", "dinov2/base · 512px (518) · linear", "dinov3/vitb16 · 512px · linear"),
+    }
+
+
+def test_run_selectors_pair_runs_differing_in_model_and_method(tmp_path: Path) -> None:
+    results = ResultsDir(tmp_path / "results")
+    for res in (224, 512):
+        _write(results, "dinov3/vit7b16", res, "linear", noise=0.7)
+        _write(results, "dinov3/vitb16", res, "finetune-full", noise=0.9)
+        _write(results, "imagenet/vit-base16", res, "finetune-full", noise=1.1)
+    frozen_vs_ft = RunPair(
+        RunSelector(model="dinov3/vit7b16", method="linear"),
+        RunSelector(model="dinov3/vitb16", method="full"),
+    )
+    built = build_report(tmp_path / "results", tmp_path / "r", n_boot=50, pairs=[frozen_vs_ft])
+    got = sorted((c.axis, c.a, c.b) for c in built.comparisons)
+    assert got == [
+        (
+            "model, method",
+            f"dinov3/vit7b16 · {res}px · linear",
+            f"dinov3/vitb16 · {res}px · finetune-full",
+        )
+        for res in (224, 512)
+    ]  # paired at each tier (an attribute neither selector names must agree), A = 7B
+    one = RunPair(RunSelector(model="dinov3/vitb16"), RunSelector(model="imagenet/vit-base16"))
+    both = build_report(
+        tmp_path / "results", tmp_path / "r2", n_boot=50, pairs=[frozen_vs_ft, one]
+    ).comparisons
+    assert len(both) == 4
+    p = np.array([c.p_value for c in both])
+    holm = np.minimum(1, np.maximum.accumulate(np.sort(p) * (4 - np.arange(4))))
+    assert sorted(c.p_adjusted for c in both) == pytest.approx(list(holm))
+    with pytest.raises(ValueError, match="at least one"):
+        RunSelector()
 
 
 def test_report_without_records_says_what_to_run(tmp_path: Path) -> None:

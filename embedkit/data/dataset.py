@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -142,8 +143,9 @@ def read_all(
     ``(id, reason)`` pairs of those skipped. With ``on_bad_image="fail"``, any failure raises
     :class:`~embedkit.errors.BadImagesError` listing every bad image, not only the first.
     """
-    if on_bad_image not in ("fail", "skip"):
-        raise ValueError(f"Expected on_bad_image 'fail' or 'skip', got {on_bad_image!r} instead")
+    if on_bad_image not in get_args(OnBadImage):
+        choices = " or ".join(repr(c) for c in get_args(OnBadImage))
+        raise ValueError(f"Expected on_bad_image {choices}, got {on_bad_image!r} instead")
     dataset = ImageDataset(ids, paths, preprocessing)
     loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers)
     kept: list[torch.Tensor] = []

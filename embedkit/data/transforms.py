@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, get_args
 
 import numpy as np
 import torch
@@ -37,8 +37,8 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "snap_resolution"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_RESIZE_MODES: tuple[str, ...] = ("squash", "pad", "crop")
-_INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic")
+_RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
+_INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
 
 
 @dataclass(frozen=True, slots=True)

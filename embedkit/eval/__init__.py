@@ -39,7 +39,8 @@ if TYPE_CHECKING:
         per_label_auroc,
         youden,
     )
-    from embedkit.eval.summary import evaluate_scores
+    from embedkit.eval.permutation import PermutationTest, paired_permutation_test
+    from embedkit.eval.summary import OPERATING_POINT, RARE_LABEL_MIN, Evaluation, evaluate_scores
 else:
     from embedkit.lazy import lazy_exports
 
@@ -79,16 +80,21 @@ else:
                 "per_label_auroc",
                 "youden",
             ),
-            "summary": ("evaluate_scores",),
+            "permutation": ("PermutationTest", "paired_permutation_test"),
+            "summary": ("OPERATING_POINT", "RARE_LABEL_MIN", "Evaluation", "evaluate_scores"),
         },
     )
 
 __all__ = [
+    "OPERATING_POINT",
+    "RARE_LABEL_MIN",
     "BootstrapCI",
     "BootstrapError",
     "DeLongResult",
+    "Evaluation",
     "MetricInputError",
     "PairedTest",
+    "PermutationTest",
     "accuracy",
     "adjust_pvalues",
     "auroc",
@@ -109,6 +115,7 @@ __all__ = [
     "macro_auroc",
     "ovr_macro_auroc",
     "paired_bootstrap_test",
+    "paired_permutation_test",
     "per_label_ap",
     "per_label_auroc",
     "youden",

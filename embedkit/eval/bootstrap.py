@@ -1,8 +1,10 @@
 """Bootstrap confidence intervals, paired bootstrap tests and multiple-testing corrections.
 
-Protocol (CXR study, PROTOCOLS.md "Metrics"): 1,000 bootstrap resamples of the test set, **the same
-resample indices for every model compared**, 95% percentile CI, paired bootstrap p-value for model A
-vs model B.
+Protocol (the CXR study; ``docs/statistics.md``): 1,000 bootstrap resamples of the test set,
+**the same resample indices for every model compared** (drawn with ``targets=`` so that every
+resample keeps the test set's label set), 95% percentile CI, and a paired bootstrap p-value for
+model A vs model B (kept for reference: the report's p-values come from
+:func:`embedkit.eval.permutation.paired_permutation_test`, which holds α where this one does not).
 
 Sharing the indices: :func:`bootstrap_indices` is deterministic (same ``n``, ``n_boot``, ``seed``
 and ``strata`` give the same array on every machine, numpy ``PCG64``), but a comparison must not
@@ -38,6 +40,7 @@ __all__ = [
     "adjust_pvalues",
     "bootstrap_ci",
     "bootstrap_indices",
+    "label_set_indices",
     "metric_function",
     "paired_bootstrap_test",
 ]
@@ -110,27 +113,143 @@ def metric_function(metric: str | MetricFn) -> MetricFn:
 
 
 def bootstrap_indices(
-    n: int, n_boot: int = 1000, seed: int = 0, strata: ArrayLike | None = None
+    n: int,
+    n_boot: int = 1000,
+    seed: int = 0,
+    strata: ArrayLike | None = None,
+    *,
+    targets: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
 ) -> NDArray[np.int64]:
     """``(n_boot, n)`` resample indices (rows drawn with replacement), deterministic in the seed.
 
-    With ``strata`` (``(n,)`` labels, e.g. the positive/negative status of a rare finding or a
-    site id) each replicate resamples within every stratum, keeping stratum sizes fixed. Draw it
-    once per comparison and pass the same array to every model's CI and to the paired test.
+    With ``strata`` (``(n,)`` labels, e.g. a site id) each replicate resamples within every
+    stratum, keeping stratum sizes fixed.
+
+    With ``targets`` (``(n, L)`` multi-label 0/1 with an optional ``mask``, or ``(n,)`` class
+    ids) every replicate keeps **the label set of the full data**: a replicate in which a label
+    that has both classes among its valid entries on the full data loses all its positives or all
+    its negatives is redrawn (from the same random stream, so the result is still a function of
+    ``n``, ``n_boot``, ``seed``, ``strata``, targets and mask alone). A macro average over labels
+    then averages the same labels in every replicate as in the point estimate (the rule of
+    ``docs/statistics.md``); without it, resamples that miss a rare label average over fewer
+    labels and widen the interval. Runs compared on the same test set (same targets and mask)
+    get the same array: draw it once and pass it to every model's CI and to the paired test.
     """
     if n < 1 or n_boot < 1:
         raise BootstrapError(f"Expected n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}.")
     rng = np.random.default_rng(seed)
-    if strata is None:
-        return rng.integers(0, n, size=(n_boot, n), dtype=np.int64)
-    groups = np.asarray(strata)
-    if groups.shape != (n,):
+    groups = None if strata is None else np.asarray(strata)
+    if groups is not None and groups.shape != (n,):
         raise BootstrapError(f"Expected strata of shape ({n},), got {groups.shape} instead.")
+    out = _draw(rng, n, n_boot, groups)
+    if targets is None:
+        return out
+    pos, neg, names = _class_columns(targets, mask, n)
+    for _round in range(_MAX_REDRAW_ROUNDS):
+        bad = np.flatnonzero(_loses_a_class(out, pos, neg))
+        if bad.size == 0:
+            return out
+        out[bad] = _draw(rng, n, bad.size, groups)
+    bad_labels = sorted({names[j] for j in np.flatnonzero(_lost_labels(out, pos, neg))})
+    raise BootstrapError(
+        f"could not draw {n_boot} resamples that keep both classes of label(s) {bad_labels} "
+        f"in {_MAX_REDRAW_ROUNDS} rounds: too few positives or negatives among {n} rows to "
+        "bootstrap with a fixed label set; report those labels separately"
+    )
+
+
+def label_set_indices(
+    n: int, n_boot: int, seed: int, targets: ArrayLike, mask: ArrayLike | None
+) -> tuple[NDArray[np.int64], str | None]:
+    """The resamples of a record or a report: :func:`bootstrap_indices` with the fixed label set,
+    and None; or, when no such resamples can be drawn (several labels with one or two positives
+    in a small test set), plain resamples and a note saying so, so that the run still gets its
+    (flagged) intervals instead of failing."""
+    try:
+        return bootstrap_indices(n, n_boot, seed, targets=targets, mask=mask), None
+    except BootstrapError as exc:
+        note = (
+            f"{exc}: the intervals use plain resamples instead (a replicate may average fewer "
+            "labels than the point estimate; docs/statistics.md)"
+        )
+        return bootstrap_indices(n, n_boot, seed), note
+
+
+#: Redraw rounds before :func:`bootstrap_indices` gives up on a fixed label set. A label with a
+#: single positive among n rows is lost by a resample with probability (1 - 1/n)^n ≈ 0.37.
+_MAX_REDRAW_ROUNDS = 200
+
+
+def _draw(
+    rng: np.random.Generator, n: int, n_boot: int, groups: NDArray[Any] | None
+) -> NDArray[np.int64]:
+    if groups is None:
+        return rng.integers(0, n, size=(n_boot, n), dtype=np.int64)
     out = np.empty((n_boot, n), dtype=np.int64)
     for value in np.unique(groups):
         members = np.flatnonzero(groups == value)
         out[:, members] = members[rng.integers(0, members.size, size=(n_boot, members.size))]
     return out
+
+
+def _class_columns(
+    targets: ArrayLike, mask: ArrayLike | None, n: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64], list[str]]:
+    """(n, L) indicator columns of the positives and negatives of every label that has both
+    classes on the full data (multi-class: one column per class present, one-vs-rest)."""
+    y = np.asarray(targets)
+    if y.shape[0] != n:
+        raise BootstrapError(f"Expected targets with {n} rows, got shape {y.shape} instead.")
+    if y.ndim == 1:  # class ids: one-vs-rest columns of the classes present
+        valid_rows = np.ones(n, bool) if mask is None else np.asarray(mask, bool).reshape(n)
+        classes = np.unique(y[valid_rows])
+        pos = (y[:, None] == classes[None, :]) & valid_rows[:, None]
+        neg = (y[:, None] != classes[None, :]) & valid_rows[:, None]
+        names = [f"class {c}" for c in classes]
+    else:
+        valid = np.ones(y.shape, bool) if mask is None else np.asarray(mask, bool)
+        pos = valid & (y == 1)
+        neg = valid & (y != 1)
+        names = [f"column {j}" for j in range(y.shape[1])]
+    keep = pos.any(axis=0) & neg.any(axis=0)
+    return (
+        pos[:, keep].astype(np.float64),
+        neg[:, keep].astype(np.float64),
+        [nm for nm, k in zip(names, keep, strict=True) if k],
+    )
+
+
+def _class_counts(
+    indices: NDArray[np.int64], pos: NDArray[np.float64], neg: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    n = pos.shape[0]
+    pos_c = np.empty((indices.shape[0], pos.shape[1]))
+    neg_c = np.empty_like(pos_c)
+    block = max(1, 2**23 // max(n, 1))  # bound the (block, n) counts matrix to ~64 MB
+    for lo in range(0, indices.shape[0], block):
+        counts = _counts(indices[lo : lo + block], n).astype(np.float64)
+        pos_c[lo : lo + block] = counts @ pos
+        neg_c[lo : lo + block] = counts @ neg
+    return pos_c, neg_c
+
+
+def _loses_a_class(
+    indices: NDArray[np.int64], pos: NDArray[np.float64], neg: NDArray[np.float64]
+) -> NDArray[np.bool_]:
+    """(B,) True where the replicate lacks a class of any kept label."""
+    if pos.shape[1] == 0:
+        return np.zeros(indices.shape[0], bool)
+    pos_c, neg_c = _class_counts(indices, pos, neg)
+    return np.asarray(((pos_c == 0) | (neg_c == 0)).any(axis=1))
+
+
+def _lost_labels(
+    indices: NDArray[np.int64], pos: NDArray[np.float64], neg: NDArray[np.float64]
+) -> NDArray[np.bool_]:
+    """(L,) True for kept labels that some replicate still loses."""
+    pos_c, neg_c = _class_counts(indices, pos, neg)
+    return np.asarray(((pos_c == 0) | (neg_c == 0)).any(axis=0))
 
 
 def _counts(indices: NDArray[np.int64], n: int) -> NDArray[np.int64]:

@@ -10,7 +10,7 @@ the midrank among all samples and ``R^pos`` / ``R^neg`` the midrank within the c
 
 The test of two AUROCs uses ``z = (AUC_a - AUC_b) / sqrt(Var_a + Var_b - 2 Cov_ab)`` and the
 two-sided normal p-value. It is the classical alternative to the paired bootstrap of the CXR
-study (PROTOCOLS.md "Metrics").
+study (``docs/statistics.md``).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Conventions (the manifest layer's): multi-label targets ``y`` are ``(N, L)`` in 
 boolean ``mask`` ``(N, L)`` (False = ignored / uncertain: the entry is left out of every metric);
 multi-class targets ``y`` are ``(N,)`` integer class ids with a ``mask`` ``(N,)``.
 
-Protocol (CXR study, see PROTOCOLS.md "Metrics"): per-label AUROC and its macro average, AP and
-sensitivity / specificity at the Youden threshold as extras. A label whose valid entries do not
+Protocol (the CXR study, see ``docs/statistics.md``): per-label AUROC and its macro average, AP
+and sensitivity / specificity at the Youden threshold as extras (records choose the threshold on
+validation: :mod:`embedkit.eval.summary`). A label whose valid entries do not
 contain both classes has no AUROC / AP: it gets NaN, is excluded from the macro average, and is
 listed by :func:`labels_without_both_classes` and in :func:`evaluate_multilabel`'s report.
 

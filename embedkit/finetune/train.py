@@ -361,8 +361,14 @@ def run_finetune(
     results: str | Path = DEFAULT_RESULTS,
     model_cache_dir: str | Path | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
+    requested_resolution: int | None = None,
 ) -> FinetuneOutcome:
     """Finetune, select the best epoch on validation, evaluate on test and write the record.
+
+    ``requested_resolution``: the nominal tier the run stands for (a pipeline asks for 512 and
+    runs DINOv2 at 518); the record stores it beside the resolution used (default: the
+    request's). Sensitivity / specificity are measured at the Youden threshold chosen on the
+    best epoch's validation scores.
 
     An identical finished run is found and returned (``reused``) unless ``overwrite``; an
     interrupted one resumes from ``<results>/runs/<run id>/``. ``on_epoch`` is called after each
@@ -379,7 +385,10 @@ def run_finetune(
         plan = _plan(request, man, cache_dir, world_size=ctx.world_size)
         check_results_dataset(results, request.dataset, plan.table)
         try:
-            return _train(request, plan, ctx, ResultsDir(results), cache_dir, on_epoch)
+            return _train(
+                request, plan, ctx, ResultsDir(results), cache_dir, on_epoch,
+                requested_resolution or request.resolution,
+            )  # fmt: skip
         except torch.OutOfMemoryError as exc:
             raise _oom(request, ctx.world_size) from exc
 
@@ -391,6 +400,7 @@ def _train(
     out: ResultsDir,
     cache_dir: Path | None,
     on_epoch: Callable[[EpochLog], None] | None,
+    requested_resolution: int,
 ) -> FinetuneOutcome:
     run_dir = out.root / "runs" / plan.run_id
     found = out.find(plan.relpath) if ctx.is_main and not request.overwrite else None
@@ -523,12 +533,14 @@ def _train(
 
     _load_trainable(model, state.best)
     kept_rows, scores = run.scores(rows["test"])
+    val_scored = run.scores(rows["val"]) if len(rows["val"]) else None  # operating points
     skipped = run.gather_skipped()
     result: tuple[ResultRecord, Path] | None = None
     if ctx.is_main:
         result = _write_record(
             request, plan, out, encoder, run_dir, state, counts,
             kept_rows, scores, rows, notes, skipped, resumed_from, ctx, started,
+            val_scored, requested_resolution,
         )  # fmt: skip
     ctx.barrier()  # no rank reports before the record is written
     shared = ctx.broadcast(result)
@@ -556,13 +568,19 @@ def _write_record(
     resumed_from: int,
     ctx: DistContext,
     started: float,
+    val_scored: tuple[list[int], np.ndarray] | None,
+    requested_resolution: int,
 ) -> tuple[ResultRecord, Path]:
     table = plan.table
     test_rows = np.asarray(kept, dtype=np.int64)
     labels = list(table.labels.names)
-    metrics, per_label, more = evaluate_scores(
+    val = None
+    if val_scored is not None and len(val_scored[0]) and table.labels.kind == "multilabel":
+        val_rows = np.asarray(val_scored[0], dtype=np.int64)
+        val = (table.labels.y[val_rows], table.labels.mask[val_rows], val_scored[1])
+    metrics, per_label, more, operating_point = evaluate_scores(
         table.labels.y[test_rows], table.labels.mask[test_rows], labels, scores,
-        request.n_boot, request.seed,
+        request.n_boot, request.seed, val=val,
     )  # fmt: skip
     notes = [*notes, *more]
     if skipped:
@@ -603,6 +621,8 @@ def _write_record(
             "world_size": ctx.world_size,
             "batch_per_rank": request.batch_size,
         },
+        operating_point=operating_point,
+        requested_resolution=requested_resolution,
     )
     score_table = ScoreTable(
         tuple(table.ids[i] for i in test_rows), tuple(labels), table.labels.y[test_rows],

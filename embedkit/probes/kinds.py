@@ -13,6 +13,9 @@
   shots).
 
 Without a validation split, ``linear`` and ``sgd`` hold out 10% of train by patient (DINOv2).
+``linear``, ``knn`` and ``sgd`` also return the chosen model's validation scores, from which the
+runner picks the operating points (``linear``: the model refit on train + val, so these scores
+are in-sample for the validation images; ``knn`` and ``sgd`` are fitted on train alone).
 Each kind is one small class (:class:`embedkit.probes.registry.ProbeKind`) registered below.
 """
 
@@ -31,7 +34,9 @@ from embedkit.probes.registry import KindResult, ProbeData, register
 # The estimators (torch) load in fit_score/params, so registering the kinds stays cheap.
 if TYPE_CHECKING:
     from embedkit.probes.features import SplitFeatures
+    from embedkit.probes.linear import LogisticProbe
     from embedkit.probes.request import ProbeRequest
+    from embedkit.probes.sgd import SGDLinearProbe
 
 __all__ = ["FewShotKind", "KNNKind", "LinearKind", "SGDKind"]
 
@@ -46,6 +51,11 @@ def _point(part: SplitFeatures, scores: np.ndarray) -> float:
     if part.y.ndim == 1:
         return float(ovr_macro_auroc(part.y, scores, part.mask))
     return float(macro_auroc(part.y, part.mask, scores))
+
+
+def _val_scores(probe: LogisticProbe | SGDLinearProbe, val: SplitFeatures) -> np.ndarray | None:
+    """The fitted probe's validation scores (for the operating points), None without a split."""
+    return probe.predict_proba(val.X) if len(val.ids) else None
 
 
 class LinearKind:
@@ -78,7 +88,10 @@ class LinearKind:
             "val_metric": path.metric,
             "converged": bool(np.all(probe.converged_)),
         }
-        return KindResult({"C": float(probe.C_)}, extra, scores=probe.predict_proba(data.test.X))
+        return KindResult(
+            {"C": float(probe.C_)}, extra, scores=probe.predict_proba(data.test.X),
+            val_scores=_val_scores(probe, val),
+        )  # fmt: skip
 
 
 class KNNKind:
@@ -107,6 +120,7 @@ class KNNKind:
             {"k": int(best)},
             {"val_score_per_k": {int(k): v for k, v in by_k.items()}},
             scores=probe.predict_proba(data.test.X, k=best),
+            val_scores=probe.predict_proba(val.X, k=best) if len(val.ids) else None,
         )
 
 
@@ -143,7 +157,10 @@ class SGDKind:
             "val_metric": probe.val_metric_,
             "lr_scaled": probe.lr_scaled_,
         }
-        return KindResult({"lr": probe.lr_}, extra, scores=probe.predict_proba(data.test.X))
+        return KindResult(
+            {"lr": probe.lr_}, extra, scores=probe.predict_proba(data.test.X),
+            val_scores=_val_scores(probe, val),
+        )  # fmt: skip
 
 
 class FewShotKind:

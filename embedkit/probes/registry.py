@@ -62,6 +62,10 @@ class KindResult:
     Either ``scores`` (test scores ``(N, L)``, row i for ``data.test.ids[i]``), which the runner
     evaluates (per-label AUROC / AP with bootstrap CIs) and saves beside the record, or
     ``metrics`` already computed by the kind (a curve: ``{"<x>-<unit>": {metric: summary}}``).
+    With ``scores``, ``val_scores`` (the same model's scores of ``data.val``, row i for
+    ``data.val.ids[i]``) let the runner choose the operating points (Youden threshold) on
+    validation and apply them on test; without them the record has no sensitivity /
+    specificity.
     """
 
     selected: dict[str, Any]  # chosen on validation (C, k, lr, ...)
@@ -69,6 +73,7 @@ class KindResult:
     scores: np.ndarray | None = None
     metrics: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    val_scores: np.ndarray | None = None
 
 
 @runtime_checkable

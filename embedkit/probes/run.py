@@ -7,21 +7,26 @@ registry (:mod:`embedkit.probes.registry`, kinds in :mod:`embedkit.probes.kinds`
 default pooling, the hyper-parameters of the record identity, and the fit-and-score step.
 
 Test metrics of a kind that returns test scores: per-label AUROC and AP, sensitivity /
-specificity at the Youden threshold, macro AUROC (labels without both classes are reported and
-left out), each with a 95% percentile bootstrap CI from ``n_boot`` resamples. The bootstrap
-indices depend only on the test-set size and the seed, so runs compared on the same test set
-share them, as paired tests require. A kind whose metrics form a curve (few-shot) computes them
-itself and declares the curve on its record (``ResultRecord.curve``).
+specificity at the Youden threshold chosen on the validation scores (``operating_point`` on the
+record), macro AUROC (labels without both classes in test are reported and left out), each with
+a 95% percentile bootstrap CI from ``n_boot`` resamples that keep the test set's label set. The
+bootstrap indices depend only on the test targets and the seed, so runs compared on the same
+test set share them, as paired tests require. A label with one class among its train entries
+is reported in the notes, not fitted (its scores are NaN) and left out of the macro average;
+the other labels go on. Rules and their simulation check: ``docs/statistics.md``. A kind
+whose metrics form a curve (few-shot) computes them itself and declares the curve on its
+record (``ResultRecord.curve``).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.table import Table
 
@@ -30,7 +35,7 @@ from embedkit.eval import evaluate_scores
 from embedkit.manifest import Manifest, load_manifest
 from embedkit.models import EncoderSpec, resolve
 from embedkit.probes import PROBE_KINDS
-from embedkit.probes.features import split_features
+from embedkit.probes.features import SplitFeatures, split_features
 from embedkit.probes.registry import ProbeData, get_kind
 from embedkit.probes.request import ProbeRequest
 from embedkit.report.tables import headline
@@ -100,6 +105,54 @@ def probe_plan(request: ProbeRequest, entry: FeatureEntry) -> tuple[str, dict[st
     return pooling, params, rid, relpath
 
 
+def _labels_to_fit(
+    train: SplitFeatures, labels: list[str], task: str
+) -> tuple[list[int], list[str]]:
+    """Columns to fit, and a note for each multi-label column whose valid train entries hold
+    one class only: it is left out of the fit (its scores are NaN, and it is left out of the
+    macro average like a test label without both classes) and the probe goes on."""
+    if task != "multilabel":
+        return list(range(len(labels))), []
+    keep, notes = [], []
+    for j, name in enumerate(labels):
+        y = train.y[train.mask[:, j], j]
+        n_pos = int((y == 1).sum())
+        if n_pos == 0 or n_pos == y.size:
+            notes.append(
+                f"'{name}' has {n_pos} positives and {y.size - n_pos} negatives in train: "
+                "not fitted, left out of the macro average"
+            )
+        else:
+            keep.append(j)
+    if not keep:
+        raise EmbedkitError(
+            f"no label has both classes in the train split: nothing to fit ({'; '.join(notes)})"
+        )
+    return keep, notes
+
+
+def _columns(part: SplitFeatures, keep: list[int]) -> SplitFeatures:
+    if part.y.ndim == 1 or len(keep) == part.y.shape[1]:
+        return part
+    return replace(part, y=part.y[:, keep], mask=part.mask[:, keep])
+
+
+def _expand(scores: np.ndarray, keep: list[int], n_labels: int) -> np.ndarray:
+    """Scores of the fitted columns put back in place, NaN for the columns left out."""
+    if scores.ndim == 1 or len(keep) == n_labels:
+        return scores
+    out = np.full((scores.shape[0], n_labels), np.nan)
+    out[:, keep] = scores
+    return out
+
+
+def _requested_resolution(entry: FeatureEntry) -> int:
+    """The resolution asked for at extraction (the nominal tier), else the stored one."""
+    provenance = entry.attrs.get("provenance") or {}
+    value = provenance.get("requested_resolution")
+    return int(value) if isinstance(value, int) else entry.key.resolution
+
+
 def run_probe(
     request: ProbeRequest,
     *,
@@ -143,17 +196,27 @@ def run_probe(
     notes = [
         f"{p.n_skipped} unreadable {s} images left out" for s, p in parts.items() if p.n_skipped
     ]
-    data = ProbeData(train, val, test, tuple(labels), task, request.dataset)
+    keep, dropped = _labels_to_fit(train, labels, task)
+    notes.extend(dropped)
+    data = ProbeData(
+        _columns(train, keep), _columns(val, keep), _columns(test, keep),
+        tuple(labels[j] for j in keep), task, request.dataset,
+    )  # fmt: skip
     with torch.inference_mode(False):
         result = get_kind(request.kind).fit_score(request, data)
     notes.extend(result.notes)
     scores_out: ScoreTable | None = None
+    operating_point: str | None = None
     if result.scores is not None:
-        metrics, per_label, more = evaluate_scores(
-            test.y, test.mask, labels, result.scores, request.n_boot, request.seed
+        scores = _expand(result.scores, keep, len(labels))
+        val_part = None
+        if result.val_scores is not None and len(val.ids):
+            val_part = (val.y, val.mask, _expand(result.val_scores, keep, len(labels)))
+        metrics, per_label, more, operating_point = evaluate_scores(
+            test.y, test.mask, labels, scores, request.n_boot, request.seed, val=val_part
         )
         notes.extend(more)
-        scores_out = ScoreTable(test.ids, tuple(labels), test.y, test.mask, result.scores)
+        scores_out = ScoreTable(test.ids, tuple(labels), test.y, test.mask, scores)
     else:
         metrics, per_label = dict(result.metrics or {}), []
     record = ResultRecord(
@@ -183,6 +246,8 @@ def run_probe(
         notes=notes,
         extra=result.extra,
         curve=get_kind(request.kind).curve,
+        operating_point=operating_point,
+        requested_resolution=_requested_resolution(source),
     )
     path = out.write(record, scores_out, overwrite=request.overwrite)
     return ProbeOutcome(record, path, False, notes)

@@ -2,7 +2,8 @@
 
 Writes ``summary.md`` / ``summary.csv`` (headline metric with 95% CI per dataset x model x
 resolution x method), ``per_label.md`` / ``per_label.csv``, ``comparisons.md`` /
-``comparisons.csv`` (paired bootstrap tests with multiple-comparison correction), PNG plots,
+``comparisons.csv`` (paired permutation p-values with multiple-comparison correction and paired
+bootstrap CIs of the differences; ``docs/statistics.md``), PNG plots,
 and ``report.html``: one self-contained page (plots embedded) that opens offline.
 """
 
@@ -14,13 +15,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from embedkit.errors import CacheNotFoundError
+from embedkit.eval.bootstrap import Correction
 from embedkit.report import plots
 from embedkit.report.compare import (
+    CI_NAME,
+    TEST_NAME,
     Comparison,
     PairChoice,
+    RunPair,
     compare_records,
     comparisons_markdown,
 )
@@ -112,13 +116,20 @@ def _ci(point: float, low: float | None, high: float | None) -> str:
     return f"{point:.3f}" if low is None or high is None else f"{point:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def _rates(row: dict[str, object]) -> str:
+    sens, spec = row.get("sensitivity"), row.get("specificity")
+    if not isinstance(sens, float) or not isinstance(spec, float):
+        return "-"
+    return f"{sens:.3f} / {spec:.3f}"
+
+
 def build_report(
     results: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    correction: Literal["holm", "bonferroni", "fdr_bh"] = "holm",
+    correction: Correction = "holm",
     n_boot: int = 1000,
-    pairs: Sequence[PairChoice] | None = None,
+    pairs: Sequence[PairChoice | RunPair] | None = None,
 ) -> ReportFiles:
     """Read every record under ``results`` and write the report files to ``out``.
 
@@ -149,11 +160,7 @@ def build_report(
         _write(out_dir / "comparisons.md", comparisons_markdown(comparisons, correction)),
         _write(out_dir / "comparisons.csv", to_csv(comparisons)),
     ]
-    images = (
-        plots.auroc_vs_resolution(rows, out_dir)
-        + plots.per_label_deltas(records, out_dir)
-        + plots.curves(records, out_dir)
-    )
+    images = plots.draw_all(rows, records, out_dir)
     report.files += images
     summary_table = _table_html(
         [
@@ -200,7 +207,13 @@ def build_report(
     per_label = "".join(
         f"<h3>{html.escape(f'{r.dataset} · {r.model} · {r.resolution}px · {r.kind}')}</h3>"
         + _table_html(
-            ["label", "AUROC [95% CI]", "AP", "pos/neg"],
+            [
+                "label",
+                "AUROC [95% CI]",
+                "AP",
+                f"sens / spec ({r.operating_point or 'no operating point'})",
+                "pos/neg",
+            ],
             [
                 [
                     row["label"],
@@ -208,7 +221,8 @@ def build_report(
                     if row["auroc"] is None
                     else _ci(row["auroc"], row["low"], row["high"]),
                     "-" if row["ap"] is None else f"{row['ap']:.3f}",
-                    f"{row['n_pos']}/{row['n_neg']}",
+                    _rates(row),
+                    f"{row['n_pos']}/{row['n_neg']}" + (" rare" if row.get("rare") else ""),
                 ]
                 for row in r.per_label
             ],
@@ -220,7 +234,10 @@ def build_report(
         "embedkit comparison report",
         [
             ("Headline metric per dataset × model × resolution × method", summary_table),
-            ("Paired comparisons (paired bootstrap, shared resamples)", comparison_table),
+            (
+                f"Paired comparisons (p: {TEST_NAME}, {correction}-adjusted; 95% CI: {CI_NAME})",
+                comparison_table,
+            ),
             ("Per-label results", per_label),
         ],
         images,

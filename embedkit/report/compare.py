@@ -1,47 +1,65 @@
-"""Paired comparisons between runs evaluated on the same test images.
+"""Paired comparisons between runs evaluated on the same test images (``docs/statistics.md``).
 
-Pairs are formed automatically among records of one dataset whose saved test scores cover the
-same image ids: the same model and method at two resolutions (e.g. 512 vs 224), two models at
-the same resolution and method, and two methods for the same model and resolution (probe vs
-finetune). Each pair gets the paired bootstrap test of the macro AUROC difference (1,000
-resamples; the indices depend only on the test-set size and the seed, so every comparison on a
-test set uses the same resamples) and the p-values are adjusted across the whole report (Holm
-by default). A report can instead be limited to chosen pairs (:class:`PairChoice`: an axis and
-optionally its two values, e.g. ``model dinov3/vitb16 vs dinov2/base``), which also makes the
-correction count only the comparisons asked for.
+Which pairs: among records of one dataset whose saved test scores cover the same image ids,
+
+- by default every pair that differs in one attribute: the same model and method at two
+  resolution tiers (e.g. 512 vs 224), two models at the same tier and method, or two methods for
+  the same model and tier (probe vs finetune). A run's **tier** is the resolution asked for
+  (:attr:`ResultRecord.tier`: 224 / 512 / 1024), not the one snapped to the patch grid, so
+  DINOv2 at 518 px pairs with DINOv3 at 512 px;
+- or only the pairs some entry of ``pairs`` selects: a :class:`PairChoice` (an axis and
+  optionally its two values, e.g. ``model dinov3/vitb16 vs dinov2/base``) or a :class:`RunPair`
+  (two arbitrary run selectors, e.g. the frozen 7B linear probe against a finetuned base model;
+  attributes neither selector names must agree). The correction then counts only those.
+
+Each pair gets the **paired permutation test** of the macro AUROC difference
+(:func:`~embedkit.eval.permutation.paired_permutation_test`, per-image swaps of the two models'
+ranks: it holds α where the paired bootstrap p-value does not) and the **paired bootstrap
+percentile CI** of the difference (1,000 resamples that keep the test set's label set; the
+indices depend only on the test set and the seed, so every comparison on a test set uses the
+same resamples). The p-values are adjusted across the whole report (Holm by default).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import combinations
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from embedkit.eval import PairedTest, adjust_pvalues, bootstrap_indices, paired_bootstrap_test
+from embedkit.eval import adjust_pvalues, paired_bootstrap_test
+from embedkit.eval.bootstrap import Correction, label_set_indices
+from embedkit.eval.permutation import paired_permutation_test
 from embedkit.results import ResultRecord, ScoreTable, load_scores
+
+#: What the report's p-values and CIs are, as the comparisons table says it.
+TEST_NAME = "paired permutation (ranks)"
+CI_NAME = "paired bootstrap percentile"
 
 
 @dataclass(frozen=True, slots=True)
 class Comparison:
     dataset: str
-    axis: str  # resolution | model | method
+    axis: str  # resolution | model | method, or the attributes a RunPair's runs differ in
     a: str  # "model · res · method" of the first run
     b: str
     metric: str
     delta: float  # metric(a) - metric(b)
-    low: float
+    low: float  # paired bootstrap percentile CI of the difference
     high: float
-    p_value: float
+    p_value: float  # paired permutation test, two-sided
     p_adjusted: float
     n_test: int
+    test: str = f"{TEST_NAME}; CI {CI_NAME}"
+    n_resamples: int = 0  # permutations (= bootstrap resamples)
 
 
 Axis = Literal["resolution", "model", "method"]
+_AXES = ("resolution", "model", "method")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +72,7 @@ class PairChoice:
     b: str | None = None
 
     def __post_init__(self) -> None:
-        if self.axis not in ("resolution", "model", "method"):
+        if self.axis not in _AXES:
             raise ValueError(
                 f"Expected axis resolution, model or method, got {self.axis!r} instead"
             )
@@ -65,13 +83,14 @@ class PairChoice:
             )
 
     def orient(
-        self, axis: str, first: ResultRecord, second: ResultRecord
+        self, first: ResultRecord, second: ResultRecord
     ) -> tuple[ResultRecord, ResultRecord] | None:
         """``(A, B)`` if this choice selects the pair, else None."""
+        axis = _axis(first, second)
         if axis != self.axis:
             return None
         if self.a is None:
-            return first, second
+            return _order(first, second, axis)
         values = (_value(first, axis), _value(second, axis))
         if values == (self.a, self.b):
             return first, second
@@ -80,31 +99,108 @@ class PairChoice:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class RunSelector:
+    """Which runs one side of a :class:`RunPair` means; an attribute left None matches any.
+
+    ``model``: the canonical encoder name as records hold it; ``method``: a probe kind
+    (``linear``) or a finetuning method (``full`` or ``finetune-full``); ``resolution``: the
+    nominal tier (224 / 512 / 1024); ``pooling``: the record's pooling."""
+
+    model: str | None = None
+    method: str | None = None
+    resolution: int | None = None
+    pooling: str | None = None
+
+    def __post_init__(self) -> None:
+        if all(getattr(self, f.name) is None for f in fields(self)):
+            raise ValueError(
+                "Expected a run selector naming at least one of model, method, resolution, "
+                "pooling, got none"
+            )
+
+    def matches(self, r: ResultRecord) -> bool:
+        return (
+            (self.model is None or r.model == self.model)
+            and (self.method is None or r.kind in (self.method, f"finetune-{self.method}"))
+            and (self.resolution is None or r.tier == self.resolution)
+            and (self.pooling is None or r.pooling == self.pooling)
+        )
+
+    def named(self) -> set[str]:
+        """The attributes this selector fixes (pooling is not an axis: never required equal)."""
+        return {f.name for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class RunPair:
+    """Compare the runs ``a`` selects with the runs ``b`` selects (``a`` reported as A).
+
+    Two runs pair when one matches ``a``, the other ``b``, and they agree on every attribute
+    (model, method, resolution tier) that neither selector names: ``a: {model: dinov3/vit7b16,
+    method: linear}`` against ``b: {model: dinov3/vitb16, method: full}`` pairs the 7B probe and
+    the finetuned ViT-B at each tier."""
+
+    a: RunSelector
+    b: RunSelector
+
+    def orient(
+        self, first: ResultRecord, second: ResultRecord
+    ) -> tuple[ResultRecord, ResultRecord] | None:
+        free = set(_AXES) - self.a.named() - self.b.named()
+        if any(_value(first, x) != _value(second, x) for x in free):
+            return None
+        if self.a.matches(first) and self.b.matches(second):
+            return first, second
+        if self.a.matches(second) and self.b.matches(first):
+            return second, first
+        return None
+
+
 def _value(r: ResultRecord, axis: str) -> str:
-    return {"resolution": str(r.resolution), "model": r.model, "method": r.kind}[axis]
+    return {"resolution": str(r.tier), "model": r.model, "method": r.kind}[axis]
 
 
 def _label(r: ResultRecord) -> str:
-    return f"{r.model} · {r.resolution}px · {r.kind}"
+    res = f"{r.tier}px" if r.tier == r.resolution else f"{r.tier}px ({r.resolution})"
+    return f"{r.model} · {res} · {r.kind}"
+
+
+def _differences(a: ResultRecord, b: ResultRecord) -> list[str]:
+    return [x for x in _AXES if _value(a, x) != _value(b, x)]
 
 
 def _axis(a: ResultRecord, b: ResultRecord) -> str | None:
-    same_model, same_res = a.model == b.model, a.resolution == b.resolution
-    same_kind = a.kind == b.kind
-    if same_model and same_kind and not same_res:
-        return "resolution"
-    if same_res and same_kind and not same_model:
-        return "model"
-    if same_model and same_res and not same_kind:
-        return "method"
-    return None
+    differ = _differences(a, b)
+    return differ[0] if len(differ) == 1 else None
 
 
 def _order(a: ResultRecord, b: ResultRecord, axis: str) -> tuple[ResultRecord, ResultRecord]:
     """Higher resolution first; otherwise a stable (name) order."""
     if axis == "resolution":
-        return (a, b) if a.resolution > b.resolution else (b, a)
+        return (a, b) if a.tier > b.tier else (b, a)
     return (a, b) if _label(a) <= _label(b) else (b, a)
+
+
+def _choose(
+    first: ResultRecord, second: ResultRecord, pairs: Sequence[PairChoice | RunPair] | None
+) -> tuple[ResultRecord, ResultRecord] | None:
+    """``(A, B)`` of a pair of runs the report compares, or None."""
+    if pairs is None:
+        axis = _axis(first, second)
+        return None if axis is None else _order(first, second, axis)
+    return next((o for c in pairs if (o := c.orient(first, second)) is not None), None)
+
+
+def _both_scored(
+    a: np.ndarray, b: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Multi-label: a label one run left unscored (NaN: one class in its train split) is left
+    out of the pair's macro, like an undefined label."""
+    if mask.ndim == 1:
+        return a, b, mask
+    scored = ~(np.isnan(a).all(axis=0) | np.isnan(b).all(axis=0))
+    return np.nan_to_num(a), np.nan_to_num(b), mask & scored[None, :]
 
 
 def compare_records(
@@ -112,11 +208,14 @@ def compare_records(
     *,
     n_boot: int = 1000,
     seed: int = 0,
-    correction: Literal["holm", "bonferroni", "fdr_bh"] = "holm",
-    pairs: Sequence[PairChoice] | None = None,
+    correction: Correction = "holm",
+    pairs: Sequence[PairChoice | RunPair] | None = None,
+    n_perm: int | None = None,
 ) -> list[Comparison]:
     """Paired tests between every comparable pair of ``(record, json path)``, or only between
-    the pairs some :class:`PairChoice` of ``pairs`` selects."""
+    the pairs some entry of ``pairs`` selects. ``n_perm`` (default: ``max(n_boot, 2000)``) is
+    the number of permutations of each test."""
+    perms = max(n_boot, 2000) if n_perm is None else n_perm
     scored: dict[tuple[str, tuple[str, ...]], list[tuple[ResultRecord, ScoreTable]]]
     scored = defaultdict(list)
     for record, path in records:
@@ -124,32 +223,28 @@ def compare_records(
             continue
         scores = load_scores(path)
         scored[(record.dataset, tuple(sorted(scores.ids)))].append((record, scores))
-    pending: list[tuple[str, str, ResultRecord, ResultRecord, str, PairedTest, int]] = []
+    pending: list[tuple[str, str, ResultRecord, ResultRecord, str, tuple[float, ...], int]] = []
     for (dataset, ids), runs in sorted(scored.items(), key=lambda kv: kv[0][0]):
-        idx = bootstrap_indices(len(ids), n_boot=n_boot, seed=seed)
+        order = np.argsort(runs[0][1].ids)  # every run's arrays are aligned to sorted ids
+        y, mask = runs[0][1].y[order], runs[0][1].mask[order]
+        idx, _fallback = label_set_indices(len(ids), n_boot, seed, y, mask)  # noted in records
         for (ra, sa), (rb, sb) in combinations(runs, 2):
-            axis = _axis(ra, rb)
-            if axis is None:
+            chosen = _choose(ra, rb, pairs)
+            if chosen is None:
                 continue
-            first, second = _order(ra, rb, axis)
-            if pairs is not None:
-                chosen = next(
-                    (o for c in pairs if (o := c.orient(axis, first, second)) is not None), None
-                )
-                if chosen is None:
-                    continue
-                first, second = chosen
+            first, second = chosen
             s_first, s_second = (sa, sb) if first is ra else (sb, sa)
             o1, o2 = np.argsort(s_first.ids), np.argsort(s_second.ids)  # align by image id
-            y, mask = s_first.y[o1], s_first.mask[o1]
             metric = "ovr_macro_auroc" if y.ndim == 1 else "macro_auroc"
-            test = paired_bootstrap_test(
-                y, mask, s_first.scores[o1], s_second.scores[o2], idx, metric=metric
-            )
-            pending.append((dataset, axis, first, second, metric, test, len(ids)))
+            sc1, sc2, m = _both_scored(s_first.scores[o1], s_second.scores[o2], mask)
+            boot = paired_bootstrap_test(y, m, sc1, sc2, idx, metric=metric)
+            perm = paired_permutation_test(y, m, sc1, sc2, n_perm=perms, seed=seed)
+            axis = ", ".join(_differences(first, second)) or "same run attributes"
+            numbers = (boot.delta, boot.ci[0], boot.ci[1], perm.p_value)
+            pending.append((dataset, axis, first, second, metric, numbers, len(ids)))
     if not pending:
         return []
-    adjusted = adjust_pvalues(np.array([t[5].p_value for t in pending]), method=correction)
+    adjusted = adjust_pvalues(np.array([t[5][3] for t in pending]), method=correction)
     return [
         Comparison(
             dataset,
@@ -157,19 +252,26 @@ def compare_records(
             _label(a),
             _label(b),
             metric,
-            test.delta,
-            test.ci[0],
-            test.ci[1],
-            test.p_value,
+            delta,
+            low,
+            high,
+            p,
             float(p_adj),
             n,
+            n_resamples=perms,
         )
-        for (dataset, axis, a, b, metric, test, n), p_adj in zip(pending, adjusted, strict=True)
+        for (dataset, axis, a, b, metric, (delta, low, high, p), n), p_adj in zip(
+            pending, adjusted, strict=True
+        )
     ]
 
 
 def comparisons_markdown(comparisons: Sequence[Comparison], correction: str = "holm") -> str:
     lines = [
+        f"p: two-sided {TEST_NAME} test ({comparisons[0].n_resamples if comparisons else 0} "
+        f"permutations), adjusted across this table ({correction}); 95% CI: {CI_NAME} of the "
+        "difference (resamples keep the test set's label set). See docs/statistics.md.",
+        "",
         f"| dataset | axis | A | B | Δ {comparisons[0].metric if comparisons else 'AUROC'} (A − B) "
         f"[95% CI] | p | p ({correction}) |",
         "|---|---|---|---|---|---|---|",

@@ -3,26 +3,57 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 from embedkit.report.tables import SummaryRow, curve_x
 from embedkit.results import ResultRecord
 
+#: (summary rows, records, output folder) -> the PNG files written.
+PlotFn = Callable[[Sequence[SummaryRow], Sequence[ResultRecord], Path], list[Path]]
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+_PLOTS: dict[str, PlotFn] = {}
+
+
+def register_plot(name: str) -> Callable[[PlotFn], PlotFn]:
+    """Register a report plot under ``name`` (a second plot of one name is an error)."""
+
+    def add(fn: PlotFn) -> PlotFn:
+        if name in _PLOTS:
+            raise ValueError(f"report plot {name!r} is already registered")
+        _PLOTS[name] = fn
+        return fn
+
+    return add
+
+
+def registered_plots() -> tuple[str, ...]:
+    """The names of the registered plots, in the order the report draws them."""
+    return tuple(_PLOTS)
+
+
+def draw_all(rows: Sequence[SummaryRow], records: Sequence[ResultRecord], out: Path) -> list[Path]:
+    """Every registered plot of ``rows`` / ``records`` into ``out``."""
+    return [path for fn in _PLOTS.values() for path in fn(rows, records, out)]
+
+
+def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def auroc_vs_resolution(rows: Sequence[SummaryRow], out: Path) -> list[Path]:
+@register_plot("auroc_vs_resolution")
+def auroc_vs_resolution(
+    rows: Sequence[SummaryRow], records: Sequence[ResultRecord], out: Path
+) -> list[Path]:
     """One figure per dataset: a line per (model, method) with its 95% CI band."""
     paths = []
     by_dataset: dict[str, dict[tuple[str, str], list[SummaryRow]]] = defaultdict(
@@ -49,7 +80,10 @@ def auroc_vs_resolution(rows: Sequence[SummaryRow], out: Path) -> list[Path]:
     return paths
 
 
-def per_label_deltas(records: Sequence[ResultRecord], out: Path) -> list[Path]:
+@register_plot("per_label_deltas")
+def per_label_deltas(
+    rows: Sequence[SummaryRow], records: Sequence[ResultRecord], out: Path
+) -> list[Path]:
     """Per-label AUROC change from the lowest to the highest resolution of each model/method."""
     paths = []
     groups: dict[tuple[str, str, str], list[ResultRecord]] = defaultdict(list)
@@ -80,7 +114,8 @@ def per_label_deltas(records: Sequence[ResultRecord], out: Path) -> list[Path]:
     return paths
 
 
-def curves(records: Sequence[ResultRecord], out: Path) -> list[Path]:
+@register_plot("curves")
+def curves(rows: Sequence[SummaryRow], records: Sequence[ResultRecord], out: Path) -> list[Path]:
     """One figure per dataset and kind of the records that declare a curve (few-shot: mean test
     AUROC vs shots on a log2 axis), with the 95% CI over draws."""
     groups: dict[tuple[str, str], list[ResultRecord]] = defaultdict(list)

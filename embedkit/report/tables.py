@@ -103,22 +103,28 @@ def to_csv(rows: Sequence[object]) -> str:
     return buf.getvalue()
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def per_label_markdown(record: ResultRecord) -> str:
+    """Per-label table of one record; sensitivity / specificity are at the record's operating
+    point (``ResultRecord.operating_point``, e.g. Youden on validation); a rare label (fewer than
+    20 positives or negatives in test) is marked ``rare``."""
+    op = record.operating_point or "no operating point"
     lines = [
         f"#### {record.dataset} · {record.model} · {record.resolution}px · {record.kind}",
         "",
-        "| label | AUROC [95% CI] | AP | sens | spec | pos/neg |",
+        f"| label | AUROC [95% CI] | AP | sens ({op}) | spec | pos/neg |",
         "|---|---|---|---|---|---|",
     ]
     for row in record.per_label:
+        counts = f"{row['n_pos']}/{row['n_neg']}" + (" rare" if row.get("rare") else "")
         if row["auroc"] is None:
-            lines.append(
-                f"| {row['label']} | undefined | - | - | - | {row['n_pos']}/{row['n_neg']} |"
-            )
+            lines.append(f"| {row['label']} | undefined | - | - | - | {counts} |")
             continue
         lines.append(
             f"| {row['label']} | {_ci(row['auroc'], row['low'], row['high'])} | {row['ap']:.3f} "
-            f"| {row['sensitivity']:.3f} | {row['specificity']:.3f} "
-            f"| {row['n_pos']}/{row['n_neg']} |"
+            f"| {_num(row['sensitivity'])} | {_num(row['specificity'])} | {counts} |"
         )
     return "\n".join(lines) + "\n"

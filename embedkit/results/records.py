@@ -104,6 +104,18 @@ class ResultRecord:
     # (per-image scores saved beside the record); else the axis of the curve the metrics form,
     # keyed "<x>-<unit>" (few-shot: "shots", keys "1-shot", "2-shot", ...).
     curve: str | None = None
+    # How sensitivity / specificity were measured ("youden on validation"); None: not measured.
+    operating_point: str | None = None
+    # The resolution asked for (the nominal tier: 224, 512, 1024), beside ``resolution``, the one
+    # used after snapping to the patch grid (DINOv2: 518 for 512). None in records written before
+    # it existed: the report falls back to ``resolution``.
+    requested_resolution: int | None = None
+
+    @property
+    def tier(self) -> int:
+        """The nominal resolution the report pairs runs by."""
+        requested = self.requested_resolution
+        return requested if requested is not None else self.resolution
 
     def relpath(self) -> str:
         model = self.model.replace("/", "--")

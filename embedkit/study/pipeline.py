@@ -84,12 +84,26 @@ class DemoData(_Strict):
     size: Annotated[int, Field(ge=64, le=4096)] = 1024
 
 
-class CompareStep(_Strict):
-    """One kind of paired comparison for the report (default: every comparable pair)."""
+class RunSelectorStep(_Strict):
+    """One side of a ``compare`` entry without ``axis``: the runs it means (None: any)."""
 
-    axis: Literal["resolution", "model", "method"]
-    a: str | int | None = None  # a model name, resolution or method (probe kind or finetune-X)
-    b: str | int | None = None
+    model: str | None = None  # a registry name or alias
+    kind: str | None = None  # a probe kind (linear, knn, ...)
+    method: str | None = None  # a finetuning method (full, lora, bitfit) or probe kind
+    resolution: int | None = None  # the nominal tier (224, 512, 1024)
+    pooling: str | None = None
+
+
+class CompareStep(_Strict):
+    """One kind of paired comparison for the report (default: every comparable pair).
+
+    Either ``axis`` with optional values ``a`` / ``b`` (runs that differ only along it), or no
+    axis and two run selectors ``a: {model: dinov3/vit7b16, kind: linear}``, ``b: {model:
+    dinov3/vitb16, method: full}`` (attributes neither names must agree, e.g. the tier)."""
+
+    axis: Literal["resolution", "model", "method"] | None = None
+    a: str | int | RunSelectorStep | None = None  # a model, resolution or method; or a selector
+    b: str | int | RunSelectorStep | None = None
 
 
 class ExpectedSize(_Strict):
@@ -273,6 +287,12 @@ def _pair_choices(spec: PipelineFile) -> list[tuple[Any, str | None]]:
 
     out: list[tuple[Any, str | None]] = []
     for step in spec.compare or ():
+        if step.axis is None or isinstance(step.a, RunSelectorStep):
+            out.append(_run_pair(step))
+            continue
+        if isinstance(step.b, RunSelectorStep):
+            out.append((None, "Expected a value of the axis for b like a, got a run selector"))
+            continue
         values = []
         for value in (step.a, step.b):
             if value is not None and step.axis == "model":
@@ -289,6 +309,40 @@ def _pair_choices(spec: PipelineFile) -> list[tuple[Any, str | None]]:
             except ValueError as exc:
                 out.append((None, str(exc)))
     return out
+
+
+def _run_pair(step: CompareStep) -> tuple[Any, str | None]:
+    """The report's :class:`~embedkit.report.RunPair` of a selector entry, or a problem."""
+    from embedkit.report.compare import RunPair, RunSelector
+
+    if step.axis is not None:
+        return None, f"Expected no axis with run selectors a and b, got axis {step.axis!r}"
+    if not isinstance(step.a, RunSelectorStep) or not isinstance(step.b, RunSelectorStep):
+        return None, (
+            f"Expected an axis, or two run selectors such as a: {{model: dinov3/vit7b16, "
+            f"kind: linear}} and b: {{model: dinov3/vitb16, method: full}}, got a={step.a!r}, "
+            f"b={step.b!r} instead"
+        )
+    sides = []
+    for side in (step.a, step.b):
+        if side.kind is not None and side.method is not None:
+            return None, f"Expected kind or method in a run selector, got both: {side}"
+        model = side.model
+        if model is not None:
+            try:
+                target = resolve(model)
+            except EmbedkitError as exc:
+                return None, str(exc)
+            model = target.name if isinstance(target, EncoderSpec) else model
+        try:
+            sides.append(
+                RunSelector(model, side.kind or side.method, side.resolution, side.pooling)
+            )
+        except ValueError as exc:
+            return None, str(exc)
+    if sides[0] == sides[1]:
+        return None, f"Expected two different run selectors, got {step.a} twice"
+    return RunPair(sides[0], sides[1]), None
 
 
 def _finetune_checked(problems: list[str], where: str, step: BaseModel) -> Any:
@@ -527,7 +581,10 @@ def _run_finetune(ctx: Context, step: Step) -> str:
     def progress(log: Any) -> None:
         ctx.console.print(f"  {escape(epoch_line(log, request.epochs))}", highlight=False)
 
-    outcome = run_finetune(request, manifest=ctx.manifest, results=ctx.results, on_epoch=progress)
+    outcome = run_finetune(
+        request, manifest=ctx.manifest, results=ctx.results, on_epoch=progress,
+        requested_resolution=step.resolution,
+    )  # fmt: skip
     return "done (reused)" if outcome.reused else "done"
 
 

@@ -284,3 +284,72 @@ def test_a_new_kind_is_one_class_and_one_registration(
     built = build_report(tmp_path / "results", tmp_path / "report", n_boot=50)
     assert {row.method for row in built.summary} == {"centroid", "linear"}
     assert [c.axis for c in built.comparisons] == ["method"]  # paired on the same test images
+
+
+# Every kind with test scores; few-shot goes through the same column drop, but the demo's train
+# split has too few patients for any shot count (see the test above).
+@pytest.mark.parametrize("kind", ["linear", "knn", "sgd"])
+def test_a_label_with_one_class_in_train_is_reported_and_the_probe_goes_on(
+    extracted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    import dataclasses
+
+    import embedkit.probes.run as run_module
+
+    real = run_module.split_features
+    seen: dict[str, int] = {}
+
+    def no_positive_for_label_0(entry, table, split, pooling):  # type: ignore[no-untyped-def]
+        part = real(entry, table, split, pooling)
+        if split != "train":
+            return part
+        y = part.y.copy()
+        y[:, 0] = 0.0
+        seen["labels"] = y.shape[1]
+        return dataclasses.replace(part, y=y)
+
+    monkeypatch.setattr(run_module, "split_features", no_positive_for_label_0)
+    record = run_probe(_probe(kind), manifest=extracted, results=tmp_path).record
+    name = record.labels[0]
+    assert any(n.startswith(f"'{name}' has 0 positives") and "in train" in n for n in record.notes)
+    row = record.per_label[0]
+    assert row["auroc"] is None and row["sensitivity"] is None
+    assert all(r["auroc"] is not None or r["n_pos"] * r["n_neg"] == 0 for r in record.per_label[1:])
+    scores = load_scores(tmp_path / (record.relpath() + ".json"))
+    assert np.isnan(scores.scores[:, 0]).all() and np.isfinite(scores.scores[:, 1:]).all()
+    defined = [
+        roc_auc_score(scores.y[scores.mask[:, j], j], scores.scores[scores.mask[:, j], j])
+        for j in range(1, seen["labels"])
+        if record.per_label[j]["auroc"] is not None
+    ]
+    assert record.metrics["macro_auroc"]["point"] == pytest.approx(np.mean(defined))
+
+
+def test_operating_points_come_from_validation_scores(extracted: Path, tmp_path: Path) -> None:
+    from embedkit.eval import youden
+    from embedkit.probes import KNNProbe
+    from embedkit.probes.features import split_features
+    from embedkit.probes.run import find_probe_entry
+    from embedkit.store import CacheRoot
+
+    record = run_probe(_probe("knn", ks=(3, 5)), manifest=extracted, results=tmp_path).record
+    assert record.operating_point == "youden on validation"
+    assert record.requested_resolution == 224 and record.tier == 224
+    man = load_manifest(extracted)
+    entry = find_probe_entry(CacheRoot.from_uri(man.cache), "demo", "test/tiny-dinov3-vit", 224)
+    table = man.dataset("demo").load()
+    tr, va, te = (split_features(entry, table, s, "cls") for s in ("train", "val", "test"))
+    probe = KNNProbe(k=(3, 5)).fit(tr.X, tr.y, mask=tr.mask)
+    k = record.selected["k"]
+    val_s, test_s = probe.predict_proba(va.X, k=k), probe.predict_proba(te.X, k=k)
+    checked = 0
+    for j, row in enumerate(record.per_label):
+        if row["threshold"] is None:
+            continue
+        thr, _, _ = youden(va.y[:, j], val_s[:, j], va.mask[:, j])
+        assert row["threshold"] == pytest.approx(thr)
+        m = te.mask[:, j]
+        called = test_s[m, j] >= thr
+        assert row["sensitivity"] == pytest.approx(called[te.y[m, j] == 1].mean())
+        checked += 1
+    assert checked >= 1
