@@ -6,6 +6,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, get_args, overload
 
@@ -29,7 +30,7 @@ from embedkit.extract.request import (
 )
 from embedkit.finetune.request import FinetuneRequest
 from embedkit.probes.request import ProbeRequest
-from embedkit.study.epochs import epoch_line
+from embedkit.study.display import epoch_line, working
 from embedkit.study.options import (
     field_defaults,
     finetune_methods,
@@ -756,14 +757,17 @@ def probe(
             "`extract --snap-resolution` stores it)"
         )
         request = dataclasses.replace(request, resolution=snapped)
-    outcome = run_probe(
-        request,
-        manifest=manifest,
-        cache=cache,
-        results=results,
-        local_cache=local_cache,
-        progress=lambda total, desc: rich_progress(total, desc, console=err, unit="unit"),
-    )
+    # The local-copy fetch shows its own bar (one live display at a time).
+    live = nullcontext() if local_cache else working(err, f"probe {request.kind}")
+    with live:
+        outcome = run_probe(
+            request,
+            manifest=manifest,
+            cache=cache,
+            results=results,
+            local_cache=local_cache,
+            progress=lambda total, desc: rich_progress(total, desc, console=err, unit="unit"),
+        )
     out.print(render_record(outcome.record))
     for note in outcome.record.notes:
         err.print(f"[yellow]note:[/yellow] {escape(note)}")
@@ -948,7 +952,8 @@ def finetune(
     def progress(log: Any) -> None:
         err.print(escape(epoch_line(log, request.epochs)), highlight=False)
 
-    outcome = run_finetune(request, manifest=manifest, results=results, on_epoch=progress)
+    with working(err, f"finetune {request.method}"):
+        outcome = run_finetune(request, manifest=manifest, results=results, on_epoch=progress)
     if outcome.rank != 0:
         return  # rank 0 of a torchrun job reports for the whole job
     out.print(render_record(outcome.record))

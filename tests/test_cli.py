@@ -171,7 +171,7 @@ def test_manifest_check_takes_m_like_every_other_command(
 
 def test_epoch_lines_are_formatted() -> None:
     from embedkit.finetune.train import EpochLog
-    from embedkit.study.epochs import epoch_line
+    from embedkit.study.display import epoch_line
 
     log = EpochLog(epoch=1, train_loss=0.9855625629425049, val_loss=0.5, lr=1e-5, seconds=3.21)
     line = epoch_line(log, 20)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -38,7 +39,7 @@ from embedkit.manifest import Manifest, load_manifest
 from embedkit.manifest.loader import format_validation_error, read_yaml
 from embedkit.models import EncoderSpec, resolve, validate_resolution
 from embedkit.probes.request import ProbeRequest
-from embedkit.study.epochs import epoch_line
+from embedkit.study.display import epoch_line, working
 from embedkit.study.options import (
     REQUEST_TYPES,
     request_from_options,
@@ -559,13 +560,15 @@ def _run_probe(ctx: Context, step: Step) -> str:
     from embedkit.probes.run import run_probe
 
     request = step.request(_effective_resolution(step, snap=True))
-    outcome = run_probe(
-        request,
-        manifest=ctx.manifest,
-        cache=ctx.cache,
-        results=ctx.results,
-        local_cache=ctx.local_cache,
-    )
+    live = nullcontext() if ctx.local_cache else working(ctx.console, f"  probe {request.kind}")
+    with live:
+        outcome = run_probe(
+            request,
+            manifest=ctx.manifest,
+            cache=ctx.cache,
+            results=ctx.results,
+            local_cache=ctx.local_cache,
+        )
     return "done (reused)" if outcome.reused else "done"
 
 
@@ -581,10 +584,11 @@ def _run_finetune(ctx: Context, step: Step) -> str:
     def progress(log: Any) -> None:
         ctx.console.print(f"  {escape(epoch_line(log, request.epochs))}", highlight=False)
 
-    outcome = run_finetune(
-        request, manifest=ctx.manifest, results=ctx.results, on_epoch=progress,
-        requested_resolution=step.resolution,
-    )  # fmt: skip
+    with working(ctx.console, f"  finetune {request.method}"):
+        outcome = run_finetune(
+            request, manifest=ctx.manifest, results=ctx.results, on_epoch=progress,
+            requested_resolution=step.resolution,
+        )  # fmt: skip
     return "done (reused)" if outcome.reused else "done"
 
 
