@@ -30,7 +30,7 @@ from embedkit.extract.request import (
 )
 from embedkit.finetune.request import FinetuneRequest
 from embedkit.probes.request import ProbeRequest
-from embedkit.study.display import epoch_line, working
+from embedkit.study.display import epoch_line, step_bar, working
 from embedkit.study.options import (
     field_defaults,
     finetune_methods,
@@ -952,8 +952,10 @@ def finetune(
     def progress(log: Any) -> None:
         err.print(escape(epoch_line(log, request.epochs)), highlight=False)
 
-    with working(err, f"finetune {request.method}"):
-        outcome = run_finetune(request, manifest=manifest, results=results, on_epoch=progress)
+    with step_bar(err, f"finetune {request.method}", unit="batches") as on_batch:
+        outcome = run_finetune(
+            request, manifest=manifest, results=results, on_epoch=progress, on_batch=on_batch
+        )
     if outcome.rank != 0:
         return  # rank 0 of a torchrun job reports for the whole job
     out.print(render_record(outcome.record))

@@ -3,7 +3,7 @@ for steps that report no finer progress."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,3 +37,40 @@ def working(console: Console, description: str) -> Iterator[None]:
     with Progress(*columns, console=console, transient=True) as bar:
         bar.add_task(description, total=None)
         yield
+
+
+@contextmanager
+def step_bar(
+    console: Console, description: str, unit: str = "step"
+) -> Iterator[Callable[[int, int], None]]:
+    """A bar with count, rate, elapsed and remaining time, driven by ``update(done, total)``
+    (e.g. finetuning's optimiser steps over all epochs); nothing on a non-terminal console,
+    where the epoch lines are the progress."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    if not console.is_terminal:
+        yield lambda done, total: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update

@@ -39,7 +39,7 @@ from embedkit.manifest import Manifest, load_manifest
 from embedkit.manifest.loader import format_validation_error, read_yaml
 from embedkit.models import EncoderSpec, resolve, validate_resolution
 from embedkit.probes.request import ProbeRequest
-from embedkit.study.display import epoch_line, working
+from embedkit.study.display import epoch_line, step_bar, working
 from embedkit.study.options import (
     REQUEST_TYPES,
     request_from_options,
@@ -584,10 +584,10 @@ def _run_finetune(ctx: Context, step: Step) -> str:
     def progress(log: Any) -> None:
         ctx.console.print(f"  {escape(epoch_line(log, request.epochs))}", highlight=False)
 
-    with working(ctx.console, f"  finetune {request.method}"):
+    with step_bar(ctx.console, f"  finetune {request.method}", unit="batches") as on_batch:
         outcome = run_finetune(
             request, manifest=ctx.manifest, results=ctx.results, on_epoch=progress,
-            requested_resolution=step.resolution,
+            requested_resolution=step.resolution, on_batch=on_batch,
         )  # fmt: skip
     return "done (reused)" if outcome.reused else "done"
 
