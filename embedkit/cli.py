@@ -797,9 +797,13 @@ def run_pipeline_cmd(
     """Run a whole study: datasets x models x resolutions x {extract, probes, finetune}, then
     the report.
 
-    Prints the plan first (what is cached or done, and the estimated forward compute of each
-    extraction from FLOPs per image). Finished steps are skipped, so rerunning after a kill
-    continues; a failing step is reported and the others still run (exit status 1 at the end).
+    Prints the plan first: every step, what is cached or done, each extraction's forward
+    FLOPs and each finetuning's (epochs x images x 3 x forward), and the totals per block and
+    for the study in GPU-hours on a named GPU at a stated MFU. A dry run plans a study before
+    its data is there (datasets missing from the manifest are marked, with how to add them, and
+    sized from the pipeline's `expected:`); running it needs them. Finished steps are skipped,
+    so rerunning after a kill continues; a failing step is reported and the others still run
+    (exit status 1 at the end, with the failed steps listed).
     """
     from embedkit.study.pipeline import run_pipeline
 
