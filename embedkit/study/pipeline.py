@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -664,13 +664,29 @@ class RunSummary:
         return [s for s in self.steps if s.status == "failed"]
 
 
+def _named_datasets(
+    datasets: Sequence[object], block_datasets: Sequence[Sequence[object] | None]
+) -> list[tuple[str, str]]:
+    """``(key, name)`` of every dataset a pipeline names (``datasets[0]``,
+    ``blocks[1].datasets[0]``)."""
+    named = [(f"datasets[{i}]", d) for i, d in enumerate(datasets)]
+    for i, names in enumerate(block_datasets):
+        named += [(f"blocks[{i}].datasets[{j}]", d) for j, d in enumerate(names or ())]
+    return [(key, name) for key, name in named if isinstance(name, str)]
+
+
 def _missing_datasets(pipe: Pipeline, man: Manifest) -> list[tuple[str, str]]:
     """``(key, name)`` of every dataset the pipeline names that the manifest does not define."""
-    spec = pipe.spec
-    named = [(f"datasets[{i}]", d) for i, d in enumerate(spec.datasets)]
-    for i, block in enumerate(spec.blocks):
-        named += [(f"blocks[{i}].datasets[{j}]", d) for j, d in enumerate(block.datasets or ())]
+    named = _named_datasets(pipe.spec.datasets, [b.datasets for b in pipe.spec.blocks])
     return [(key, name) for key, name in named if name not in man.datasets]
+
+
+def _not_in_manifest(source: Path, missing: list[tuple[str, str]], man: Manifest) -> list[str]:
+    return [
+        f"{source}: {key}: dataset {name!r} is not in {man.path}"
+        f"{did_you_mean(name, man.datasets) or '.'} To add it: {how_to_add(name, man)}"
+        for key, name in missing
+    ]
 
 
 def how_to_add(name: str, man: Manifest) -> str:
@@ -693,12 +709,24 @@ def how_to_add(name: str, man: Manifest) -> str:
     )
 
 
+def _raw_dataset_problems(source: Path, manifest: str | os.PathLike[str] | None) -> list[str]:
+    """Datasets an invalid pipeline file names that its manifest lacks (reported with its other
+    problems); nothing when the file or its manifest cannot be read."""
+    try:
+        data = read_yaml(source, ConfigError)
+        if not isinstance(data, dict):
+            return []
+        where = manifest if manifest is not None else data.get("manifest", "data_manifest.yaml")
+        man = load_manifest(source.parent / str(where) if manifest is None else where)
+    except EmbedkitError:
+        return []
+    blocks = [b.get("datasets") if isinstance(b, dict) else None for b in data.get("blocks") or []]
+    named = _named_datasets(data.get("datasets") or [], blocks)
+    return _not_in_manifest(source, [(k, n) for k, n in named if n not in man.datasets], man)
+
+
 def _dataset_problems(pipe: Pipeline, man: Manifest) -> list[str]:
-    return [
-        f"{pipe.path}: {key}: dataset {name!r} is not in {man.path}"
-        f"{did_you_mean(name, man.datasets) or '.'} To add it: {how_to_add(name, man)}"
-        for key, name in _missing_datasets(pipe, man)
-    ]
+    return _not_in_manifest(pipe.path, _missing_datasets(pipe, man), man)
 
 
 def _prepare_demo(pipe: Pipeline, man: Manifest, console: Console, dry_run: bool) -> None:
@@ -760,7 +788,13 @@ def run_pipeline(
     :func:`embedkit.store.open_local_copy`).
     """
     con = console or Console()
-    pipe = path if isinstance(path, Pipeline) else load_pipeline(path)
+    try:
+        pipe = path if isinstance(path, Pipeline) else load_pipeline(path)
+    except ConfigError as exc:  # add the datasets the manifest lacks: one round of fixes
+        missing = [] if dry_run else _raw_dataset_problems(Path(path), manifest)  # type: ignore[arg-type]
+        if missing:
+            raise ConfigError(_joined([str(exc), *missing])) from None
+        raise
     spec = pipe.spec
     man = load_manifest(manifest if manifest is not None else pipe.resolve_path(spec.manifest))
     problems = _dataset_problems(pipe, man)

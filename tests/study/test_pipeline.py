@@ -232,3 +232,17 @@ def test_every_problem_of_a_pipeline_is_reported_at_once(tmp_path: Path) -> None
     message = str(info.value)
     assert "linaer" in message
     assert "blocks[0].models[0]" in message and "did you mean 'dinov3/vitb16'" in message
+
+
+def test_a_run_reports_name_and_dataset_problems_in_one_round(tmp_path: Path) -> None:
+    (tmp_path / "manifest.yaml").write_text(
+        yaml.safe_dump({"datasets": {"demo": demo_dataset_config()}})
+    )
+    doc = _doc(models=["dinov3/vitb61"])
+    doc["datasets"] = ["dmeo"]
+    doc["manifest"] = "manifest.yaml"
+    with pytest.raises(ConfigError) as caught:
+        run_pipeline(_write(tmp_path, doc), console=Console(record=True))
+    message = str(caught.value)
+    assert "blocks[0].models[0]: unknown model 'dinov3/vitb61'" in message
+    assert "datasets[0]: dataset 'dmeo' is not in" in message and "did you mean 'demo'" in message
