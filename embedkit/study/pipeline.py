@@ -125,7 +125,8 @@ class PipelineFile(_Strict):
     blocks: tuple[Block, ...] = Field(min_length=1)
     demo_data: DemoData | None = None
     compare: tuple[CompareStep, ...] | None = None  # the report's paired comparisons
-    # Dataset sizes for the plan of a study whose data is not (yet) in the manifest.
+    # Dataset sizes for the plan of a study whose data is not (yet) in the manifest (sizes of
+    # datasets the pipeline does not name are not used: a dataset may be dropped and kept here).
     expected: dict[str, ExpectedSize] = Field(default_factory=dict)
 
 
@@ -265,13 +266,6 @@ def _name_problems(spec: PipelineFile) -> list[str]:
     for i, (_, problem) in enumerate(_pair_choices(spec)):
         if problem is not None:
             problems.append(f"compare[{i}]: {problem}")
-    named = set(spec.datasets) | {d for b in spec.blocks for d in (b.datasets or ())}
-    for name in spec.expected:
-        if name not in named:
-            problems.append(
-                f"expected.{name}: not a dataset of the pipeline"
-                f"{did_you_mean(name, sorted(named)) or '.'} Datasets: {', '.join(sorted(named))}"
-            )
     if spec.demo_data is not None and spec.demo_data.dataset not in spec.datasets:
         problems.append(
             f"demo_data.dataset: {spec.demo_data.dataset!r} is not one of the pipeline's "
@@ -823,7 +817,12 @@ def run_pipeline(
     con.print(totals_table(ctx, steps))
     for name in sorted(ctx.missing):
         size = spec.expected.get(name)
-        planned = f" (planned with the expected {size.images:,} images)" if size else ""
+        planned = (
+            f" (planned with the expected {size.images:,} images)"
+            if size
+            else " (no size under `expected:` in the pipeline"
+            f"{did_you_mean(name, spec.expected) or ''}: its compute is unknown)"
+        )
         con.print(
             f"[yellow]{escape(name)}[/yellow]: not in the manifest{planned}; how to add it: "
             f"{escape(how_to_add(name, man))}"

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from embedkit.errors import ConfigError
 from embedkit.study.demodata import demo_dataset_config
-from embedkit.study.pipeline import gpu_hours, load_pipeline, run_pipeline
+from embedkit.study.pipeline import gpu_hours, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "pipelines").glob("*.yaml"))
@@ -107,9 +107,13 @@ def test_running_a_study_without_its_data_is_refused(tmp_path: Path) -> None:
         run_pipeline(_study(tmp_path), console=_console()[0])
 
 
-def test_expected_sizes_name_datasets_of_the_pipeline(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"expected\.big-cxrr: .*did you mean 'big-cxr'"):
-        load_pipeline(_study(tmp_path, {"big-cxrr": {"images": 10}}))
+@pytest.mark.usefixtures("unreachable_hub")
+def test_a_dataset_without_an_expected_size_says_so(tmp_path: Path) -> None:
+    console, buffer = _console()
+    run_pipeline(_study(tmp_path, {"big-cxrr": {"images": 10}}), dry_run=True, console=console)
+    text = " ".join(buffer.getvalue().split())
+    assert "big-cxr: not in the manifest (no size under `expected:`" in text
+    assert "did you mean 'big-cxrr'?" in text and "its compute is unknown" in text
 
 
 @pytest.mark.usefixtures("unreachable_hub")
