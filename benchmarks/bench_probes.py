@@ -12,6 +12,19 @@ stored float16, 14 labels from a sparse logistic model, 5% of entries masked. Se
   no extrapolation), and its validation AUROCs are compared with the probe's on the same data.
   With ``--old-n > 0`` the previous solver (``precondition=False``) and the default are timed on a
   smaller ``--old-n`` x ``--old-d`` problem over every ``--old-every``-th C, in the same run.
+- ``ladder`` (issue 14): the size ladder, ``--rows digits,chexpert,large``: digits-like
+  multi-class (scikit-learn digits, 1,797 x 64, 10 classes), CheXpert-like multi-label (20,000 x
+  768, 14 labels, masks) and large (100,000 x 1,536); ``--scale`` shrinks the synthetic rows
+  (labelled). Per row, in one run on identical data and splits (test 20%, validation 10% of the
+  rest): ``LogisticProbe`` at its default tol and at tol 1e-12, and scikit-learn
+  ``LogisticRegression`` (lbfgs, max_iter 1000, standardised, one-vs-rest on valid rows) at its
+  default tol 1e-4 and at 1e-12 through the same protocol (45 Cs, validation choice, refit);
+  wall and CPU seconds, chosen C, test AUROC and its difference to embedkit's tol-1e-12 model.
+  ``--ladder-sk-cs`` / ``--ladder-sk-labels`` below 45 / 14 fit scikit-learn on that subset and
+  extrapolate its time (labelled so, no AUROC then).
+- ``small``: kNN (k=20, DINO vote) vs scikit-learn ``KNeighborsClassifier`` (brute, cosine, the
+  same weights) and faiss when installed, and few-shot (linear, C=1, 1-16 shots x 5 seeds) vs a
+  plain scikit-learn loop over the same draws, on the ladder rows.
 - ``knn``: ``KNNProbe.kneighbors`` (k=20) vs faiss-cpu ``IndexFlatIP`` on L2-normalised float32
   copies (normalisation included in faiss' time), same neighbours checked.
 - ``bootstrap``: ``bootstrap_ci`` macro AUROC, 1,000 resamples x 14 labels on ``--n-test`` rows.
@@ -20,6 +33,9 @@ stored float16, 14 labels from a sparse logistic model, 5% of entries masked. Se
   matrix is a complete cache entry ("cls" + "mean", written there on first use) read by ids as
   the probe runner reads it, and the peak of that read is reported too.
 
+    python benchmarks/bench_probes.py --section ladder --threads 1
+    python benchmarks/bench_probes.py --section ladder --rows large --ladder-sk-cs 5 \
+        --ladder-sk-labels 1
     python benchmarks/bench_probes.py --section linear --n 20000 --sk-labels 2
     python benchmarks/bench_probes.py --section knn --n 100000 --queries 5000
     python benchmarks/bench_probes.py --section memory --mem-n 200000 --mem-d 8192 \
@@ -33,6 +49,7 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -162,6 +179,219 @@ def bench_linear(args: argparse.Namespace) -> None:
             f"  before / after: {times['previous (precondition=False)'] / times['default']:.1f}x,"
             f" max |dAUROC| {np.nanmax(np.abs(a - b)):.2e}"
         )
+
+
+# ---- the size ladder (issue 14): embedkit vs scikit-learn at its defaults and at the protocol tol
+LADDER_ROWS = {
+    "digits": "digits-like multi-class: scikit-learn digits, 1,797 x 64, 10 classes",
+    "chexpert": "CheXpert-like multi-label: 20,000 x 768 float16, 14 labels, 5% masked",
+    "large": "large multi-label: 100,000 x 1,536 float16, 14 labels, 5% masked",
+}
+
+
+def ladder_data(row: str, scale: float) -> dict[str, Any]:
+    """Train / val / test of one ladder row: test = 20% of the rows, val = 10% of the rest
+    (DINOv2's split, seed 0). ``scale`` shrinks the synthetic rows' row count."""
+    rng = np.random.default_rng(0)
+    if row == "digits":
+        from sklearn.datasets import load_digits
+
+        X, y = load_digits(return_X_y=True)
+        X, M = X.astype(np.float32), None
+    else:
+        n, d = {"chexpert": (20_000, 768), "large": (100_000, 1536)}[row]
+        X, y, M = make_features(int(n * scale), d, 14)
+    perm = rng.permutation(X.shape[0])
+    n_te = X.shape[0] // 5
+    n_va = (X.shape[0] - n_te) // 10
+    parts = {"test": perm[:n_te], "val": perm[n_te : n_te + n_va], "train": perm[n_te + n_va :]}
+    out: dict[str, Any] = {"multiclass": M is None}
+    for name, idx in parts.items():
+        idx = np.sort(idx)
+        out[name] = (X[idx], y[idx], None if M is None else M[idx])
+    return out
+
+
+def _test_auroc(data: dict[str, Any], proba: np.ndarray) -> float:
+    from embedkit.eval.metrics import ovr_macro_auroc
+
+    _, yt, mt = data["test"]
+    if data["multiclass"]:
+        return float(ovr_macro_auroc(yt, proba, None))
+    return float(np.nanmean(per_label_auroc(yt, mt, proba)))
+
+
+def ladder_embedkit(data: dict[str, Any], tol: float | None) -> dict[str, Any]:
+    kw = {} if tol is None else {"tol": tol}
+    t0, c0 = time.perf_counter(), time.process_time()
+    probe = LogisticProbe(**kw).fit_select(*data["train"], *data["val"])
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    proba = probe.predict_proba(data["test"][0])
+    return {"wall": wall, "cpu": cpu, "C": float(probe.C_), "auroc": _test_auroc(data, proba)}
+
+
+def ladder_sklearn(data: dict[str, Any], tol: float, n_cs: int, n_labels: int) -> dict[str, Any]:
+    """scikit-learn ``LogisticRegression(lbfgs, C, tol, max_iter=1000)`` (one-vs-rest on each
+    label's valid rows for multi-label, multinomial for multi-class), standardised features,
+    through the same protocol: validation metric per C (accuracy / macro AUROC), the smallest
+    best C, refit on train + val. With ``n_cs`` < 45 or ``n_labels`` < 14 only that subset is
+    fitted and the time is extrapolated (labelled), and the chosen C / AUROC are not reported."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from embedkit.eval.metrics import accuracy
+
+    (Xtr, ytr, mtr), (Xva, yva, mva) = data["train"], data["val"]
+    sc = StandardScaler().fit(Xtr.astype(np.float64))
+    Xs, Xvs = sc.transform(Xtr.astype(np.float64)), sc.transform(Xva.astype(np.float64))
+    cs = DINOV2_CS
+    pick = np.linspace(0, cs.size - 1, n_cs).round().astype(int)
+    labels = 1 if data["multiclass"] else min(n_labels, ytr.shape[1])
+
+    def fit(X: np.ndarray, y: np.ndarray, m: np.ndarray | None, C: float, Xp: np.ndarray):
+        clf = LogisticRegression(C=C, tol=tol, max_iter=1000)
+        if data["multiclass"]:
+            return clf.fit(X, y).predict_proba(Xp)
+        cols = [clf.fit(X[m[:, j]], y[m[:, j], j]).predict_proba(Xp)[:, 1] for j in range(labels)]
+        return np.stack(cols, axis=1)
+
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)  # expected at tol 1e-12
+    t0, c0 = time.perf_counter(), time.process_time()
+    scores = []
+    for i in pick:
+        p = fit(Xs, ytr, mtr, cs[i], Xvs)
+        if data["multiclass"]:
+            scores.append(accuracy(yva, p, None))
+        else:
+            scores.append(np.nanmean(per_label_auroc(yva[:, :labels], mva[:, :labels], p)))
+    C = float(cs[pick[int(np.nanargmax(scores))]])
+    Xall = np.vstack([Xtr, Xva]).astype(np.float64)
+    yall = np.concatenate([ytr, yva])
+    mall = None if mtr is None else np.vstack([mtr, mva])
+    sc = StandardScaler().fit(Xall)
+    proba = fit(sc.transform(Xall), yall, mall, C, sc.transform(data["test"][0].astype(np.float64)))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    factor = (cs.size + 1) / (pick.size + 1) * (14 / labels if not data["multiclass"] else 1)
+    out = {"wall": wall * factor, "cpu": cpu * factor, "extrapolated": factor > 1}
+    if factor == 1:
+        out.update(C=C, auroc=_test_auroc(data, proba))
+    else:
+        out["measured"] = f"{labels} label(s) x {pick.size} Cs in {wall:.0f} s, x{factor:.1f}"
+    return out
+
+
+def bench_ladder(args: argparse.Namespace) -> None:
+    from threadpoolctl import threadpool_limits
+
+    for row in args.rows.split(","):
+        data = ladder_data(row, args.scale)
+        n_tr = data["train"][0].shape[0]
+        print(f"ladder {row}: {LADDER_ROWS[row]} (train {n_tr}, scale {args.scale}), "
+              f"{args.threads} thread(s)", flush=True)  # fmt: skip
+        with threadpool_limits(args.threads):
+            strict = ladder_embedkit(data, 1e-12)
+            default = ladder_embedkit(data, None)
+            res = {
+                "embedkit default": default,
+                "embedkit tol 1e-12": strict,
+                "sklearn default (tol 1e-4)": ladder_sklearn(
+                    data, 1e-4, args.ladder_sk_cs, args.ladder_sk_labels
+                ),
+                "sklearn tol 1e-12": ladder_sklearn(
+                    data, 1e-12, args.ladder_sk_cs, args.ladder_sk_labels
+                ),
+            }
+        for name, r in res.items():
+            extra = f", extrapolated from {r['measured']}" if r.get("extrapolated") else (
+                f", C {r['C']:.4g}, test AUROC {r['auroc']:.6f}, dAUROC vs embedkit tol 1e-12 "
+                f"{r['auroc'] - strict['auroc']:+.1e}"
+            )  # fmt: skip
+            print(f"  {name:28s} wall {r['wall']:8.1f} s  CPU {r['cpu']:8.1f} s{extra}")
+        sk_d, sk_s = res["sklearn default (tol 1e-4)"], res["sklearn tol 1e-12"]
+        print(
+            f"  ratio wall sklearn-default / embedkit {sk_d['wall'] / default['wall']:.1f}x "
+            f"(CPU {sk_d['cpu'] / default['cpu']:.1f}x); sklearn-tol-1e-12 / embedkit "
+            f"{sk_s['wall'] / default['wall']:.1f}x (CPU {sk_s['cpu'] / default['cpu']:.1f}x); "
+            f"embedkit tol 1e-12 / default {strict['wall'] / default['wall']:.1f}x",
+            flush=True,
+        )
+
+
+def bench_small(args: argparse.Namespace) -> None:
+    """kNN and few-shot on the ladder's small rows against scikit-learn (and faiss if present)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    from embedkit.probes import run_fewshot, sample_fewshot
+
+    for row in args.rows.split(","):
+        data = ladder_data(row, args.scale)
+        (Xtr, ytr, mtr), (Xte, yte, _) = data["train"], data["test"]
+        if not data["multiclass"]:  # scikit-learn's kNN has no masks: fully labelled here
+            mtr = np.ones_like(mtr)
+        print(f"small {row}: {LADDER_ROWS[row]} (train {Xtr.shape[0]}, test {Xte.shape[0]})")
+        with threadpool_limits(args.threads):
+            t0, c0 = time.perf_counter(), time.process_time()
+            ours = KNNProbe(k=20).fit(Xtr, ytr, mask=mtr).predict_proba(Xte)
+            w_e, c_e = time.perf_counter() - t0, time.process_time() - c0
+
+            def weights(dist: np.ndarray) -> np.ndarray:  # DINO's vote: exp(cos / 0.07)
+                return np.exp((1.0 - dist) / 0.07 - 1.0 / 0.07)
+
+            t0, c0 = time.perf_counter(), time.process_time()
+            sk = KNeighborsClassifier(20, weights=weights, algorithm="brute", metric="cosine")
+            p = sk.fit(Xtr.astype(np.float32), ytr).predict_proba(Xte.astype(np.float32))
+            w_s, c_s = time.perf_counter() - t0, time.process_time() - c0
+            p = np.asarray(p) if data["multiclass"] else np.stack([q[:, 1] for q in p], axis=1)
+            print(
+                f"  knn k=20: KNNProbe {w_e:.2f} s (CPU {c_e:.2f}), sklearn KNeighborsClassifier "
+                f"(brute, cosine, DINO weights) {w_s:.2f} s (CPU {c_s:.2f}); ratio sklearn / "
+                f"embedkit {w_s / w_e:.1f}x; max |d score| {np.abs(ours - p).max():.1e}"
+            )
+            try:
+                import faiss
+            except ImportError:
+                print("  knn faiss: not installed here (pip install faiss-cpu), skipped")
+            else:
+                t0 = time.perf_counter()
+                a = Xtr.astype(np.float32)
+                a /= np.linalg.norm(a, axis=1, keepdims=True)
+                q = Xte.astype(np.float32)
+                q /= np.linalg.norm(q, axis=1, keepdims=True)
+                index = faiss.IndexFlatIP(a.shape[1])
+                index.add(a)
+                index.search(q, 20)
+                print(f"  knn faiss IndexFlatIP search only: {time.perf_counter() - t0:.2f} s")
+            if not data["multiclass"]:
+                continue
+            groups = np.arange(Xtr.shape[0])
+            shots, seeds = (1, 2, 4, 8, 16), range(5)
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = run_fewshot(Xtr, ytr, None, groups, Xte, yte, None, shots=shots, seeds=seeds)
+            w_e, c_e = time.perf_counter() - t0, time.process_time() - c0
+            t0, c0 = time.perf_counter(), time.process_time()
+            from embedkit.eval.metrics import ovr_macro_auroc
+
+            aucs = []
+            for n_shots in shots:
+                for seed in seeds:
+                    d = sample_fewshot(ytr, None, groups, n_shots, seed)
+                    sc = StandardScaler().fit(Xtr[d.indices].astype(np.float64))
+                    clf = LogisticRegression(C=1.0).fit(
+                        sc.transform(Xtr[d.indices]), ytr[d.indices]
+                    )
+                    aucs.append(ovr_macro_auroc(yte, clf.predict_proba(sc.transform(Xte)), None))
+            w_s, c_s = time.perf_counter() - t0, time.process_time() - c0
+            ours_auc = [res.runs[(n, s)]["ovr_macro_auroc"] for n in shots for s in seeds]
+            print(
+                f"  few-shot linear C=1, shots {list(shots)} x 5 seeds: run_fewshot {w_e:.2f} s "
+                f"(CPU {c_e:.2f}), scikit-learn loop (same draws) {w_s:.2f} s (CPU {c_s:.2f}); "
+                f"ratio {w_s / w_e:.1f}x; max |d AUROC| "
+                f"{np.nanmax(np.abs(np.array(ours_auc) - np.array(aucs))):.1e}"
+            )
 
 
 def bench_knn(args: argparse.Namespace) -> None:
@@ -347,10 +577,18 @@ def main() -> None:
     ap.add_argument("--mem-iter", type=int, default=1000)
     ap.add_argument("--mem-store", default="", help="directory of a cache root to read from")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", default="digits,chexpert,large", help="ladder rows")
+    ap.add_argument("--ladder-sk-cs", type=int, default=45, help="ladder: sklearn Cs fitted")
+    ap.add_argument(
+        "--ladder-sk-labels", type=int, default=14, help="ladder: sklearn tol 1e-12 labels"
+    )
+    ap.add_argument("--scale", type=float, default=1.0, help="ladder: synthetic rows x scale")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sections = {
         "linear": bench_linear,
+        "ladder": bench_ladder,
+        "small": bench_small,
         "knn": bench_knn,
         "bootstrap": bench_bootstrap,
         "memory": bench_memory,

@@ -106,6 +106,10 @@ class ProbeInputError(EmbedkitError, ValueError):
     """Features, targets or masks that a probe cannot use (shape, dtype, values)."""
 
 
+class BackendUnavailableError(EmbedkitError, RuntimeError):
+    """A probe backend whose library or device is missing (cuML without CUDA, say)."""
+
+
 class ShardingError(EmbedkitError, ValueError):
     """The model does not fit the devices with any sharding this job can use."""
 

@@ -57,7 +57,7 @@ class Classifier(nn.Module):
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         adapter = get_family(self.spec.family)
-        outputs = self.encoder(pixel_values=pixels, **adapter.forward_kwargs)
+        outputs = adapter.forward(self.encoder, pixels, self.spec)
         tokens = adapter.tokens(outputs, self.spec, (int(pixels.shape[2]), int(pixels.shape[3])))
         return pool(tokens, [self.pooling])[self.pooling]
 

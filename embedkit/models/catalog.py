@@ -127,6 +127,102 @@ register(
     )
 )
 
+# --- self-supervised baselines: DINO (v1) and MAE ------------------------------------------
+
+for slug, dim, patch_px, params in (
+    ("vits16", 384, 16, 21_665_664),
+    ("vits8", 384, 8, 21_670_272),
+    ("vitb16", 768, 16, 85_798_656),
+    ("vitb8", 768, 8, 85_807_872),
+):
+    register(
+        EncoderSpec(
+            name=f"dino/{slug}",
+            family="vit",  # DINO checkpoints are ViTModel ones
+            hub_id=f"facebook/dino-{slug}",
+            embed_dim=dim,
+            params=params,
+            patch_size=patch_px,
+            input_multiple=patch_px,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            gated=False,
+            license="apache-2.0",
+            description=f"DINO (v1) ViT-{slug[3].upper()}/{patch_px}, ImageNet-1k self-supervised",
+        )
+    )
+
+for size, dim, patch_px, params in (
+    ("base", 768, 16, 85_798_656),
+    ("large", 1024, 16, 303_301_632),
+    ("huge", 1280, 14, 630_764_800),
+):
+    register(
+        EncoderSpec(
+            name=f"mae/vit-{size}{patch_px}",
+            family="vit-mae",
+            hub_id=f"facebook/vit-mae-{size}",
+            embed_dim=dim,
+            params=params,
+            patch_size=patch_px,
+            input_multiple=patch_px,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            gated=False,
+            license="apache-2.0",
+            description=f"MAE ViT-{size[0].upper()}/{patch_px} encoder, ImageNet-1k "
+            "self-supervised; run without masking (mask_ratio 0), patches in their original order",
+        )
+    )
+
+# --- weakly supervised (image-text) baselines: the vision towers of CLIP and SigLIP ----------
+
+#: OpenAI CLIP's normalisation (its preprocessor_config.json), not ImageNet's.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: SigLIP normalises to [-1, 1].
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+for slug, hub, dim, patch_px, params in (
+    ("vit-base16", "openai/clip-vit-base-patch16", 768, 16, 85_799_424),
+    ("vit-base32", "openai/clip-vit-base-patch32", 768, 32, 87_456_000),
+    ("vit-large14", "openai/clip-vit-large-patch14", 1024, 14, 303_179_776),
+):
+    register(
+        EncoderSpec(
+            name=f"clip/{slug}",
+            family="clip",
+            hub_id=hub,
+            embed_dim=dim,
+            params=params,
+            patch_size=patch_px,
+            input_multiple=patch_px,
+            mean=CLIP_MEAN,
+            std=CLIP_STD,
+            gated=False,
+            license="mit",
+            description=f"OpenAI CLIP ViT-{slug[4].upper()}/{patch_px} vision tower (WIT-400M "
+            "image-text); cls = post-LayerNorm CLS (the pooler output)",
+        )
+    )
+register(
+    EncoderSpec(
+        name="siglip/vit-base16",
+        family="siglip",
+        hub_id="google/siglip-base-patch16-224",
+        embed_dim=768,
+        params=92_884_224,
+        patch_size=16,
+        input_multiple=16,
+        mean=SIGLIP_MEAN,
+        std=SIGLIP_STD,
+        gated=False,
+        license="apache-2.0",
+        description="SigLIP ViT-B/16 vision tower at 224 px (WebLI image-text); no CLS token, "
+        "pooled = attention-pooling head",
+    )
+)
+
 # --- tiny test entries: the real architectures at a tiny size, random weights (fixed seed) ---
 
 _TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -153,8 +249,14 @@ _TINY: tuple[tuple[str, str, int | None, int, int, dict[str, object]], ...] = (
     ),
     ("tiny-convnext", "convnext", None, 0, 25_760, dict(_TINY_CONVNEXT)),
     ("tiny-vit", "vit", 16, 0, 48_096, {**_TINY_VIT, "intermediate_size": 64, "patch_size": 16}),
+    # mask_ratio stays at the checkpoints' 0.75: loading sets it to 0 (the family's overrides)
+    ("tiny-vit-mae", "vit-mae", 16, 0, 48_096, {**_TINY_VIT, "intermediate_size": 64}),
+    ("tiny-clip", "clip", 16, 0, 48_128, {**_TINY_VIT, "intermediate_size": 64, "patch_size": 16}),
+    ("tiny-siglip", "siglip", 16, 0, 56_544, {**_TINY_VIT, "intermediate_size": 64}),
 )
+_TINY_NORMALISATION = {"clip": (CLIP_MEAN, CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD)}
 for name, family, patch, registers, params, config in _TINY:
+    mean, std = _TINY_NORMALISATION.get(family, (IMAGENET_MEAN, IMAGENET_STD))
     register(
         EncoderSpec(
             name=f"test/{name}",
@@ -164,8 +266,8 @@ for name, family, patch, registers, params, config in _TINY:
             params=params,
             patch_size=patch,
             input_multiple=patch or 32,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
+            mean=mean,
+            std=std,
             gated=False,
             license="none (random weights)",
             num_register_tokens=registers,

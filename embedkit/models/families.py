@@ -20,12 +20,23 @@ Token layouts (checked by ``tests/models``):
 - DINOv2, ViT (ImageNet-21k): ``[CLS, patches]``. ``ViTModel`` is built without its tanh pooler.
 - DINOv3 ConvNeXt: ``[pooled, map tokens]``, both layer-normed.
 - ConvNeXt (ImageNet-22k): ``last_hidden_state`` is ``(B, C, H, W)``, ``pooler_output`` ``(B, C)``.
+- MAE (``ViTMAEModel``): ``[CLS, kept patches in shuffled order]``, layer-normed. embedkit sets
+  ``mask_ratio = 0`` on every loaded model (:attr:`FamilyAdapter.config_overrides`, so no patch is
+  dropped), passes increasing ``noise`` (:attr:`FamilyAdapter.extra_inputs`, so the "shuffle" is
+  the identity) and still puts the tokens back in place with the ``ids_restore`` the model returns
+  (a forward without that noise, e.g. in finetuning, is shuffled at random).
+- CLIP (``CLIPVisionModel``): ``[CLS, patches]`` from the last block *before* the final
+  LayerNorm; ``pooler_output = post_layernorm(CLS)`` is CLIP's image feature (what its
+  projection maps into the joint space), so ``cls`` is the pooler output, not ``hidden[:, 0]``.
+- SigLIP (``SiglipVisionModel``): ``[patches]``, no CLS token, layer-normed; ``pooler_output`` is
+  the attention-pooling (MAP) head over them, stored as ``pooled``.
 
 Patch tokens are row-major, so ``patches`` is ``(B, h, w, D)`` with ``h = H // stride``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -66,6 +77,8 @@ class ConfigFacts:
 
 
 TokensFn = Callable[[Any, "EncoderSpec", tuple[int, int]], Tokens]
+#: (pixels, spec) -> extra keyword inputs of the model's forward that depend on the batch
+InputsFn = Callable[["torch.Tensor", "EncoderSpec"], Mapping[str, Any]]
 FactsFn = Callable[["PretrainedConfig"], ConfigFacts]
 #: (spec, the checkpoint's config.json as a dict or None) -> the shape FLOPs are computed from
 ShapeFn = Callable[["EncoderSpec", "Mapping[str, object] | None"], ModelShape]
@@ -95,6 +108,11 @@ class FamilyAdapter:
     channels_last: bool = False
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # for __init__/from_pretrained
     forward_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: Config attributes set on every loaded model whatever its checkpoint says: settings for
+    #: frozen-feature use (MAE: ``mask_ratio = 0``, every patch kept). See :meth:`for_inference`.
+    config_overrides: Mapping[str, Any] = field(default_factory=dict)
+    #: Forward inputs computed from each batch (MAE: the noise that keeps patches in order).
+    extra_inputs: InputsFn | None = None
 
     def __post_init__(self) -> None:
         if not self.model_types:
@@ -105,6 +123,7 @@ class FamilyAdapter:
             raise ValueError(f"family {self.name!r} declares no blocks")
         object.__setattr__(self, "model_kwargs", MappingProxyType(dict(self.model_kwargs)))
         object.__setattr__(self, "forward_kwargs", MappingProxyType(dict(self.forward_kwargs)))
+        object.__setattr__(self, "config_overrides", MappingProxyType(dict(self.config_overrides)))
 
     @property
     def model_class(self) -> type[PreTrainedModel]:
@@ -123,6 +142,25 @@ class FamilyAdapter:
     def build_config(self, values: Mapping[str, object]) -> PretrainedConfig:
         values_any: dict[str, Any] = dict(values)
         return self.config_class(**values_any)
+
+    def for_inference(self, config: PretrainedConfig) -> PretrainedConfig:
+        """``config`` with :attr:`config_overrides` set (in place); every loading path builds
+        the model from it."""
+        for key, value in self.config_overrides.items():
+            if not hasattr(config, key):
+                raise ModelLoadError(
+                    f"family {self.name!r}: {type(config).__name__} has no {key!r} "
+                    "(the adapter's config_overrides do not fit this transformers version)"
+                )
+            setattr(config, key, value)
+        return config
+
+    def forward(self, model: torch.nn.Module, pixels: torch.Tensor, spec: EncoderSpec) -> Any:
+        """One forward pass of ``model`` over normalised ``pixels`` with the family's inputs."""
+        kwargs = dict(self.forward_kwargs)
+        if self.extra_inputs is not None:
+            kwargs.update(self.extra_inputs(pixels, spec))
+        return model(pixel_values=pixels, **kwargs)
 
     def count_params(self, config: PretrainedConfig) -> int:
         """Parameter count of the architecture, built on the meta device (no memory, no I/O)."""
@@ -276,6 +314,9 @@ def _config_int(config: Mapping[str, object], key: str, default: int) -> int:
 def vit_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
     if spec.patch_size is None:
         raise ModelLoadError(f"{spec.name}: a ViT spec needs a patch_size")
+    tower = config.get("vision_config") if config is not None else None
+    if isinstance(tower, Mapping):  # an image-text checkpoint (CLIP, SigLIP): its vision tower
+        config = tower
     if config is None:  # the family follows the standard S/B/L/H/g layouts
         layers = _VIT_LAYERS_BY_DIM.get(spec.embed_dim, 12)
     else:
@@ -289,6 +330,20 @@ def vit_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelSh
         "vit",
         spec.gflops_224,
     )
+
+
+def siglip_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
+    """A ViT without a CLS token, with an attention-pooling (MAP) head whose query path and MLP
+    run once per image (its key and value projections run on every token)."""
+    base = vit_shape(spec, config)
+    tower = config.get("vision_config") if config is not None else None
+    if isinstance(tower, Mapping):
+        config = tower
+    dim = spec.embed_dim
+    mlp = _config_int(config, "intermediate_size", 4 * dim) if config is not None else 4 * dim
+    # query and output projections, probe, LayerNorm, MLP (fc1 + fc2)
+    head = 2 * (dim * dim + dim) + dim + 2 * dim + (2 * dim * mlp + mlp + dim)
+    return dataclasses.replace(base, cls_token=False, per_image_params=head)
 
 
 def convnext_shape(spec: EncoderSpec, config: Mapping[str, object] | None) -> ModelShape:
@@ -343,6 +398,55 @@ def convnext_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]
         cls=None,
         pooled=outputs.pooler_output,
         patches=_as_grid(flat, _grid(spec, image_size), spec),
+    )
+
+
+def mae_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
+    """``[CLS, patches in the shuffled order]``: put the patches back with ``ids_restore``
+    (``restore[b, i]`` is where original patch ``i`` sits in the shuffled sequence)."""
+    hidden: torch.Tensor = outputs.last_hidden_state
+    shuffled = hidden[:, 1:]
+    restore: torch.Tensor = outputs.ids_restore
+    if restore.shape[1] != shuffled.shape[1] or bool(outputs.mask.any()):
+        raise ModelLoadError(
+            f"{spec.name}: the MAE encoder kept {shuffled.shape[1]} of {restore.shape[1]} "
+            "patches; frozen features need every patch (load the model through embedkit, "
+            "which sets mask_ratio = 0)"
+        )
+    index = restore.to(shuffled.device).unsqueeze(-1).expand(-1, -1, shuffled.shape[-1])
+    patches = shuffled.gather(1, index)
+    return Tokens(
+        cls=hidden[:, 0], pooled=None, patches=_as_grid(patches, _grid(spec, image_size), spec)
+    )
+
+
+def mae_ordered_noise(pixels: torch.Tensor, spec: EncoderSpec) -> dict[str, torch.Tensor]:
+    """MAE shuffles patches by ``argsort(noise)``: increasing noise keeps them in place."""
+    import torch
+
+    h, w = _grid(spec, (int(pixels.shape[2]), int(pixels.shape[3])))
+    order = torch.arange(h * w, device=pixels.device, dtype=torch.float32)
+    return {"noise": order.expand(pixels.shape[0], -1)}
+
+
+def clip_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
+    """CLS is CLIP's pooler output (``post_layernorm`` of the CLS token); the patch tokens are
+    the last block's output, which CLIPVisionModel does not layer-norm."""
+    hidden: torch.Tensor = outputs.last_hidden_state
+    return Tokens(
+        cls=outputs.pooler_output,
+        pooled=None,
+        patches=_as_grid(hidden[:, 1:], _grid(spec, image_size), spec),
+    )
+
+
+def siglip_tokens(outputs: Any, spec: EncoderSpec, image_size: tuple[int, int]) -> Tokens:
+    """No CLS token: every token is a patch; ``pooled`` is the attention-pooling head."""
+    hidden: torch.Tensor = outputs.last_hidden_state
+    return Tokens(
+        cls=None,
+        pooled=outputs.pooler_output,
+        patches=_as_grid(hidden, _grid(spec, image_size), spec),
     )
 
 
@@ -433,6 +537,54 @@ for _adapter in (
         # The tanh pooler of ViTModel is not the CLS token: leave it out.
         model_kwargs={"add_pooling_layer": False},
         # Learned position embeddings at 224 px: interpolate them for other resolutions.
+        forward_kwargs={"interpolate_pos_encoding": True},
+    ),
+    # Self-supervised: masked autoencoder (MAE); its encoder without masking.
+    FamilyAdapter(
+        name="vit-mae",
+        model_class_name="ViTMAEModel",
+        config_class_name="ViTMAEConfig",
+        model_types=("vit_mae",),
+        stored_poolings=VIT_POOLINGS,
+        tokens=mae_tokens,
+        facts=vit_facts,
+        shape=vit_shape,
+        lora_targets=VIT_LORA_TARGETS,
+        blocks_at="layers",
+        embeddings_at="embeddings",
+        # Fixed 2D sin-cos position embeddings at 224 px, interpolated for other resolutions.
+        forward_kwargs={"interpolate_pos_encoding": True},
+        config_overrides={"mask_ratio": 0.0},
+        extra_inputs=mae_ordered_noise,
+    ),
+    # Weakly supervised (image-text): the vision towers of CLIP and SigLIP. Hub checkpoints hold
+    # the whole image-text model (model_type "clip" / "siglip"); the vision model loads its part.
+    FamilyAdapter(
+        name="clip",
+        model_class_name="CLIPVisionModel",
+        config_class_name="CLIPVisionConfig",
+        model_types=("clip", "clip_vision_model"),
+        stored_poolings=VIT_POOLINGS,
+        tokens=clip_tokens,
+        facts=vit_facts,
+        shape=vit_shape,
+        lora_targets=VIT_LORA_TARGETS,
+        blocks_at="encoder.layers",
+        embeddings_at="embeddings",
+        forward_kwargs={"interpolate_pos_encoding": True},
+    ),
+    FamilyAdapter(
+        name="siglip",
+        model_class_name="SiglipVisionModel",
+        config_class_name="SiglipVisionConfig",
+        model_types=("siglip", "siglip_vision_model"),
+        stored_poolings=CONVNEXT_POOLINGS,  # no CLS token: the pooler output, as a ConvNeXt
+        tokens=siglip_tokens,
+        facts=vit_facts,
+        shape=siglip_shape,
+        lora_targets=VIT_LORA_TARGETS,
+        blocks_at="encoder.layers",
+        embeddings_at="embeddings",
         forward_kwargs={"interpolate_pos_encoding": True},
     ),
 ):

@@ -135,8 +135,8 @@ class LoadedEncoder:
         if self.device.type == "cuda" and self.dtype in _HALF:
             autocast = torch.autocast("cuda", dtype=self.dtype)
         with torch.inference_mode(), autocast:
-            outputs = self.model(
-                pixel_values=pixels.to(self.device, self.dtype), **self.adapter.forward_kwargs
+            outputs = self.adapter.forward(
+                self.model, pixels.to(self.device, self.dtype), self.spec
             )
             tokens = self.adapter.tokens(outputs, self.spec, (height, width))
             features = pool(tokens, names)
@@ -302,10 +302,13 @@ def _from_pretrained(
     revision: str | None = None,
     device_map: str | None = None,
 ) -> PreTrainedModel:
-    """``from_pretrained`` that refuses checkpoints with missing or mismatched weights."""
+    """``from_pretrained`` that refuses checkpoints with missing or mismatched weights; the
+    model is built from the checkpoint's config with the family's ``config_overrides``."""
     kwargs: dict[str, Any] = dict(adapter.model_kwargs)
-    if config is not None:
-        kwargs["config"] = config
+    if config is None:
+        with _hub_errors(str(source), revision):
+            config = adapter.config_class.from_pretrained(source, revision=revision or "main")
+    kwargs["config"] = adapter.for_inference(config)
     if revision is not None:
         kwargs["revision"] = revision
     if device_map is not None:

@@ -19,6 +19,9 @@ class ModelShape:
 
     ``patch``: the ViT patch size, or the stem stride (4) for a ConvNeXt; ``kind`` says which.
     ``layers``: the transformer blocks of a ViT, the blocks of all stages of a ConvNeXt.
+    ``cls_token``: whether the sequence starts with a CLS token (SigLIP has none).
+    ``per_image_params``: parameters used once per image rather than once per token (the query
+    path and MLP of an attention-pooling head), part of ``params``.
     """
 
     params: int
@@ -28,6 +31,8 @@ class ModelShape:
     registers: int = 0
     kind: ShapeKind = "vit"
     gflops_224: float | None = None
+    cls_token: bool = True
+    per_image_params: int = 0
 
     def __post_init__(self) -> None:
         for name in ("params", "embed_dim", "layers", "patch"):
@@ -36,7 +41,12 @@ class ModelShape:
                 raise ValueError(f"ModelShape: expected a positive int {name}, got {value!r}")
         if self.kind not in ("vit", "convnet"):
             raise ValueError(f"ModelShape: expected kind 'vit' or 'convnet', got {self.kind!r}")
+        if not 0 <= self.per_image_params < self.params:
+            raise ValueError(
+                "ModelShape: expected 0 <= per_image_params < params, got "
+                f"{self.per_image_params!r} of {self.params!r}"
+            )
 
     def tokens(self, side: int) -> int:
         """Sequence length of a ViT at ``side`` x ``side`` px (CLS + registers + patches)."""
-        return (side // self.patch) ** 2 + 1 + self.registers
+        return (side // self.patch) ** 2 + int(self.cls_token) + self.registers

@@ -239,7 +239,7 @@ def load_sharded_encoder(
 
     torch_dtype = parse_dtype(dtype)
     adapter = get_family(identity.spec.family)
-    config = adapter.config_class.from_pretrained(identity.directory)
+    config = adapter.for_inference(adapter.config_class.from_pretrained(identity.directory))
     with torch.device("meta"):
         built: torch.nn.Module = adapter.model_class(config, **adapter.model_kwargs)
     model = built.to(torch_dtype)

@@ -4,7 +4,10 @@ FLOPs (forward, multiply-add = 2 FLOPs):
 
 - ViT: ``2 * params * tokens + 4 * layers * tokens**2 * dim``: every weight is used once per token
   (the linear layers), plus the two ``tokens x tokens x dim`` attention matmuls per layer.
-  ``tokens = (side / patch)**2 + 1 + registers``. Matches the PROTOCOLS.md table within 1-7%.
+  ``tokens = (side / patch)**2 + 1 + registers`` (no 1 for SigLIP, which has no CLS token).
+  Matches the PROTOCOLS.md table within 1-7%, and timm's published MACs (x2) of ViT-S/16, B/16,
+  B/32, L/16, H/14 and CLIP L/14 at 224 px within 1.5%. The weights of an attention-pooling head
+  that only its one query runs through (``ModelShape.per_image_params``) count once.
 - ConvNeXt: scales with the pixel count from its 224 px figure (``EncoderSpec.gflops_224``, else
   ``2 * 174 * params``, the ConvNeXt-B ratio 31 GFLOPs / 89M params).
 
@@ -86,7 +89,12 @@ def flops_per_image(shape: ModelShape, side: int) -> float:
         )
         return base * (side / 224) ** 2
     t = shape.tokens(side)
-    return 2.0 * shape.params * t + 4.0 * shape.layers * t * t * shape.embed_dim
+    per_token = shape.params - shape.per_image_params
+    return (
+        2.0 * per_token * t
+        + 2.0 * shape.per_image_params
+        + 4.0 * shape.layers * t * t * shape.embed_dim
+    )
 
 
 def peak_tflops(device_name: str) -> float | None:

@@ -15,6 +15,7 @@ The GPU path is torch on CUDA (``device="cuda"``); see the probes' ``device`` ar
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "block_rows_for",
     "check_features",
     "column_stats",
+    "compute_threads",
     "fold_standardization",
     "safe_scale",
     "stat_tensors",
@@ -44,6 +46,27 @@ DEFAULT_MAX_RESIDENT_BYTES = 2**30
 #: Iterative solvers: converted row blocks cached between passes up to this size.
 DEFAULT_BLOCK_CACHE_BYTES = 2**28
 _BLOCK_BYTES = 2**26  # ~64 MB per converted block
+#: Up to this many feature values (rows x dims) a probe computes on one CPU thread.
+SINGLE_THREAD_MAX_ELEMENTS = 2**22
+
+
+@contextmanager
+def compute_threads(n_threads: int | None, n_elements: int) -> Iterator[int]:
+    """Run the block inside with ``n_threads`` torch CPU threads (restored afterwards).
+
+    None: one thread for small problems (up to :data:`SINGLE_THREAD_MAX_ELEMENTS` feature
+    values), where each pass over the rows is too short to split and a multi-threaded loop
+    collapses on a busy shared node, and torch's own setting above.
+    """
+    if n_threads is not None and n_threads < 1:
+        raise ProbeInputError(f"Expected n_threads >= 1 or None, got {n_threads}.")
+    old = torch.get_num_threads()
+    n = n_threads or (1 if n_elements <= SINGLE_THREAD_MAX_ELEMENTS else old)
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(old)
 
 
 @dataclass(frozen=True)

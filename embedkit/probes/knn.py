@@ -30,6 +30,7 @@ from embedkit.probes.backends import (
     check_features,
     torch_dtype,
 )
+from embedkit.probes.external import check_backend, neighbours
 from embedkit.probes.targets import check_targets
 
 __all__ = ["DINO_KS", "KNNProbe"]
@@ -87,6 +88,10 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
     when ``k`` is an int), ``predict_proba(X, k=20)`` those for one k, and
     ``predict_proba_per_k(X)`` ``{k: scores}`` for every k in ``k`` from one neighbour search.
 
+    ``backend``: ``"torch"`` (default, blocked exact search), ``"sklearn"`` or ``"cuml"`` (that
+    library's brute-force cosine ``NearestNeighbors`` on a float32 copy of the training features;
+    :mod:`embedkit.probes.external`); the vote is the same.
+
     A scikit-learn estimator (``get_params`` / ``set_params``, :func:`sklearn.base.clone`);
     fitted attributes end in ``_``; :class:`~embedkit.errors.NotFittedError` before ``fit``.
     """
@@ -101,6 +106,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         task: Literal["auto", "multilabel", "multiclass"] = "auto",
         train_block_size: int | None = None,
         max_resident_bytes: int = DEFAULT_MAX_RESIDENT_BYTES,
+        backend: Literal["torch", "sklearn", "cuml"] = "torch",
     ) -> None:
         self.k = k
         self.temperature = temperature
@@ -110,6 +116,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         self.task = task
         self.train_block_size = train_block_size
         self.max_resident_bytes = max_resident_bytes
+        self.backend = backend
 
     @property
     def _ks(self) -> list[int]:
@@ -133,6 +140,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         dt = torch_dtype(self.dtype)
         dev = torch.device(self.device)
         self._X = arr
+        self._X32: NDArray[np.float32] | None = None
         self._cache: tuple[int, list[tuple[int, torch.Tensor]]] | None = None
         rows = self.train_block_size or block_rows_for(arr.shape[1], 8)
         inv = np.empty(arr.shape[0])
@@ -201,6 +209,15 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
 
     def _search(self, Q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top k (sims, train indices) of normalised queries ``Q`` against all training rows."""
+        if check_backend(self.backend) != "torch":
+            if self._X32 is None:  # one float32 copy for the library
+                self._X32 = np.asarray(self._X, dtype=np.float32)
+            kk = min(k, self._X.shape[0])
+            X32: NDArray[np.float32] = self._X32
+            sims, idx = neighbours(self.backend, X32, Q.cpu().numpy(), kk)
+            return torch.as_tensor(sims, dtype=Q.dtype, device=Q.device), torch.as_tensor(
+                idx, device=Q.device
+            )
         n_train = self._X.shape[0]
         rows = self.train_block_size or max(k, 16384)
         cached = self._train_blocks(k)

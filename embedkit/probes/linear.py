@@ -1,14 +1,17 @@
 """L2 logistic-regression probe over a C path (DINOv2 ``log_regression``), on torch.
 
 :class:`LogisticProbe` follows DINOv2's protocol (PROTOCOLS.md "Probe protocols"): L2 penalty,
-``C = 10 ** linspace(-6, 5, 45)``, max_iter 1000, tol 1e-12, float64; C chosen on a validation
-split (10% of train, seed 0, when none is given); the final model is refit on train +
-validation. Per label the objective is scikit-learn's ``LogisticRegression(C=C)``
+``C = 10 ** linspace(-6, 5, 45)``, max_iter 1000, tol 1e-12 (here ``tol=1e-12``; the default
+:data:`DEFAULT_TOL` gives the same chosen C and test AUROC, measured), float64; C chosen on a
+validation split (10% of train, seed 0, when none is given); the final model is refit on
+train + validation. Per label the objective is scikit-learn's ``LogisticRegression(C=C)``
 (:mod:`embedkit.probes.objective`); multi-label = independent sigmoids (one-vs-rest, DINOv3's
 scikit-learn setup) with masks, multi-class = softmax (multinomial).
 
-All labels are solved together by a batched, preconditioned L-BFGS
-(:mod:`embedkit.probes.lbfgs`, :mod:`embedkit.probes.precondition`); the C grid is swept as a
+All labels are solved together: up to :data:`NEWTON_MAX_FEATURES` features by a batched
+Newton-CG with the exact Hessian blocks (:mod:`embedkit.probes.newton`), above by a batched,
+preconditioned L-BFGS (:mod:`embedkit.probes.lbfgs`, :mod:`embedkit.probes.precondition`);
+small problems run on one CPU thread (``n_threads``). The C grid is swept as a
 warm-started path from strong to weak regularisation. Features stay in their stored dtype
 (float16 by default): every pass converts one row block at a time to the compute dtype and
 standardisation is folded into the weights, so peak memory is the features plus a few blocks.
@@ -32,12 +35,15 @@ from embedkit.probes.backends import (
     Source,
     check_features,
     column_stats,
+    compute_threads,
     safe_scale,
     stat_tensors,
     torch_dtype,
 )
+from embedkit.probes.external import check_backend, fit_logistic
 from embedkit.probes.fitted import LinearPredictor, best_index, logits, val_scores
 from embedkit.probes.lbfgs import SolveInfo, lbfgs
+from embedkit.probes.newton import newton_cg
 from embedkit.probes.objective import LogisticObjective
 from embedkit.probes.precondition import Spectrum
 from embedkit.probes.targets import (
@@ -50,12 +56,23 @@ from embedkit.probes.targets import (
     resolve_task,
 )
 
-__all__ = ["DINOV2_CS", "LogisticProbe", "PathResult"]
+__all__ = ["DEFAULT_TOL", "DINOV2_CS", "LogisticProbe", "PathResult"]
 
 logger = logging.getLogger(__name__)
 
 #: DINOv2 ``log_regression``: C = 10 ** linspace(-6, 5, 45).
 DINOV2_CS: NDArray[np.float64] = np.logspace(-6, 5, 45)
+#: ``solver="auto"``: Newton-CG up to this many features, preconditioned L-BFGS above
+#: (measured, benchmarks/RESULTS.md "Probe solvers": at 768 features L-BFGS needs fewer passes
+#: over the rows than spectrum-preconditioned Newton-CG at the default tol).
+NEWTON_MAX_FEATURES = 256
+#: Newton-CG preconditioned by the exact per-column Hessian blocks up to this many features
+#: (by the features' spectrum above, with ``solver="newton"``).
+EXACT_BLOCKS_MAX_FEATURES = 256
+#: Default stopping tolerance (gradient max-norm of the scaled objective), chosen by measurement
+#: (benchmarks/RESULTS.md "Probe solvers"): the chosen C and the test AUROC of tol 1e-12 to
+#: within 2e-6 on the ladder datasets; ``tol=1e-12`` is DINOv2's strict protocol.
+DEFAULT_TOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -87,8 +104,8 @@ class LogisticProbe(LinearPredictor):
     """L2 logistic regression probe with DINOv2's C grid, solved as one batched torch problem.
 
     Parameters follow DINOv2 ``log_regression`` (PROTOCOLS.md): ``Cs`` = 10 ** linspace(-6, 5, 45),
-    ``max_iter`` 1000 (per C), ``tol`` 1e-12, float64, validation split 10% / seed 0 when ``fit``
-    gets no validation data, refit on train + val.
+    ``max_iter`` 1000 (per C), ``tol`` 1e-12 (default :data:`DEFAULT_TOL`, see above), float64,
+    validation split 10% / seed 0 when ``fit`` gets no validation data, refit on train + val.
 
     - ``Cs``: the C grid searched when ``C`` is None (None: DINOv2's grid, :data:`DINOV2_CS`).
     - ``C``: if set, :meth:`fit` trains at this C without any selection.
@@ -104,9 +121,19 @@ class LogisticProbe(LinearPredictor):
       (one-vs-rest macro).
     - ``device`` / ``dtype``: where and in which precision the solver runs (``"cuda"`` for GPUs);
       the features keep their own dtype and are converted one row block at a time.
-    - ``precondition``: ``"auto"`` / True (default) preconditions L-BFGS with the spectrum of the
-      standardised features (exact up to 2,048 features, rank 512 randomized above; see
-      :mod:`embedkit.probes.precondition`); False runs plain L-BFGS. Same optimum either way.
+    - ``precondition`` (L-BFGS only): ``"auto"`` / True (default) preconditions L-BFGS with the
+      spectrum of the standardised features (exact up to 2,048 features, rank 1,024 randomized
+      above; see :mod:`embedkit.probes.precondition`); False runs plain L-BFGS. Same optimum.
+    - ``tol``: stop when the gradient max-norm of the scaled objective is at most ``tol`` (or
+      the objective no longer decreases in floating point). ``1e-12`` is DINOv2's strict setting.
+    - ``solver``: ``"auto"`` (Newton-CG up to :data:`NEWTON_MAX_FEATURES` features, L-BFGS
+      above), ``"newton"`` or ``"lbfgs"``: same optimum, different speed.
+    - ``n_threads``: torch CPU threads while fitting (None: one for small problems, see
+      :func:`~embedkit.probes.backends.compute_threads`, torch's setting otherwise).
+    - ``backend``: ``"torch"`` (embedkit's solvers), ``"sklearn"`` (scikit-learn's
+      ``LogisticRegression`` per label and C: the CPU reference) or ``"cuml"`` (RAPIDS cuML on a
+      GPU, as DINOv2's reference evaluation); same protocol and objective, see
+      :mod:`embedkit.probes.external`. ``solver`` and ``precondition`` apply to ``"torch"``.
     - ``max_resident_bytes``: converted row blocks are cached between passes when their total
       fits (default 256 MiB: small problems only); larger inputs are re-converted per pass, so
       peak memory stays near the size of the stored features.
@@ -125,7 +152,7 @@ class LogisticProbe(LinearPredictor):
         *,
         standardize: bool = True,
         max_iter: int = 1000,
-        tol: float = 1e-12,
+        tol: float = DEFAULT_TOL,
         device: str = "cpu",
         dtype: torch.dtype | str = "float64",
         task: Task = "auto",
@@ -136,6 +163,9 @@ class LogisticProbe(LinearPredictor):
         history: int = 10,
         max_resident_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
         precondition: bool | Literal["auto"] = "auto",
+        solver: Literal["auto", "newton", "lbfgs"] = "auto",
+        n_threads: int | None = None,
+        backend: Literal["torch", "sklearn", "cuml"] = "torch",
     ) -> None:
         self.Cs = Cs
         self.C = C
@@ -152,6 +182,9 @@ class LogisticProbe(LinearPredictor):
         self.history = history
         self.max_resident_bytes = max_resident_bytes
         self.precondition = precondition
+        self.solver = solver
+        self.n_threads = n_threads
+        self.backend = backend
 
     # ---- helpers
     def _sorted_cs(self) -> NDArray[np.float64]:
@@ -225,6 +258,27 @@ class LogisticProbe(LinearPredictor):
             raise ProbeInputError(
                 f"Invalid precondition {self.precondition!r}, choose one of [True, False, 'auto']."
             )
+        if check_backend(self.backend) != "torch":
+            W, n_iter, conv = fit_logistic(
+                self.backend,
+                obj.standardised_rows(),
+                obj.targets,
+                obj.n_cols,
+                C,
+                tol=self.tol,
+                max_iter=self.max_iter,
+            )
+            W_t = torch.as_tensor(W, dtype=W0.dtype, device=W0.device)
+            return W_t, SolveInfo(n_iter, conv)
+        if self.solver not in ("auto", "newton", "lbfgs"):
+            raise ProbeInputError(
+                f"Invalid solver {self.solver!r}, choose one of ['auto', 'newton', 'lbfgs']."
+            )
+        if self.solver == "newton" or (
+            self.solver == "auto" and obj.blocks.n_features <= NEWTON_MAX_FEATURES
+        ):
+            exact = obj.blocks.n_features <= EXACT_BLOCKS_MAX_FEATURES
+            return newton_cg(obj, W0, C_t, max_iter=self.max_iter, tol=self.tol, exact_blocks=exact)
         return lbfgs(
             obj,
             W0,
@@ -273,6 +327,12 @@ class LogisticProbe(LinearPredictor):
         """Fit at ``C`` if set; otherwise choose C on a held-out ``val_fraction`` of the rows
         (whole ``groups`` per side when given; DINOv2: 10%, seed 0) and refit on all rows."""
         arr = check_features(X)
+        with compute_threads(self.n_threads, arr.size):
+            return self._fit(arr, y, mask, groups)
+
+    def _fit(
+        self, arr: NDArray[Any], y: ArrayLike, mask: ArrayLike | None, groups: ArrayLike | None
+    ) -> LogisticProbe:
         y = check_targets(y, arr.shape[0], "LogisticProbe")
         if self.C is None:
             tr, va = holdout_split(arr.shape[0], self.val_fraction, self.seed, groups)
@@ -310,14 +370,11 @@ class LogisticProbe(LinearPredictor):
         mask_val: ArrayLike | None,
     ) -> PathResult:
         """Fit the warm-started C path on train and score every C on validation (no refit)."""
-        return self._path(
-            [Source(check_features(X_train))],
-            y_train,
-            mask_train,
-            [Source(check_features(X_val, "X_val"))],
-            y_val,
-            mask_val,
-        )[0]
+        train, val = check_features(X_train), check_features(X_val, "X_val")
+        with compute_threads(self.n_threads, train.size + val.size):
+            return self._path([Source(train)], y_train, mask_train, [Source(val)], y_val, mask_val)[
+                0
+            ]
 
     def _path(
         self,
@@ -411,14 +468,11 @@ class LogisticProbe(LinearPredictor):
         """Choose C on validation along the path (``path_``), then refit on train + val at the
         chosen C (``C_``: float under joint selection, ``(L,)`` under per-label), warm-started
         from the path solution. Train and val are streamed together, never concatenated."""
-        return self._fit_select_sources(
-            [Source(check_features(X_train))],
-            y_train,
-            mask_train,
-            [Source(check_features(X_val, "X_val"))],
-            y_val,
-            mask_val,
-        )
+        train, val = check_features(X_train), check_features(X_val, "X_val")
+        with compute_threads(self.n_threads, train.size + val.size):
+            return self._fit_select_sources(
+                [Source(train)], y_train, mask_train, [Source(val)], y_val, mask_val
+            )
 
     def _fit_select_sources(
         self,

@@ -59,6 +59,27 @@ def _convnext(out: Any, h: int, w: int) -> Expected:
     }
 
 
+def _clip(out: Any, h: int, w: int) -> Expected:
+    hidden = out.last_hidden_state  # [CLS, patches], not layer-normed
+    assert hidden.shape[1] == 1 + h * w
+    patches = hidden[:, 1:]
+    return {
+        "cls": out.pooler_output,  # post_layernorm(CLS)
+        "mean": patches.mean(1),
+        "patch": patches.reshape(hidden.shape[0], h, w, -1),
+    }
+
+
+def _siglip(out: Any, h: int, w: int) -> Expected:
+    hidden = out.last_hidden_state  # [patches]: no CLS token
+    assert hidden.shape[1] == h * w
+    return {
+        "pooled": out.pooler_output,  # the attention-pooling head
+        "mean": hidden.mean(1),
+        "patch": hidden.reshape(hidden.shape[0], h, w, -1),
+    }
+
+
 BY_HAND = {
     "test/tiny-dinov3-vit": _vit(1 + 4),
     "test/tiny-dinov2": _vit(1),
@@ -66,6 +87,9 @@ BY_HAND = {
     "test/tiny-vit": _vit(1),
     "test/tiny-dinov3-convnext": _dinov3_convnext,
     "test/tiny-convnext": _convnext,
+    "test/tiny-vit-mae": _vit(1),  # with ordered noise (below), MAE keeps the patch order
+    "test/tiny-clip": _clip,
+    "test/tiny-siglip": _siglip,
 }
 
 
@@ -108,14 +132,18 @@ def test_encode_matches_a_direct_forward(
     resolution = 224 if scale == 14 else spec.input_multiple * scale
     pixels = torch.randn(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(3))
     poolings = [*get_family(spec.family).stored_poolings]
-    if spec.patch_size is not None:
+    if "cls" in poolings:
         poolings.append("cls+mean")
     features = encoder.encode(pixels, poolings)
 
-    kwargs = {"interpolate_pos_encoding": True} if spec.family == "vit" else {}
+    side = resolution // spec.feature_stride
+    kwargs: dict[str, Any] = {}
+    if spec.family in {"vit", "vit-mae", "clip", "siglip"}:  # learned / fixed 224 px pos-embed
+        kwargs["interpolate_pos_encoding"] = True
+    if spec.family == "vit-mae":  # argsort of increasing noise: no shuffle
+        kwargs["noise"] = torch.arange(side * side, dtype=torch.float32).expand(2, -1)
     with torch.no_grad():
         out = encoder.model(pixel_values=pixels, **kwargs)
-    side = resolution // spec.feature_stride
     expected = BY_HAND[name](out, side, side)
     for key, value in expected.items():
         assert features[key].dtype == torch.float32

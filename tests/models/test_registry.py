@@ -41,6 +41,12 @@ def test_catalog_has_the_protocol_entries() -> None:
         *(f"test/tiny-{f}" for f in ("dinov3-vit", "dinov3-convnext", "dinov2", "dinov2-reg")),
         "test/tiny-convnext",
         "test/tiny-vit",
+        # the baselines of issue 16: self-supervised (DINO v1, MAE), image-text (CLIP, SigLIP)
+        *(f"dino/vit{s}" for s in ("s16", "s8", "b16", "b8")),
+        *(f"mae/vit-{s}" for s in ("base16", "large16", "huge14")),
+        *(f"clip/vit-{s}" for s in ("base16", "base32", "large14")),
+        "siglip/vit-base16",
+        *(f"test/tiny-{f}" for f in ("vit-mae", "clip", "siglip")),
     }
     assert expected <= names
 
@@ -56,7 +62,8 @@ def test_spec_facts_are_consistent(spec: EncoderSpec) -> None:
         assert "cls" not in adapter.stored_poolings
     else:
         assert spec.input_multiple == spec.patch_size
-        assert "cls" in adapter.stored_poolings
+        # a ViT without a CLS token (SigLIP) offers its pooler output instead
+        assert {"cls", "pooled"} & set(adapter.stored_poolings)
     assert (spec.hub_id is None) == (spec.tiny_config is not None)
     if spec.tiny_config is not None:
         config = adapter.build_config(spec.tiny_config)

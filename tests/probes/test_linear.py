@@ -1,4 +1,7 @@
-"""LogisticProbe against scikit-learn's LogisticRegression on real bundled data; SGD heads."""
+"""LogisticProbe against scikit-learn's LogisticRegression on real bundled data; SGD heads.
+
+The comparisons run at the strict protocol tol 1e-12 (as scikit-learn's reference fits).
+"""
 
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ def _sk(X: np.ndarray, y: np.ndarray, C: float) -> LogisticRegression:
 @pytest.mark.parametrize("C", [1e-4, 1e-2, 1.0, 10.0])
 def test_multilabel_matches_sklearn_per_label(C: float) -> None:
     X, _, Y = _digits()
-    probe = LogisticProbe(C=C).fit(X, Y)
+    probe = LogisticProbe(tol=1e-12, C=C).fit(X, Y)
     Xs = StandardScaler().fit_transform(X.astype(np.float64))
     ref = np.stack([_sk(Xs, Y[:, j], C).predict_proba(Xs)[:, 1] for j in range(3)], axis=1)
     assert np.abs(probe.predict_proba(X) - ref).max() < P_TOL
@@ -45,7 +48,7 @@ def test_multilabel_matches_sklearn_per_label(C: float) -> None:
 @pytest.mark.parametrize("C", [1e-3, 1.0])
 def test_multiclass_matches_sklearn_softmax(C: float) -> None:
     X, y, _ = _digits()
-    probe = LogisticProbe(C=C).fit(X, y)
+    probe = LogisticProbe(tol=1e-12, C=C).fit(X, y)
     Xs = StandardScaler().fit_transform(X.astype(np.float64))
     ref = _sk(Xs, y, C)
     assert np.abs(probe.predict_proba(X) - ref.predict_proba(Xs)).max() < P_TOL
@@ -54,7 +57,7 @@ def test_multiclass_matches_sklearn_softmax(C: float) -> None:
 
 def test_breast_cancer_coefficients_on_raw_features() -> None:
     X, y = load_breast_cancer(return_X_y=True)
-    probe = LogisticProbe(C=0.5).fit(X, y[:, None].astype(float))
+    probe = LogisticProbe(tol=1e-12, C=0.5).fit(X, y[:, None].astype(float))
     Xs = StandardScaler().fit_transform(X)
     ref = _sk(Xs, y, 0.5)
     sc = StandardScaler().fit(X)
@@ -71,15 +74,17 @@ def test_mask_equals_fitting_on_the_subset() -> None:
     Y_garbage = Y.copy()
     Y_garbage[~mask] = -1  # masked entries may hold anything
     # No standardisation: its statistics would differ between all rows and the subset.
-    masked = LogisticProbe(C=0.1, standardize=False).fit(X, Y_garbage, mask=mask)
+    masked = LogisticProbe(tol=1e-12, C=0.1, standardize=False).fit(X, Y_garbage, mask=mask)
     P = masked.predict_proba(X)
     for j in range(3):
-        sub = LogisticProbe(C=0.1, standardize=False).fit(X[mask[:, j]], Y[mask[:, j], j : j + 1])
+        sub = LogisticProbe(tol=1e-12, C=0.1, standardize=False).fit(
+            X[mask[:, j]], Y[mask[:, j], j : j + 1]
+        )
         # Unstandardised pixels are ill-conditioned: both fits stop within ~1e-5 of the optimum.
         np.testing.assert_allclose(masked.coef_[:, j], sub.coef_[:, 0], atol=5e-5)
         assert np.abs(P[:, j] - sub.predict_proba(X)[:, 0]).max() < P_TOL
     # The wrong way (masked entries as negatives) gives a clearly different model.
-    as_negative = LogisticProbe(C=0.1, standardize=False).fit(X, np.where(mask, Y, 0))
+    as_negative = LogisticProbe(tol=1e-12, C=0.1, standardize=False).fit(X, np.where(mask, Y, 0))
     assert np.abs(as_negative.predict_proba(X) - P).max() > 0.1
 
 
@@ -87,26 +92,28 @@ def test_warm_path_equals_cold_fits_and_selection() -> None:
     X, _, Y = _digits()
     Xtr, Xva, Ytr, Yva = X[:1200], X[1200:], Y[:1200], Y[1200:]
     Cs = np.logspace(-4, 1, 8)
-    probe = LogisticProbe(Cs=Cs).fit_select(Xtr, Ytr, None, Xva, Yva, None)
+    probe = LogisticProbe(tol=1e-12, Cs=Cs).fit_select(Xtr, Ytr, None, Xva, Yva, None)
     path = probe.path_
     assert path.scores.shape == (8, 3)
     assert Cs[int(np.argmax(path.score))] == probe.C_
     # The path model at one C equals a cold fit at that C (validation scores agree).
-    cold = LogisticProbe(C=float(Cs[3])).fit(Xtr, Ytr)
+    cold = LogisticProbe(tol=1e-12, C=float(Cs[3])).fit(Xtr, Ytr)
     from embedkit.eval.metrics import per_label_auroc
 
     np.testing.assert_allclose(
         per_label_auroc(Yva, None, cold.predict_proba(Xva)), path.scores[3], atol=1e-6
     )
     # Refit on train + val at the chosen C equals a cold fit on the concatenation.
-    full = LogisticProbe(C=float(probe.C_)).fit(np.vstack([Xtr, Xva]), np.vstack([Ytr, Yva]))
+    full = LogisticProbe(tol=1e-12, C=float(probe.C_)).fit(
+        np.vstack([Xtr, Xva]), np.vstack([Ytr, Yva])
+    )
     assert np.abs(full.predict_proba(X) - probe.predict_proba(X)).max() < P_TOL
 
 
 def test_per_label_selection_picks_each_labels_best() -> None:
     X, _, Y = _digits()
     Cs = np.logspace(-4, 1, 6)
-    probe = LogisticProbe(Cs=Cs, select="per_label")
+    probe = LogisticProbe(tol=1e-12, Cs=Cs, select="per_label")
     probe.fit_select(X[:1200], Y[:1200], None, X[1200:], Y[1200:], None)
     expected = Cs[np.nanargmax(probe.path_.scores, axis=0)]
     np.testing.assert_array_equal(probe.C_, expected)
@@ -114,7 +121,7 @@ def test_per_label_selection_picks_each_labels_best() -> None:
 
 def test_fit_without_C_holds_out_ten_percent() -> None:
     X, y, _ = _digits()
-    probe = LogisticProbe(Cs=np.logspace(-3, 0, 4)).fit(X, y)
+    probe = LogisticProbe(tol=1e-12, Cs=np.logspace(-3, 0, 4)).fit(X, y)
     assert probe.path_.metric == "accuracy"
     assert (probe.predict_proba(X).argmax(1) == y).mean() > 0.95
 
@@ -122,8 +129,8 @@ def test_fit_without_C_holds_out_ten_percent() -> None:
 def test_float16_streamed_equals_float32_resident() -> None:
     X, _, Y = _digits()
     X16 = X.astype(np.float16)  # digits are small integers: exact in float16
-    a = LogisticProbe(C=1.0, dtype="float32").fit(X16, Y)
-    b = LogisticProbe(C=1.0, dtype=torch.float32, max_resident_bytes=0).fit(X, Y)
+    a = LogisticProbe(tol=1e-12, C=1.0, dtype="float32").fit(X16, Y)
+    b = LogisticProbe(tol=1e-12, C=1.0, dtype=torch.float32, max_resident_bytes=0).fit(X, Y)
     np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=1e-4)
 
 
@@ -143,7 +150,7 @@ def test_not_fitted_and_bad_input() -> None:
     X, _, Y = _digits()
     Y[:, 0] = 0
     with pytest.raises(ValueError, match="single class"):
-        LogisticProbe(C=1.0).fit(X, Y)
+        LogisticProbe(tol=1e-12, C=1.0).fit(X, Y)
 
 
 def test_sgd_heads_learn_digits_and_pick_from_grid(caplog: pytest.LogCaptureFixture) -> None:
@@ -173,7 +180,7 @@ def _embedding_like(n: int, d: int, labels: int, seed: int = 0) -> tuple[np.ndar
 @pytest.mark.parametrize("C", [1e-3, 1.0, 100.0])
 def test_embedding_like_multilabel_matches_sklearn(C: float) -> None:
     X, Y = _embedding_like(1500, 48, 3)
-    probe = LogisticProbe(C=C).fit(X, Y)
+    probe = LogisticProbe(tol=1e-12, C=C).fit(X, Y)
     Xs = StandardScaler().fit_transform(X.astype(np.float64))
     ref = np.stack([_sk(Xs, Y[:, j], C).predict_proba(Xs)[:, 1] for j in range(3)], axis=1)
     assert np.abs(probe.predict_proba(X) - ref).max() < P_TOL
@@ -183,21 +190,21 @@ def test_embedding_like_multilabel_matches_sklearn(C: float) -> None:
 def test_preconditioner_reaches_the_same_optimum_in_fewer_iterations() -> None:
     X, Y = _embedding_like(2000, 64, 4, seed=1)
     for C in (1e-2, 10.0):
-        plain = LogisticProbe(C=C, precondition=False).fit(X, Y)
-        pre = LogisticProbe(C=C, precondition=True).fit(X, Y)
+        plain = LogisticProbe(tol=1e-12, C=C, precondition=False, solver="lbfgs").fit(X, Y)
+        pre = LogisticProbe(tol=1e-12, C=C, precondition=True, solver="lbfgs").fit(X, Y)
         assert np.abs(plain.predict_proba(X) - pre.predict_proba(X)).max() < 1e-5
         assert pre.n_iter_.sum() * 3 < plain.n_iter_.sum()
     with pytest.raises(ValueError, match="precondition"):
-        LogisticProbe(C=1.0, precondition="yes").fit(X, Y)  # type: ignore[arg-type]
+        LogisticProbe(tol=1e-12, C=1.0, precondition="yes").fit(X, Y)  # type: ignore[arg-type]
 
 
 def test_preconditioned_multiclass_and_unstandardised_match_sklearn() -> None:
     X, y, _ = _digits()
     Xs = StandardScaler().fit_transform(X.astype(np.float64))
-    probe = LogisticProbe(C=0.1, precondition=True).fit(X, y)
+    probe = LogisticProbe(tol=1e-12, C=0.1, precondition=True).fit(X, y)
     assert np.abs(probe.predict_proba(X) - _sk(Xs, y, 0.1).predict_proba(Xs)).max() < P_TOL
     Xe, Y = _embedding_like(1000, 32, 2, seed=2)
-    raw = LogisticProbe(C=0.5, standardize=False, precondition=True).fit(Xe, Y)
+    raw = LogisticProbe(tol=1e-12, C=0.5, standardize=False, precondition=True).fit(Xe, Y)
     ref = np.stack(
         [_sk(Xe.astype(np.float64), Y[:, j], 0.5).predict_proba(Xe)[:, 1] for j in range(2)], 1
     )
@@ -210,7 +217,7 @@ def test_above_2048_features_low_rank_preconditioner_matches_sklearn(C: float) -
     # features are float16 (stored form), converted by blocks, standardisation folded in.
     X, Y = _embedding_like(600, 2304, 2, seed=3)
     X16 = X.astype(np.float16)
-    probe = LogisticProbe(C=C).fit(X16, Y)
+    probe = LogisticProbe(tol=1e-12, C=C).fit(X16, Y)
     Xs = StandardScaler().fit_transform(X16.astype(np.float64))
     ref = np.stack([_sk(Xs, Y[:, j], C).predict_proba(Xs)[:, 1] for j in range(2)], axis=1)
     assert np.abs(probe.predict_proba(X16) - ref).max() < P_TOL
