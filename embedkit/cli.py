@@ -561,28 +561,82 @@ def cache_verify(
     of the copy is re-checked against the cache's unit records and fetched again if damaged,
     then the copy is verified. Exits non-zero if any entry has a problem.
     """
+    from embedkit.errors import CacheNotFoundError
     from embedkit.store import CacheRoot, find_entry, verify_local_copies, verify_root
+    from embedkit.store.layout import resolve_entry
 
     root = CacheRoot.from_uri(_cache_uri(cache, manifest))
     if local_cache is not None:
         problems = verify_local_copies(root, local_cache, query)
     elif query is not None:
-        entry = find_entry(root, query)
-        problems = {entry.relpath: entry.verify()}
+        try:
+            relpath = find_entry(root, query).relpath
+        except CacheNotFoundError:  # a damaged entry may not open: find it by its name
+            relpath = resolve_entry(root, query)
+            if not root.exists(f"{relpath}/zarr.json"):
+                raise
+        problems = verify_root(root, relpath)
     else:
         problems = verify_root(root)
     bad = 0
     for relpath, issues in problems.items():
         if issues:
             bad += 1
-            err.print(f"[red]BAD[/red] {relpath}")
+            err.print(f"[red]BAD[/red] {relpath}", highlight=False)
             for issue in issues:
-                err.print(f"    {issue}")
+                err.print(f"    {escape(issue)}", highlight=False, soft_wrap=True)
+            err.print(
+                f"    repair: embedkit cache repair {relpath} --cache {root.url()}",
+                highlight=False,
+                soft_wrap=True,
+            )
         else:
             out.print(f"[green]ok[/green]  {relpath}")
     out.print(f"{len(problems) - bad} ok, {bad} with problems")
     if bad:
         raise typer.Exit(1)
+
+
+@cache_app.command("repair")
+def cache_repair(
+    query: Annotated[str, typer.Argument(help="Entry digest (or a unique prefix of it) or path.")],
+    cache: CacheOpt = None,
+    manifest: ManifestOpt = None,
+    device: Annotated[
+        str, typer.Option(help="Device to recompute on (the original run's kind of device).")
+    ] = "auto",
+    workers: Annotated[int, typer.Option(help="Image loading worker processes.")] = 0,
+) -> None:
+    """Recompute the damaged or missing units of a complete entry from its images.
+
+    The units that `cache verify` reports (checksum mismatch, missing or truncated chunk,
+    NaN/Inf, bad unit record) are recomputed with the entry's recorded request (model,
+    revision, resolution, preprocessing, dtypes, batch size), so the entry becomes
+    bit-identical to an undamaged one; then the entry is verified. Exits non-zero if it
+    cannot be repaired (the images or the model changed: re-extract with --overwrite).
+    """
+    from embedkit.extract.repair import repair_entry
+    from embedkit.progress import rich_progress
+
+    result = repair_entry(
+        query,
+        manifest=manifest,
+        cache=cache,
+        device=device,
+        num_workers=workers,
+        progress=rich_progress,
+    )
+    entry = result.entry
+    if not result.units:
+        out.print(f"[green]ok[/green]  {entry.relpath}: nothing damaged, nothing to repair")
+        return
+    for u in result.units:
+        err.print(f"    unit {u}: " + escape("; ".join(result.problems[u])), highlight=False)
+    out.print(
+        f"[green]repaired[/green] {entry.relpath}: recomputed units "
+        f"{', '.join(map(str, result.units))} of {entry.n_units}, verified "
+        f"({result.elapsed_s:.1f} s)"
+    )
 
 
 def _copy_entry_cli(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,7 @@ def test_demo_builds_checks_and_extracts_two_resolutions(demo_run: Path) -> None
 
 
 def test_cache_ls_info_verify_and_corruption(
-    demo_run: Path, capsys: pytest.CaptureFixture[str]
+    demo_run: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
 ) -> None:
     manifest = str(demo_run / "manifest.yaml")
     code, output = _run(["cache", "ls", "--manifest", manifest], capsys)
@@ -80,18 +81,118 @@ def test_cache_ls_info_verify_and_corruption(
 
     # Flip bytes of one stored chunk behind the store's back: verify must name the entry.
     chunk = next(p for p in (demo_run / "cache").rglob("features/cls/c.*") if p.is_file())
+    request.addfinalizer(lambda good=chunk.read_bytes(): chunk.write_bytes(good))  # shared cache
     data = bytearray(chunk.read_bytes())
     data[-8:] = bytes(255 - b for b in data[-8:])
     chunk.write_bytes(bytes(data))
     code, output = _run(["cache", "verify", "--manifest", manifest], capsys)
     assert code == 1 and "1 with problems" in output and "BAD" in output
     assert "cannot be decoded" in output or "checksum mismatch" in output
-    # Readers never hand out a chunk they can tell is damaged (here: truncated); they raise an
-    # IntegrityError instead. (Full reads do not re-checksum; verify does.)
+    # Readers never hand out a damaged chunk (here: truncated); they raise an IntegrityError
+    # (every read is checked against the unit records, see tests/store/test_store_integrity.py).
     chunk.write_bytes(bytes(data[:-8]))
     entry = FeatureEntry.open(CacheRoot.from_uri(str(demo_run / "cache")), str(chunk.parents[2]))
     with pytest.raises(IntegrityError):
         entry.read("cls")
+
+
+@pytest.fixture
+def damaged_cache(demo_run: Path, tmp_path: Path) -> tuple[Path, list[Path]]:
+    """A private copy of the demo's clean cache: (root, entry directories), to damage."""
+    cache = tmp_path / "cache"
+    shutil.copytree(demo_run / "cache", cache)
+    entries = sorted(cache.glob("demo/*/*.zarr"))
+    root = CacheRoot.from_uri(str(cache))
+    assert all(not FeatureEntry.open(root, str(e)).verify() for e in entries)
+    return cache, entries
+
+
+def _first_chunk(entry: Path, array: str = "features/cls") -> Path:
+    return next(
+        p for p in sorted((entry / array).rglob("*")) if p.is_file() and p.name != "zarr.json"
+    )
+
+
+@pytest.mark.parametrize("damage", ["bad json", "bad array metadata", "missing array"])
+def test_cache_verify_survives_anything_in_one_entry(
+    damaged_cache: tuple[Path, list[Path]], damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache, (bad, good) = damaged_cache
+    if damage == "bad json":
+        (bad / "zarr.json").write_text("{")
+    elif damage == "bad array metadata":
+        (bad / "features" / "cls" / "zarr.json").write_text('{"zarr_format": 3, "shape": "x"}')
+    else:
+        shutil.rmtree(bad / "valid")
+    code, output = _run(["cache", "verify", "--cache", str(cache)], capsys)
+    assert code == 1 and "1 ok, 1 with problems" in output and "Traceback" not in output
+    assert f"ok  {good.relative_to(cache).as_posix()}" in output
+    assert "embedkit cache repair" in output
+    digest = bad.name.rsplit("-", 1)[-1].removesuffix(".zarr")[:8]
+    code, output = _run(["cache", "verify", digest, "--cache", str(cache)], capsys)
+    assert code == 1 and "0 ok, 1 with problems" in output and "Traceback" not in output
+
+
+def test_cache_repair_restores_a_flipped_chunk_from_the_cli(
+    damaged_cache: tuple[Path, list[Path]],
+    demo_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_run.parent / "xdg"))  # the demo's models
+    cache, (entry, _) = damaged_cache
+    chunk = _first_chunk(entry)
+    good = chunk.read_bytes()
+    chunk.write_bytes(bytes([good[0] ^ 1]) + good[1:])
+    args = ["--cache", str(cache), "--manifest", str(demo_run / "manifest.yaml")]
+    code, output = _run(["cache", "verify", *args], capsys)
+    assert code == 1 and "checksum mismatch" in output
+    code, output = _run(["cache", "repair", entry.relative_to(cache).as_posix(), *args], capsys)
+    assert code == 0, output
+    assert "repaired" in output and "Traceback" not in output
+    assert chunk.read_bytes() == good
+    code, output = _run(["cache", "verify", *args], capsys)
+    assert code == 0 and "2 ok, 0 with problems" in output
+
+
+def test_probe_on_a_damaged_entry_exits_non_zero_naming_the_repair(
+    damaged_cache: tuple[Path, list[Path]],
+    demo_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cache, entries = damaged_cache
+    entry = next(e for e in entries if e.name.startswith("224px-"))
+    _first_chunk(entry).unlink()  # a deleted chunk: never read as zeros
+    model = json.loads((entry / "zarr.json").read_text())["attributes"]["key"]["model"]
+    code, output = _run(
+        [
+            "probe",
+            "--kind",
+            "knn",
+            "--model",
+            model,
+            "-d",
+            "demo",
+            "-r",
+            "224",
+            "--pooling",
+            "cls",
+            "--n-boot",
+            "10",
+            "--out",
+            str(tmp_path / "results"),
+            "--cache",
+            str(cache),
+            "--manifest",
+            str(demo_run / "manifest.yaml"),
+        ],
+        capsys,
+    )
+    text = " ".join(output.split())
+    assert code != 0 and "Traceback" not in output, output
+    assert "is damaged" in text and "embedkit cache repair" in text and "missing" in text
 
 
 @pytest.mark.parametrize(

@@ -469,7 +469,7 @@ def extract(
         return _extract_ranks(plan, identity, root, ctx, progress)
 
 
-def _load(
+def load_planned_encoder(
     plan: ExtractionPlan, identity: EncoderIdentity, ctx: distributed.DistContext
 ) -> LoadedEncoder:
     """The encoder as this request asks: replica or FSDP shard, optionally compiled."""
@@ -685,7 +685,7 @@ def _extract_one(
     if entry.is_complete:  # another job finished it just now
         return ExtractionResult(entry, 0, True, 0.0, 0, entry.skipped())
     ctx = distributed.DistContext(distributed.rank_env({}), plan.device, None)
-    encoder = _load(plan, identity, ctx)
+    encoder = load_planned_encoder(plan, identity, ctx)
     plan = _auto_batch(plan, encoder, ctx)
     with _leases(plan, entry) as leases:
         result = _compute_claimed(plan, encoder, entry, leases, progress)
@@ -722,7 +722,7 @@ def _extract_ranks(
     if ctx.broadcast(entry.is_complete):  # another job finished it just now
         ctx.barrier()
         return ExtractionResult(entry, 0, True, 0.0, 0, entry.skipped(), ctx.rank, ctx.world_size)
-    encoder = _load(plan, identity, ctx)
+    encoder = load_planned_encoder(plan, identity, ctx)
     plan = _auto_batch(plan, encoder, ctx)
     share = distributed.assign_units(entry.pending_units(), ctx.rank, ctx.world_size)
     ctx.barrier()  # all ranks start claiming together, each with its own share first

@@ -40,7 +40,7 @@ import fsspec
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
-from embedkit.errors import CacheWriteError
+from embedkit.errors import CacheWriteError, IntegrityError
 
 __all__ = [
     "BACKENDS",
@@ -308,16 +308,24 @@ class LocalBackend:
         return ObjectStat(st.st_size, _dt.datetime.fromtimestamp(st.st_mtime, _dt.UTC))
 
     def files(self, path: str) -> dict[str, ObjectStat]:
-        """Temporary files of interrupted atomic writes are left out."""
+        """Temporary files of interrupted atomic writes are left out; a symbolic link (file or
+        directory) raises :class:`IntegrityError`: links are never followed."""
         out: dict[str, ObjectStat] = {}
         top = self.path / path
-        for dirpath, _, names in os.walk(top):
+        for dirpath, dirnames, names in os.walk(top):
+            for name in [*dirnames, *names]:
+                if os.path.islink(os.path.join(dirpath, name)):
+                    raise IntegrityError(
+                        f"Refusing the symbolic link {Path(dirpath) / name}: cache entries hold "
+                        "plain files only, and links are never followed (they could point "
+                        "anywhere). Remove the link."
+                    )
             for name in names:
                 if name.endswith(".tmp") and name.startswith("."):
                     continue
                 full = Path(dirpath) / name
                 try:
-                    st = full.stat()
+                    st = full.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
                 out[full.relative_to(top).as_posix()] = ObjectStat(

@@ -225,14 +225,30 @@ def render_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def verify_root(root: CacheRoot) -> dict[str, list[str]]:
-    """Problems per entry relpath (an empty list means that entry is healthy)."""
+def _why_unopenable(root: CacheRoot, relpath: str, exc: Exception) -> str:
+    """Why the entry at ``relpath`` cannot be opened: its group metadata, else ``exc``."""
+    try:
+        meta = json.loads(root.read_bytes(f"{relpath}/zarr.json"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("attributes"), dict):
+            return "zarr.json holds no attributes object"
+    except Exception as bad:  # unreadable or not JSON
+        return f"zarr.json is unreadable ({type(bad).__name__}: {bad})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def verify_root(root: CacheRoot, relpath: str | None = None) -> dict[str, list[str]]:
+    """Problems per entry relpath (an empty list means that entry is healthy).
+
+    Damage of any kind in one entry (bad JSON or zarr metadata, missing arrays or chunks) is
+    reported as that entry's problems; the other entries are still checked. ``relpath``:
+    check that entry only.
+    """
     results: dict[str, list[str]] = {}
-    for relpath in entry_relpaths(root):
+    for rp in entry_relpaths(root) if relpath is None else [relpath]:
         try:
-            entry = FeatureEntry.open(root, relpath, allow_partial=True)
-        except (CacheNotFoundError, KeyError, ValueError) as exc:
-            results[relpath] = [f"cannot open: {exc}"]
+            entry = FeatureEntry.open(root, rp, allow_partial=True)
+        except Exception as exc:  # bad JSON, bad attrs, a damaged key: report, go on
+            results[rp] = [f"cannot open: {_why_unopenable(root, rp, exc)}"]
             continue
-        results[relpath] = entry.verify()
+        results[rp] = entry.verify()
     return results

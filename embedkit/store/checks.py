@@ -28,6 +28,7 @@ __all__ = [
     "crc32c_combine",
     "nonfinite_rows",
     "scan",
+    "scan_more",
 ]
 
 #: Checksum of new unit records: crc32c when its C implementation is present, else sha256.
@@ -165,3 +166,16 @@ def scan(a: np.ndarray, *, check: bool) -> Scan:
         elif not check:
             break  # nothing left to do
     return Scan(finite=True, crc32c=crc, nbytes=values.nbytes)
+
+
+def scan_more(crc: int | None, piece: np.ndarray, *, check: bool) -> tuple[bool, int | None]:
+    """Continue a scan with the next ``piece`` (C-contiguous): (finite, crc32c so far).
+
+    For reads that check each piece right after reading it, while it is in the CPU cache;
+    ``crc`` None (no fast crc32c) stays None.
+    """
+    if check and piece.dtype.kind == "f" and any_nonfinite(piece):
+        return False, crc
+    if crc is not None:
+        crc = _crc32c_extend(crc, piece.reshape(-1).view(np.uint8))
+    return True, crc

@@ -32,7 +32,7 @@ from embedkit.store.layout import (
 from embedkit.store.lease import live_claims
 from embedkit.store.reader import EntryReader
 from embedkit.store.root import CacheRoot
-from embedkit.store.verify import check_unit, verify_entry
+from embedkit.store.verify import check_unit, damaged_units, verify_entry
 from embedkit.store.writer import (
     COMPRESSIONS,
     Compression,
@@ -132,6 +132,28 @@ class FeatureEntry:
                 f"The cache entry {entry.uri} is incomplete: {len(entry.done_units())} of "
                 f"{entry.n_units} units written; rerun the same `embedkit extract` command to "
                 "finish it, or pass --allow-partial to read what is there."
+            )
+        return entry
+
+    @classmethod
+    def open_for_repair(
+        cls, root: CacheRoot, key_or_relpath_or_digest: CacheKey | str
+    ) -> FeatureEntry:
+        """Open a complete entry writable, for ``embedkit cache repair`` only: the one way a
+        completed entry changes is :meth:`reopen_unit` + rewriting that unit's rows."""
+        root.require_writable("repair an entry in")
+        relpath = resolve_entry(root, key_or_relpath_or_digest)
+        attrs = existing_attrs(root, relpath)
+        if attrs is None:
+            raise CacheNotFoundError(
+                f"No readable cache entry at {root.url(relpath)} (its zarr.json is missing or "
+                "damaged): repair needs it; re-extract with --overwrite."
+            )
+        entry = cls(root, relpath, attrs, writable=True)
+        if not entry.is_complete:
+            raise IncompleteEntryError(
+                f"{entry.uri} is incomplete; rerun the same `embedkit extract` command to "
+                "finish it (repair is for complete entries)."
             )
         return entry
 
@@ -278,22 +300,31 @@ class FeatureEntry:
         ids: Sequence[str] | None = None,
         rows: np.ndarray | slice | None = None,
         out_dtype: Any = None,
+        verify: bool = True,
     ) -> np.ndarray:
         """Features of one pooling (stored or derived, e.g. ``"cls+mean"``).
 
         All rows by default, or the rows of ``ids`` (in that order) or ``rows``. Only the
         chunks holding those rows are read; the output is allocated once and filled in place.
         The stored dtype is returned unless ``out_dtype`` is given.
+
+        Reads are checked: each unit the read touches is compared with the crc32c of its unit
+        record and scanned for NaN/Inf (once per entry object); damage (a flipped byte, a
+        missing or truncated chunk, NaN/Inf, a missing record) raises
+        :class:`~embedkit.errors.IntegrityError` naming the entry, array, unit, rows and the
+        repair command. ``verify=False`` skips the checks: only for data checked already
+        (``embedkit cache verify``), and a missing or short chunk still raises.
         """
-        return self.reader.read(pooling, ids=ids, rows=rows, out_dtype=out_dtype)
+        return self.reader.read(pooling, ids=ids, rows=rows, out_dtype=out_dtype, verify=verify)
 
     def read_rows(self, ids: Sequence[str]) -> np.ndarray:
         """Row numbers of ``ids`` in this entry (missing ids raise CacheNotFoundError)."""
         return np.asarray(self.reader.select(ids, None), dtype=np.int64)
 
-    def valid_mask(self) -> np.ndarray:
-        """(N,) bool: False for images skipped as unreadable (and for unwritten units)."""
-        return self.reader.valid_mask()
+    def valid_mask(self, *, verify: bool = True) -> np.ndarray:
+        """(N,) bool: False for images skipped as unreadable (and for unwritten units);
+        checked like :meth:`read`."""
+        return self.reader.valid_mask(verify=verify)
 
     def skipped(self) -> list[tuple[str, str]]:
         """``(image_id, reason)`` of every skipped image written so far."""
@@ -325,6 +356,20 @@ class FeatureEntry:
     def verify(self) -> list[str]:
         """Re-read everything and return the problems found; ``[]`` means healthy."""
         return verify_entry(self.reader)
+
+    def damaged_units(self) -> dict[int, list[str]]:
+        """Units whose data or record is damaged, with the problems (see ``verify``)."""
+        return damaged_units(self.reader)
+
+    def reopen_unit(self, u: int) -> None:
+        """Remove unit ``u``'s record so the unit can be written again (repair only: the entry
+        must be opened with :meth:`open_for_repair`). Until it is rewritten, reads of the unit
+        fail as damaged; a repair that stops half way is simply run again."""
+        if not self.layout.writable:
+            raise CacheWriteError(f"{self.uri} was opened for reading; use open_for_repair.")
+        self.layout.unit_bounds(u)
+        self.root.remove_tree(self.layout.unit_path(u))
+        self.reader = EntryReader(self.layout, verify=self.reader.verify)  # forget checks
 
     def check_unit(self, u: int, record: Mapping[str, object]) -> list[str]:
         """Problems of unit ``u`` against a unit ``record`` (its own or a source entry's)."""

@@ -100,7 +100,7 @@ def _candidate(
     unused_since: _dt.datetime | None,
     now: _dt.datetime,
 ) -> GcCandidate | None:
-    files = root.files(relpath)
+    files = root.entry_files(relpath)
     size = sum(st.size for st in files.values())
     complete = files.get("COMPLETE.json")
     if complete is not None:

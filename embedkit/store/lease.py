@@ -178,6 +178,9 @@ class Leases:
     owner: Owner = field(default_factory=Owner.this_process)
     #: How often a waiting job looks again (default: see :attr:`poll_interval`).
     poll_s: float | None = None
+    #: Claims taken inside a complete entry on purpose (``embedkit cache repair``); otherwise
+    #: a complete entry gets no claim file rewritten (see :meth:`_write`).
+    in_complete_entry: bool = False
     _held: dict[str, _Held] = field(default_factory=dict, init=False, repr=False)
     _seen: dict[tuple[str, int], _Seen] = field(default_factory=dict, init=False, repr=False)
     _mutex: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -248,7 +251,22 @@ class Leases:
         ).encode()
 
     def _write(self, name: str, h: _Held, *, released: bool = False) -> None:
-        self.root.write_bytes_atomic(self._path(name, h), self._body(name, h, released=released))
+        """Rewrite a held claim (heartbeat, release), never into a complete entry: a job that
+        finishes after another finalized the entry (which removed ``leases/``) leaves no
+        claim behind."""
+        done = f"{self.relpath}/COMPLETE.json"
+        if self.in_complete_entry:
+            self.root.write_bytes_atomic(
+                self._path(name, h), self._body(name, h, released=released)
+            )
+            return
+        if self.root.exists(done):
+            return
+        path = self._path(name, h)
+        self.root.write_bytes_atomic(path, self._body(name, h, released=released))
+        if self.root.exists(done):  # finalized meanwhile: take back what we just wrote
+            with contextlib.suppress(OSError):
+                self.root.remove_tree(self._dir())
 
     def generations(self) -> dict[str, int]:
         """The newest generation of every claim present (one listing)."""

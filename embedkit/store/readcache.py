@@ -129,7 +129,7 @@ def _stamp(stat: ObjectStat) -> list[Any]:
 
 
 def _local_files(local: CacheRoot, relpath: str) -> dict[str, ObjectStat]:
-    return {p: st for p, st in local.files(relpath).items() if p != LAST_USED_FILE}
+    return {p: st for p, st in local.entry_files(relpath).items() if p != LAST_USED_FILE}
 
 
 def _changed_paths(local: CacheRoot, relpath: str) -> set[str] | None:
@@ -220,7 +220,7 @@ def _fill(
 ) -> LocalCopy:
     """Copy what is missing or damaged; ``changed`` None means every present unit is checked."""
     relpath, src = remote.relpath, remote.root
-    objects = {p: st for p, st in src.files(relpath).items() if p != LAST_USED_FILE}
+    objects = {p: st for p, st in src.entry_files(relpath).items() if p != LAST_USED_FILE}
     unit_arrays = {f"features/{p}" for p in remote.poolings} | {"valid"}
     per_unit: dict[int, list[str]] = {u: [] for u in range(remote.n_units)}
     metadata: list[str] = []

@@ -3,6 +3,17 @@
 On local roots full-range reads are served by :mod:`embedkit.store.chunkio` straight into a
 preallocated output (chunks in parallel); zarr-python serves fsspec roots and row-index reads,
 chunk by chunk when the output dtype differs, so memory stays one chunk beyond the output.
+
+Reads are checked (``verify=True``, the default): every unit of an array a read touches is
+compared with its unit record (the crc32c of the unit's rows, joined from the crc32c of its
+chunks with :func:`~embedkit.store.checks.crc32c_combine`) and its features scanned for
+NaN/Inf, the first time this reader reads it. A missing, short or undecodable chunk, a
+checksum mismatch, NaN/Inf, or a missing record in a complete entry raise
+:class:`IntegrityError` naming the entry, array, unit and rows, and ``embedkit cache repair``.
+Unit-aligned slice reads on local roots (whole-array reads) read and check each chunk in one
+pool job (:meth:`ChunkLayout.read_rows_scanned`); other reads check the units they touch
+first, then read the rows asked for. ``verify=False`` reads without any of this (for data
+verified already, e.g. by ``embedkit cache verify``).
 """
 
 from __future__ import annotations
@@ -14,7 +25,9 @@ import numpy as np
 import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
-from embedkit.errors import CacheNotFoundError, IntegrityError
+from embedkit.errors import CacheNotFoundError, IncompleteEntryError, IntegrityError
+from embedkit.store.checks import checksum, crc32c_combine, nonfinite_rows
+from embedkit.store.chunkio import ChunkDecodeError
 from embedkit.store.layout import (
     DERIVED_POOLINGS,
     LAST_USED_FILE,
@@ -31,10 +44,159 @@ Selection = slice | np.ndarray
 class EntryReader:
     """Reads the arrays of one entry (opened for reading or writing)."""
 
-    def __init__(self, layout: EntryLayout) -> None:
+    def __init__(self, layout: EntryLayout, *, verify: bool = True) -> None:
         self.layout = layout
+        #: Whether reads check what they read (see the module docstring).
+        self.verify = verify
         self._row_of: dict[str, int] | None = None
         self._use_noted = False
+        self._records: dict[int, dict[str, Any] | None] = {}
+        self._checked: set[tuple[str, int]] = set()  # (array, unit) read and found intact
+
+    # ---- checks -------------------------------------------------------------------------
+
+    def damaged(self, name: str, u: int | None, why: str) -> IntegrityError:
+        """The error for damage found in array ``name`` (unit ``u``) of this entry."""
+        lay = self.layout
+        where = name
+        if u is not None:
+            start, stop = lay.unit_bounds(u)
+            where = f"{name}, unit {u} (rows {start}-{stop})"
+        return IntegrityError(
+            f"Cache entry {lay.key.short()} at {lay.uri} is damaged: {where}: {why}. "
+            f"Repair it with `embedkit cache repair {lay.key.short()} --cache {lay.root.url()}` "
+            "(recomputes the damaged units from the images)."
+        )
+
+    def record(self, u: int) -> dict[str, Any] | None:
+        """Unit ``u``'s completion record (read once), or None if the unit is not written."""
+        if u not in self._records:
+            try:
+                rec: dict[str, Any] | None = self.layout.unit_record(u)
+            except IncompleteEntryError:
+                rec = None
+            except (ValueError, OSError) as exc:  # bad JSON, unreadable object
+                raise self.damaged(f"units/{u:06d}.json", u, f"unreadable record ({exc})") from exc
+            if rec is not None and not isinstance(rec, dict):
+                raise self.damaged(f"units/{u:06d}.json", u, "the record is not a JSON object")
+            self._records[u] = rec
+        return self._records[u]
+
+    def _written_record(self, name: str, u: int) -> dict[str, Any]:
+        record = self.record(u)
+        if record is not None:
+            return record
+        if self.layout.is_complete:
+            raise self.damaged(name, u, "its unit record is missing")
+        raise IncompleteEntryError(
+            f"Unit {u} of {self.layout.uri} has not been written yet; its rows are not data."
+        )
+
+    def _compare(
+        self,
+        name: str,
+        u: int,
+        record: dict[str, Any],
+        data: np.ndarray,
+        crc: int | None,
+        *,
+        scanned: bool = False,
+    ) -> None:
+        """Raise unless ``data`` (unit ``u`` of ``name``) matches ``record`` and is finite
+        (``scanned``: found finite already, by the scan that summed it)."""
+        checksums = record.get("checksums")
+        want = checksums.get(name) if isinstance(checksums, dict) else None
+        if want is None:
+            raise self.damaged(name, u, "the unit record holds no checksum for it")
+        algorithm = str(record.get("checksum_algorithm", "sha256"))
+        got = f"{crc:08x}" if crc is not None and algorithm == "crc32c" else None
+        if got is None:
+            got = checksum(data, algorithm)
+        if got != want:
+            raise self.damaged(
+                name, u, f"checksum mismatch ({algorithm} {got}, the unit record says {want})"
+            )
+        if name.startswith("features/") and data.dtype.kind == "f" and not scanned:
+            bad = np.flatnonzero(nonfinite_rows(data))  # skipped rows are stored as zeros
+            if bad.size:
+                start = self.layout.unit_bounds(u)[0]
+                ids = [self.layout.ids[start + int(i)] for i in bad]
+                raise self.damaged(name, u, f"NaN/Inf in the rows of {fmt_ids(ids)}")
+
+    def check_unit_of(self, arr: zarr.Array[Any], u: int) -> None:
+        """Read unit ``u`` of ``arr`` and check it against its record (once per reader)."""
+        name = arr.path
+        if (name, u) in self._checked:
+            return
+        record = self._written_record(name, u)
+        start, stop = self.layout.unit_bounds(u)
+        data = np.empty((stop - start, *arr.shape[1:]), dtype=arr.dtype)
+        self._raw_read(arr, slice(start, stop), data, u)
+        self._compare(name, u, record, data, None)
+        self._checked.add((name, u))
+
+    def _units_of(self, sel: Selection) -> list[int]:
+        unit_rows = self.layout.unit_rows
+        if isinstance(sel, slice):
+            if sel.stop <= sel.start:
+                return []
+            return list(range(sel.start // unit_rows, (sel.stop - 1) // unit_rows + 1))
+        return sorted({int(r) // unit_rows for r in np.unique(sel)}) if len(sel) else []
+
+    def _read_checked(self, arr: zarr.Array[Any], sel: Selection, out: np.ndarray) -> None:
+        name, lay = arr.path, self.layout
+        todo = [u for u in self._units_of(sel) if (name, u) not in self._checked]
+        chunks = lay.chunk_layout(name)
+        fused = (
+            todo
+            and chunks is not None
+            and isinstance(sel, slice)
+            and out.dtype == arr.dtype
+            and out.flags.c_contiguous
+            and sel.start % lay.unit_rows == 0
+            and (sel.stop % lay.unit_rows == 0 or sel.stop == lay.n_images)
+        )
+        if fused and chunks is not None and isinstance(sel, slice):
+            records = {u: self._written_record(name, u) for u in todo}
+            try:
+                scans = chunks.read_rows_scanned(
+                    sel.start, sel.stop, out, check=name.startswith("features/")
+                )
+            except (ChunkDecodeError, OSError):
+                scans = None  # found again, with its unit, by the unit-by-unit check below
+            if scans is not None:
+                crcs: dict[int, int | None] = {}
+                finite: dict[int, bool] = {}
+                for i, found in scans:
+                    u = chunks.chunk_bounds(i)[0] // lay.unit_rows
+                    so_far = crcs.get(u, 0)
+                    crcs[u] = (
+                        None
+                        if so_far is None or found.crc32c is None
+                        else crc32c_combine(so_far, found.crc32c, found.nbytes)
+                    )
+                    finite[u] = finite.get(u, True) and found.finite
+                for u in todo:
+                    if not finite[u]:
+                        break  # located and named by the check below
+                    s, e = lay.unit_bounds(u)
+                    part = out[s - sel.start : e - sel.start]
+                    self._compare(name, u, records[u], part, crcs[u], scanned=True)
+                    self._checked.add((name, u))
+                else:
+                    return
+        for u in todo:
+            self.check_unit_of(arr, u)
+        self._raw_read(arr, sel, out, None)
+
+    def _raw_read(
+        self, arr: zarr.Array[Any], sel: Selection, out: np.ndarray, u: int | None
+    ) -> None:
+        try:
+            self._read_chunks_into(arr, sel, out)
+        except (ChunkDecodeError, RuntimeError, ValueError, OSError) as exc:
+            # a damaged chunk: missing or short (chunkio), or failing in zarr's codecs
+            raise self.damaged(arr.path, u, f"cannot be read ({exc})") from exc
 
     def components(self, pooling: str) -> tuple[str, ...]:
         """The stored poolings that make ``pooling`` (itself, or the parts of a derived one)."""
@@ -90,16 +252,15 @@ class EntryReader:
             raise IndexError(f"Row index out of range for {n_images} rows.")
         return np.where(idx < 0, idx + n_images, idx)
 
-    def read_into(self, arr: zarr.Array[Any], sel: Selection, out: np.ndarray) -> None:
-        """Fill ``out`` with rows ``sel`` of ``arr``; a chunk that fails to decode raises
-        :class:`IntegrityError` naming the repair."""
-        try:
-            self._read_chunks_into(arr, sel, out)
-        except RuntimeError as exc:  # the codec of a damaged chunk (e.g. zstd) fails to decode
-            raise IntegrityError(
-                f"{self.layout.uri}: {arr.path} cannot be decoded ({exc}); the entry is damaged. "
-                "Run `embedkit cache verify` to see which units, then re-extract with --overwrite."
-            ) from exc
+    def read_into(
+        self, arr: zarr.Array[Any], sel: Selection, out: np.ndarray, *, verify: bool | None = None
+    ) -> None:
+        """Fill ``out`` with rows ``sel`` of ``arr``, checked unless ``verify`` (default: the
+        reader's) is False; damage raises :class:`IntegrityError` naming the repair."""
+        if self.verify if verify is None else verify:
+            self._read_checked(arr, sel, out)
+        else:
+            self._raw_read(arr, sel, out, None)
 
     def _read_chunks_into(self, arr: zarr.Array[Any], sel: Selection, out: np.ndarray) -> None:
         layout = self.layout.chunk_layout(arr.path) if isinstance(sel, slice) else None
@@ -123,11 +284,13 @@ class EntryReader:
         elif len(sel):
             arr.get_orthogonal_selection((sel,), out=buf)
 
-    def read_rows_of(self, name: str, start: int, stop: int) -> np.ndarray:
+    def read_rows_of(
+        self, name: str, start: int, stop: int, *, verify: bool | None = None
+    ) -> np.ndarray:
         """Rows ``[start, stop)`` of array ``name`` in its stored dtype."""
         arr = self.layout.array(name)
         data = np.empty((stop - start, *arr.shape[1:]), dtype=arr.dtype)
-        self.read_into(arr, slice(start, stop), data)
+        self.read_into(arr, slice(start, stop), data, verify=verify)
         return data
 
     def _note_use(self) -> None:
@@ -147,6 +310,7 @@ class EntryReader:
         ids: Sequence[str] | None = None,
         rows: np.ndarray | slice | None = None,
         out_dtype: Any = None,
+        verify: bool | None = None,
     ) -> np.ndarray:
         """See :meth:`embedkit.store.entry.FeatureEntry.read`."""
         lay = self.layout
@@ -157,7 +321,7 @@ class EntryReader:
         if len(parts) == 1:
             dtype = np.dtype(out_dtype) if out_dtype is not None else lay.dtypes[parts[0]]
             out = np.empty((n, *lay.shapes[parts[0]]), dtype=dtype)
-            self.read_into(lay.feature(parts[0]), sel, out)
+            self.read_into(lay.feature(parts[0]), sel, out, verify=verify)
             return out
         for p in parts:
             if len(lay.shapes[p]) != 1:
@@ -172,13 +336,22 @@ class EntryReader:
         offset = 0
         for p in parts:
             d = lay.shapes[p][0]
-            self.read_into(lay.feature(p), sel, out[:, offset : offset + d])
+            self.read_into(lay.feature(p), sel, out[:, offset : offset + d], verify=verify)
             offset += d
         return out
 
-    def valid_mask(self) -> np.ndarray:
+    def valid_mask(self, *, verify: bool | None = None) -> np.ndarray:
         """(N,) bool: False for images skipped as unreadable (and for unwritten units)."""
-        return np.asarray(self.layout.array("valid")[:], dtype=bool)
+        lay = self.layout
+        arr = lay.array("valid")
+        out = np.zeros(lay.n_images, dtype=bool)
+        complete = lay.is_complete
+        for u in range(lay.n_units):
+            if not complete and self.record(u) is None:
+                continue  # not written yet: no valid rows
+            s, e = lay.unit_bounds(u)
+            self.read_into(arr, slice(s, e), out[s:e], verify=verify)
+        return out
 
     def skipped(self) -> list[tuple[str, str]]:
         """``(image_id, reason)`` of every skipped image written so far."""

@@ -27,10 +27,35 @@ from typing import Any
 
 from zarr.abc.store import Store
 
-from embedkit.errors import CacheWriteError
+from embedkit.errors import CacheWriteError, IntegrityError
 from embedkit.store.backend import Backend, ExclusiveCreate, ObjectStat, join, open_backend
 
-__all__ = ["CacheRoot", "ObjectStat"]
+__all__ = ["CacheRoot", "ObjectStat", "check_object_path"]
+
+
+def check_object_path(where: str, path: str) -> str:
+    """``path`` if it is a plain relative key inside an entry, else :class:`IntegrityError`.
+
+    Refused: empty or absolute keys, ``.`` / ``..`` / empty segments, backslashes (Windows
+    separators), NUL and drive letters: a key that could name a file outside the entry once
+    joined to a local path. ``where`` (the entry's URL) is named in the error.
+    """
+    parts = path.split("/")
+    bad = (
+        not path
+        or path.startswith("/")
+        or "\\" in path
+        or "\0" in path
+        or (len(path) > 1 and path[1] == ":")
+        or any(p in ("", ".", "..") for p in parts)
+    )
+    if bad:
+        raise IntegrityError(
+            f"Refusing the object key {path!r} in {where}: keys must be relative paths inside "
+            "the entry (no '..', no absolute path, no backslash). The entry was tampered with "
+            "or written by another tool; remove that object or the entry."
+        )
+    return path
 
 
 @dataclass(frozen=True)
@@ -156,6 +181,14 @@ class CacheRoot:
         Temporary files of interrupted atomic writes are left out.
         """
         return self.backend.files(relpath)
+
+    def entry_files(self, relpath: str) -> dict[str, ObjectStat]:
+        """:meth:`files` of an entry, every key checked by :func:`check_object_path` (for
+        copies, read-through caches and gc: nothing they do may leave the entry)."""
+        found = self.files(relpath)
+        for path in found:
+            check_object_path(self.url(relpath), path)
+        return found
 
     def list_files(self, relpath: str = "") -> dict[str, ObjectStat]:
         """Files directly under ``relpath`` (names, not paths) with size and mtime: one listing

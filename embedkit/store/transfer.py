@@ -19,7 +19,7 @@ from embedkit.store.catalog import find_entry
 from embedkit.store.entry import FeatureEntry, remove_entry
 from embedkit.store.layout import LAST_USED_FILE
 from embedkit.store.lease import LEASES_DIR
-from embedkit.store.root import CacheRoot, ObjectStat
+from embedkit.store.root import CacheRoot, ObjectStat, check_object_path
 
 __all__ = ["CopiedObject", "copy_entry", "copy_object"]
 
@@ -54,6 +54,7 @@ def copy_object(
     A data object already at the destination with the source's ``size`` (``have``) is skipped
     (the verification after the copy catches a wrong one); JSON objects are always rewritten.
     """
+    check_object_path(src_root.url(relpath), path)
     if have is not None and have.size == size and not path.endswith(".json"):
         return True
     dst_root.write_bytes_atomic(f"{relpath}/{path}", src_root.read_bytes(f"{relpath}/{path}"))
@@ -95,12 +96,12 @@ def copy_entry(
     with dst_root.lock(relpath):  # local destinations: one copy at a time (not leases)
         objects = {
             p: st
-            for p, st in src_root.files(relpath).items()
+            for p, st in src_root.entry_files(relpath).items()
             if p != LAST_USED_FILE and not p.startswith(f"{LEASES_DIR}/")
         }
         if _COMPLETE not in objects:
             raise IntegrityError(f"{src.uri} lost its {_COMPLETE} while being copied.")
-        present = dst_root.files(relpath)
+        present = dst_root.entry_files(relpath)
         data = [p for p in objects if p != _COMPLETE and not _is_record(p)]
         records = [p for p in objects if _is_record(p)]
 

@@ -7,7 +7,7 @@ local read caches).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,12 @@ from embedkit.store.key import digest_ids
 from embedkit.store.layout import fmt_ids
 from embedkit.store.reader import EntryReader
 
-__all__ = ["check_unit", "verify_entry"]
+__all__ = ["check_unit", "damaged_units", "verify_entry"]
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The low-level failure under a reader's :class:`IntegrityError` (its message is long)."""
+    return exc.__cause__ if isinstance(exc, IntegrityError) and exc.__cause__ else exc
 
 
 def check_unit(reader: EntryReader, u: int, record: Mapping[str, object]) -> list[str]:
@@ -38,9 +43,11 @@ def check_unit(reader: EntryReader, u: int, record: Mapping[str, object]) -> lis
     problems = []
     for name, want in checksums.items():
         try:
-            data = reader.read_rows_of(name, start, stop)
-        except (OSError, KeyError, IntegrityError) as exc:
-            problems.append(f"unit {u} (rows {start}-{stop}): {name} cannot be read ({exc})")
+            data = reader.read_rows_of(name, start, stop, verify=False)
+        except Exception as exc:  # a damaged chunk or array fails in many ways
+            problems.append(
+                f"unit {u} (rows {start}-{stop}): {name} cannot be read ({_cause(exc)})"
+            )
             continue
         if checksum(data, algorithm) != want:
             problems.append(f"unit {u} (rows {start}-{stop}): checksum mismatch in {name}")
@@ -48,15 +55,63 @@ def check_unit(reader: EntryReader, u: int, record: Mapping[str, object]) -> lis
 
 
 def verify_entry(reader: EntryReader) -> list[str]:
-    """Re-read everything and return the problems found; ``[]`` means healthy."""
+    """Re-read everything and return the problems found; ``[]`` means healthy.
+
+    Never raises for damage: whatever is wrong (bad JSON or zarr metadata, missing arrays,
+    records or chunks) is reported as a problem and the rest is still checked.
+    """
+    try:
+        return _verify_entry(reader)
+    except Exception as exc:  # damage of a kind the checks below did not foresee
+        return [f"cannot be checked: {type(exc).__name__}: {exc}"]
+
+
+def damaged_units(reader: EntryReader) -> dict[int, list[str]]:
+    """The units of an entry whose stored data or record is damaged, with the problems.
+
+    Raises :class:`IntegrityError` for damage outside the units (array metadata, ids) that
+    recomputing units cannot fix.
+    """
+    problems, arrays, stored_ids = _arrays(reader)
+    if problems:
+        raise IntegrityError(
+            f"{reader.layout.uri} is damaged beyond its units ({'; '.join(problems)}); "
+            "re-extract it with --overwrite."
+        )
+    done = reader.layout.done_units()
+    found = {}
+    for u in range(reader.layout.n_units):
+        unit = _unit_problems(reader, arrays, stored_ids, u, done)
+        if unit:
+            found[u] = unit
+    return found
+
+
+def _verify_entry(reader: EntryReader) -> list[str]:
+    lay = reader.layout
+    problems, arrays, stored_ids = _arrays(reader)
+    done = lay.done_units()
+    for u in range(lay.n_units):
+        problems.extend(_unit_problems(reader, arrays, stored_ids, u, done))
+    if not lay.is_complete:
+        problems.append(
+            f"no COMPLETE.json: entry incomplete ({len(done)} of {lay.n_units} units written)"
+        )
+    return problems
+
+
+def _arrays(
+    reader: EntryReader,
+) -> tuple[list[str], dict[str, zarr.Array[Any]], tuple[str, ...]]:
+    """Problems of the entry's arrays as a whole, the arrays that open, and the image ids."""
     lay = reader.layout
     problems: list[str] = []
     arrays: dict[str, zarr.Array[Any]] = {}
     for name, spec in lay.attrs["poolings"].items():
         try:
             arr = lay.feature(name)
-        except (FileNotFoundError, KeyError) as exc:
-            problems.append(f"features/{name}: array missing ({exc})")
+        except Exception as exc:  # missing, or its zarr.json is damaged
+            problems.append(f"features/{name}: array missing or unreadable ({exc})")
             continue
         if list(arr.shape) != list(spec["shape"]) or str(arr.dtype) != spec["dtype"]:
             problems.append(
@@ -70,50 +125,68 @@ def verify_entry(reader: EntryReader) -> list[str]:
                 f"{lay.unit_rows} rows"
             )
         arrays[f"features/{name}"] = arr
+    stored_ids: tuple[str, ...]
     try:
         stored_ids = lay.ids
         if len(stored_ids) != lay.n_images or digest_ids(stored_ids) != lay.key.ids_digest:
             problems.append("ids: the stored image ids do not match key.ids_digest")
-    except (FileNotFoundError, KeyError) as exc:
-        problems.append(f"ids: array missing ({exc})")
-    arrays["valid"] = lay.array("valid")
-    done = lay.done_units()
-    for u in range(lay.n_units):
-        start, stop = lay.unit_bounds(u)
-        if u not in done:
-            problems.append(f"unit {u} (rows {start}-{stop}): no completion record")
-            continue
+    except Exception as exc:
+        problems.append(f"ids: array missing or unreadable ({exc})")
+        stored_ids = tuple(str(i) for i in range(lay.n_images))
+    try:
+        arrays["valid"] = lay.array("valid")
+    except Exception as exc:
+        problems.append(f"valid: array missing or unreadable ({exc})")
+    return problems, arrays, stored_ids
+
+
+def _unit_problems(
+    reader: EntryReader,
+    arrays: Mapping[str, zarr.Array[Any]],
+    stored_ids: Sequence[str],
+    u: int,
+    done: set[int],
+) -> list[str]:
+    """Problems of unit ``u``: its record, and every array's rows against it."""
+    lay = reader.layout
+    start, stop = lay.unit_bounds(u)
+    if u not in done:
+        return [f"unit {u} (rows {start}-{stop}): no completion record"]
+    try:
         record = lay.unit_record(u)
-        if record.get("rows") != [start, stop]:
-            problems.append(f"unit {u}: record rows {record.get('rows')} != [{start}, {stop}]")
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except Exception as exc:
+        return [f"unit {u} (rows {start}-{stop}): unreadable record ({exc})"]
+    problems: list[str] = []
+    if record.get("rows") != [start, stop]:
+        problems.append(f"unit {u}: record rows {record.get('rows')} != [{start}, {stop}]")
+    checksums = record.get("checksums")
+    checksums = checksums if isinstance(checksums, dict) else {}
+    algorithm = str(record.get("checksum_algorithm", "sha256"))
+    valid: np.ndarray | None = None
+    for name in arrays:
         try:
-            valid = np.asarray(arrays["valid"][start:stop], dtype=bool)
-        except Exception as exc:  # a corrupt chunk fails in the codec, whatever its type
-            problems.append(f"unit {u} (rows {start}-{stop}): valid cannot be decoded ({exc})")
-            continue
-        for name, arr in arrays.items():
-            try:
-                data = np.asarray(arr[start:stop])
-            except Exception as exc:
-                problems.append(f"unit {u} (rows {start}-{stop}): {name} cannot be decoded ({exc})")
-                continue
-            want = record.get("checksums", {}).get(name)
-            algorithm = str(record.get("checksum_algorithm", "sha256"))
-            if want is None:
-                problems.append(f"unit {u}: no checksum recorded for {name}")
-            elif checksum(data.astype(arr.dtype, copy=False), algorithm) != want:
-                problems.append(f"unit {u} (rows {start}-{stop}): checksum mismatch in {name}")
-            if name.startswith("features/"):
-                bad = nonfinite_rows(data) & valid
-                if bad.any():
-                    bad_ids = [lay.ids[start + i] for i in np.flatnonzero(bad)]
-                    problems.append(f"unit {u}: NaN/Inf in {name} for {fmt_ids(bad_ids)}")
-        if int(valid.sum()) != record.get("n_valid"):
+            data = reader.read_rows_of(name, start, stop, verify=False)
+        except Exception as exc:  # a missing, short or corrupt chunk
             problems.append(
-                f"unit {u}: {int(valid.sum())} valid rows, record says {record.get('n_valid')}"
+                f"unit {u} (rows {start}-{stop}): {name} cannot be decoded ({_cause(exc)})"
             )
-    if not lay.is_complete:
+            continue
+        if name == "valid":
+            valid = np.asarray(data, dtype=bool)
+        want = checksums.get(name)
+        if want is None:
+            problems.append(f"unit {u}: no checksum recorded for {name}")
+        elif checksum(data, algorithm) != want:
+            problems.append(f"unit {u} (rows {start}-{stop}): checksum mismatch in {name}")
+        if name.startswith("features/") and data.dtype.kind == "f":
+            bad = nonfinite_rows(data)  # skipped rows are stored as zeros
+            if bad.any():
+                bad_ids = [stored_ids[start + int(i)] for i in np.flatnonzero(bad)]
+                problems.append(f"unit {u}: NaN/Inf in {name} for {fmt_ids(bad_ids)}")
+    if valid is not None and int(valid.sum()) != record.get("n_valid"):
         problems.append(
-            f"no COMPLETE.json: entry incomplete ({len(done)} of {lay.n_units} units written)"
+            f"unit {u}: {int(valid.sum())} valid rows, record says {record.get('n_valid')}"
         )
     return problems
