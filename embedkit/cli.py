@@ -605,7 +605,7 @@ def cache_repair(
     device: Annotated[
         str, typer.Option(help="Device to recompute on (the original run's kind of device).")
     ] = "auto",
-    workers: Annotated[int, typer.Option(help="Image loading worker processes.")] = 0,
+    workers: Annotated[int, typer.Option("--workers", "--num-workers", help=WorkersHelp)] = 0,
 ) -> None:
     """Recompute the damaged or missing units of a complete entry from its images.
 
@@ -642,6 +642,7 @@ def cache_repair(
 def _copy_entry_cli(
     src_uri: str, dst_uri: str, query: str, *, overwrite: bool, verify: bool
 ) -> None:
+    from embedkit.errors import EntryExistsError
     from embedkit.store import CacheRoot, CopiedObject, copy_entry
 
     copied = [0, 0]  # bytes copied, bytes already there
@@ -649,14 +650,18 @@ def _copy_entry_cli(
     def count(obj: CopiedObject) -> None:
         copied[1 if obj.skipped else 0] += obj.size
 
-    entry = copy_entry(
-        CacheRoot.from_uri(src_uri),
-        CacheRoot.from_uri(dst_uri),
-        query,
-        verify=verify,
-        overwrite=overwrite,
-        on_object=count,
-    )
+    dst = CacheRoot.from_uri(dst_uri)
+    try:
+        entry = copy_entry(
+            CacheRoot.from_uri(src_uri), dst, query, verify=verify, overwrite=overwrite,
+            on_object=count,
+        )  # fmt: skip
+    except EntryExistsError:  # the destination already holds it, complete: nothing to do
+        out.print(
+            f"[green]already there[/green] {query}: {dst.uri} holds the complete entry; nothing "
+            "to copy (--overwrite to replace it)"
+        )
+        return
     out.print(
         f"[green]copied[/green] {entry.relpath} to {entry.root.uri}: {copied[0] / 1e6:.1f} MB "
         f"copied, {copied[1] / 1e6:.1f} MB already there"

@@ -280,3 +280,18 @@ def test_epoch_lines_are_formatted() -> None:
         "epoch 1/20: train loss 0.9856, val loss 0.5000, lr 1.00e-05 (3.2 s; checkpoint saved)"
     )
     assert "EpochLog" not in line
+
+
+def test_push_of_an_entry_the_target_holds_complete_is_a_no_op(
+    demo_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = ["--manifest", str(demo_run / "manifest.yaml")]
+    code, output = _run(["cache", "ls", "--json", *manifest], capsys)
+    digest = json.loads(output)[0]["digest"][:12]
+    target = str(tmp_path / "copy")
+    code, output = _run(["cache", "push", digest, *manifest, "--to", target], capsys)
+    assert code == 0, output
+    assert "verified" in output
+    code, output = _run(["cache", "push", digest, *manifest, "--to", target], capsys)
+    assert code == 0, output
+    assert "already there" in output and "nothing to copy" in " ".join(output.split())
