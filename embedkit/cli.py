@@ -643,19 +643,20 @@ def _copy_entry_cli(
     src_uri: str, dst_uri: str, query: str, *, overwrite: bool, verify: bool
 ) -> None:
     from embedkit.errors import EntryExistsError
-    from embedkit.store import CacheRoot, CopiedObject, copy_entry
+    from embedkit.store import CacheRoot, CopiedObject, copy_entry, find_entry
 
     copied = [0, 0]  # bytes copied, bytes already there
-
-    def count(obj: CopiedObject) -> None:
-        copied[1 if obj.skipped else 0] += obj.size
-
-    dst = CacheRoot.from_uri(dst_uri)
+    src, dst = CacheRoot.from_uri(src_uri), CacheRoot.from_uri(dst_uri)
+    relpath = find_entry(src, query, allow_partial=False).relpath
+    total = sum(st.size for st in src.entry_files(relpath).values())
     try:
-        entry = copy_entry(
-            CacheRoot.from_uri(src_uri), dst, query, verify=verify, overwrite=overwrite,
-            on_object=count,
-        )  # fmt: skip
+        with step_bar(err, f"copy {relpath}", unit="bytes") as update:
+
+            def count(obj: CopiedObject) -> None:
+                copied[1 if obj.skipped else 0] += obj.size
+                update(copied[0] + copied[1], total)
+
+            entry = copy_entry(src, dst, query, verify=verify, overwrite=overwrite, on_object=count)
     except EntryExistsError:  # the destination already holds it, complete: nothing to do
         out.print(
             f"[green]already there[/green] {query}: {dst.uri} holds the complete entry; nothing "
