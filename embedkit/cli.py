@@ -6,12 +6,15 @@ import dataclasses
 import json
 import sys
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, get_args, overload
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer._click.core import Command, Context
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from embedkit.errors import EmbedkitError, did_you_mean
 from embedkit.eval.bootstrap import Correction
@@ -27,6 +30,7 @@ from embedkit.extract.request import (
 )
 from embedkit.finetune.request import FinetuneRequest
 from embedkit.probes.request import ProbeRequest
+from embedkit.study.display import epoch_line, step_bar, working
 from embedkit.study.options import (
     field_defaults,
     finetune_methods,
@@ -36,7 +40,64 @@ from embedkit.study.options import (
 
 R = TypeVar("R")
 
+#: Conventional metavars for the types typer would show as ``<int>``, ``<str>``, ...
+_METAVARS = {
+    "int": "INTEGER",
+    "int range": "INTEGER",
+    "str": "TEXT",
+    "float": "FLOAT",
+    "float range": "FLOAT",
+    "path": "PATH",
+    "file": "FILE",
+    "directory": "DIR",
+}
+
+
+class _Argument(TyperArgument):
+    """A positional argument shown by its name alone (``PIPELINE``), without a ``<file>`` type."""
+
+    def display_type_rich(self, ctx: Context) -> str | None:
+        return None
+
+
+def _conventional_metavars(command: Command, ctx: Context) -> None:
+    """Flags show no metavar, values show TEXT/INTEGER/FLOAT/PATH (closed sets their choices),
+    arguments their name in capitals."""
+    for param in command.get_params(ctx):
+        if type(param) is TyperArgument:
+            param.__class__ = _Argument
+            param.metavar = param.metavar or str(param.name).removesuffix("_arg").upper()
+        if param.metavar is not None:
+            continue
+        if isinstance(param, TyperOption) and (param.is_flag or param.count):
+            param.metavar = ""
+            continue
+        label = param.display_type(ctx) if hasattr(param, "display_type") else ""
+        bare = label.strip("<>")
+        if bare.startswith("list[") and bare.endswith("]"):
+            bare = bare[5:-1]
+        if bare in _METAVARS:
+            param.metavar = _METAVARS[bare]
+        elif bare == "bool":
+            param.metavar = ""
+
+
+class _Group(TyperGroup):
+    """typer's group, with conventional metavars on every command's options."""
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _conventional_metavars(command, ctx)
+        return command
+
+    def format_help(self, ctx: Context, formatter: Any) -> None:
+        _conventional_metavars(self, ctx)
+        super().format_help(ctx, formatter)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="embedkit",
     help=(
         "Frozen-feature embedding store and probing toolkit for vision foundation models in "
@@ -46,8 +107,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-manifest_app = typer.Typer(help="Validate data manifests.", no_args_is_help=True)
+manifest_app = typer.Typer(cls=_Group, help="Validate data manifests.", no_args_is_help=True)
 cache_app = typer.Typer(
+    cls=_Group,
     help="List, inspect, verify, copy (push/pull) and clean up (gc) feature cache entries.",
     no_args_is_help=True,
 )
@@ -87,6 +149,43 @@ LocalCacheOpt = Annotated[
         "checksums, reused while the entry is unchanged.",
     ),
 ]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"embedkit {version('embedkit')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    _version_: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            metavar="",
+            callback=_version,
+            is_eager=True,
+            help="Print the embedkit version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Frozen-feature embedding store and probing toolkit for vision foundation models in
+    medical imaging. Extract features once into a shared Zarr cache, then probe from it."""
+
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-M",
+        help="Registry name (see `embedkit models`, e.g. dinov3/vitb16 or dinov3-7b), a "
+        "Hugging Face hub id, or a local directory with config.json + model.safetensors.",
+    ),
+]
+WorkersHelp = "Image-loading worker processes (0 = in the main process)."
 
 
 def _choice(values: Iterable[str]) -> dict[str, Any]:
@@ -135,6 +234,28 @@ def _request(ctx: typer.Context, request_type: type[R]) -> R:
     return request_from_options(request_type, options)
 
 
+def _launch(nproc: int, model: str, revision: str | None) -> None:
+    """Relaunch this command under torchrun with ``nproc`` ranks, after checking here that the
+    model resolves (one clean error, not one per rank; an unreachable hub is found once and the
+    ranks inherit offline mode)."""
+    from embedkit.distributed import launch_torchrun
+    from embedkit.models.loading import identify_encoder
+
+    identify_encoder(model, revision=revision)
+    raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
+
+
+def _snapped_resolution(model: str, resolution: int) -> int:
+    """``resolution`` as extraction with --snap-resolution stores it for ``model`` (the same
+    rule); unchanged when the model's patch size is not known without a download."""
+    from embedkit.models import EncoderSpec, resolve, validate_resolution
+
+    target = resolve(model)
+    if not isinstance(target, EncoderSpec):
+        return resolution
+    return validate_resolution(target, resolution, snap=True)
+
+
 def _cache_uri(cache: str | None, manifest: Path | None) -> str:
     if cache is not None:
         return cache
@@ -145,10 +266,16 @@ def _cache_uri(cache: str | None, manifest: Path | None) -> str:
 
 @manifest_app.command("check")
 def manifest_check(
-    manifest: Annotated[
+    manifest_arg: Annotated[
         Path | None,
-        typer.Argument(help="Manifest file (default ./data_manifest.yaml).", dir_okay=False),
+        typer.Argument(
+            metavar="[MANIFEST]",
+            help="Manifest file, as -m/--manifest (either form; default ./data_manifest.yaml).",
+            dir_okay=False,
+            show_default=False,
+        ),
     ] = None,
+    manifest: ManifestOpt = None,
     dataset: Annotated[
         list[str] | None, typer.Option("--dataset", "-d", help="Only this dataset (repeatable).")
     ] = None,
@@ -164,7 +291,11 @@ def manifest_check(
     """
     from embedkit.manifest import check_dataset, load_manifest, render_report
 
-    man = load_manifest(manifest)
+    if manifest_arg is not None and manifest is not None and manifest_arg != manifest:
+        raise typer.BadParameter(
+            f"two manifests given ({manifest_arg} and -m {manifest}); pass one", param_hint="-m"
+        )
+    man = load_manifest(manifest or manifest_arg)
     names = dataset or list(man.datasets)
     failed = False
     for name in names:
@@ -199,14 +330,7 @@ def models(
 @app.command("extract")
 def extract(
     ctx: typer.Context,
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model",
-            help="Registry name (see `embedkit models`, e.g. dinov3/vitb16 or dinov3-7b), a "
-            "Hugging Face hub id, or a local directory with config.json + model.safetensors.",
-        ),
-    ],
+    model: ModelOpt,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name in the manifest.")],
     resolution: Annotated[
         int,
@@ -241,11 +365,12 @@ def extract(
             "Not part of the cache key: both hold the same features.",
         ),
     ] = EXTRACT["compression"],
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = EXTRACT["batch_size"],
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Images per forward pass.")
+    ] = EXTRACT["batch_size"],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = EXTRACT["device"],
     num_workers: Annotated[
-        int,
-        typer.Option("--workers", help="Image-loading worker processes (0 = in the main process)."),
+        int, typer.Option("--workers", "--num-workers", help=WorkersHelp)
     ] = EXTRACT["num_workers"],
     unit_rows: Annotated[
         int, typer.Option(help="Images per resumable work unit (one chunk per pooling).")
@@ -336,11 +461,9 @@ def extract(
     from embedkit.extract import extract as run
     from embedkit.progress import rich_progress
 
-    if nproc > 1:
-        from embedkit.distributed import launch_torchrun
-
-        raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
     request = _request(ctx, ExtractionRequest)
+    if nproc > 1:
+        _launch(nproc, request.model, request.revision)
     try:
         result = run(request, manifest=manifest, cache=cache, progress=rich_progress)
     except KeyboardInterrupt:
@@ -482,7 +605,7 @@ def cache_repair(
     device: Annotated[
         str, typer.Option(help="Device to recompute on (the original run's kind of device).")
     ] = "auto",
-    workers: Annotated[int, typer.Option(help="Image loading worker processes.")] = 0,
+    workers: Annotated[int, typer.Option("--workers", "--num-workers", help=WorkersHelp)] = 0,
 ) -> None:
     """Recompute the damaged or missing units of a complete entry from its images.
 
@@ -519,21 +642,27 @@ def cache_repair(
 def _copy_entry_cli(
     src_uri: str, dst_uri: str, query: str, *, overwrite: bool, verify: bool
 ) -> None:
-    from embedkit.store import CacheRoot, CopiedObject, copy_entry
+    from embedkit.errors import EntryExistsError
+    from embedkit.store import CacheRoot, CopiedObject, copy_entry, find_entry
 
     copied = [0, 0]  # bytes copied, bytes already there
+    src, dst = CacheRoot.from_uri(src_uri), CacheRoot.from_uri(dst_uri)
+    relpath = find_entry(src, query, allow_partial=False).relpath
+    total = sum(st.size for st in src.entry_files(relpath).values())
+    try:
+        with step_bar(err, f"copy {relpath}", unit="bytes") as update:
 
-    def count(obj: CopiedObject) -> None:
-        copied[1 if obj.skipped else 0] += obj.size
+            def count(obj: CopiedObject) -> None:
+                copied[1 if obj.skipped else 0] += obj.size
+                update(copied[0] + copied[1], total)
 
-    entry = copy_entry(
-        CacheRoot.from_uri(src_uri),
-        CacheRoot.from_uri(dst_uri),
-        query,
-        verify=verify,
-        overwrite=overwrite,
-        on_object=count,
-    )
+            entry = copy_entry(src, dst, query, verify=verify, overwrite=overwrite, on_object=count)
+    except EntryExistsError:  # the destination already holds it, complete: nothing to do
+        out.print(
+            f"[green]already there[/green] {query}: {dst.uri} holds the complete entry; nothing "
+            "to copy (--overwrite to replace it)"
+        )
+        return
     out.print(
         f"[green]copied[/green] {entry.relpath} to {entry.root.uri}: {copied[0] / 1e6:.1f} MB "
         f"copied, {copied[1] / 1e6:.1f} MB already there"
@@ -624,7 +753,9 @@ def probe(
             "k chosen on val; fewshot: 1-16 examples per class/label, 5 draws.",
         ),
     ],
-    model: Annotated[str, typer.Option("--model", help="Model of the cached features.")],
+    model: Annotated[
+        str, typer.Option("--model", "-M", help="Model of the cached features (as extracted).")
+    ],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset in the manifest.")],
     resolution: Annotated[int, typer.Option("--resolution", "-r", help="Resolution in px.")],
     pooling: Annotated[
@@ -655,7 +786,10 @@ def probe(
         int, typer.Option(help="Linear: L-BFGS iterations per C (DINOv2 protocol: 1000).")
     ] = PROBE["max_iter"],
     results: Annotated[
-        Path, typer.Option("--out", "-o", help="Results directory (JSON + Parquet records).")
+        Path,
+        typer.Option(
+            "--results", "--out", "-o", help="Results directory (JSON + Parquet records)."
+        ),
     ] = Path("embedkit-results"),
     overwrite: Annotated[
         bool, typer.Option(help="Recompute even if an identical record exists.")
@@ -674,14 +808,26 @@ def probe(
     from embedkit.probes.run import render_record, run_probe
     from embedkit.progress import rich_progress
 
-    outcome = run_probe(
-        _request(ctx, ProbeRequest),
-        manifest=manifest,
-        cache=cache,
-        results=results,
-        local_cache=local_cache,
-        progress=lambda total, desc: rich_progress(total, desc, console=err, unit="unit"),
-    )
+    request = _request(ctx, ProbeRequest)
+    snapped = _snapped_resolution(request.model, request.resolution)
+    if snapped != request.resolution:
+        err.print(
+            f"[yellow]note:[/yellow] resolution {request.resolution} is not a multiple of the "
+            f"model's patch size; reading the entry extracted at {snapped} (as "
+            "`extract --snap-resolution` stores it)"
+        )
+        request = dataclasses.replace(request, resolution=snapped)
+    # The local-copy fetch shows its own bar (one live display at a time).
+    live = nullcontext() if local_cache else working(err, f"probe {request.kind}")
+    with live:
+        outcome = run_probe(
+            request,
+            manifest=manifest,
+            cache=cache,
+            results=results,
+            local_cache=local_cache,
+            progress=lambda total, desc: rich_progress(total, desc, console=err, unit="unit"),
+        )
     out.print(render_record(outcome.record))
     for note in outcome.record.notes:
         err.print(f"[yellow]note:[/yellow] {escape(note)}")
@@ -700,7 +846,8 @@ def run_pipeline_cmd(
     manifest: ManifestOpt = None,
     cache: CacheOpt = None,
     results: Annotated[
-        Path | None, typer.Option(help="Results directory (default: the pipeline's).")
+        Path | None,
+        typer.Option("--results", help="Results directory (default: the pipeline's)."),
     ] = None,
     report_dir: Annotated[
         Path | None, typer.Option("--report", help="Report directory (default: the pipeline's).")
@@ -710,9 +857,13 @@ def run_pipeline_cmd(
     """Run a whole study: datasets x models x resolutions x {extract, probes, finetune}, then
     the report.
 
-    Prints the plan first (what is cached or done, and the estimated forward compute of each
-    extraction from FLOPs per image). Finished steps are skipped, so rerunning after a kill
-    continues; a failing step is reported and the others still run (exit status 1 at the end).
+    Prints the plan first: every step, what is cached or done, each extraction's forward
+    FLOPs and each finetuning's (epochs x images x 3 x forward), and the totals per block and
+    for the study in GPU-hours on a named GPU at a stated MFU. A dry run plans a study before
+    its data is there (datasets missing from the manifest are marked, with how to add them, and
+    sized from the pipeline's `expected:`); running it needs them. Finished steps are skipped,
+    so rerunning after a kill continues; a failing step is reported and the others still run
+    (exit status 1 at the end, with the failed steps listed).
     """
     from embedkit.study.pipeline import run_pipeline
 
@@ -763,7 +914,7 @@ def report(
 @app.command("finetune")
 def finetune(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option("--model", help="Registered model name or hub id.")],
+    model: ModelOpt,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset in the manifest.")],
     resolution: Annotated[int, typer.Option("--resolution", "-r", help="Resolution in px.")],
     method: Annotated[
@@ -774,13 +925,19 @@ def finetune(
             "biases + head; linear: head only.",
         ),
     ],
-    epochs: Annotated[int, typer.Option()] = FINETUNE["epochs"],
+    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = FINETUNE[
+        "epochs"
+    ],
     lr: Annotated[
         float | None,
         typer.Option(help="Peak learning rate. Default: full 1e-5, lora 1e-4, bitfit/linear 1e-3."),
     ] = FINETUNE["lr"],
-    batch_size: Annotated[int, typer.Option()] = FINETUNE["batch_size"],
-    weight_decay: Annotated[float, typer.Option()] = FINETUNE["weight_decay"],
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Images per optimiser step (per rank).")
+    ] = FINETUNE["batch_size"],
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = FINETUNE[
+        "weight_decay"
+    ],
     warmup: Annotated[float, typer.Option(help="Fraction of steps in linear warm-up.")] = FINETUNE[
         "warmup"
     ],
@@ -794,26 +951,38 @@ def finetune(
     augment: Annotated[bool, typer.Option(help="Flip + small rotation on train.")] = FINETUNE[
         "augment"
     ],
-    lora_r: Annotated[int, typer.Option()] = FINETUNE["lora_r"],
-    lora_alpha: Annotated[int, typer.Option()] = FINETUNE["lora_alpha"],
-    lora_dropout: Annotated[float, typer.Option()] = FINETUNE["lora_dropout"],
+    lora_r: Annotated[int, typer.Option(help="LoRA: rank of the adapter matrices.")] = FINETUNE[
+        "lora_r"
+    ],
+    lora_alpha: Annotated[
+        int, typer.Option(help="LoRA: scaling numerator (the update is scaled by alpha / r).")
+    ] = FINETUNE["lora_alpha"],
+    lora_dropout: Annotated[
+        float, typer.Option(help="LoRA: dropout on the adapter input.")
+    ] = FINETUNE["lora_dropout"],
     lora_targets: Annotated[
         str | None,
         typer.Option(help="Comma-separated module names (default per family: q_proj,v_proj)."),
     ] = _csv(FINETUNE["lora_targets"]),
-    gradient_checkpointing: Annotated[bool, typer.Option(help="GPU only.")] = FINETUNE[
-        "gradient_checkpointing"
-    ],
-    seed: Annotated[int, typer.Option()] = FINETUNE["seed"],
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(help="Recompute activations in the backward pass to save memory (GPU only)."),
+    ] = FINETUNE["gradient_checkpointing"],
+    seed: Annotated[
+        int, typer.Option(help="Seed for initialisation, data order and bootstrap.")
+    ] = FINETUNE["seed"],
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = FINETUNE[
         "n_boot"
     ],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = FINETUNE["device"],
     num_workers: Annotated[
-        int, typer.Option(help="Image-loading worker processes (0 = in the main process).")
+        int, typer.Option("--workers", "--num-workers", help=WorkersHelp)
     ] = FINETUNE["num_workers"],
     results: Annotated[
-        Path, typer.Option("--out", "-o", help="Results directory (records + run checkpoints).")
+        Path,
+        typer.Option(
+            "--results", "--out", "-o", help="Results directory (records + run checkpoints)."
+        ),
     ] = Path("embedkit-results"),
     overwrite: Annotated[
         bool, typer.Option(help="Retrain even if an identical record exists.")
@@ -840,16 +1009,17 @@ def finetune(
     from embedkit.finetune import run_finetune
     from embedkit.probes.run import render_record
 
-    if nproc > 1:
-        from embedkit.distributed import launch_torchrun
-
-        raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
     request = _request(ctx, FinetuneRequest)
+    if nproc > 1:
+        _launch(nproc, request.model, None)
 
-    def progress(log: object) -> None:
-        err.print(f"[dim]{escape(str(log))}[/dim]")
+    def progress(log: Any) -> None:
+        err.print(escape(epoch_line(log, request.epochs)), highlight=False)
 
-    outcome = run_finetune(request, manifest=manifest, results=results, on_epoch=progress)
+    with step_bar(err, f"finetune {request.method}", unit="batches") as on_batch:
+        outcome = run_finetune(
+            request, manifest=manifest, results=results, on_epoch=progress, on_batch=on_batch
+        )
     if outcome.rank != 0:
         return  # rank 0 of a torchrun job reports for the whole job
     out.print(render_record(outcome.record))
@@ -881,7 +1051,9 @@ def demo(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Encoder for every step (default: the tiny random test/tiny-dinov3-vit)."
+            "--model",
+            "-M",
+            help="Encoder for every step (default: the tiny random test/tiny-dinov3-vit).",
         ),
     ] = None,
     resolution: Annotated[
@@ -893,7 +1065,10 @@ def demo(
         ),
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(min=0, help="Image-loading worker processes (default 2).")
+        int | None,
+        typer.Option(
+            "--workers", "--num-workers", min=0, help="Image-loading worker processes (default 2)."
+        ),
     ] = None,
     pipeline: Annotated[
         Path | None,

@@ -172,12 +172,33 @@ def session(device: torch.device, *, timeout: timedelta = DEFAULT_TIMEOUT) -> It
         dist.destroy_process_group()
 
 
+#: torchrun's own entry point, minus the traceback it prints when a rank fails: the ranks have
+#: already printed their (clean) errors, so the launcher exits with the first failed rank's
+#: status (2 for a user error) and one line naming it.
+_LAUNCHER = """
+import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import get_args_parser, run
+try:
+    run(get_args_parser().parse_args(sys.argv[1:]))
+except ChildFailedError as exc:
+    rank, failure = exc.get_first_failure()
+    code = failure.exitcode if 0 < failure.exitcode < 128 else 1
+    print(f"error: rank {rank} of the torchrun job exited with status {failure.exitcode}; "
+          "its error is printed above", file=sys.stderr)
+    sys.exit(code)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
 def torchrun_command(nproc: int, args: Sequence[str]) -> list[str]:
-    """The command that runs ``embedkit <args>`` as ``nproc`` ranks on this node."""
+    """The command that runs ``embedkit <args>`` as ``nproc`` ranks on this node (torchrun's
+    launcher; a failed rank ends it with that rank's exit status and no traceback)."""
     return [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
+        "-c",
+        _LAUNCHER,
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",

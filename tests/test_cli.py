@@ -242,3 +242,56 @@ def test_manifest_check_reports_and_fails_on_a_broken_manifest(
     broken.write_text((demo_run / "manifest.yaml").read_text().replace("separator", "seperator"))
     code, output = _run(["manifest", "check", str(broken)], capsys)
     assert code == 2 and "did you mean 'separator'" in output and "Traceback" not in output
+
+
+def test_probe_finds_the_entry_extract_snapped(
+    demo_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`probe -r 64` reads what `extract -r 64 --snap-resolution` stored at 70 (DINOv2, patch
+    14), by the same snapping rule."""
+    cache = ["--manifest", str(demo_run / "manifest.yaml"), "--cache", str(tmp_path / "cache")]
+    model = ["-d", "demo", "--model", "test/tiny-dinov2", "-r", "64"]
+    code, output = _run(["extract", *cache, *model, "--workers", "0", "--snap-resolution"], capsys)
+    assert code == 0, output
+    probe = ["probe", *cache, *model, "-k", "knn", "--n-boot", "20", "--ks", "1,3"]
+    code, output = _run([*probe, "--results", str(tmp_path / "results")], capsys)
+    assert code == 0, output
+    assert "reading the entry extracted at 70" in " ".join(output.split())
+    assert list((tmp_path / "results").rglob("*.json"))
+
+
+def test_manifest_check_takes_m_like_every_other_command(
+    demo_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = str(demo_run / "manifest.yaml")
+    code, output = _run(["manifest", "check", "-m", manifest, "-d", "demo"], capsys)
+    assert code == 0 and "Cardiomegaly" in output
+    code, output = _run(["manifest", "check", "--manifest", manifest], capsys)
+    assert code == 0 and "Cardiomegaly" in output
+
+
+def test_epoch_lines_are_formatted() -> None:
+    from embedkit.finetune.train import EpochLog
+    from embedkit.study.display import epoch_line
+
+    log = EpochLog(epoch=1, train_loss=0.9855625629425049, val_loss=0.5, lr=1e-5, seconds=3.21)
+    line = epoch_line(log, 20)
+    assert line == (
+        "epoch 1/20: train loss 0.9856, val loss 0.5000, lr 1.00e-05 (3.2 s; checkpoint saved)"
+    )
+    assert "EpochLog" not in line
+
+
+def test_push_of_an_entry_the_target_holds_complete_is_a_no_op(
+    demo_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = ["--manifest", str(demo_run / "manifest.yaml")]
+    code, output = _run(["cache", "ls", "--json", *manifest], capsys)
+    digest = json.loads(output)[0]["digest"][:12]
+    target = str(tmp_path / "copy")
+    code, output = _run(["cache", "push", digest, *manifest, "--to", target], capsys)
+    assert code == 0, output
+    assert "verified" in output
+    code, output = _run(["cache", "push", digest, *manifest, "--to", target], capsys)
+    assert code == 0, output
+    assert "already there" in output and "nothing to copy" in " ".join(output.split())

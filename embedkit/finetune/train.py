@@ -362,6 +362,7 @@ def run_finetune(
     model_cache_dir: str | Path | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
     requested_resolution: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> FinetuneOutcome:
     """Finetune, select the best epoch on validation, evaluate on test and write the record.
 
@@ -373,6 +374,8 @@ def run_finetune(
     An identical finished run is found and returned (``reused``) unless ``overwrite``; an
     interrupted one resumes from ``<results>/runs/<run id>/``. ``on_epoch`` is called after each
     epoch's checkpoint is written (progress display; tests use it to simulate a kill).
+    ``on_batch(steps done, total steps)`` is called after every optimiser step (a progress bar
+    over all epochs; rank 0 only).
 
     Under ``torchrun`` every rank calls this: the model is wrapped in DDP, each global batch of
     ``batch_size x world_size`` images is split over the ranks, validation and test are scored
@@ -387,7 +390,7 @@ def run_finetune(
         try:
             return _train(
                 request, plan, ctx, ResultsDir(results), cache_dir, on_epoch,
-                requested_resolution or request.resolution,
+                requested_resolution or request.resolution, on_batch,
             )  # fmt: skip
         except torch.OutOfMemoryError as exc:
             raise _oom(request, ctx.world_size) from exc
@@ -401,6 +404,7 @@ def _train(
     cache_dir: Path | None,
     on_epoch: Callable[[EpochLog], None] | None,
     requested_resolution: int,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> FinetuneOutcome:
     run_dir = out.root / "runs" / plan.run_id
     found = out.find(plan.relpath) if ctx.is_main and not request.overwrite else None
@@ -511,6 +515,8 @@ def _train(
             loss.backward()
             optimizer.step()
             state.step += 1
+            if on_batch is not None and ctx.is_main:
+                on_batch(state.step, total_steps)
             (job_sum,) = ddp.sums(ctx, float(loss_sum.detach()))
             losses.append(job_sum / max(job_obs, 1))
         val_loss = run.mean_loss(rows["val"]) if has_val else None

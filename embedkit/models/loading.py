@@ -16,6 +16,13 @@ Weights fingerprint (part of every feature-cache key):
   ``config.json`` and the weight files (``*.safetensors``; ``*.bin`` only when there is no
   safetensors file). Each file's hash is memoised in ``<cache_dir>/fingerprints.json`` keyed by
   (absolute path, size, mtime_ns), so a 27 GB checkpoint is hashed once.
+
+Offline is a state of the process, not a failure per model: before the first hub request,
+:func:`hub_reachable` opens one TCP connection to the hub endpoint (``HF_ENDPOINT``, or the proxy)
+with a short timeout. When it fails, Hugging Face offline mode is switched on for the rest of the
+process (and its children), so cached snapshots keep working and nothing else waits on retries.
+Each hub model's config is looked up once per process (:func:`hub_config` remembers the answer,
+including a failure), so a study with 100 steps of one model asks the hub once.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +59,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
+    "HUB_TIMEOUT_S",
     "EncoderIdentity",
     "LoadedEncoder",
     "default_cache_dir",
+    "hub_reachable",
     "hub_spec",
     "identify_encoder",
     "load_encoder",
@@ -74,6 +85,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _HALF = (torch.bfloat16, torch.float16)
 _FINGERPRINT_MEMO = "fingerprints.json"
+#: How long the one reachability check of the hub may wait (seconds).
+HUB_TIMEOUT_S = 3.0
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -166,7 +179,16 @@ def identify_encoder(
     hub_id = target.hub_id
     if hub_id is None:  # unreachable: tiny and local specs are handled above
         raise ModelLoadError(f"{name}: the registry entry has neither hub_id nor tiny_config")
-    config, snapshot = hub_config(hub_id, revision=revision)
+    try:
+        config, snapshot = hub_config(hub_id, revision=revision)
+    except ModelLoadError as exc:
+        if isinstance(target, EncoderSpec) and target.gated and "gated" not in str(exc):
+            raise ModelLoadError(
+                f"{exc} {target.name} is gated: once online, accept its licence on "
+                f"https://huggingface.co/{hub_id} and make a token available (set HF_TOKEN, or "
+                "run `hf auth login`)."
+            ) from exc
+        raise
     adapter = family_for_model_type(config.model_type, where=hub_id)
     if isinstance(target, EncoderSpec):
         if adapter.name != target.family:
@@ -363,21 +385,122 @@ def _hub_errors(hub_id: str, revision: str | None) -> Iterator[None]:
                 f"is set). {local}"
             )
         else:
-            from huggingface_hub import constants
-
+            if _is_connection_error(chain) and not _offline_why():
+                _go_offline(f"{type(chain[-1]).__name__}: {chain[-1]}")
+            why = _offline_why()
             why = (
-                "offline mode is on (HF_HUB_OFFLINE) and it is not in the local cache"
-                if constants.HF_HUB_OFFLINE
+                f"it is not in the local Hugging Face cache and {why}"
+                if why
                 else f"{type(chain[-1]).__name__}: {chain[-1]}"
             )
             message = f"could not download {hub_id}{at}: {why}. {local}"
         raise ModelLoadError(message) from exc
 
 
+#: Why the hub cannot be reached in this process ("" until a check failed); see hub_reachable.
+_HUB_DOWN: dict[str, str] = {}
+#: hub_config's answers in this process, by (hub_id, revision, hub cache, endpoint):
+#: a config or the error it raised.
+_HUB_CONFIGS: dict[tuple[object, ...], tuple[Any, Path] | ModelLoadError] = {}
+
+
+def _hub_address() -> tuple[str, int]:
+    """The host and port a hub request connects to first: the HTTPS proxy if set, else
+    the endpoint (``HF_ENDPOINT``)."""
+    from huggingface_hub import constants
+
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if endpoint.scheme == "http":
+        proxy = os.environ.get("HTTP_PROXY") or os.environ.get("http_proxy")
+    target = urllib.parse.urlsplit(proxy) if proxy else endpoint
+    port = target.port or (443 if target.scheme == "https" else 80)
+    return target.hostname or "huggingface.co", port
+
+
+def _go_offline(why: str) -> None:
+    """Switch Hugging Face offline mode on for this process and the processes it starts."""
+    from huggingface_hub import constants
+
+    host, port = _hub_address()
+    _HUB_DOWN.setdefault(
+        "why", f"the Hugging Face hub ({host}:{port}) cannot be reached ({why}); the rest of "
+        "this run stays offline (locally cached models only, no retries)"
+    )  # fmt: skip
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def _offline_why() -> str:
+    """Why hub requests are not made in this process ("" when they are)."""
+    from huggingface_hub import constants
+
+    if "why" in _HUB_DOWN:
+        return _HUB_DOWN["why"]
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE)"
+    return ""
+
+
+def _is_connection_error(chain: list[BaseException]) -> bool:
+    """A failure to reach the server (whichever HTTP client the hub library uses)."""
+    return any(
+        isinstance(e, ConnectionError | TimeoutError)
+        or any(n in type(e).__name__ for n in ("Connect", "Timeout"))
+        for e in chain
+    )
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether this process may ask the Hugging Face hub (checked once, with ``timeout``).
+
+    False when offline mode is on (``HF_HUB_OFFLINE``, or set by an earlier failed check). The
+    first failed check switches offline mode on, so later lookups use the local cache at once.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if "checked" in _HUB_DOWN:
+        return True
+    host, port = _hub_address()
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        _go_offline(f"{type(exc).__name__}: {exc}")
+        return False
+    _HUB_DOWN["checked"] = "yes"
+    return True
+
+
 def hub_config(hub_id: str, *, revision: str | None = None) -> tuple[PretrainedConfig, Path]:
-    """The config of a hub model and the snapshot folder of its cached ``config.json``."""
+    """The config of a hub model and the snapshot folder of its cached ``config.json``.
+
+    Asked once per process (the answer, or the error, is remembered); when the hub cannot be
+    reached the Hugging Face cache answers (see :func:`hub_reachable`).
+    """
+    from huggingface_hub import constants
+
+    key = (hub_id, revision, constants.HF_HUB_CACHE, constants.ENDPOINT)
+    known = _HUB_CONFIGS.get(key)
+    if isinstance(known, ModelLoadError):
+        raise known
+    if known is not None:
+        return cast("tuple[PretrainedConfig, Path]", known)
+    try:
+        found = _hub_config(hub_id, revision)
+    except ModelLoadError as exc:
+        _HUB_CONFIGS[key] = exc
+        raise
+    _HUB_CONFIGS[key] = found
+    return found
+
+
+def _hub_config(hub_id: str, revision: str | None) -> tuple[PretrainedConfig, Path]:
     from huggingface_hub import hf_hub_download
 
+    hub_reachable()
     with _hub_errors(hub_id, revision):
         config_file = Path(hf_hub_download(hub_id, "config.json", revision=revision))
     snapshot = config_file.parent  # <hub cache>/models--org--name/snapshots/<commit>/

@@ -7,11 +7,13 @@ A model name given by a user resolves, in this order, to
 3. an existing local directory holding a ``config.json`` (family from its ``model_type``);
 4. ``org/name`` whose ``org`` is not a registry namespace: a hub id not in the registry.
 
-Anything else raises :class:`UnknownModelError` with close matches. :func:`resolve` does no network
-I/O and returns a :class:`HubRef` for case 4, because the spec of an unregistered hub model can only
-be built from its ``config.json``: :func:`~embedkit.models.loading.load_encoder` builds it when it
-loads the model, and :func:`get_spec` fetches that config (from the network, or from the Hugging
-Face cache when offline).
+Anything else raises :class:`UnknownModelError` with close matches, compared without letter case
+(``DINOv3/ViTB16`` suggests ``dinov3/vitb16``; it is never taken for a hub id).
+:func:`resolve` does no network I/O and returns a :class:`HubRef` for case 4, because the spec
+of an unregistered hub model can only be built from its ``config.json``:
+:func:`~embedkit.models.loading.load_encoder` builds it when it loads the model, and
+:func:`get_spec` fetches that config (from the network, or from the Hugging Face cache when
+offline).
 """
 
 from __future__ import annotations
@@ -154,7 +156,15 @@ def _namespaces() -> set[str]:
 
 
 def _unknown(name: str) -> UnknownModelError:
-    hint = did_you_mean(name, [*_SPECS, *_ALIASES]) or "."
+    known = [*_SPECS, *_ALIASES]
+    if name.lower() in known:  # the same name in other letter case
+        hint = f"; did you mean {name.lower()!r}? (registry names are lowercase)."
+    else:
+        by_lower = {k.lower(): k for k in known}
+        close = did_you_mean(name.lower(), by_lower)
+        for lowered, original in by_lower.items():
+            close = close.replace(f"'{lowered}'", f"'{original}'")
+        hint = close or "."
     return UnknownModelError(
         f"unknown model {name!r}{hint} Run `embedkit models` to list them, or pass a local "
         "directory or a Hugging Face hub id (org/name)"
@@ -181,7 +191,10 @@ def resolve(name: str) -> EncoderSpec | HubRef:
             f"{name!r} is not a model directory (it does not exist or is not a directory); "
             "pass a directory holding config.json and model.safetensors"
         )
-    if _HUB_ID_RE.match(name) and name.split("/", 1)[0] not in _namespaces():
+    lowered = name.lower()
+    if _ALIASES.get(lowered, lowered) in _SPECS:
+        raise _unknown(name)  # a registered name in other letter case, not a hub id
+    if _HUB_ID_RE.match(name) and name.split("/", 1)[0].lower() not in _namespaces():
         return HubRef(name)
     raise _unknown(name)
 

@@ -79,12 +79,75 @@ def _per_label_rows(records: list[ResultRecord]) -> list[dict[str, object]]:
     return rows
 
 
-def _html(title: str, sections: list[tuple[str, str]], images: list[Path]) -> str:
+#: Registry namespace of the tiny random-weight test encoders.
+TEST_MODEL_PREFIX = "test/"
+
+
+def random_weight_models(records: Sequence[ResultRecord]) -> list[str]:
+    """Models of ``records`` that are tiny test encoders with random weights."""
+    return sorted({r.model for r in records if r.model.startswith(TEST_MODEL_PREFIX)})
+
+
+def findings(comparisons: Sequence[Comparison], correction: str) -> list[str]:
+    """One sentence per paired comparison: which run is better, by how much, with its 95% CI
+    and the corrected p-value."""
+    out = []
+    for c in comparisons:
+        stats = (
+            f"{c.metric} {c.delta:+.3f}, 95% CI [{c.low:+.3f}, {c.high:+.3f}], "
+            f"{correction}-corrected p = {c.p_adjusted:.3g}"
+        )
+        if c.low <= 0 <= c.high:
+            out.append(f"{c.dataset}: no clear difference between {c.a} and {c.b} ({stats}).")
+        else:
+            better, worse = (c.a, c.b) if c.delta > 0 else (c.b, c.a)
+            out.append(
+                f"{c.dataset}: {better} is better than {worse} by {abs(c.delta):.3f} ({stats})."
+            )
+    return out
+
+
+def missing_points(records: Sequence[ResultRecord]) -> list[str]:
+    """Requested curve points (e.g. 8 shots) that a record does not hold, and why."""
+    return [
+        f"{r.dataset} · {r.model} · {r.resolution}px · {r.kind}: {m}"
+        for r in records
+        for m in plots.missing_points(r)
+    ]
+
+
+def _first_screen(records: Sequence[ResultRecord], comparisons: Sequence[Comparison],
+                  correction: str) -> str:  # fmt: skip
+    parts = []
+    random = random_weight_models(records)
+    if random:
+        parts.append(
+            '<p class="warn"><strong>Random weights:</strong> '
+            + html.escape(", ".join(random))
+            + " are tiny test encoders with random weights. Their results exercise the pipeline "
+            "and mean nothing about any real model.</p>"
+        )
+    sentences = findings(comparisons, correction) or [
+        "No paired comparison: the records hold no two runs on the same test images."
+    ]
+    parts.append("<h2>Summary</h2><ul>" + "".join(
+        f"<li>{html.escape(t)}</li>" for t in sentences) + "</ul>")  # fmt: skip
+    missing = missing_points(records)
+    if missing:
+        parts.append("<p>Requested points not in the results:</p><ul>" + "".join(
+            f"<li>{html.escape(t)}</li>" for t in missing) + "</ul>")  # fmt: skip
+    return "\n".join(parts)
+
+
+def _html(
+    title: str, sections: list[tuple[str, str]], images: list[Path], first_screen: str = ""
+) -> str:
     figs = "\n".join(
-        f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
-        f'{base64.b64encode(p.read_bytes()).decode()}"/><figcaption>{html.escape(p.stem)}'
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}"/><figcaption>{html.escape(caption)}'
         "</figcaption></figure>"
         for p in images
+        for caption in [plots.caption_of(p) or p.stem.replace("_", " ")]
     )
     body = "\n".join(f"<h2>{html.escape(h)}</h2>\n{content}" for h, content in sections)
     return f"""<!doctype html>
@@ -94,9 +157,12 @@ body {{ font-family: system-ui, sans-serif; margin: 2rem; max-width: 1200px; }}
 table {{ border-collapse: collapse; margin: 1rem 0; font-size: 0.85rem; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; }}
 th {{ background: #f3f3f3; }}
-figure {{ display: inline-block; margin: 0.5rem; }} img {{ max-width: 560px; }}
+figure {{ display: inline-block; margin: 0.5rem; max-width: 560px; vertical-align: top; }}
+img {{ max-width: 560px; }}
+.warn {{ background: #fff3cd; border: 1px solid #e0c060; padding: 0.5rem; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
+{first_screen}
 {body}
 <h2>Figures</h2>
 {figs}
@@ -241,6 +307,7 @@ def build_report(
             ("Per-label results", per_label),
         ],
         images,
+        _first_screen(records, comparisons, correction),
     )
     report.files.append(_write(out_dir / "report.html", page))
     return report

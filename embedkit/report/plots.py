@@ -1,4 +1,9 @@
-"""Report figures (matplotlib, headless): AUROC vs resolution, per-label deltas, declared curves."""
+"""Report figures (matplotlib, headless): AUROC vs resolution, per-label deltas, declared curves.
+
+Each figure carries its caption in words in the PNG's ``Description`` text chunk (see
+:func:`save` and :func:`caption_of`), so the report page captions it without a side table; a plot
+that saves without one is captioned by its file name.
+"""
 
 from __future__ import annotations
 
@@ -43,11 +48,47 @@ def draw_all(rows: Sequence[SummaryRow], records: Sequence[ResultRecord], out: P
     return [path for fn in _PLOTS.values() for path in fn(rows, records, out)]
 
 
-def _save(fig: Figure, path: Path) -> Path:
+#: AUROC of a classifier that guesses.
+CHANCE_AUROC = 0.5
+
+
+def save(fig: Figure, path: Path, caption: str = "") -> Path:
+    """Write ``fig`` to ``path`` (PNG) with ``caption`` in its ``Description`` text chunk."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Description": caption} if caption else None)
     plt.close(fig)
     return path
+
+
+def caption_of(path: Path) -> str:
+    """The caption :func:`save` stored in ``path``, or "" when there is none."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = getattr(image, "text", {}) or {}
+        return str(text.get("Description", ""))
+
+
+def chance_line(ax: plt.Axes) -> None:
+    """The AUROC of guessing, as a dashed line labelled in the legend."""
+    ax.axhline(CHANCE_AUROC, color="grey", linestyle="--", linewidth=0.8, label="chance (0.5)")
+
+
+def missing_points(record: ResultRecord) -> list[str]:
+    """Points of a curve record that were asked for but are not in it, each with the reason
+    its notes give (few-shot: ``"8 shots: too few positives of Hernia in train ..."``)."""
+    if record.curve is None:
+        return []
+    asked = record.params.get(record.curve, [])
+    have = {curve_x(key) for key in record.metrics}
+    out = []
+    for x in asked if isinstance(asked, list) else []:
+        if x in have:
+            continue
+        prefix = f"{x}-shot skipped: "
+        why = next((n[len(prefix) :] for n in record.notes if n.startswith(prefix)), "")
+        out.append(f"{x} {record.curve}: {why or 'not in the record'}")
+    return out
 
 
 @register_plot("auroc_vs_resolution")
@@ -72,11 +113,16 @@ def auroc_vs_resolution(
             highs = [p.high for p in points if p.high is not None]
             if len(lows) == len(highs) == len(points):
                 ax.fill_between(res, lows, highs, alpha=0.15)
+        chance_line(ax)
         ax.set_xlabel("resolution (px)")
         ax.set_ylabel("macro AUROC (test, 95% CI)")
         ax.set_title(f"{dataset}: AUROC vs resolution")
         ax.legend(fontsize=7)
-        paths.append(_save(fig, out / f"auroc_vs_resolution_{dataset}.png"))
+        caption = (
+            f"{dataset}: test macro AUROC against input resolution, one line per model and "
+            "method, shaded 95% bootstrap CI; the dashed line is chance (0.5)."
+        )
+        paths.append(save(fig, out / f"auroc_vs_resolution_{dataset}.png", caption))
     return paths
 
 
@@ -110,7 +156,12 @@ def per_label_deltas(
         ax.set_xlabel(f"AUROC {high.resolution}px − {low.resolution}px")
         ax.set_title(f"{dataset} · {model} · {kind}", fontsize=9)
         safe = f"{dataset}_{model}_{kind}".replace("/", "--")
-        paths.append(_save(fig, out / f"per_label_delta_{safe}.png"))
+        caption = (
+            f"{dataset}, {model}, {kind}: change in each label's test AUROC from "
+            f"{low.resolution} px to {high.resolution} px (green: higher at {high.resolution} px, "
+            "red: lower)."
+        )
+        paths.append(save(fig, out / f"per_label_delta_{safe}.png", caption))
     return paths
 
 
@@ -134,10 +185,17 @@ def curves(rows: Sequence[SummaryRow], records: Sequence[ResultRecord], out: Pat
             lows = [r.metrics[s][key]["ci_low"] for s in points]
             highs = [r.metrics[s][key]["ci_high"] for s in points]
             ax.fill_between(xs, lows, highs, alpha=0.15)
+        chance_line(ax)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(group[0].curve or "")
         ax.set_ylabel("macro AUROC (test, mean and 95% CI over draws)")
         ax.set_title(f"{dataset}: {kind}")
         ax.legend(fontsize=7)
-        paths.append(_save(fig, out / f"{kind}_{dataset}.png".replace("/", "--")))
+        missing = sorted({m for r in group for m in missing_points(r)})
+        caption = (
+            f"{dataset}, {kind}: mean test macro AUROC against {group[0].curve} (log scale), one "
+            "line per model and resolution, shaded 95% CI over draws; the dashed line is chance "
+            "(0.5)." + (f" Missing: {'; '.join(missing)}." if missing else "")
+        )
+        paths.append(save(fig, out / f"{kind}_{dataset}.png".replace("/", "--"), caption))
     return paths

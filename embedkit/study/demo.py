@@ -157,7 +157,13 @@ def run_demo(
     summary = run_pipeline(
         pipe, manifest=man.path, results=out / "results", report=out / "report", console=con
     )
-    if summary.report is not None:
+    if summary.failed:
+        where = f" The report at {summary.report} does not hold them." if summary.report else ""
+        con.print(
+            f"[red]The demo did not finish: {len(summary.failed)} of {len(summary.steps)} steps "
+            f"failed[/red] (listed above).{where}"
+        )
+    elif summary.report is not None:
         con.print(
             f"[bold]Open the report:[/bold] {summary.report.resolve().as_uri()}\n"
             f"Next: embedkit cache ls --manifest {man.path}  |  "

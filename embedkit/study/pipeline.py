@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -38,6 +39,7 @@ from embedkit.manifest import Manifest, load_manifest
 from embedkit.manifest.loader import format_validation_error, read_yaml
 from embedkit.models import EncoderSpec, resolve, validate_resolution
 from embedkit.probes.request import ProbeRequest
+from embedkit.study.display import epoch_line, step_bar, working
 from embedkit.study.options import (
     REQUEST_TYPES,
     request_from_options,
@@ -105,6 +107,13 @@ class CompareStep(_Strict):
     b: str | int | RunSelectorStep | None = None
 
 
+class ExpectedSize(_Strict):
+    """How big a dataset is expected to be, for planning before its data is in the manifest."""
+
+    images: Annotated[int, Field(ge=1)]
+    patients: Annotated[int, Field(ge=1)] | None = None
+
+
 class PipelineFile(_Strict):
     name: str
     description: str = ""
@@ -116,6 +125,9 @@ class PipelineFile(_Strict):
     blocks: tuple[Block, ...] = Field(min_length=1)
     demo_data: DemoData | None = None
     compare: tuple[CompareStep, ...] | None = None  # the report's paired comparisons
+    # Dataset sizes for the plan of a study whose data is not (yet) in the manifest (sizes of
+    # datasets the pipeline does not name are not used: a dataset may be dropped and kept here).
+    expected: dict[str, ExpectedSize] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -143,13 +155,35 @@ def parse_pipeline(data: object, source: Path) -> Pipeline:
     try:
         spec = PipelineFile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(
-            format_validation_error(exc, source=str(source), root=PipelineFile)
-        ) from None
+        lines = [
+            f"{source}: {line.strip()}"
+            for line in format_validation_error(exc, source="", root=PipelineFile).splitlines()
+            if line.strip() and not line.strip().endswith("problems:")
+        ]
+        lines = [line.replace(f"{source}: : ", f"{source}: ") for line in lines]
+        lines += [f"{source}: {p}" for p in _raw_model_problems(data)]
+        raise ConfigError(_joined(lines)) from None
     problems = [f"{source}: {p}" for p in _name_problems(spec)]
     if problems:
         raise ConfigError(_joined(problems))
     return Pipeline(source.resolve(), spec)
+
+
+def _raw_model_problems(data: object) -> list[str]:
+    """Model names of a pipeline that failed schema validation, checked anyway, so one run
+    reports every problem of the file (the schema does not check names)."""
+    problems: list[str] = []
+    blocks = data.get("blocks") if isinstance(data, dict) else None
+    for i, block in enumerate(blocks if isinstance(blocks, list) else []):
+        models = block.get("models") if isinstance(block, dict) else None
+        for j, model in enumerate(models if isinstance(models, list) else []):
+            if not isinstance(model, str):
+                continue
+            try:
+                resolve(model)
+            except EmbedkitError as exc:
+                problems.append(f"blocks[{i}].models[{j}]: {exc}")
+    return problems
 
 
 def _joined(problems: list[str]) -> str:
@@ -386,38 +420,87 @@ class Context:
     console: Console
     n_images: dict[str, int | None] = field(default_factory=dict)
     local_cache: str | None = None  # probes read through a local copy of each entry
+    missing: frozenset[str] = frozenset()  # datasets the manifest does not define
+
+
+#: The GPU the plan's GPU-hours are stated for: name, dense bf16 FLOP/s, and the model FLOPs
+#: utilisation assumed.
+PLAN_GPU = ("H100", 800e12, 0.5)
+
+
+def gpu_hours(flops: float) -> float:
+    """``flops`` in GPU-hours on :data:`PLAN_GPU` at its stated MFU."""
+    _, peak, mfu = PLAN_GPU
+    return flops / (peak * mfu) / 3600
+
+
+def _flops_text(flops: float) -> str:
+    return f"{flops / 1e15:.3g} PFLOP (~{gpu_hours(flops):.2g} GPU-h)"
 
 
 def _images(ctx: Context, dataset: str) -> int | None:
+    """The dataset's image count: from the manifest when it defines (and can read) it, else the
+    pipeline's ``expected`` size."""
     if dataset not in ctx.n_images:
-        try:
-            ctx.n_images[dataset] = len(ctx.manifest.dataset(dataset).load())
-        except EmbedkitError:
-            ctx.n_images[dataset] = None
+        n: int | None = None
+        if dataset not in ctx.missing:
+            try:
+                n = len(ctx.manifest.dataset(dataset).load())
+            except EmbedkitError:
+                n = None
+        expected = ctx.pipeline.spec.expected.get(dataset)
+        ctx.n_images[dataset] = n if n is not None or expected is None else expected.images
     return ctx.n_images[dataset]
 
 
-def _estimate(ctx: Context, step: Step) -> str:
-    """Forward compute of an extraction: images x FLOPs per image (registry models only)."""
+def _forward_flops(ctx: Context, step: Step) -> tuple[int, float] | None:
+    """(images, forward FLOPs per image) of a step (registry models with a known size)."""
     from embedkit.models.throughput import flops_per_image, shape_from_spec
 
     target = resolve(step.model)
     n = _images(ctx, step.dataset)
     if not isinstance(target, EncoderSpec) or n is None:
-        return "?"
-    snap = step.request().snap_resolution
+        return None
+    snap = step.request().snap_resolution if step.action == "extract" else True
     side = validate_resolution(target, step.resolution, snap=snap)
-    total = n * flops_per_image(shape_from_spec(target), side)
-    hours = total / (800e12 * 0.5) / 3600  # an H100 at 50% of ~800 dense bf16 TFLOP/s
-    return (
-        f"{n:,} img x {total / n / 1e9:.3g} GFLOP = {total / 1e15:.3g} PFLOP "
-        f"(~{hours:.2g} H100-hours at 50% MFU)"
-    )
+    return n, flops_per_image(shape_from_spec(target), side)
+
+
+def _compute(ctx: Context, step: Step) -> float | None:
+    """The step's compute in FLOPs: extraction one forward pass per image; finetuning
+    epochs x images x 3 x forward (forward + backward); probes ~0 (they read features)."""
+    if step.action == "probe":
+        return 0.0
+    found = _forward_flops(ctx, step)
+    if found is None:
+        return None
+    n, per_image = found
+    if step.action == "extract":
+        return n * per_image
+    return step.request(_effective_resolution(step, snap=True)).epochs * n * 3 * per_image
+
+
+def _estimate(ctx: Context, step: Step) -> str:
+    """The step's compute in words (what :func:`_compute` counts)."""
+    if step.action == "probe":
+        return ""
+    found = _forward_flops(ctx, step)
+    total = _compute(ctx, step)
+    if found is None or total is None:
+        return "?"
+    n, per_image = found
+    if step.action == "extract":
+        return f"{n:,} img x {per_image / 1e9:.3g} GFLOP = {_flops_text(total)}"
+    epochs = total / (n * 3 * per_image)
+    return f"{epochs:g} ep x {n:,} img x 3 x {per_image / 1e9:.3g} GFLOP = {_flops_text(total)}"
 
 
 def _status(ctx: Context, step: Step) -> str:
     from embedkit.probes.run import find_probe_entry, probe_plan
     from embedkit.store import CacheRoot
+
+    if step.dataset in ctx.missing:
+        return "no data"
 
     if step.action == "finetune":
         from embedkit.finetune import finetune_record_relpath
@@ -471,13 +554,15 @@ def _run_probe(ctx: Context, step: Step) -> str:
     from embedkit.probes.run import run_probe
 
     request = step.request(_effective_resolution(step, snap=True))
-    outcome = run_probe(
-        request,
-        manifest=ctx.manifest,
-        cache=ctx.cache,
-        results=ctx.results,
-        local_cache=ctx.local_cache,
-    )
+    live = nullcontext() if ctx.local_cache else working(ctx.console, f"  probe {request.kind}")
+    with live:
+        outcome = run_probe(
+            request,
+            manifest=ctx.manifest,
+            cache=ctx.cache,
+            results=ctx.results,
+            local_cache=ctx.local_cache,
+        )
     return "done (reused)" if outcome.reused else "done"
 
 
@@ -491,16 +576,13 @@ def _run_finetune(ctx: Context, step: Step) -> str:
     request = _finetune_request(step)
 
     def progress(log: Any) -> None:
-        val = "" if log.val_loss is None else f", val loss {log.val_loss:.4f}"
-        ctx.console.print(
-            f"  epoch {log.epoch}/{request.epochs}: train loss {log.train_loss:.4f}{val} "
-            f"({log.seconds:.1f} s; checkpoint saved)"
-        )
+        ctx.console.print(f"  {escape(epoch_line(log, request.epochs))}", highlight=False)
 
-    outcome = run_finetune(
-        request, manifest=ctx.manifest, results=ctx.results, on_epoch=progress,
-        requested_resolution=step.resolution,
-    )  # fmt: skip
+    with step_bar(ctx.console, f"  finetune {request.method}", unit="batches") as on_batch:
+        outcome = run_finetune(
+            request, manifest=ctx.manifest, results=ctx.results, on_epoch=progress,
+            requested_resolution=step.resolution, on_batch=on_batch,
+        )  # fmt: skip
     return "done (reused)" if outcome.reused else "done"
 
 
@@ -523,6 +605,49 @@ def plan_table(steps: list[Step], title: str) -> Table:
     return table
 
 
+def totals_table(ctx: Context, steps: list[Step]) -> Table:
+    """Compute still to do (steps neither cached nor done), per block and for the study."""
+    name, peak, mfu = PLAN_GPU
+    table = Table(
+        title=f"compute to do, in GPU-hours on an {name} ({peak / 1e12:.0f} TFLOP/s dense bf16) "
+        f"at {mfu:.0%} MFU",
+        title_justify="left",
+    )
+    for column in ("block", "steps", "extract", "finetune", "total", "unknown"):
+        table.add_column(column)
+    rows: dict[str, dict[str, float]] = {}
+    for step in steps:
+        if step.status in ("cached", "done"):
+            continue
+        row = rows.setdefault(step.block, {"steps": 0, "extract": 0.0, "finetune": 0.0, "?": 0})
+        row["steps"] += 1
+        flops = _compute(ctx, step)
+        if flops is None:
+            row["?"] += 1
+        elif step.action != "probe":
+            row[step.action] += flops
+    study = {"steps": 0.0, "extract": 0.0, "finetune": 0.0, "?": 0.0}
+    for block, row in rows.items():
+        for k in study:
+            study[k] += row[k]
+        table.add_row(*_totals_row(block, row))
+    table.add_row(*_totals_row("study", study), style="bold")
+    return table
+
+
+def _totals_row(label: str, row: dict[str, float]) -> list[str]:
+    total = row["extract"] + row["finetune"]
+    unknown = f"{row['?']:.0f} steps" if row["?"] else ""
+    return [
+        label,
+        f"{row['steps']:.0f}",
+        f"{gpu_hours(row['extract']):,.3g}",
+        f"{gpu_hours(row['finetune']):,.3g}",
+        f"{gpu_hours(total):,.3g}",
+        unknown,
+    ]
+
+
 @dataclass
 class RunSummary:
     steps: list[Step]
@@ -533,20 +658,69 @@ class RunSummary:
         return [s for s in self.steps if s.status == "failed"]
 
 
-def _dataset_problems(pipe: Pipeline, man: Manifest) -> list[str]:
-    from embedkit.errors import did_you_mean
+def _named_datasets(
+    datasets: Sequence[object], block_datasets: Sequence[Sequence[object] | None]
+) -> list[tuple[str, str]]:
+    """``(key, name)`` of every dataset a pipeline names (``datasets[0]``,
+    ``blocks[1].datasets[0]``)."""
+    named = [(f"datasets[{i}]", d) for i, d in enumerate(datasets)]
+    for i, names in enumerate(block_datasets):
+        named += [(f"blocks[{i}].datasets[{j}]", d) for j, d in enumerate(names or ())]
+    return [(key, name) for key, name in named if isinstance(name, str)]
 
-    spec = pipe.spec
-    named = [(f"datasets[{i}]", d) for i, d in enumerate(spec.datasets)]
-    for i, block in enumerate(spec.blocks):
-        named += [(f"blocks[{i}].datasets[{j}]", d) for j, d in enumerate(block.datasets or ())]
+
+def _missing_datasets(pipe: Pipeline, man: Manifest) -> list[tuple[str, str]]:
+    """``(key, name)`` of every dataset the pipeline names that the manifest does not define."""
+    named = _named_datasets(pipe.spec.datasets, [b.datasets for b in pipe.spec.blocks])
+    return [(key, name) for key, name in named if name not in man.datasets]
+
+
+def _not_in_manifest(source: Path, missing: list[tuple[str, str]], man: Manifest) -> list[str]:
     return [
-        f"{pipe.path}: {key}: dataset {name!r} is not in {man.path}"
-        f"{did_you_mean(name, man.datasets) or '.'} Define it there (data_manifest.yaml has "
-        "commented entries for public CXR datasets)"
-        for key, name in named
-        if name not in man.datasets
+        f"{source}: {key}: dataset {name!r} is not in {man.path}"
+        f"{did_you_mean(name, man.datasets) or '.'} To add it: {how_to_add(name, man)}"
+        for key, name in missing
     ]
+
+
+def how_to_add(name: str, man: Manifest) -> str:
+    """How to define dataset ``name`` in the manifest (naming a commented entry only when the
+    manifest file holds one)."""
+    try:
+        text = Path(man.path).read_text(encoding="utf-8")
+    except OSError:
+        text = ""
+    commented = any(
+        line.lstrip().startswith("#") and line.lstrip("# \t").startswith(f"{name}:")
+        for line in text.splitlines()
+    )
+    if commented:
+        return f"uncomment its entry in {man.path} and point it at your copy of the data"
+    return (
+        f"add an entry `{name}:` under `datasets:` in {man.path} (images folder, index CSV, "
+        "labels, splits; see the `demo` entry), then check it with `embedkit manifest check "
+        f"-m {man.path} -d {name}`"
+    )
+
+
+def _raw_dataset_problems(source: Path, manifest: str | os.PathLike[str] | None) -> list[str]:
+    """Datasets an invalid pipeline file names that its manifest lacks (reported with its other
+    problems); nothing when the file or its manifest cannot be read."""
+    try:
+        data = read_yaml(source, ConfigError)
+        if not isinstance(data, dict):
+            return []
+        where = manifest if manifest is not None else data.get("manifest", "data_manifest.yaml")
+        man = load_manifest(source.parent / str(where) if manifest is None else where)
+    except EmbedkitError:
+        return []
+    blocks = [b.get("datasets") if isinstance(b, dict) else None for b in data.get("blocks") or []]
+    named = _named_datasets(data.get("datasets") or [], blocks)
+    return _not_in_manifest(source, [(k, n) for k, n in named if n not in man.datasets], man)
+
+
+def _dataset_problems(pipe: Pipeline, man: Manifest) -> list[str]:
+    return _not_in_manifest(pipe.path, _missing_datasets(pipe, man), man)
 
 
 def _prepare_demo(pipe: Pipeline, man: Manifest, console: Console, dry_run: bool) -> None:
@@ -608,11 +782,17 @@ def run_pipeline(
     :func:`embedkit.store.open_local_copy`).
     """
     con = console or Console()
-    pipe = path if isinstance(path, Pipeline) else load_pipeline(path)
+    try:
+        pipe = path if isinstance(path, Pipeline) else load_pipeline(path)
+    except ConfigError as exc:  # add the datasets the manifest lacks: one round of fixes
+        missing = [] if dry_run else _raw_dataset_problems(Path(path), manifest)  # type: ignore[arg-type]
+        if missing:
+            raise ConfigError(_joined([str(exc), *missing])) from None
+        raise
     spec = pipe.spec
     man = load_manifest(manifest if manifest is not None else pipe.resolve_path(spec.manifest))
     problems = _dataset_problems(pipe, man)
-    if problems:
+    if problems and not dry_run:
         raise ConfigError(_joined(problems))
     ctx = Context(
         pipe,
@@ -621,6 +801,7 @@ def run_pipeline(
         Path(results) if results is not None else Path(pipe.resolve_path(spec.results)),
         con,
         local_cache=local_cache,
+        missing=frozenset(name for _, name in _missing_datasets(pipe, man)),
     )
     _prepare_demo(pipe, man, con, dry_run)
     if spec.demo_data is not None:  # known before the images exist (a dry run)
@@ -630,9 +811,22 @@ def run_pipeline(
     steps = expand(pipe)
     for step in steps:
         step.status = _status(ctx, step)
-        if step.action == "extract" and step.status != "cached":
+        if step.status not in ("cached", "done"):
             step.estimate = _estimate(ctx, step)
     con.print(plan_table(steps, f"pipeline {spec.name}: plan ({len(steps)} steps)"))
+    con.print(totals_table(ctx, steps))
+    for name in sorted(ctx.missing):
+        size = spec.expected.get(name)
+        planned = (
+            f" (planned with the expected {size.images:,} images)"
+            if size
+            else " (no size under `expected:` in the pipeline"
+            f"{did_you_mean(name, spec.expected) or ''}: its compute is unknown)"
+        )
+        con.print(
+            f"[yellow]{escape(name)}[/yellow]: not in the manifest{planned}; how to add it: "
+            f"{escape(how_to_add(name, man))}"
+        )
     report_dir = Path(report) if report is not None else Path(pipe.resolve_path(spec.report))
     if dry_run:
         return RunSummary(steps, None)
@@ -652,16 +846,35 @@ def run_pipeline(
             step.status, step.error = "failed", f"{type(exc).__name__}: {exc}"
             con.print(f"  [red]failed[/red]: {escape(traceback.format_exc(limit=3))}")
     built: Path | None = None
+    failed = [s for s in steps if s.status == "failed"]
     try:
         from embedkit.report import build_report
 
         pairs = [c for c, _ in _pair_choices(spec)] if spec.compare is not None else None
         built = build_report(ctx.results, report_dir, pairs=pairs).html
-        con.print(f"report: {built}")
+        if failed:
+            con.print(
+                f"report (of the records in {ctx.results}; it holds no result of the "
+                f"{len(failed)} failed steps): {built}"
+            )
+        else:
+            con.print(f"report: {built}")
     except EmbedkitError as exc:
         con.print(f"[yellow]no report[/yellow]: {escape(str(exc))}")
     con.print(plan_table(steps, f"pipeline {spec.name}: result"))
     summary = RunSummary(steps, built)
     if summary.failed:
-        con.print(f"[red]{len(summary.failed)} of {len(steps)} steps failed[/red] (see above)")
+        con.print(failure_summary(summary))
     return summary
+
+
+def failure_summary(summary: RunSummary) -> str:
+    """``N of M steps failed`` with each failed step and its first error line (rich markup)."""
+    lines = [f"[red]{len(summary.failed)} of {len(summary.steps)} steps failed[/red]:"]
+    for step in summary.failed:
+        lines.append(
+            f"  {escape(step.what)} · {escape(step.dataset)} · {escape(step.model)} · "
+            f"{step.resolution}px: {escape(step.error)}"
+        )
+    lines.append("Fix the cause and rerun the same command: finished steps are kept.")
+    return "\n".join(lines)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from embedkit.errors import ModelLoadError, ResolutionError, UnknownModelError
 from embedkit.models import LoadedEncoder, get_family, get_spec, load_encoder, weights_fingerprint
-from embedkit.models.loading import materialise_tiny
+from embedkit.models.loading import identify_encoder, materialise_tiny
 
 from .conftest import TINY_NAMES, put_in_hub_cache, write_config
 
@@ -448,3 +448,93 @@ def test_bf16_encoder_returns_float32(cache_dir: Path, pixels: torch.Tensor) -> 
     assert out.dtype == torch.float32
     reference = load_encoder("test/tiny-dinov2", cache_dir=cache_dir).encode(pixels[:1], ["cls"])
     torch.testing.assert_close(out, reference["cls"], rtol=0.1, atol=0.1)
+
+
+# --- an unreachable hub: offline for the rest of the process ------------------------------------
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online mode against an endpoint that refuses connections (nothing listens on port 9)."""
+    from huggingface_hub import constants
+
+    from embedkit.models import loading
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(loading, "_HUB_DOWN", {})
+    monkeypatch.setattr(loading, "_HUB_CONFIGS", {})
+
+
+@pytest.mark.usefixtures("unreachable_hub")
+def test_unreachable_hub_fails_fast_once_and_stays_offline(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from embedkit.models import loading
+
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError) as info:
+        identify_encoder("dinov3-7b", cache_dir=cache_dir)
+    assert time.monotonic() - started < 5
+    message = str(info.value)
+    assert "127.0.0.1:9" in message and "cannot be reached" in message
+    assert "stays offline" in message
+    assert "not in the local Hugging Face cache" in message
+    assert "hf download facebook/dinov3-vit7b16-pretrain-lvd1689m --local-dir" in message
+    assert "gated" in message
+    assert constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert not loading.hub_reachable()
+
+    # The same model again (a later step of the run) is answered from memory, without the hub.
+    calls: list[str] = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append("x"))
+    with pytest.raises(ModelLoadError, match="cannot be reached"):
+        identify_encoder("dinov3-7b", cache_dir=cache_dir)
+    assert calls == []
+
+
+@pytest.mark.usefixtures("unreachable_hub")
+def test_unreachable_hub_keeps_cached_models_working(offline_hub: Path, cache_dir: Path) -> None:
+    commit = "d0d0" + "0" * 36
+    model = _hub_model(
+        "dinov2",
+        {"hidden_size": 384, "num_hidden_layers": 1, "num_attention_heads": 6, "patch_size": 14},
+    )
+    put_in_hub_cache(offline_hub, "facebook/dinov2-small", model, commit)
+    encoder = load_encoder("dinov2/small", cache_dir=cache_dir)
+    assert encoder.weights_fingerprint == f"commit:{commit}"
+
+
+def test_hub_config_is_asked_once_per_model(
+    offline_hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    from embedkit.models import loading
+
+    monkeypatch.setattr(loading, "_HUB_CONFIGS", {})
+    model = _hub_model(
+        "dinov2",
+        {"hidden_size": 384, "num_hidden_layers": 1, "num_attention_heads": 6, "patch_size": 14},
+    )
+    put_in_hub_cache(offline_hub, "facebook/dinov2-small", model, "e" * 40)
+    real = huggingface_hub.hf_hub_download
+    calls: list[str] = []
+
+    def counting(*args: Any, **kwargs: Any) -> str:
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", counting)
+    first = loading.hub_config("facebook/dinov2-small")
+    second = loading.hub_config("facebook/dinov2-small")
+    assert calls == ["facebook/dinov2-small"]
+    assert first is second

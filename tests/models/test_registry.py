@@ -117,6 +117,20 @@ def test_unknown_name_suggests_close_names(name: str, expected: str) -> None:
     assert isinstance(info.value, LookupError)
 
 
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("DINOv3/ViTB16", "dinov3/vitb16"),
+        ("DINOv3-7B", "dinov3-7b"),
+        ("Dinov3/VITB61", "dinov3/vitb16"),
+    ],
+)
+def test_names_match_without_letter_case_and_are_never_hub_ids(name: str, expected: str) -> None:
+    """`DINOv3/ViTB16` is a registry name in other letter case, not a hub lookup."""
+    with pytest.raises(UnknownModelError, match=f"did you mean .*'{expected}'"):
+        resolve(name)
+
+
 def test_duplicate_name_or_alias_raises() -> None:
     spec = get_spec("test/tiny-vit")
     with pytest.raises(ValueError, match="already registered"):

@@ -222,3 +222,27 @@ def test_datasets_missing_from_the_manifest_are_named_with_their_keys(tmp_path: 
     message = str(caught.value)
     assert "datasets[1]: dataset 'dmeo' is not in" in message and "did you mean 'demo'" in message
     assert "blocks[0].datasets[0]: dataset 'chexpert'" in message
+
+
+def test_every_problem_of_a_pipeline_is_reported_at_once(tmp_path: Path) -> None:
+    """A schema error (an unknown probe kind) does not hide a model typo in the same file."""
+    doc = _doc(models=["dinov3/vitb61"], probes=[{"kind": "linaer"}])
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(_write(tmp_path, doc))
+    message = str(info.value)
+    assert "linaer" in message
+    assert "blocks[0].models[0]" in message and "did you mean 'dinov3/vitb16'" in message
+
+
+def test_a_run_reports_name_and_dataset_problems_in_one_round(tmp_path: Path) -> None:
+    (tmp_path / "manifest.yaml").write_text(
+        yaml.safe_dump({"datasets": {"demo": demo_dataset_config()}})
+    )
+    doc = _doc(models=["dinov3/vitb61"])
+    doc["datasets"] = ["dmeo"]
+    doc["manifest"] = "manifest.yaml"
+    with pytest.raises(ConfigError) as caught:
+        run_pipeline(_write(tmp_path, doc), console=Console(record=True))
+    message = str(caught.value)
+    assert "blocks[0].models[0]: unknown model 'dinov3/vitb61'" in message
+    assert "datasets[0]: dataset 'dmeo' is not in" in message and "did you mean 'demo'" in message
