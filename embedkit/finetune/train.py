@@ -151,6 +151,7 @@ def _plan(
         "weights": ident.weights_fingerprint,
         "dataset": request.dataset,
         "ids": digest_ids(table.ids),
+        "data": table.splits_digest,
         "preprocessing": canonical_json(preprocessing.describe()),
         "params": params,
         "seed": request.seed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,22 @@ class DatasetTable:
                 f"Splits: {', '.join(SPLIT_NAMES)}"
             )
         return np.flatnonzero(self.split == split).astype(np.int64)
+
+    @cached_property
+    def splits_digest(self) -> str:
+        """SHA-256 of exactly what a probe or finetuning run learns and is scored on: for each
+        split, its image ids in order, their targets and label masks, with the label names and
+        task. A changed label, split, filter or uncertainty policy changes it; a result record's
+        identity includes it, so a stale record is never returned for changed data."""
+        h = hashlib.sha256()
+        h.update(f"{self.labels.kind}\0{chr(31).join(self.labels.names)}\n".encode())
+        for split in SPLIT_NAMES:
+            rows = self.indices(split)
+            h.update(f"{split}\0{len(rows)}\n".encode())
+            h.update("\0".join(self.ids[i] for i in rows).encode())
+            h.update(np.ascontiguousarray(self.labels.y[rows]).tobytes())
+            h.update(np.ascontiguousarray(self.labels.mask[rows], dtype=bool).tobytes())
+        return h.hexdigest()
 
     @cached_property
     def _row_of(self) -> pd.Index:

@@ -29,6 +29,7 @@ import numpy as np
 
 from embedkit.errors import EmbedkitError, FewShotSamplingError
 from embedkit.eval import macro_auroc, ovr_macro_auroc
+from embedkit.probes.policies import DEFAULT_TOL
 from embedkit.probes.registry import KindResult, ProbeData, register
 
 # The estimators (torch) load in fit_score/params, so registering the kinds stays cheap.
@@ -71,13 +72,17 @@ class LinearKind:
             "standardize": True,
             "select": "joint",
             "max_iter": request.max_iter,
+            "tol": request.tol,
+            "backend": request.backend,
         }
 
     def fit_score(self, request: ProbeRequest, data: ProbeData) -> KindResult:
         from embedkit.probes.linear import LogisticProbe
 
         train, val = data.train, data.val
-        probe = LogisticProbe(seed=request.seed, max_iter=request.max_iter)
+        probe = LogisticProbe(
+            seed=request.seed, max_iter=request.max_iter, tol=request.tol, backend=request.backend
+        )
         if len(val.ids):
             probe.fit_select(train.X, train.y, train.mask, val.X, val.y, val.mask)
         else:  # no validation split: hold out 10% of train by patient (DINOv2 protocol)
@@ -102,14 +107,14 @@ class KNNKind:
         return _stored_default(stored, "")
 
     def params(self, request: ProbeRequest) -> dict[str, Any]:
-        return {"ks": list(request.ks), "temperature": 0.07}
+        return {"ks": list(request.ks), "temperature": 0.07, "backend": request.backend}
 
     def fit_score(self, request: ProbeRequest, data: ProbeData) -> KindResult:
         from embedkit.probes.knn import KNNProbe
 
         train, val = data.train, data.val
         ks = tuple(k for k in request.ks if k <= len(train.ids)) or (len(train.ids),)
-        probe = KNNProbe(k=ks).fit(train.X, train.y, mask=train.mask)
+        probe = KNNProbe(k=ks, backend=request.backend).fit(train.X, train.y, mask=train.mask)
         if len(val.ids):
             by_k = {k: _point(val, s) for k, s in probe.predict_proba_per_k(val.X).items()}
             finite = {k: v for k, v in by_k.items() if np.isfinite(v)}
@@ -172,7 +177,7 @@ class FewShotKind:
 
     def params(self, request: ProbeRequest) -> dict[str, Any]:
         return {"shots": list(request.shots), "draws": request.draws, "classifier": "linear",
-                "C": 1.0}  # fmt: skip
+                "C": 1.0, "tol": DEFAULT_TOL}  # fmt: skip
 
     def fit_score(self, request: ProbeRequest, data: ProbeData) -> KindResult:
         from embedkit.probes.fewshot import run_fewshot

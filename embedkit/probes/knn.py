@@ -31,6 +31,7 @@ from embedkit.probes.backends import (
     torch_dtype,
 )
 from embedkit.probes.external import check_backend, neighbours
+from embedkit.probes.policies import ProbeBackend
 from embedkit.probes.targets import check_targets
 
 __all__ = ["DINO_KS", "KNNProbe"]
@@ -106,7 +107,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         task: Literal["auto", "multilabel", "multiclass"] = "auto",
         train_block_size: int | None = None,
         max_resident_bytes: int = DEFAULT_MAX_RESIDENT_BYTES,
-        backend: Literal["torch", "sklearn", "cuml"] = "torch",
+        backend: ProbeBackend = "torch",
     ) -> None:
         self.k = k
         self.temperature = temperature

@@ -45,6 +45,7 @@ from embedkit.probes.fitted import LinearPredictor, best_index, logits, val_scor
 from embedkit.probes.lbfgs import SolveInfo, lbfgs
 from embedkit.probes.newton import newton_cg
 from embedkit.probes.objective import LogisticObjective
+from embedkit.probes.policies import DEFAULT_TOL
 from embedkit.probes.precondition import Spectrum
 from embedkit.probes.targets import (
     Targets,
@@ -69,10 +70,6 @@ NEWTON_MAX_FEATURES = 256
 #: Newton-CG preconditioned by the exact per-column Hessian blocks up to this many features
 #: (by the features' spectrum above, with ``solver="newton"``).
 EXACT_BLOCKS_MAX_FEATURES = 256
-#: Default stopping tolerance (gradient max-norm of the scaled objective), chosen by measurement
-#: (benchmarks/RESULTS.md "Probe solvers"): the chosen C and the test AUROC of tol 1e-12 to
-#: within 2e-6 on the ladder datasets; ``tol=1e-12`` is DINOv2's strict protocol.
-DEFAULT_TOL = 1e-5
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from embedkit.errors import EmbedkitError
+from embedkit.probes.policies import DEFAULT_TOL, ProbeBackend
 from embedkit.probes.registry import get_kind
 
 
@@ -27,11 +28,15 @@ class ProbeRequest:
     ks: tuple[int, ...] = (10, 20, 100, 200)
     shots: tuple[int, ...] = (1, 2, 4, 8, 16)
     draws: int = 5
-    max_iter: int = 1000  # L-BFGS iterations per C (DINOv2 protocol: 1000)
+    max_iter: int = 1000  # solver iterations per C (DINOv2 protocol: 1000)
+    tol: float = DEFAULT_TOL  # linear: stopping tolerance (1e-12: DINOv2's strict protocol)
+    backend: ProbeBackend = "torch"  # linear / knn: torch, sklearn (CPU reference) or cuml (GPU)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         get_kind(self.kind)  # an unknown kind: ConfigError naming the registered ones
+        if self.tol <= 0:
+            raise EmbedkitError(f"Expected tol > 0, got {self.tol} instead")
         if self.n_boot < 1 or self.draws < 1 or self.max_iter < 1 or not self.ks or not self.shots:
             raise EmbedkitError(
                 f"Expected n_boot >= 1, draws >= 1 and non-empty ks and shots, got "

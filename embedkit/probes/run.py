@@ -32,7 +32,7 @@ from rich.table import Table
 
 from embedkit.errors import CacheNotFoundError, EmbedkitError
 from embedkit.eval import evaluate_scores
-from embedkit.manifest import Manifest, load_manifest
+from embedkit.manifest import DatasetTable, Manifest, load_manifest
 from embedkit.models import EncoderSpec, resolve
 from embedkit.probes import PROBE_KINDS
 from embedkit.probes.features import SplitFeatures, split_features
@@ -40,6 +40,7 @@ from embedkit.probes.registry import ProbeData, get_kind
 from embedkit.probes.request import ProbeRequest
 from embedkit.report.tables import headline
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
+from embedkit.results.consistency import check_results_dataset
 from embedkit.store import CacheRoot, FeatureEntry, find_entry, list_entries, open_local_copy
 from embedkit.store.readcache import ProgressFactory
 from embedkit.versions import package_versions
@@ -89,16 +90,26 @@ def find_probe_entry(
     return find_entry(root, complete[0].relpath, allow_partial=False)
 
 
-def probe_plan(request: ProbeRequest, entry: FeatureEntry) -> tuple[str, dict[str, Any], str, str]:
-    """(pooling, hyper-parameters, record id, record relpath) of ``request`` on ``entry``.
+def probe_plan(
+    request: ProbeRequest, entry: FeatureEntry, table: DatasetTable
+) -> tuple[str, dict[str, Any], str, str]:
+    """(pooling, hyper-parameters, record id, record relpath) of ``request`` on ``entry`` with
+    the labels and splits of ``table``.
 
-    The record id covers the entry digest, the kind, every hyper-parameter and the seed, so an
-    identical run finds its record without computing anything.
+    The record id covers the entry digest, the kind, every hyper-parameter, the seed, and the
+    digest of the exact ids, targets and masks of every split (``table.splits_digest``), so an
+    identical run finds its record without computing anything, and a changed label, split,
+    filter or uncertainty policy is a new run, never the old record.
     """
     kind = get_kind(request.kind)
     pooling = request.pooling or kind.default_pooling(entry.poolings)
     params: dict[str, Any] = {"pooling": pooling, "n_boot": request.n_boot, **kind.params(request)}
-    identity = {"entry": entry.key.digest(), "kind": request.kind, "params": params}
+    identity = {
+        "entry": entry.key.digest(),
+        "data": table.splits_digest,
+        "kind": request.kind,
+        "params": params,
+    }
     rid = record_id({**identity, "seed": request.seed})
     model = entry.key.model.replace("/", "--")
     relpath = f"{request.dataset}/{model}/{entry.key.resolution}px/{request.kind}-{rid}"
@@ -173,8 +184,11 @@ def run_probe(
     entry = find_probe_entry(
         root, request.dataset, request.model, request.resolution, request.entry
     )
-    pooling, params, rid, relpath = probe_plan(request, entry)
+    table = man.dataset(request.dataset).load()
+    pooling, params, rid, relpath = probe_plan(request, entry, table)
     out = ResultsDir(results)
+    # A results folder holding records of another dataset under this name is refused.
+    check_results_dataset(results, request.dataset, table)
     found = out.find(relpath)
     if found is not None and not request.overwrite:
         return ProbeOutcome(found, (out.root / relpath).with_suffix(".json"), True)
@@ -183,7 +197,6 @@ def run_probe(
     source = entry  # the record names the cache's entry, not the local copy
     if local_cache is not None:
         entry = open_local_copy(entry, local_cache, progress=progress).entry
-    table = man.dataset(request.dataset).load()
     parts = {s: split_features(entry, table, s, pooling) for s in ("train", "val", "test")}
     train, val, test = parts["train"], parts["val"], parts["test"]
     for name in ("train", "test"):

@@ -35,7 +35,7 @@ from rich.table import Table
 from embedkit.errors import CacheNotFoundError, ConfigError, EmbedkitError, did_you_mean
 from embedkit.extract.request import ExtractionRequest
 from embedkit.finetune.request import FinetuneRequest
-from embedkit.manifest import Manifest, load_manifest
+from embedkit.manifest import DatasetTable, Manifest, load_manifest
 from embedkit.manifest.loader import format_validation_error, read_yaml
 from embedkit.models import EncoderSpec, resolve, validate_resolution
 from embedkit.probes.request import ProbeRequest
@@ -421,6 +421,12 @@ class Context:
     n_images: dict[str, int | None] = field(default_factory=dict)
     local_cache: str | None = None  # probes read through a local copy of each entry
     missing: frozenset[str] = frozenset()  # datasets the manifest does not define
+    tables: dict[str, DatasetTable] = field(default_factory=dict)  # loaded once per dataset
+
+    def table(self, dataset: str) -> DatasetTable:
+        if dataset not in self.tables:
+            self.tables[dataset] = self.manifest.dataset(dataset).load()
+        return self.tables[dataset]
 
 
 #: The GPU the plan's GPU-hours are stated for: name, dense bf16 FLOP/s, and the model FLOPs
@@ -525,7 +531,7 @@ def _status(ctx: Context, step: Step) -> str:
         return "cached"
     if step.action == "probe":
         request = step.request(res)
-        *_, relpath = probe_plan(request, entry)
+        *_, relpath = probe_plan(request, entry, ctx.table(step.dataset))
         return "done" if (ctx.results / relpath).with_suffix(".json").is_file() else "to run"
     return "to run"
 

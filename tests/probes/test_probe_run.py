@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from sklearn.metrics import roc_auc_score
 
-from embedkit.errors import CacheNotFoundError, EmbedkitError
+from embedkit.errors import CacheNotFoundError, EmbedkitError, MixedResultsError
 from embedkit.extract import ExtractionRequest, extract
 from embedkit.manifest import load_manifest
 from embedkit.probes import KindResult, ProbeData
@@ -353,3 +354,63 @@ def test_operating_points_come_from_validation_scores(extracted: Path, tmp_path:
         assert row["sensitivity"] == pytest.approx(called[te.y[m, j] == 1].mean())
         checked += 1
     assert checked >= 1
+
+
+def _variant(manifest: Path, name: str, **dataset: Any) -> Path:
+    """The manifest with the demo dataset's entry updated (same images, same cache)."""
+    doc = yaml.safe_load(manifest.read_text())
+    doc["datasets"]["demo"].update(dataset)
+    doc["datasets"]["demo"]["images"] = str(manifest.parent / "images")
+    path = manifest.with_name(name)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_a_changed_split_or_target_is_a_new_run_never_the_old_record(
+    extracted: Path, tmp_path: Path
+) -> None:
+    """The record identity covers the exact ids, targets and masks of every split; the
+    results-folder guard refuses to mix another test split into one folder."""
+    first = run_probe(_probe("knn"), manifest=extracted, results=tmp_path / "a")
+
+    # A train image relabelled in the index (same images, same cache entry): the guard, which
+    # compares test splits, lets it into the folder; the record identity makes it a new run.
+    table = load_manifest(extracted).dataset("demo").load()
+    train_id = table.ids[int(table.indices("train")[0])]
+    lines = (extracted.parent / "index.csv").read_text().splitlines()
+    for i, line in enumerate(lines):
+        cells = line.split(",")
+        if cells[0] == train_id:
+            cells[3] = "No Finding" if cells[3] != "No Finding" else "Cardiomegaly"
+            lines[i] = ",".join(cells)
+    changed_index = tmp_path / "index.csv"
+    changed_index.write_text("\n".join(lines) + "\n")
+    relabelled = _variant(extracted, f"{tmp_path.name}-label.yaml", index=str(changed_index))
+    other = run_probe(_probe("knn"), manifest=relabelled, results=tmp_path / "a")
+    assert not other.reused and other.path != first.path
+    assert other.record.entry["digest"] == first.record.entry["digest"]  # same features
+
+    # Another split: refused in the same folder, a new run (new record id) in another.
+    resplit = _variant(
+        extracted, f"{tmp_path.name}-seed.yaml",
+        splits={"method": "patient", "fractions": {"train": 0.6, "val": 0.2, "test": 0.2},
+                "seed": 1},
+    )  # fmt: skip
+    with pytest.raises(MixedResultsError, match="test split"):
+        run_probe(_probe("knn"), manifest=resplit, results=tmp_path / "a")
+    third = run_probe(_probe("knn"), manifest=resplit, results=tmp_path / "b")
+    assert third.record.record_id not in (first.record.record_id, other.record.record_id)
+
+    again = run_probe(_probe("knn"), manifest=extracted, results=tmp_path / "a")
+    assert again.reused and again.path == first.path
+
+
+def test_tolerance_and_backend_are_part_of_the_record_identity(
+    extracted: Path, tmp_path: Path
+) -> None:
+    default = run_probe(_probe("linear"), manifest=extracted, results=tmp_path)
+    strict = run_probe(_probe("linear", tol=1e-12), manifest=extracted, results=tmp_path)
+    assert not strict.reused and strict.path != default.path
+    assert strict.record.params["tol"] == 1e-12 and default.record.params["backend"] == "torch"
+    reference = run_probe(_probe("linear", backend="sklearn"), manifest=extracted, results=tmp_path)
+    assert not reference.reused and reference.path != default.path
