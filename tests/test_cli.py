@@ -81,7 +81,12 @@ def test_cache_ls_info_verify_and_corruption(
 
     # Flip bytes of one stored chunk behind the store's back: verify must name the entry.
     chunk = next(p for p in (demo_run / "cache").rglob("features/cls/c.*") if p.is_file())
-    request.addfinalizer(lambda good=chunk.read_bytes(): chunk.write_bytes(good))  # shared cache
+    good = chunk.read_bytes()
+
+    def restore() -> None:  # the demo cache is shared by the module's tests
+        chunk.write_bytes(good)
+
+    request.addfinalizer(restore)
     data = bytearray(chunk.read_bytes())
     data[-8:] = bytes(255 - b for b in data[-8:])
     chunk.write_bytes(bytes(data))

@@ -7,6 +7,7 @@ import dataclasses
 import html
 from pathlib import Path
 
+import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
@@ -91,6 +92,7 @@ def test_auroc_figures_draw_the_chance_line(
     for fig in figures:
         lines = fig.axes[0].get_lines()
         assert any(
-            list(line.get_ydata()) == [0.5, 0.5] and line.get_label() == "chance (0.5)"
+            np.asarray(line.get_ydata()).tolist() == [0.5, 0.5]
+            and line.get_label() == "chance (0.5)"
             for line in lines
         )

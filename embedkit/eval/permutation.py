@@ -123,9 +123,10 @@ class _Label:
         swap_pos = swap[:, self.pos_rows]
         at_a = np.where(swap_pos, self.b[self.pos_rows], self.a[self.pos_rows])
         at_b = np.where(swap_pos, self.a[self.pos_rows], self.b[self.pos_rows])
-        return self._from_histogram(cum_a, counts_a, at_a) - self._from_histogram(
-            cum_b, counts_b, at_b
-        )
+        difference: NDArray[Any] = self._from_histogram(
+            cum_a, counts_a, at_a
+        ) - self._from_histogram(cum_b, counts_b, at_b)
+        return difference
 
     def _from_histogram(
         self, cum: NDArray[Any], counts: NDArray[Any], at_pos: NDArray[np.int64]

@@ -51,7 +51,9 @@ class Evaluation(NamedTuple):
     operating_point: str | None
 
 
-def _ci(y: np.ndarray, m: np.ndarray, s: np.ndarray, metric: str, idx: np.ndarray) -> dict:
+def _ci(
+    y: np.ndarray, m: np.ndarray, s: np.ndarray, metric: str, idx: np.ndarray
+) -> dict[str, Any]:
     ci = bootstrap_ci(y, m, s, metric, indices=idx)
     return {"point": ci.point, "low": ci.low, "high": ci.high}
 

@@ -9,6 +9,18 @@ from embedkit.data.policies import OnBadImage, ResizeMode
 from embedkit.errors import EmbedkitError
 from embedkit.models.policies import ComputeDtype, DeviceMap, ShardMode
 
+__all__ = [
+    "DEFAULT_UNIT_ROWS",
+    "BadImagePolicy",
+    "Compression",
+    "ComputeDtype",
+    "DeviceMap",
+    "ExtractionRequest",
+    "ResizePolicy",
+    "ShardPolicy",
+    "StorageDtype",
+]
+
 # The closed option sets of an extraction. Each is declared once, by the layer that interprets
 # it, in a torch-free module (resize, bad images: data.policies; sharding, compute dtype, device
 # map: models.policies); the names below are what `embedkit extract` and a pipeline's

@@ -49,7 +49,8 @@ def import_cuml() -> ModuleType:
             "gpu extra (pip install 'embedkit[gpu]', which brings cuml-cu12) or use "
             "backend='torch'."
         ) from exc
-    return cuml
+    module: ModuleType = cuml
+    return module
 
 
 def _estimator(backend: str, C: float, tol: float, max_iter: int) -> Any:

@@ -178,7 +178,10 @@ def _prototype_scores(
 
     def norm(a: NDArray[Any]) -> NDArray[np.float64]:
         a64 = np.asarray(a, dtype=np.float64)
-        return a64 / np.maximum(np.linalg.norm(a64, axis=1, keepdims=True), 1e-12)
+        unit: NDArray[np.float64] = a64 / np.maximum(
+            np.linalg.norm(a64, axis=1, keepdims=True), 1e-12
+        )
+        return unit
 
     tr = norm(Xtr)
     te = norm(Xte)

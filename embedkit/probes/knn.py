@@ -186,7 +186,8 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         t = torch.from_numpy(np.ascontiguousarray(block)).to(
             device=torch.device(self.device), dtype=torch_dtype(self.dtype)
         )
-        return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        unit: torch.Tensor = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return unit
 
     def _train_blocks(self, k: int) -> list[tuple[int, torch.Tensor]] | None:
         """Normalised training blocks ``(start, block)`` in the compute dtype, cached when they

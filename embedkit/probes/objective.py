@@ -238,7 +238,8 @@ class LogisticObjective:
         idx = torch.arange(D, device=A.device)
         H[:, idx, idx] += (1.0 / (C[prob] * n))[:, None]
         H[:, D, D] += torch.finfo(A.dtype).eps  # an all-masked column stays factorisable
-        return torch.linalg.cholesky(H)
+        factor: torch.Tensor = torch.linalg.cholesky(H)
+        return factor
 
     def precondition(
         self, Q: torch.Tensor, C: torch.Tensor, curv: torch.Tensor, cols: torch.Tensor

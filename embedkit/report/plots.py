@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from embedkit.report.tables import SummaryRow, curve_x
@@ -69,7 +70,7 @@ def caption_of(path: Path) -> str:
         return str(text.get("Description", ""))
 
 
-def chance_line(ax: plt.Axes) -> None:
+def chance_line(ax: Axes) -> None:
     """The AUROC of guessing, as a dashed line labelled in the legend."""
     ax.axhline(CHANCE_AUROC, color="grey", linestyle="--", linewidth=0.8, label="chance (0.5)")
 

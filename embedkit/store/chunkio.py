@@ -216,7 +216,7 @@ class ChunkLayout:
         self._tail = (0,) * (len(shape) - 1)
 
     @classmethod
-    def of(cls, arr: zarr.Array, directory: Path) -> ChunkLayout | None:
+    def of(cls, arr: zarr.Array[Any], directory: Path) -> ChunkLayout | None:
         """The layout of ``arr`` stored under ``directory``, or None if this engine can't."""
         meta = arr.metadata
         if getattr(meta, "zarr_format", None) != 3:

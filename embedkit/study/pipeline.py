@@ -483,7 +483,8 @@ def _compute(ctx: Context, step: Step) -> float | None:
     n, per_image = found
     if step.action == "extract":
         return n * per_image
-    return step.request(_effective_resolution(step, snap=True)).epochs * n * 3 * per_image
+    epochs: int = step.request(_effective_resolution(step, snap=True)).epochs
+    return float(epochs * n * 3 * per_image)
 
 
 def _estimate(ctx: Context, step: Step) -> str:

@@ -138,6 +138,7 @@ def test_demo_options_override_the_demo_pipeline() -> None:
     frozen, tuned = changed.spec.blocks
     assert frozen.models == tuned.models == ("test/tiny-dinov2",)
     assert frozen.resolutions == (112, 56) and tuned.resolutions == (56,)
-    assert frozen.extract.workers == 0 and tuned.finetune[0].options["num_workers"] == 0
+    assert frozen.extract.model_dump()["workers"] == 0
+    assert tuned.finetune[0].model_dump()["options"]["num_workers"] == 0
     with pytest.raises(ConfigError, match=r"blocks\[0\]\.models\[0\]"):
         demo_pipeline(model="dinov3/vitb61")

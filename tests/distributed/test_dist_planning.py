@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from embedkit.distributed import assign_units, strip_option
-from embedkit.models.sharding import ShardingError, plan_memory
+from embedkit.errors import ShardingError
+from embedkit.models.sharding import plan_memory
 from embedkit.models.throughput import (
     ModelShape,
     ThroughputReport,

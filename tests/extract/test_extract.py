@@ -107,7 +107,7 @@ def test_cache_key_changes_with_each_field_and_not_otherwise(
     # Not in the key either: the storage codec (same stored values, other files).
     unkeyed = ({"batch_size": 2}, {"num_workers": 1}, {"unit_rows": 4}, {"overwrite": True})
     for same in (*unkeyed, {"compression": "zstd"}):
-        assert digest(dataclasses.replace(base, **same)) == digest(base), same  # type: ignore[arg-type]
+        assert digest(dataclasses.replace(base, **same)) == digest(base), same
     variants = [
         {"resolution": 256},
         {"resize": "pad"},
@@ -237,4 +237,4 @@ def test_device_map_and_shard_are_exclusive() -> None:
 def test_vit_encoders_use_sdpa_attention(model: str, model_cache: Path) -> None:
     """Fused scaled-dot-product attention (the GPU throughput path) is what transformers picks."""
     enc = load_encoder(model, cache_dir=model_cache)
-    assert enc.model.config._attn_implementation == "sdpa"
+    assert enc.model.config._attn_implementation == "sdpa"  # type: ignore[union-attr]

@@ -113,7 +113,7 @@ def test_a_registered_method_runs_through_the_plan(
 ) -> None:
     request = FinetuneRequest(
         model="test/tiny-dinov2", dataset="demo", resolution=56,
-        method="test-headonly",  # type: ignore[arg-type]
+        method="test-headonly",
         device="cpu",
     )  # fmt: skip
     assert request.effective_lr == 2e-3

@@ -33,7 +33,7 @@ from embedkit.models.throughput import flops_per_image, shape_from_config, shape
 from .conftest import put_in_hub_cache
 
 TINY = ("test/tiny-vit-mae", "test/tiny-clip", "test/tiny-siglip")
-_TINY_SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+_TINY_SIZES: dict[str, Any] = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 @pytest.fixture(scope="module")

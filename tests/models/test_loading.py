@@ -325,7 +325,7 @@ def test_gated_repository_says_how_to_get_access(
     from huggingface_hub import errors
 
     # The HTTP library behind huggingface_hub (httpx or its fork) provides Response and Request.
-    http = importlib.import_module(errors.Response.__module__)
+    http = importlib.import_module(vars(errors)["Response"].__module__)
     response = http.Response(403, request=http.Request("GET", "https://huggingface.co/x"))
 
     def gated(*args: object, **kwargs: object) -> str:

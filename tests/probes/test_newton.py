@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -112,7 +114,7 @@ def test_newton_path_masked_multilabel_same_choice_and_auroc_as_lbfgs() -> None:
     X, y, Xte, yte = _digits_split()
     Y, mask = _multilabel(y, seed=2)
     Yte, mte = _multilabel(yte, seed=3)
-    kw = {"Cs": CS, "select": "per_label", "tol": 1e-12}
+    kw: dict[str, Any] = {"Cs": CS, "select": "per_label", "tol": 1e-12}
     newton = LogisticProbe(solver="newton", **kw).fit(X, Y, mask=mask)
     lbfgs = LogisticProbe(solver="lbfgs", **kw).fit(X, Y, mask=mask)
     np.testing.assert_array_equal(newton.C_, lbfgs.C_)

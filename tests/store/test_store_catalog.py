@@ -87,7 +87,7 @@ def test_an_entry_removed_while_listing_is_left_out(
 
     kept = build(root, kit, model="dinov3/vitb16", units=None)
     gone = build(root, kit, model="dinov2/vitl14", units=None)
-    real = catalog.read_attrs
+    real = vars(catalog)["read_attrs"]
 
     def removed_meanwhile(r: CacheRoot, relpath: str) -> dict[str, object]:
         if relpath == gone.relpath:  # `gc` or `--overwrite` deleted it after it was listed

@@ -287,7 +287,7 @@ def test_every_chunk_is_synced_before_its_unit_record(
 
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc to name synced files")
-    monkeypatch.setattr(chunkio.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
     monkeypatch.setattr(CacheRoot, "create_exclusive", create_exclusive)
     entry = _new(root, kit, compression)
     events.clear()
@@ -322,7 +322,7 @@ def test_failed_sync_leaves_the_unit_pending(
         real_fdatasync(fd)
 
     with monkeypatch.context() as mp:
-        mp.setattr(chunkio.os, "fdatasync", fdatasync)
+        mp.setattr(os, "fdatasync", fdatasync)
         _write(entry, feats, [0, 1])
         with pytest.raises(CacheWriteError, match=r"unit 2 .*Input/output error"):
             _write(entry, feats, [2])

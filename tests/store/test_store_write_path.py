@@ -128,7 +128,7 @@ def test_pipelined_units_equal_serial_ones(tmp_path: Path, kit: Any, compression
 
 def test_unit_checksum_joins_its_chunks(tmp_path: Path, kit: Any) -> None:
     """The record's crc32c (joined from 2 chunk scans) is the crc32c of the unit's bytes."""
-    if writer_mod.CHECKSUM_ALGORITHM != "crc32c" or not checks.FAST_CRC32C:
+    if checks.CHECKSUM_ALGORITHM != "crc32c" or not checks.FAST_CRC32C:
         pytest.skip("needs the C crc32c")
     root = CacheRoot.from_uri(tmp_path / "c")
     entry = _new(root, kit)
