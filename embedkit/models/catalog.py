@@ -1,4 +1,4 @@
-"""The registered encoders. Numbers come from /work/shared/PROTOCOLS.md and the model cards."""
+"""The registered encoders. Numbers come from the models' papers and model cards."""
 
 from __future__ import annotations
 

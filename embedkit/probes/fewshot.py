@@ -1,6 +1,6 @@
 """Few-shot probing: patient-wise draws of n labelled examples, several seeds, mean and spread.
 
-Protocol (PROTOCOLS.md "Few-shot"): n labelled examples per class (1, 2, 4, 8, 16, ...), several
+Protocol (the DINOv2 radiology study's few-shot evaluation): n labelled examples per class (1, 2, 4, 8, 16, ...), several
 independent draws (seeds), mean and spread reported; medical multi-label data is sampled by
 patient and validation / test patients never enter a training draw.
 

@@ -1,6 +1,6 @@
 """Weighted k-nearest-neighbour probe (DINO / DINOv2 / DINOv3 kNN evaluation).
 
-Protocol (PROTOCOLS.md "Probe protocols"): L2-normalised features, cosine similarity, k in
+Protocol (the DINOv2 / DINOv3 kNN evaluation): L2-normalised features, cosine similarity, k in
 {10, 20, 100, 200}, temperature 0.07, weights ``exp(sim / T)`` over the top k (softmax-like),
 summed per class. For multi-label data the score of label l is the weighted vote of the positive
 neighbours among the neighbours whose label l is valid (mask True), divided by their total weight;

@@ -1,6 +1,6 @@
 """L2 logistic-regression probe over a C path (DINOv2 ``log_regression``), on torch.
 
-:class:`LogisticProbe` follows DINOv2's protocol (PROTOCOLS.md "Probe protocols"): L2 penalty,
+:class:`LogisticProbe` follows DINOv2's protocol (its ``log_regression`` evaluation): L2 penalty,
 ``C = 10 ** linspace(-6, 5, 45)``, max_iter 1000, tol 1e-12 (here ``tol=1e-12``; the default
 :data:`DEFAULT_TOL` gives the same chosen C and test AUROC, measured), float64; C chosen on a
 validation split (10% of train, seed 0, when none is given); the final model is refit on
@@ -100,7 +100,7 @@ class PathResult:
 class LogisticProbe(LinearPredictor):
     """L2 logistic regression probe with DINOv2's C grid, solved as one batched torch problem.
 
-    Parameters follow DINOv2 ``log_regression`` (PROTOCOLS.md): ``Cs`` = 10 ** linspace(-6, 5, 45),
+    Parameters follow DINOv2 ``log_regression``: ``Cs`` = 10 ** linspace(-6, 5, 45),
     ``max_iter`` 1000 (per C), ``tol`` 1e-12 (default :data:`DEFAULT_TOL`, see above), float64,
     validation split 10% / seed 0 when ``fit`` gets no validation data, refit on train + val.
 

@@ -2,7 +2,7 @@
 
 Learning rates {1e-5 ... 0.1} scaled by batch / 256, SGD with momentum 0.9, no weight decay,
 cosine schedule, all heads trained together on the same mini-batches, the head chosen on
-validation (PROTOCOLS.md "Probe protocols").
+validation (the DINOv2 / DINOv3 linear-evaluation code).
 """
 
 from __future__ import annotations
