@@ -5,9 +5,10 @@ FLOPs (forward, multiply-add = 2 FLOPs):
 - ViT: ``2 * params * tokens + 4 * layers * tokens**2 * dim``: every weight is used once per token
   (the linear layers), plus the two ``tokens x tokens x dim`` attention matmuls per layer.
   ``tokens = (side / patch)**2 + 1 + registers`` (no 1 for SigLIP, which has no CLS token).
-  Matches the published table in docs/scale-out.md within 1-7%, and timm's published MACs (x2) of ViT-S/16, B/16,
-  B/32, L/16, H/14 and CLIP L/14 at 224 px within 1.5%. The weights of an attention-pooling head
-  that only its one query runs through (``ModelShape.per_image_params``) count once.
+  Matches the published table in docs/scale-out.md within 1-7%, and timm's published MACs (x2)
+  of ViT-S/16, B/16, B/32, L/16, H/14 and CLIP L/14 at 224 px within 1.5%. The weights of an
+  attention-pooling head that only its one query runs through (``ModelShape.per_image_params``)
+  count once.
 - ConvNeXt: scales with the pixel count from its 224 px figure (``EncoderSpec.gflops_224``, else
   ``2 * 174 * params``, the ConvNeXt-B ratio 31 GFLOPs / 89M params).
 

@@ -1,8 +1,9 @@
 """Few-shot probing: patient-wise draws of n labelled examples, several seeds, mean and spread.
 
-Protocol (the DINOv2 radiology study's few-shot evaluation): n labelled examples per class (1, 2, 4, 8, 16, ...), several
-independent draws (seeds), mean and spread reported; medical multi-label data is sampled by
-patient and validation / test patients never enter a training draw.
+Protocol (the DINOv2 radiology study's few-shot evaluation): n labelled examples per class
+(1, 2, 4, 8, 16, ...), several independent draws (seeds), mean and spread reported; medical
+multi-label data is sampled by patient and validation / test patients never enter a training
+draw.
 
 Definition of a draw (:func:`sample_fewshot`):
 
