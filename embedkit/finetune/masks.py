@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.errors import ImageReadError, ImageNotFoundError, ManifestError
+from embedkit.errors import ImageNotFoundError, ImageReadError, ManifestError
 from embedkit.manifest import DatasetConfig, DatasetTable
 
 __all__ = [
@@ -89,9 +89,10 @@ def read_label_map(path: str | Path, slice_at: int | None = None) -> np.ndarray:
         data = data[:, :, slice_at]
     if data.ndim != 2:
         raise ImageReadError(path, f"expected a 2D label map, got shape {data.shape} instead")
-    if np.issubdtype(data.dtype, np.floating):
-        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-            raise ImageReadError(path, "label values must be whole numbers")
+    if np.issubdtype(data.dtype, np.floating) and (
+        not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data))
+    ):
+        raise ImageReadError(path, "label values must be whole numbers")
     if data.size and data.min() < 0:
         raise ImageReadError(path, f"label values must be >= 0, found {int(data.min())}")
     return np.ascontiguousarray(data, dtype=np.int64)

@@ -8,7 +8,6 @@ from typing import Literal, get_args
 from embedkit.errors import ConfigError
 from embedkit.finetune.methods import LoraSettings, get_method
 
-
 #: What the head predicts: the manifest's labels from a pooled feature (classification), or a
 #: label map per image from the patch tokens (segmentation; masks from the index's mask column).
 FinetuneTask = Literal["classification", "segmentation"]

@@ -50,8 +50,8 @@ from embedkit.finetune.augment import MAX_ROTATION_DEG
 from embedkit.finetune.augment import apply as apply_augmentation
 from embedkit.finetune.augment import draw as draw_augmentation
 from embedkit.finetune.losses import masked_loss, pos_weight
-from embedkit.finetune.methods import count_parameters, get_method
 from embedkit.finetune.masks import MaskSet
+from embedkit.finetune.methods import count_parameters, get_method
 from embedkit.finetune.model import Classifier, EncoderHead, default_pooling
 from embedkit.finetune.request import FinetuneRequest
 from embedkit.manifest import DatasetTable, Manifest, load_manifest

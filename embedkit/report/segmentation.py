@@ -1,0 +1,182 @@
+"""The report's segmentation part: Dice / IoU tables, the paired Dice test, overlay figures.
+
+Records with ``task = "segmentation"`` (frozen probe or finetuned; the contract is in
+:mod:`embedkit.results.segmentation`) get
+
+- a table per run: Dice and IoU (and HD95 for volumes) per class and their mean over classes,
+  each with its 95% bootstrap CI, in ``segmentation.md`` / ``segmentation.csv`` and the page;
+- paired comparisons of the per-image mean Dice between runs on the same test images
+  (:func:`embedkit.report.compare.paired_dice_test`: a sign-flip permutation test of the
+  mean per-image difference and the paired bootstrap percentile CI of that mean),
+  Holm-corrected together with the
+  classification comparisons (:func:`embedkit.report.compare.compare_records`);
+- one sentence per run on the first screen, and a figure per run with its best and worst test
+  cases (image, ground truth, prediction).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from embedkit.report.plots import register_plot, save  # first: it selects the Agg backend
+from embedkit.report.tables import SummaryRow
+from embedkit.results import ResultRecord
+from embedkit.results.segmentation import is_segmentation, load_overlays
+
+__all__ = [
+    "headline_sentences",
+    "overlay_figures",
+    "segmentation_csv",
+    "segmentation_markdown",
+    "segmentation_tables",
+]
+
+#: Per-class metrics a table shows, in order, when the record has them.
+_METRICS = (("dice", "Dice"), ("iou", "IoU"), ("hd95", "HD95"))
+
+
+def _ci(m: Mapping[str, Any] | None) -> str:
+    if not isinstance(m, Mapping) or m.get("point") is None:
+        return "-"
+    low, high = m.get("low"), m.get("high")
+    if low is None or high is None:
+        return f"{m['point']:.3f}"
+    return f"{m['point']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _title(r: ResultRecord) -> str:
+    return f"{r.dataset} · {r.model} · {r.resolution}px · {r.kind}"
+
+
+def _metric_names(r: ResultRecord) -> list[tuple[str, str]]:
+    return [(key, name) for key, name in _METRICS if key in r.metrics]
+
+
+def segmentation_tables(
+    records: Sequence[ResultRecord],
+) -> list[tuple[ResultRecord, list[str], list[list[str]]]]:
+    """Per segmentation record: its header and rows (each class, then the mean over classes)."""
+    out = []
+    for r in sorted(filter(is_segmentation, records),
+                    key=lambda r: (r.dataset, r.model, r.kind, r.resolution)):  # fmt: skip
+        names = _metric_names(r)
+        header = ["class", *(f"{name} [95% CI]" for _, name in names)]
+        rows = [[str(row["label"]), *(_ci(row.get(key)) for key, _ in names)]
+                for row in r.per_label]  # fmt: skip
+        rows.append(["mean over classes", *(_ci(r.metrics.get(key)) for key, _ in names)])
+        out.append((r, header, rows))
+    return out
+
+
+def segmentation_markdown(records: Sequence[ResultRecord]) -> str:
+    parts = []
+    for r, header, rows in segmentation_tables(records):
+        lines = [f"#### {_title(r)}", "", "| " + " | ".join(header) + " |",
+                 "|" + "---|" * len(header)]  # fmt: skip
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def segmentation_csv(records: Sequence[ResultRecord]) -> str:
+    """One line per run and class (and ``mean`` per run): point and CI of each metric."""
+    buf = io.StringIO()
+    fields = ["dataset", "model", "resolution", "method", "class"]
+    for key, _ in _METRICS:
+        fields += [key, f"{key}_low", f"{key}_high"]
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for r in filter(is_segmentation, records):
+        entries = [(str(row["label"]), row) for row in r.per_label] + [("mean", r.metrics)]
+        for name, values in entries:
+            line: dict[str, object] = {"dataset": r.dataset, "model": r.model,
+                                       "resolution": r.resolution, "method": r.kind,
+                                       "class": name}  # fmt: skip
+            for key, _ in _METRICS:
+                m = values.get(key)
+                if isinstance(m, Mapping):
+                    line |= {key: m.get("point"), f"{key}_low": m.get("low"),
+                             f"{key}_high": m.get("high")}  # fmt: skip
+            writer.writerow(line)
+    return buf.getvalue()
+
+
+def headline_sentences(records: Sequence[ResultRecord]) -> list[str]:
+    """One sentence per segmentation run: mean Dice with its CI, the best and worst class."""
+    out = []
+    for r, _, _ in segmentation_tables(records):
+        dice = r.metrics["dice"]
+        classes = [(row["label"], row["dice"]["point"]) for row in r.per_label]
+        text = (
+            f"{r.dataset}: {r.model} at {r.resolution}px ({r.kind}) segments with mean Dice "
+            f"{dice['point']:.3f} (95% CI {dice['low']:.3f} to {dice['high']:.3f}) over "
+            f"{r.n.get('test', 0)} test images"
+        )
+        if len(classes) > 1:
+            best, worst = max(classes, key=lambda c: c[1]), min(classes, key=lambda c: c[1])
+            text += (
+                f"; best class {best[0]} (Dice {best[1]:.3f}), worst {worst[0]} "
+                f"(Dice {worst[1]:.3f})"
+            )
+        out.append(text + ".")
+    return out
+
+
+def _draw_labels(ax: Any, image: np.ndarray, labels: np.ndarray) -> None:
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+    shown = np.ma.masked_where(labels == 0, labels)
+    ax.imshow(shown, cmap="tab10", vmin=0.5, vmax=10.5, alpha=0.5, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+@register_plot("segmentation_overlays", files=True)
+def overlay_figures(
+    rows: Sequence[SummaryRow],
+    records: Sequence[ResultRecord],
+    out: Path,
+    files: Mapping[str, Path],
+) -> list[Path]:
+    """Per segmentation record with overlays: a row per example case (best first), columns
+    image, ground truth and prediction over the image, coloured by class."""
+    paths = []
+    for r in records:
+        source = files.get(r.record_id)
+        overlays = load_overlays(source, r) if is_segmentation(r) and source else None
+        if overlays is None or len(overlays.ids) == 0:
+            continue
+        k = len(overlays.ids)
+        fig, axes = plt.subplots(k, 3, figsize=(7.5, 2.5 * k + 0.6), squeeze=False)
+        for i in range(k):
+            panels = (("image", None), ("ground truth", overlays.truth[i]),
+                      ("prediction", overlays.pred[i]))  # fmt: skip
+            for j, (title, labels) in enumerate(panels):
+                ax = axes[i, j]
+                if labels is None:
+                    ax.imshow(overlays.image[i], cmap="gray", vmin=0, vmax=1)
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    ax.set_ylabel(f"{overlays.ids[i]}\nDice {overlays.mean_dice[i]:.3f}",
+                                  fontsize=8)  # fmt: skip
+                else:
+                    _draw_labels(ax, overlays.image[i], labels)
+                if i == 0:
+                    ax.set_title(title, fontsize=9)
+        fig.suptitle(_title(r), fontsize=9)
+        classes = ", ".join(f"{n + 1}: {name}" for n, name in enumerate(r.labels))
+        caption = (
+            f"{_title(r)}: {k} example test images, those with the highest and those with the "
+            "lowest mean Dice over classes (best at the top, its Dice beside each). Each row "
+            "shows the image, the ground-truth label map over it and the predicted label map "
+            f"over it, one colour per class ({classes}); uncoloured pixels are background."
+        )
+        safe = f"overlays_{r.dataset}_{r.model}_{r.resolution}_{r.kind}".replace("/", "--")
+        paths.append(save(fig, out / f"{safe}.png", caption))
+    return paths
