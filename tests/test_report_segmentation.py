@@ -172,3 +172,23 @@ def test_segmentation_records_do_not_make_a_results_folder_mixed(
     root, _ = seg_results
     pairs = [(load_record(p), p) for p in sorted(root.rglob("*.json"))]
     check_records(pairs)
+
+
+def test_segmentation_records_of_another_test_set_are_refused(
+    seg_results: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    from embedkit.results.consistency import MixedResultsError
+
+    root, _ = seg_results
+    results = ResultsDir(root)
+    _seg(results, "finetune-bitfit", 0.7, 9)
+    path = next(root.rglob("*finetune-bitfit*.parquet"))
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path).to_pydict()
+    table["y:liver"] = [0.0] * N  # another mask set: the classes present differ
+    import pyarrow as pa
+
+    pq.write_table(pa.table(table), path)
+    with pytest.raises(MixedResultsError, match="test targets differ"):
+        build_report(root, tmp_path / "report", n_boot=100)

@@ -11,12 +11,13 @@ so are the optimiser, schedule, warm-up, layer decay, epoch seeds, checkpoints a
 and flipped / rotated with their image (the one-hot map goes through the image's warp and is
 read back by argmax; pixels warped in from outside are background).
 
-Evaluation on test, per image at the mask's own size: Dice and IoU per class (a class absent
-from both the truth and the prediction scores 1), the image's mean over classes, and 95%
-bootstrap percentile CIs over images. The record (``task = "segmentation"``) keeps the per-image
-Dice as its scores (``y``: the class is in the image's truth; every entry valid), so runs pair by
-image id in the report, and a few best and worst test cases beside it as
-``<record>.overlays.npz`` (:mod:`embedkit.results.segmentation`).
+Evaluation on test (:mod:`embedkit.finetune.segmetrics`), each image predicted at its mask's
+own size and scored per image, or per volume when the ids are ``<volume id>/<slice>`` (slices
+stacked back in order): Dice and IoU per class (+ HD95 for volumes), their mean over classes,
+and 95% bootstrap percentile CIs over images or volumes. The record (``task =
+"segmentation"``) keeps the per-image (per-volume) Dice as its scores (``y``: the class is in the
+truth; every entry valid), so runs pair by id in the report, and a few best and worst test cases
+beside it as ``<record>.overlays.npz`` (:mod:`embedkit.results.segmentation`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,22 +40,17 @@ from embedkit.data.readers import read_image
 from embedkit.data.transforms import Preprocessing
 from embedkit.distributed import DistContext
 from embedkit.errors import ConfigError, EmbedkitError, ImageReadError
-from embedkit.eval.bootstrap import bootstrap_indices
 from embedkit.finetune import checkpoint as ckpt
 from embedkit.finetune.augment import apply as apply_augmentation
 from embedkit.finetune.augment import draw as draw_augmentation
 from embedkit.finetune.masks import MaskSet
 from embedkit.finetune.methods import count_parameters, get_method
 from embedkit.finetune.model import EncoderHead
+from embedkit.finetune.segmetrics import Scorer, volume_of
 from embedkit.models import EncoderSpec, get_family, load_encoder
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable
 from embedkit.results.consistency import DatasetSignature, TestTargets
-from embedkit.results.segmentation import (
-    SEGMENTATION_TASK,
-    Overlays,
-    overlays_name,
-    write_overlays,
-)
+from embedkit.results.segmentation import SEGMENTATION_TASK, overlays_name, write_overlays
 from embedkit.versions import package_versions
 
 if TYPE_CHECKING:
@@ -62,17 +58,11 @@ if TYPE_CHECKING:
     from embedkit.finetune.train import EpochLog, FinetuneOutcome, _Plan
 
 __all__ = [
-    "OVERLAY_CASES",
     "Segmenter",
-    "dice_iou",
     "expected_results",
     "run_segmentation",
     "segmentation_loss",
-    "segmentation_metrics",
 ]
-
-#: Best and worst test cases kept for the report's overlay figure (each).
-OVERLAY_CASES = 3
 
 
 class Segmenter(EncoderHead):
@@ -110,21 +100,6 @@ def segmentation_loss(
     total = probs.sum((0, 2, 3)) + truth.sum((0, 2, 3))
     dice = ((2 * inter + smooth) / (total + smooth)).mean()
     return ce + (1 - dice)
-
-
-def dice_iou(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class Dice and IoU (classes 1..n_classes) of one label map against its truth; a
-    class in neither scores 1 (nothing to find, nothing found)."""
-    k = n_classes + 1
-    confusion = np.bincount(truth.ravel() * k + pred.ravel(), minlength=k * k).reshape(k, k)
-    inter = np.diag(confusion)[1:].astype(np.float64)
-    size_truth = confusion.sum(1)[1:].astype(np.float64)
-    size_pred = confusion.sum(0)[1:].astype(np.float64)
-    total = size_truth + size_pred
-    empty = total == 0
-    dice = np.where(empty, 1.0, 2 * inter / np.maximum(total, 1))
-    iou = np.where(empty, 1.0, inter / np.maximum(total - inter, 1))
-    return dice, iou
 
 
 class _Pairs(Dataset[tuple[torch.Tensor, torch.Tensor, int, str]]):
@@ -354,7 +329,7 @@ def run_segmentation(
             on_epoch(log)
 
     _load_trainable(model, state.best)
-    evaluation = _evaluate(run, rows["test"], ctx.device)
+    scorer = _evaluate(run, rows["test"], ctx.device)
     if run.skipped:
         notes.append(
             f"{len(run.skipped)} unreadable images or masks left out: "
@@ -362,29 +337,17 @@ def run_segmentation(
         )
     record, path = _write_record(
         request, plan, out, encoder.source, encoder.weights_fingerprint, run_dir, state, counts,
-        evaluation, rows, notes, resumed_from, str(ctx.device), started, requested_resolution,
+        scorer, rows, notes, resumed_from, str(ctx.device), started, requested_resolution,
     )  # fmt: skip
     return FinetuneOutcome(record, path, False, run_dir, resumed_from, record.notes)
 
 
-class _Evaluation:
-    """Per-image Dice / IoU of the scored test rows and the overlay cases."""
-
-    def __init__(self, labels: Sequence[str]) -> None:
-        self.labels = tuple(labels)
-        self.n_classes = len(labels)
-        self.rows: list[int] = []
-        self.dice: list[np.ndarray] = []
-        self.iou: list[np.ndarray] = []
-        self.present: list[np.ndarray] = []
-        self.small: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-
-def _evaluate(run: _SegRun, rows: np.ndarray, device: torch.device) -> _Evaluation:
-    """Score every readable test image at its mask's size; keep the input-size views too."""
+def _evaluate(run: _SegRun, rows: np.ndarray, device: torch.device) -> Scorer:
+    """Score every readable test image at its mask's size (volumes: every volume)."""
     model, masks, table = run.model, run.masks, run.plan.table
-    result = _Evaluation(masks.classes)
-    mean, std = run.plan.preprocessing.mean, run.plan.preprocessing.std
+    scorer = Scorer(masks.classes, [table.ids[r] for r in rows])
+    mean = torch.tensor(run.plan.preprocessing.mean).view(3, 1, 1)
+    std = torch.tensor(run.plan.preprocessing.std).view(3, 1, 1)
     model.eval()
     with torch.no_grad():
         for batch in run.batches(rows):
@@ -399,61 +362,13 @@ def _evaluate(run: _SegRun, rows: np.ndarray, device: torch.device) -> _Evaluati
                 if truth.shape != tuple(full.shape[2:]):
                     full = F.interpolate(full, size=truth.shape, mode="bilinear",
                                          align_corners=False)  # fmt: skip
-                pred = full[0].argmax(0).numpy()
-                dice, iou = dice_iou(pred, truth, result.n_classes)
-                result.rows.append(row)
-                result.dice.append(dice)
-                result.iou.append(iou)
-                present = np.bincount(truth.ravel(), minlength=result.n_classes + 1)[1:] > 0
-                result.present.append(present)
-                grey = pixels[i] * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(
-                    3, 1, 1
-                )
-                result.small[row] = (
-                    grey.mean(0).clamp(0, 1).numpy().astype(np.float32),
-                    target[i].numpy(),
-                    logits[i].argmax(0).numpy(),
-                )
-    if not result.rows:
+                grey = (pixels[i] * std + mean).mean(0).clamp(0, 1)
+                view = (grey.numpy(), target[i].numpy(), logits[i].argmax(0).numpy())
+                scorer.add(table.ids[row], full[0].argmax(0).numpy(), truth, view)
+    scorer.finish()
+    if not scorer.units:
         raise EmbedkitError("no test image and label map could be read; see the notes")
-    return result
-
-
-def _ci(values: np.ndarray, idx: np.ndarray) -> dict[str, float]:
-    """Mean of ``values`` (n,) with the 95% percentile interval over the resamples ``idx``."""
-    replicates = values[idx].mean(axis=1)
-    low, high = np.percentile(replicates, [2.5, 97.5])
-    return {"point": float(values.mean()), "low": float(low), "high": float(high)}
-
-
-def segmentation_metrics(
-    labels: Sequence[str], dice: np.ndarray, iou: np.ndarray, n_boot: int, seed: int
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Mean Dice / IoU over classes and images, and per class, with 95% bootstrap percentile
-    CIs over images (one set of resamples for every number)."""
-    idx = bootstrap_indices(dice.shape[0], n_boot, seed)
-    metrics = {"dice": _ci(dice.mean(1), idx), "iou": _ci(iou.mean(1), idx)}
-    per_label = [
-        {"label": name, "dice": _ci(dice[:, j], idx), "iou": _ci(iou[:, j], idx)}
-        for j, name in enumerate(labels)
-    ]
-    return metrics, per_label
-
-
-def _overlays(evaluation: _Evaluation, ids: Sequence[str]) -> Overlays:
-    """The ``OVERLAY_CASES`` best and worst test images by mean Dice (best first)."""
-    mean_dice = np.stack(evaluation.dice).mean(1)
-    order = np.argsort(-mean_dice, kind="stable")
-    picked = list(dict.fromkeys([*order[:OVERLAY_CASES], *order[::-1][:OVERLAY_CASES][::-1]]))
-    rows = [evaluation.rows[i] for i in picked]
-    views = [evaluation.small[r] for r in rows]
-    return Overlays(
-        image=np.stack([v[0] for v in views]),
-        truth=np.stack([v[1] for v in views]).astype(np.int64),
-        pred=np.stack([v[2] for v in views]).astype(np.int64),
-        ids=np.asarray([ids[r] for r in rows]),
-        mean_dice=mean_dice[picked].astype(np.float64),
-    )
+    return scorer
 
 
 def _write_record(
@@ -465,7 +380,7 @@ def _write_record(
     run_dir: Path,
     state: ckpt.Checkpoint,
     counts: dict[str, int],
-    evaluation: _Evaluation,
+    scorer: Scorer,
     rows: dict[str, np.ndarray],
     notes: list[str],
     resumed_from: int,
@@ -473,9 +388,9 @@ def _write_record(
     started: float,
     requested_resolution: int,
 ) -> tuple[ResultRecord, Path]:
-    labels = list(evaluation.labels)
-    dice, iou = np.stack(evaluation.dice), np.stack(evaluation.iou)
-    metrics, per_label = segmentation_metrics(labels, dice, iou, request.n_boot, request.seed)
+    labels = list(scorer.labels)
+    metrics, per_label = scorer.metrics(request.n_boot, request.seed)
+    dice = np.stack(scorer.dice)
     has_val = len(rows["val"]) > 0
     record = ResultRecord(
         record_id=plan.run_id,
@@ -512,20 +427,20 @@ def _write_record(
             "device": device,
             "world_size": 1,
             "batch_per_rank": request.batch_size,
-            "n_scored": {"test": len(evaluation.rows)},
+            "n_scored": {"test": len(scorer.units)},
+            "scored_per": "volume" if scorer.volumes else "image",
         },
         requested_resolution=requested_resolution,
     )
     record.extra["overlays"] = overlays_name(record)
-    ids = plan.table.ids
     scores = ScoreTable(
-        tuple(ids[r] for r in evaluation.rows),
+        tuple(scorer.units),
         tuple(labels),
-        np.stack(evaluation.present).astype(np.float32),
+        np.stack(scorer.present).astype(np.float32),
         np.ones(dice.shape, dtype=bool),
         dice,
     )
-    write_overlays(out, record, _overlays(evaluation, ids))
+    write_overlays(out, record, scorer.overlays())
     path = out.write(record, scores, overwrite=request.overwrite)
     return record, path
 
@@ -544,6 +459,14 @@ def expected_results(plan: _Plan) -> tuple[DatasetSignature, TestTargets]:
         except ImageReadError:
             continue
         present[i] = np.bincount(truth.ravel(), minlength=len(masks.classes) + 1)[1:] > 0
+    units = [table.ids[r] for r in test]
+    if Scorer(masks.classes, units).volumes:  # scored per volume: a class anywhere in it
+        volumes = list(dict.fromkeys(volume_of(i) for i in units))
+        at = {v: k for k, v in enumerate(volumes)}
+        per_volume = np.zeros((len(volumes), present.shape[1]), dtype=np.float32)
+        for i, unit in enumerate(units):
+            per_volume[at[volume_of(unit)]] = np.maximum(per_volume[at[volume_of(unit)]],
+                                                         present[i])  # fmt: skip
+        units, present = volumes, per_volume
     signature = DatasetSignature(plan.identity["ids"], masks.classes, SEGMENTATION_TASK)
-    targets = TestTargets(tuple(table.ids[r] for r in test), present, np.ones(present.shape, bool))
-    return signature, targets
+    return signature, TestTargets(tuple(units), present, np.ones(present.shape, bool))

@@ -16,7 +16,8 @@ from PIL import Image
 from embedkit.errors import ConfigError, ImageReadError, ManifestError
 from embedkit.finetune import FinetuneRequest, run_finetune
 from embedkit.finetune.masks import read_label_map, slice_index
-from embedkit.finetune.segmentation import dice_iou, segmentation_loss
+from embedkit.finetune.segmentation import segmentation_loss
+from embedkit.finetune.segmetrics import dice_iou
 from embedkit.manifest import load_manifest
 from embedkit.models import load_encoder
 from embedkit.report import build_report
@@ -234,3 +235,27 @@ def test_record_json_holds_the_overlay_file_name(seg_manifest: Path, tmp_path: P
     data = json.loads(outcome.path.read_text())
     assert (outcome.path.parent / data["extra"]["overlays"]).is_file()
     assert load_record(outcome.path).task == "segmentation"
+
+
+def test_lora_steps_change_adapters_and_head_but_not_the_base_weights() -> None:
+    from embedkit.finetune import get_method
+    from embedkit.finetune.methods import LoraSettings
+    from embedkit.finetune.segmentation import Segmenter
+
+    encoder = load_encoder(VIT, device="cpu")
+    model = Segmenter(encoder.model, encoder.spec, 2)
+    get_method("lora").prepare(model, LoraSettings())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    pixels = torch.randn(2, 3, 64, 64)
+    target = torch.randint(0, 3, (2, 64, 64))
+    for _ in range(3):
+        optimizer.zero_grad()
+        segmentation_loss(model(pixels), target).backward()
+        optimizer.step()
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(".lora_" in n or n.startswith("head.") for n in changed)
+    assert any(".lora_B" in n for n in changed)  # the adapters moved, not only the head
+    base = [n for n in before if ".lora_" not in n and not n.startswith("head.")]
+    assert base and all(torch.equal(before[n], after[n]) for n in base)
