@@ -259,3 +259,78 @@ def test_lora_steps_change_adapters_and_head_but_not_the_base_weights() -> None:
     assert any(".lora_B" in n for n in changed)  # the adapters moved, not only the head
     base = [n for n in before if ".lora_" not in n and not n.startswith("head.")]
     assert base and all(torch.equal(before[n], after[n]) for n in base)
+
+
+def test_hd95_matches_a_brute_force_surface_distance() -> None:
+    from scipy.ndimage import binary_erosion
+    from scipy.spatial.distance import cdist
+
+    from embedkit.finetune.segmetrics import hd95
+
+    rng = np.random.default_rng(3)
+    truth = np.zeros((6, 20, 20), np.int64)
+    truth[1:5, 4:14, 5:12] = 1
+    pred = np.roll(truth, (1, 2), axis=(1, 2))
+    pred[2, 15:18, 15:18] = 1  # a stray blob
+    truth[:, 16:19, 0:3] = 2  # class 2 only in the truth: undefined
+    noise = rng.random(truth.shape) < 0.02
+    pred[noise & (truth == 1)] = 0
+
+    def surface(x: np.ndarray) -> np.ndarray:
+        return np.argwhere(x & ~binary_erosion(x, border_value=0))
+
+    d = cdist(surface(pred == 1), surface(truth == 1))
+    expected = max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+    got = hd95(pred, truth, 3)
+    assert np.isclose(got[0], expected) and np.isnan(got[1]) and got[2] == 0.0
+
+
+def test_volumes_are_scored_per_volume_with_hd95(tmp_path: Path) -> None:
+    """Slices with ids <volume>/<slice>, label maps as one 3D NIfTI per volume."""
+    import nibabel as nib
+
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(1)
+    rows = []
+    for v in range(10):
+        labels = []
+        for s in range(4):
+            image, label = _scene(rng)
+            Image.fromarray((image * 255).astype(np.uint8)).save(
+                tmp_path / "images" / f"v{v}_{s}.png"
+            )
+            labels.append(label)
+            rows.append({"image_id": f"vol{v}/{s}", "path": f"v{v}_{s}.png",
+                         "patient_id": f"vol{v}", "kind": "ct", "mask": f"vol{v}.nii.gz"})  # fmt: skip
+        volume = np.stack(labels, axis=2).astype(np.int16)
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "images" / f"vol{v}.nii.gz")
+    with (tmp_path / "index.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    doc = {"datasets": {"shapes": {
+        "images": "images", "index": "index.csv", "id_column": "image_id", "path_column": "path",
+        "patient_column": "patient_id", "labels": {"format": "single", "column": "kind"},
+        "splits": {"method": "patient", "fractions": {"train": 0.6, "val": 0.2, "test": 0.2},
+                   "seed": 0},
+    }}}  # fmt: skip
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc))
+    results = tmp_path / "results"
+    outcome = run_finetune(_request("full", lr=1e-2, epochs=10), manifest=tmp_path / "m.yaml",
+                           results=results)  # fmt: skip
+    record = outcome.record
+    assert record.extra["scored_per"] == "volume"
+    table = load_manifest(tmp_path / "m.yaml").dataset("shapes").load()
+    test_volumes = {table.ids[i].split("/")[0] for i in table.indices("test")}
+    scores = load_scores(outcome.path)
+    assert set(scores.ids) == test_volumes and scores.scores.shape == (len(test_volumes), 2)
+    assert {"point", "low", "high"} <= set(record.metrics["hd95"])
+    assert all("hd95" in row for row in record.per_label)
+    empty_dice = np.where(scores.y.astype(bool), 0.0, 1.0).mean()
+    assert record.metrics["dice"]["point"] > empty_dice + 0.5 * (1 - empty_dice)
+    overlays = load_overlays(outcome.path, record)
+    assert overlays is not None and set(overlays.ids.tolist()) <= test_volumes
+    # a second run with another method checks the results folder against per-volume targets
+    again = run_finetune(_request("linear", epochs=1), manifest=tmp_path / "m.yaml",
+                         results=results)  # fmt: skip
+    assert set(load_scores(again.path).ids) == test_volumes
