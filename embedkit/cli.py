@@ -1047,6 +1047,8 @@ def finetune(
         )
     if outcome.rank != 0:
         return  # rank 0 of a torchrun job reports for the whole job
+    if outcome.record.task == "segmentation":
+        from embedkit.report.segmentation import render_segmentation as render_record
     out.print(render_record(outcome.record))
     for note in outcome.record.notes:
         err.print(f"[yellow]note:[/yellow] {escape(note)}")

@@ -8,13 +8,16 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from embedkit.eval import adjust_pvalues
 from embedkit.report import build_report
 from embedkit.report.compare import paired_dice_test
 from embedkit.report.plots import caption_of, registered_plots
-from embedkit.results import ResultRecord, ResultsDir, ScoreTable
+from embedkit.results import ResultRecord, ResultsDir, ScoreTable, load_record
+from embedkit.results.consistency import MixedResultsError, check_records
 from embedkit.results.segmentation import Overlays, overlays_name, write_overlays
 
 CLASSES = ("liver", "kidney")
@@ -166,9 +169,6 @@ def test_segmentation_records_do_not_make_a_results_folder_mixed(
 ) -> None:
     """Segmentation and classification records of one dataset are checked each among their
     own kind (different labels and tasks are not different manifests)."""
-    from embedkit.results.consistency import check_records
-    from embedkit.results.records import load_record
-
     root, _ = seg_results
     pairs = [(load_record(p), p) for p in sorted(root.rglob("*.json"))]
     check_records(pairs)
@@ -177,18 +177,12 @@ def test_segmentation_records_do_not_make_a_results_folder_mixed(
 def test_segmentation_records_of_another_test_set_are_refused(
     seg_results: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
-    from embedkit.results.consistency import MixedResultsError
-
     root, _ = seg_results
     results = ResultsDir(root)
     _seg(results, "finetune-bitfit", 0.7, 9)
     path = next(root.rglob("*finetune-bitfit*.parquet"))
-    import pyarrow.parquet as pq
-
     table = pq.read_table(path).to_pydict()
     table["y:liver"] = [0.0] * N  # another mask set: the classes present differ
-    import pyarrow as pa
-
     pq.write_table(pa.table(table), path)
     with pytest.raises(MixedResultsError, match="test targets differ"):
         build_report(root, tmp_path / "report", n_boot=100)

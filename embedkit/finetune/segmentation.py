@@ -22,13 +22,14 @@ beside it as ``<record>.overlays.npz`` (:mod:`embedkit.results.segmentation`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -102,6 +103,13 @@ def segmentation_loss(
     return ce + (1 - dice)
 
 
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on a GPU (as classification finetuning); fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class _Pairs(Dataset[tuple[torch.Tensor, torch.Tensor, int, str]]):
     """(pixels, label map resized to the input, row, error) of a row; on an unreadable image
     or mask, zeros and the error."""
@@ -154,8 +162,16 @@ def _warp_masks(
 class _SegRun:
     """One segmentation run: the model, its data and the batches over a list of rows."""
 
-    def __init__(self, request: FinetuneRequest, plan: _Plan, model: Segmenter, masks: MaskSet):
+    def __init__(
+        self,
+        request: FinetuneRequest,
+        plan: _Plan,
+        model: Segmenter,
+        masks: MaskSet,
+        device: torch.device,
+    ):
         self.request, self.plan, self.model, self.masks = request, plan, model, masks
+        self.device = device
         table = plan.table
         self.pairs = _Pairs(table.ids, table.paths, masks, plan.preprocessing)
         self.skipped: dict[str, str] = {}
@@ -192,7 +208,9 @@ class _SegRun:
                 if part is None:
                     continue
                 pixels, target, _ = part
-                loss = segmentation_loss(self.model(pixels), target)
+                with _autocast(self.device):
+                    logits = self.model(pixels.to(self.device))
+                loss = segmentation_loss(logits, target.to(self.device))
                 total, count = total + float(loss) * len(target), count + len(target)
         return total / max(count, 1)
 
@@ -256,7 +274,12 @@ def run_segmentation(
     method.prepare(model, request.lora_settings())
     model.to(ctx.device)
     counts = count_parameters(model)
-    run = _SegRun(request, plan, model, masks)
+    if plan.params["gradient_checkpointing"]:
+        if getattr(model.encoder, "supports_gradient_checkpointing", False):
+            model.encoder.gradient_checkpointing_enable()  # type: ignore[operator]
+        else:
+            notes.append(f"{plan.spec.family} does not support gradient checkpointing; off")
+    run = _SegRun(request, plan, model, masks, ctx.device)
 
     lr = request.effective_lr
     optimizer = torch.optim.AdamW(
@@ -301,7 +324,9 @@ def run_segmentation(
                 at = torch.from_numpy(position[kept.numpy()])
                 pixels = apply_augmentation(pixels, flips[at], angles[at])
                 target = _warp_masks(target, model.n_outputs, flips[at], angles[at])
-            loss = segmentation_loss(model(pixels), target)
+            with _autocast(ctx.device):
+                logits = model(pixels)
+            loss = segmentation_loss(logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -355,7 +380,8 @@ def _evaluate(run: _SegRun, rows: np.ndarray, device: torch.device) -> Scorer:
             if part is None:
                 continue
             pixels, target, kept = part
-            logits = model(pixels.to(device)).float().cpu()
+            with _autocast(device):
+                logits = model(pixels.to(device)).float().cpu()
             for i, row in enumerate(kept.tolist()):
                 truth = masks.read(row, table.ids[row])
                 full = logits[i : i + 1]

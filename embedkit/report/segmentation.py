@@ -20,7 +20,7 @@ import csv
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -30,9 +30,13 @@ from embedkit.report.tables import SummaryRow
 from embedkit.results import ResultRecord
 from embedkit.results.segmentation import is_segmentation, load_overlays
 
+if TYPE_CHECKING:
+    from rich.table import Table
+
 __all__ = [
     "headline_sentences",
     "overlay_figures",
+    "render_segmentation",
     "segmentation_csv",
     "segmentation_markdown",
     "segmentation_tables",
@@ -73,6 +77,20 @@ def segmentation_tables(
         rows.append(["mean over classes", *(_ci(r.metrics.get(key)) for key, _ in names)])
         out.append((r, header, rows))
     return out
+
+
+def render_segmentation(record: ResultRecord) -> Table:
+    """One segmentation record as a terminal table (the commands print it after a run)."""
+    from rich.table import Table
+
+    chosen = ", ".join(f"{k}={v:g}" for k, v in record.selected.items())
+    table = Table(title=_title(record) + (f" · {chosen}" if chosen else ""), title_justify="left")
+    for _, header, rows in segmentation_tables([record]):
+        for column in header:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+    return table
 
 
 def segmentation_markdown(records: Sequence[ResultRecord]) -> str:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 
 from embedkit.errors import ConfigError, ImageReadError, ManifestError
 from embedkit.finetune import FinetuneRequest, run_finetune
@@ -141,8 +142,6 @@ def test_lora_leaves_the_base_weights_unchanged_and_pairs_in_the_report(
     counts = lora.record.extra["parameters"]
     assert counts["trainable"] < counts["total"]
     base = load_encoder(VIT, device="cpu").model.state_dict()
-    from safetensors.torch import load_file
-
     [checkpoint] = sorted(lora.run_dir.glob("epoch-*.safetensors"))
     trained = {k.removeprefix("model/") for k in load_file(checkpoint) if k.startswith("model/")}
     assert trained and all(".lora_" in k or k.startswith("head.") for k in trained)
@@ -300,8 +299,8 @@ def test_volumes_are_scored_per_volume_with_hd95(tmp_path: Path) -> None:
                 tmp_path / "images" / f"v{v}_{s}.png"
             )
             labels.append(label)
-            rows.append({"image_id": f"vol{v}/{s}", "path": f"v{v}_{s}.png",
-                         "patient_id": f"vol{v}", "kind": "ct", "mask": f"vol{v}.nii.gz"})  # fmt: skip
+            row = {"image_id": f"vol{v}/{s}", "path": f"v{v}_{s}.png", "patient_id": f"vol{v}"}
+            rows.append({**row, "kind": "ct", "mask": f"vol{v}.nii.gz"})
         volume = np.stack(labels, axis=2).astype(np.int16)
         nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "images" / f"vol{v}.nii.gz")
     with (tmp_path / "index.csv").open("w", newline="") as fh:
@@ -334,3 +333,43 @@ def test_volumes_are_scored_per_volume_with_hd95(tmp_path: Path) -> None:
     again = run_finetune(_request("linear", epochs=1), manifest=tmp_path / "m.yaml",
                          results=results)  # fmt: skip
     assert set(load_scores(again.path).ids) == test_volumes
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(seg_manifest: Path, tmp_path: Path) -> None:
+    request = _request("lora", epochs=2, lr=1e-3, augment=True)
+    straight = run_finetune(request, manifest=seg_manifest, results=tmp_path / "a")
+
+    def kill_after_first(log: object) -> None:
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        run_finetune(request, manifest=seg_manifest, results=tmp_path / "b",
+                     on_epoch=kill_after_first)  # fmt: skip
+    assert not list((tmp_path / "b").rglob("*.json"))  # no record from the killed run
+    resumed = run_finetune(request, manifest=seg_manifest, results=tmp_path / "b")
+    assert resumed.resumed_from == 1 and straight.resumed_from == 0
+    final_a = load_file(straight.run_dir / "epoch-0002.safetensors")
+    final_b = load_file(resumed.run_dir / "epoch-0002.safetensors")
+    assert final_a.keys() == final_b.keys()
+    for name, value in final_a.items():  # deterministic on CPU: bit-identical
+        assert torch.equal(value, final_b[name]), name
+    assert straight.record.metrics == resumed.record.metrics
+    assert load_scores(straight.path).scores.tolist() == load_scores(resumed.path).scores.tolist()
+
+
+def test_cli_finetune_segmentation(seg_manifest: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    args = ["finetune", "--task", "segmentation", "--model", VIT, "-d", "shapes", "-r", "64",
+            "--method", "linear", "--epochs", "1", "--batch-size", "8", "--n-boot", "50",
+            "--device", "cpu", "-m", str(seg_manifest), "--out", str(tmp_path / "res")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Dice [95% CI]" in result.output and "mean over classes" in result.output
+    assert "wrote" in result.output
