@@ -118,6 +118,11 @@ def test_tables_comparisons_sentences_and_overlays(
     # Holm across the whole report: classification and segmentation p-values together
     raw = np.array([c.p_value for c in report.comparisons])
     assert np.allclose([c.p_adjusted for c in report.comparisons], adjust_pvalues(raw, "holm"))
+    assert all(c.test.startswith("paired sign-flip permutation") for c in seg)
+    assert cls[0].test.startswith("paired permutation (ranks)")
+    md_comparisons = (report.out / "comparisons.md").read_text()
+    assert "sign-flip permutation (per-image mean Dice)" in md_comparisons
+    assert "| mean_dice +" in md_comparisons or "| mean_dice -" in md_comparisons
     full_vs_probe = next(
         c
         for c in seg

@@ -270,6 +270,7 @@ def build_report(
             for s in rows
         ],
     )
+    mixed_metrics = len({c.metric for c in comparisons}) > 1  # name the metric in each row
     comparison_table = _table_html(
         ["dataset", "axis", "A", "B", "Δ (A − B) [95% CI]", "p", f"p ({correction})"],
         [
@@ -278,7 +279,7 @@ def build_report(
                 c.axis,
                 c.a,
                 c.b,
-                f"{c.delta:+.3f} [{c.low:+.3f}, {c.high:+.3f}]",
+                f"{c.metric} " * mixed_metrics + f"{c.delta:+.3f} [{c.low:+.3f}, {c.high:+.3f}]",
                 f"{c.p_value:.3g}",
                 f"{c.p_adjusted:.3g}",
             ]

@@ -46,6 +46,8 @@ from embedkit.results.segmentation import is_segmentation
 #: What the report's p-values and CIs are, as the comparisons table says it.
 TEST_NAME = "paired permutation (ranks)"
 CI_NAME = "paired bootstrap percentile"
+#: The same for segmentation comparisons (per-image mean Dice).
+DICE_TEST_NAME = "paired sign-flip permutation (per-image mean Dice)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +271,8 @@ def compare_records(
         scores = load_scores(path)
         key = (record.dataset, is_segmentation(record), tuple(sorted(scores.ids)))
         scored[key].append((record, scores))
-    pending: list[tuple[str, str, ResultRecord, ResultRecord, str, tuple[float, ...], int]] = []
+    pending: list[tuple[str, str, ResultRecord, ResultRecord, str, tuple[float, ...], int]]
+    pending = []
     for (dataset, segmentation, ids), runs in sorted(scored.items(), key=lambda kv: kv[0][:2]):
         order = np.argsort(runs[0][1].ids)  # every run's arrays are aligned to sorted ids
         y, mask = runs[0][1].y[order], runs[0][1].mask[order]
@@ -312,6 +315,8 @@ def compare_records(
             p,
             float(p_adj),
             n,
+            test=f"{DICE_TEST_NAME if metric == SEGMENTATION_HEADLINE else TEST_NAME}; "
+            f"CI {CI_NAME}",
             n_resamples=perms,
         )
         for (dataset, axis, a, b, metric, (delta, low, high, p), n), p_adj in zip(
@@ -330,9 +335,18 @@ def comparisons_markdown(comparisons: Sequence[Comparison], correction: str = "h
         f"[95% CI] | p | p ({correction}) |",
         "|---|---|---|---|---|---|---|",
     ]
+    mixed = len({c.metric for c in comparisons}) > 1
+    if any(c.metric == SEGMENTATION_HEADLINE for c in comparisons):
+        lines[0] += (
+            f" Rows of {SEGMENTATION_HEADLINE} (segmentation): two-sided {DICE_TEST_NAME} test; "
+            f"95% CI: {CI_NAME} of the mean per-image difference."
+        )
+    if mixed:
+        lines[2] = lines[2].replace(f"Δ {comparisons[0].metric} (A − B)", "Δ metric (A − B)")
     for c in comparisons:
+        metric = f"{c.metric} " if mixed else ""
         lines.append(
-            f"| {c.dataset} | {c.axis} | {c.a} | {c.b} | {c.delta:+.3f} [{c.low:+.3f}, "
+            f"| {c.dataset} | {c.axis} | {c.a} | {c.b} | {metric}{c.delta:+.3f} [{c.low:+.3f}, "
             f"{c.high:+.3f}] | {c.p_value:.3g} | {c.p_adjusted:.3g} |"
         )
     return "\n".join(lines) + "\n"
