@@ -22,6 +22,7 @@ from embedkit.report import plots
 from embedkit.report import segmentation as seg
 from embedkit.report.compare import (
     CI_NAME,
+    DICE_TEST_NAME,
     TEST_NAME,
     Comparison,
     PairChoice,
@@ -271,6 +272,9 @@ def build_report(
         ],
     )
     mixed_metrics = len({c.metric for c in comparisons}) > 1  # name the metric in each row
+    tests = TEST_NAME
+    if any(c.metric == SEGMENTATION_HEADLINE for c in comparisons):
+        tests = f"{TEST_NAME} for AUROC, {DICE_TEST_NAME} for Dice"
     comparison_table = _table_html(
         ["dataset", "axis", "A", "B", "Δ (A − B) [95% CI]", "p", f"p ({correction})"],
         [
@@ -315,7 +319,7 @@ def build_report(
     sections = [
         ("Headline metric per dataset × model × resolution × method", summary_table),
         (
-            f"Paired comparisons (p: {TEST_NAME}, {correction}-adjusted; 95% CI: {CI_NAME})",
+            f"Paired comparisons (p: {tests}, {correction}-adjusted; 95% CI: {CI_NAME})",
             comparison_table,
         ),
         ("Per-label results", per_label),

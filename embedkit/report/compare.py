@@ -337,10 +337,15 @@ def comparisons_markdown(comparisons: Sequence[Comparison], correction: str = "h
     ]
     mixed = len({c.metric for c in comparisons}) > 1
     if any(c.metric == SEGMENTATION_HEADLINE for c in comparisons):
-        lines[0] += (
-            f" Rows of {SEGMENTATION_HEADLINE} (segmentation): two-sided {DICE_TEST_NAME} test; "
-            f"95% CI: {CI_NAME} of the mean per-image difference."
+        dice = (
+            f"two-sided {DICE_TEST_NAME} test ({comparisons[0].n_resamples} sign flips), "
+            f"adjusted across this table ({correction}); 95% CI: {CI_NAME} of the mean "
+            "per-image difference."
         )
+        if mixed:
+            lines[0] += f" Rows of {SEGMENTATION_HEADLINE} (segmentation): p: {dice}"
+        else:
+            lines[0] = f"p: {dice} See docs/statistics.md."
     if mixed:
         lines[2] = lines[2].replace(f"Δ {comparisons[0].metric} (A − B)", "Δ metric (A − B)")
     for c in comparisons:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Patch
 
 from embedkit.report.plots import register_plot, save  # first: it selects the Agg backend
 from embedkit.report.tables import SummaryRow
@@ -132,10 +133,16 @@ def headline_sentences(records: Sequence[ResultRecord]) -> list[str]:
     for r, _, _ in segmentation_tables(records):
         dice = r.metrics["dice"]
         classes = [(row["label"], row["dice"]["point"]) for row in r.per_label]
+        volumes = "hd95" in r.metrics  # scored per volume
+        n_scored = r.extra.get("n_scored")
+        scored = n_scored.get("test") if isinstance(n_scored, Mapping) else None
+        if scored is None and not volumes:
+            scored = r.n.get("test")
+        count = f"{scored} " if scored is not None else ""
         text = (
             f"{r.dataset}: {r.model} at {r.resolution}px ({r.kind}) segments with mean Dice "
             f"{dice['point']:.3f} (95% CI {dice['low']:.3f} to {dice['high']:.3f}) over "
-            f"{r.n.get('test', 0)} test images"
+            f"{count}test {'volumes' if volumes else 'images'}"
         )
         if len(classes) > 1:
             best, worst = max(classes, key=lambda c: c[1]), min(classes, key=lambda c: c[1])
@@ -149,7 +156,7 @@ def headline_sentences(records: Sequence[ResultRecord]) -> list[str]:
 
 def _draw_labels(ax: Any, image: np.ndarray, labels: np.ndarray) -> None:
     ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-    shown = np.ma.masked_where(labels == 0, labels)
+    shown = np.ma.masked_where(labels == 0, labels)  # class k: colour k - 1 of tab10
     ax.imshow(shown, cmap="tab10", vmin=0.5, vmax=10.5, alpha=0.5, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -188,12 +195,18 @@ def overlay_figures(
                 if i == 0:
                     ax.set_title(title, fontsize=9)
         fig.suptitle(_title(r), fontsize=9)
+        colours = plt.get_cmap("tab10")
+        handles = [Patch(color=colours(min(n, 9)), alpha=0.5, label=name)
+                   for n, name in enumerate(r.labels)]  # fmt: skip
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8)
+        fig.subplots_adjust(bottom=0.5 / (2.5 * k + 0.6))
         classes = ", ".join(f"{n + 1}: {name}" for n, name in enumerate(r.labels))
         caption = (
             f"{_title(r)}: {k} example test images, those with the highest and those with the "
             "lowest mean Dice over classes (best at the top, its Dice beside each). Each row "
             "shows the image, the ground-truth label map over it and the predicted label map "
-            f"over it, one colour per class ({classes}); uncoloured pixels are background."
+            f"over it, one colour per class as the legend shows ({classes}); uncoloured pixels "
+            "are background."
         )
         safe = f"overlays_{r.dataset}_{r.model}_{r.resolution}_{r.kind}".replace("/", "--")
         paths.append(save(fig, out / f"{safe}.png", caption))
