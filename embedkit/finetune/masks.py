@@ -16,6 +16,7 @@ label values found in the training masks, named ``"1"`` .. ``"K"``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import posixpath
 from collections.abc import Sequence
@@ -57,9 +58,7 @@ def read_label_map(path: str | Path, slice_at: int | None = None) -> np.ndarray:
         raise ImageNotFoundError(path, "label map not found; check the mask column")
     try:
         if _is_nifti(path):
-            import nibabel as nib
-
-            data = np.asarray(nib.load(path).dataobj)  # type: ignore[attr-defined]
+            data = _nifti(str(path), path.stat().st_mtime_ns)
         else:
             from PIL import Image
 
@@ -96,6 +95,17 @@ def read_label_map(path: str | Path, slice_at: int | None = None) -> np.ndarray:
     if data.size and data.min() < 0:
         raise ImageReadError(path, f"label values must be >= 0, found {int(data.min())}")
     return np.ascontiguousarray(data, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=2)
+def _nifti(path: str, _mtime_ns: int) -> np.ndarray:
+    """A NIfTI file's array, kept for the next reads: a volume's slices are read one row at a
+    time, usually in a row, and a compressed file cannot be read one slice at a time."""
+    import nibabel as nib
+
+    data = np.asarray(nib.load(path).dataobj)  # type: ignore[attr-defined]
+    data.setflags(write=False)
+    return data
 
 
 @dataclass(frozen=True, slots=True, eq=False)
