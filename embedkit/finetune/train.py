@@ -13,6 +13,10 @@ flip + small-rotation augmentation on train only, BCE-with-logits with
 The best epoch is the one with the lowest validation loss. On a GPU, bf16 autocast and (if
 asked) gradient checkpointing; on CPU, fp32 without either.
 
+Segmentation (``task="segmentation"``): a head on the patch tokens, masks from the index's mask
+column, Dice / IoU records; the same plan, optimiser groups, schedule, epoch seeds and
+checkpoints in its own loop, one process (:mod:`embedkit.finetune.segmentation`).
+
 Resuming: after each epoch a checkpoint is written to ``<results>/runs/<run id>/``; rerunning
 the same request continues from the last finished epoch. Data order, augmentation and dropout
 are seeded per epoch, so on CPU a resumed run ends with the same weights as an uninterrupted one.
@@ -140,11 +144,7 @@ def _plan(
         "optimizer": "adamw",
         "schedule": "linear warm-up + cosine",
         "augment": f"hflip+rot{MAX_ROTATION_DEG:g}" if request.augment else "none",
-        "loss": "cross-entropy+dice"
-        if segmentation
-        else "bce-pos_weight"
-        if table.labels.kind == "multilabel"
-        else "cross-entropy",
+        "loss": _loss_name(table, segmentation),
         "select": "min val loss",
         "pooling": pooling,
         "n_boot": request.n_boot,
@@ -174,6 +174,12 @@ def _plan(
     return _Plan(
         table, spec, size, preprocessing, pooling, params, identity, run_id, relpath, masks
     )
+
+
+def _loss_name(table: DatasetTable, segmentation: bool) -> str:
+    if segmentation:
+        return "cross-entropy+dice"
+    return "bce-pos_weight" if table.labels.kind == "multilabel" else "cross-entropy"
 
 
 def finetune_record_relpath(
