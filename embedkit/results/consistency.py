@@ -27,6 +27,7 @@ import numpy as np
 from embedkit.errors import MixedResultsError
 from embedkit.manifest import DatasetTable
 from embedkit.results.records import ResultRecord, load_record, load_scores
+from embedkit.results.segmentation import SEGMENTATION_TASK
 from embedkit.store import digest_ids
 
 __all__ = [
@@ -117,12 +118,16 @@ def check_records(
     ``expected`` maps dataset names to what the current manifest defines; records of those
     datasets are checked against it instead of against each other.
     """
-    groups: dict[str, list[tuple[ResultRecord, Path]]] = defaultdict(list)
+    # Classification and segmentation records of one dataset have their own label sets and
+    # targets: each family is checked among itself.
+    groups: dict[tuple[str, bool], list[tuple[ResultRecord, Path]]] = defaultdict(list)
     for record, path in pairs:
-        groups[record.dataset].append((record, path))
+        groups[(record.dataset, record.task == SEGMENTATION_TASK)].append((record, path))
     problems: list[str] = []
-    for name, group in sorted(groups.items()):
+    for (name, segmentation), group in sorted(groups.items()):
         reference = expected.get(name) if expected is not None else None
+        if reference is not None and (reference[0].task == SEGMENTATION_TASK) != segmentation:
+            reference = None
         by_signature: dict[DatasetSignature, list[Path]] = defaultdict(list)
         for record, path in group:
             signature = record_signature(record)
@@ -171,17 +176,27 @@ def check_records(
 
 
 def check_results_dataset(
-    results: str | os.PathLike[str], dataset: str, table: DatasetTable
+    results: str | os.PathLike[str],
+    dataset: str,
+    table: DatasetTable,
+    *,
+    expected: tuple[DatasetSignature, TestTargets] | None = None,
 ) -> None:
     """Refuse to add records of ``dataset`` (as ``table`` defines it now) to ``results`` if
-    records of another dataset of that name are there."""
+    records of another dataset of that name are there. ``expected``: what the new record's
+    dataset is when the table's labels do not say it (segmentation: the classes and which
+    classes each test image holds); records of the other task family are not checked."""
     root = Path(results) / dataset
     if not root.is_dir():
         return
     pairs = [
         (load_record(p), p) for p in sorted(root.rglob("*.json")) if not p.name.startswith(".")
     ]
-    expected = {dataset: (dataset_signature(table), test_targets(table))}
+    reference = expected or (dataset_signature(table), test_targets(table))
+    family = reference[0].task == SEGMENTATION_TASK
     check_records(
-        [(r, p) for r, p in pairs if r.dataset == dataset], expected=expected, where=str(results)
-    )
+        [(r, p) for r, p in pairs
+         if r.dataset == dataset and (r.task == SEGMENTATION_TASK) == family],
+        expected={dataset: reference},
+        where=str(results),
+    )  # fmt: skip
