@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,16 +28,25 @@ from embedkit.manifest.splits import assign_splits
 
 @dataclass(frozen=True, eq=False)
 class DatasetTable:
-    """One row per image, in index order after filters."""
+    """One row per image, in index order after filters.
+
+    For a volume dataset (``volumes:`` in the manifest) one row per slice: ``ids`` are
+    ``<volume id>/<slice index>``, ``paths`` are :class:`~embedkit.data.volumes.VolumeSlice` s,
+    ``volumes`` and ``slices`` hold each row's volume id and slice index, and ``reading``
+    describes how volumes become slices (it enters the cache key with the preprocessing).
+    """
 
     name: str
     ids: tuple[str, ...]
-    paths: tuple[Path, ...]
+    paths: tuple[os.PathLike[str], ...]
     patients: tuple[str, ...]
     labels: Labels
     split: np.ndarray
     has_patients: bool = True
     notes: tuple[str, ...] = field(default=())
+    volumes: tuple[str, ...] | None = None
+    slices: tuple[int, ...] | None = None
+    reading: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -120,7 +131,7 @@ def load_table(config: DatasetConfig) -> DatasetTable:
     split, notes = assign_splits(
         config.splits, index, ids=id_array, patients=patients, all_ids=set(all_ids)
     )
-    return DatasetTable(
+    table = DatasetTable(
         name=config.name,
         ids=tuple(id_array.tolist()),
         paths=paths,
@@ -130,6 +141,11 @@ def load_table(config: DatasetConfig) -> DatasetTable:
         has_patients=config.patient_column is not None,
         notes=notes,
     )
+    if config.volumes is None:
+        return table
+    from embedkit.manifest.slices import slice_table
+
+    return slice_table(table, config.volumes, index, frame.index.to_numpy())
 
 
 def _columns_used(config: DatasetConfig) -> dict[str, str]:
