@@ -80,7 +80,11 @@ class Phantom:
 def _ellipsoid(
     grid: tuple[np.ndarray, ...], centre: Sequence[float], radii: Sequence[float]
 ) -> np.ndarray:
-    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1.0  # type: ignore[no-any-return]
+    total = np.zeros(grid[0].shape)
+    for g, c, r in zip(grid, centre, radii, strict=True):
+        total += ((g - c) / r) ** 2
+    inside: np.ndarray = total <= 1.0
+    return inside
 
 
 def make_phantom(
@@ -151,8 +155,8 @@ def make_phantom(
 def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     import nibabel as nib
 
-    image = nib.Nifti1Image(data, affine)
-    image.header.set_xyzt_units("mm")
+    image = nib.Nifti1Image(data, affine)  # type: ignore[no-untyped-call]
+    image.header.set_xyzt_units("mm")  # type: ignore[no-untyped-call]
     nib.save(image, path)
 
 

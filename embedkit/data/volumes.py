@@ -95,7 +95,8 @@ class Window:
         """``clip((values - (level - width / 2)) / width, 0, 1)`` as float32."""
         low = self.level - self.width / 2.0
         out = ((values - low) / self.width).astype(np.float32)
-        return np.clip(out, 0.0, 1.0, out=out)
+        np.clip(out, 0.0, 1.0, out=out)
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"window": {"level": self.level, "width": self.width}}
@@ -129,11 +130,12 @@ class Percentiles:
 
     def apply(self, values: np.ndarray) -> np.ndarray:
         """``clip((v - p_low) / (p_high - p_low), 0, 1)`` over the whole volume, as float32."""
-        low, high = np.percentile(values, [self.low, self.high])
+        low, high = (float(v) for v in np.percentile(values, [self.low, self.high]))
         if not high > low:
             return np.zeros(values.shape, dtype=np.float32)
-        out = ((values - low) / (high - low)).astype(np.float32)
-        return np.clip(out, 0.0, 1.0, out=out)
+        out: np.ndarray = ((values - low) / (high - low)).astype(np.float32)
+        np.clip(out, 0.0, 1.0, out=out)
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"percentiles": [self.low, self.high]}
@@ -231,7 +233,7 @@ def load_volume(path: str | os.PathLike[str]) -> Volume:
 def _ornt(affine: np.ndarray) -> np.ndarray:
     import nibabel.orientations as nio
 
-    return np.asarray(nio.io_orientation(affine))
+    return np.asarray(nio.io_orientation(affine))  # type: ignore[no-untyped-call]
 
 
 def canonical(volume: Volume) -> Volume:
@@ -241,8 +243,8 @@ def canonical(volume: Volume) -> Volume:
 
     ornt = _ornt(volume.affine)
     shape = volume.data.shape[:3]
-    data = nio.apply_orientation(volume.data, ornt)
-    affine = volume.affine @ nio.inv_ornt_aff(ornt, shape)
+    data = nio.apply_orientation(volume.data, ornt)  # type: ignore[no-untyped-call]
+    affine = volume.affine @ nio.inv_ornt_aff(ornt, shape)  # type: ignore[no-untyped-call]
     return Volume(np.ascontiguousarray(data), affine)
 
 
@@ -315,7 +317,8 @@ class VolumeSlice(os.PathLike[str]):
                 f"slice {self.index} does not exist; the volume has {len(stack)} slices along "
                 f"{self.spec.slice_axis} (was it replaced after the manifest was read?)",
             )
-        return stack[self.index]
+        image: np.ndarray = stack[self.index]
+        return image
 
 
 # ---- NIfTI -------------------------------------------------------------------------------------
@@ -409,10 +412,8 @@ def _affine(iop: np.ndarray, spacing: np.ndarray, positions: np.ndarray) -> np.n
     are the sorted slice positions (K, 3)."""
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
-    if len(positions) > 1:
-        step = (positions[-1] - positions[0]) / (len(positions) - 1)
-    else:
-        step = normal
+    n = len(positions)
+    step = (positions[-1] - positions[0]) / (n - 1) if n > 1 else normal
     lps = np.eye(4)
     lps[:3, 0] = row_dir * spacing[1]  # along a row: the column index grows (PixelSpacing[1])
     lps[:3, 1] = col_dir * spacing[0]  # down a column: the row index grows (PixelSpacing[0])

@@ -290,7 +290,7 @@ class DatasetFields(_Strict):
     splits: SplitsConfig
     # Each path is a volume (NIfTI, DICOM series folder, multi-frame DICOM): one row per slice.
     volumes: VolumesConfig | None = None
-    # Names of the label-map values of the index's `mask` column (segmentation): value i = classes[i].
+    # Label-map class names of the index's `mask` column (segmentation): value i is classes[i].
     classes: tuple[str, ...] | None = None
 
     @field_validator("images", "index", mode="before")

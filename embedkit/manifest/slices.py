@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -79,7 +80,8 @@ def slice_table(
     return dataclasses.replace(
         _take(table, rows),
         ids=tuple(f"{v}/{k}" for v, k in zip(volume_ids, slices.tolist(), strict=True)),
-        paths=tuple(sources),
+        paths=tuple(Path(s.file) for s in sources),
+        volume_slices=tuple(sources),
         volumes=volume_ids,
         slices=tuple(slices.tolist()),
         reading={"volumes": spec.describe()},

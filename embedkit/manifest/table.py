@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -25,20 +25,25 @@ from embedkit.manifest.schema import (
 )
 from embedkit.manifest.splits import assign_splits
 
+if TYPE_CHECKING:
+    from embedkit.data.volumes import VolumeSlice
+
 
 @dataclass(frozen=True, eq=False)
 class DatasetTable:
     """One row per image, in index order after filters.
 
     For a volume dataset (``volumes:`` in the manifest) one row per slice: ``ids`` are
-    ``<volume id>/<slice index>``, ``paths`` are :class:`~embedkit.data.volumes.VolumeSlice` s,
-    ``volumes`` and ``slices`` hold each row's volume id and slice index, and ``reading``
-    describes how volumes become slices (it enters the cache key with the preprocessing).
+    ``<volume id>/<slice index>``, ``paths`` the file holding each slice (the NIfTI file, the
+    series' file of that slice), ``volume_slices`` what to read
+    (:class:`~embedkit.data.volumes.VolumeSlice` s), ``volumes`` and ``slices`` each row's volume
+    id and slice index, and ``reading`` how volumes become slices (it enters the cache key with
+    the preprocessing). Read images through :attr:`sources`, which serves both kinds.
     """
 
     name: str
     ids: tuple[str, ...]
-    paths: tuple[os.PathLike[str], ...]
+    paths: tuple[Path, ...]
     patients: tuple[str, ...]
     labels: Labels
     split: np.ndarray
@@ -47,6 +52,7 @@ class DatasetTable:
     volumes: tuple[str, ...] | None = None
     slices: tuple[int, ...] | None = None
     reading: Mapping[str, Any] = field(default_factory=dict)
+    volume_slices: tuple[VolumeSlice, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -56,6 +62,11 @@ class DatasetTable:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def sources(self) -> tuple[os.PathLike[str], ...]:
+        """What to read for each row: the image files, or the slices of a volume dataset."""
+        return self.paths if self.volume_slices is None else self.volume_slices
 
     def indices(self, split: str) -> np.ndarray:
         """Row indices (int64, index order) of ``split``: 'train', 'val' or 'test'."""
