@@ -6,11 +6,13 @@ resolvable at high resolution only). Values:
 
 * CT, in Hounsfield units: air -1000, fat -100, soft tissue 40, liver 60, spleen 45, kidney
   cortex 150 (contrast-enhanced), lesion 110, bone 700, plus Gaussian noise (sd 8 HU); stored as
-  int16 NIfTI, or as a DICOM series (uint16 with Rescale Intercept -1024, Slope 1).
+  int16 NIfTI, or as a DICOM series (uint16 with Rescale Intercept -1024, Slope 1); values
+  below -1024 HU are clipped to it, as scanners do.
 * MR (T1-like, arbitrary units >= 0): air 0, fat 900, soft tissue 400, liver 520, spleen 330,
   kidney 300, lesion 200, bone 150, times a smooth bias field, plus Rician-like noise.
 
-Label maps (uint8 NIfTI on the same grid) hold :data:`CLASSES` (value i is ``CLASSES[i]``).
+Label maps (uint8 NIfTI on the same grid) hold :data:`CLASSES` (value i is ``CLASSES[i]``);
+``body`` is the whole body outline (its fat rim and the soft tissue around the organs).
 Volume-level labels: ``liver_enlarged`` (the liver is 35% larger along each axis) and
 ``has_lesion``. Every volume is seeded by ``(seed, volume number)``, so volume i is the same
 whatever the number of volumes written. Volumes are stored in RAS orientation (the affine is
@@ -138,11 +140,13 @@ def make_phantom(
             labels[spot] = CLASSES.index("lesion")
     table = CT_HU if modality == "ct" else _MR
     values = np.full(shape, table["air"], dtype=np.float32)
-    values[body] = table["fat"]
-    for i, name in enumerate(CLASSES[1:], start=1):
+    values[body] = table["fat"]  # the rim of the body class is fat, its inside soft tissue
+    values[inner] = table["body"]
+    for i, name in enumerate(CLASSES[2:], start=2):
         values[labels == i] = table[name]
     if modality == "ct":
         values += rng.normal(0.0, 8.0, size=shape).astype(np.float32)
+        np.maximum(values, -1024.0, out=values)  # the floor of CT (and of the DICOM variant)
     else:
         bias = 1.0 + 0.15 * grid[0] - 0.1 * grid[1] + 0.05 * grid[2]
         noise = rng.normal(0.0, 20.0, size=(2, *shape))
