@@ -33,6 +33,7 @@ import numpy as np
 __all__ = [
     "CLASSES",
     "CT_HU",
+    "Modality",
     "Phantom",
     "make_phantom",
     "write_dicom_series",

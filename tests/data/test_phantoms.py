@@ -4,6 +4,7 @@ say, and a DICOM series that reads back as the same volume as the NIfTI file."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from embedkit.data.phantoms import (
     CLASSES,
     CT_HU,
+    Modality,
     make_phantom,
     write_dicom_series,
     write_phantom_dataset,
@@ -86,14 +88,14 @@ def test_dicom_series_reads_back_as_the_nifti_volume(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("modality", "dicom"), [("ct", False), ("ct", True), ("mr", False)])
 def test_phantom_dataset_files_index_and_manifest(
-    tmp_path: Path, modality: str, dicom: bool
+    tmp_path: Path, modality: Modality, dicom: bool
 ) -> None:
     manifest = write_phantom_dataset(
         tmp_path,
         n_volumes=12,
         modality=modality,
         dicom=dicom,
-        shape=(24, 24, 6),  # type: ignore[arg-type]
+        shape=(24, 24, 6),
     )
     text = manifest.read_text()
     assert f"modality: {modality}" in text and "classes: [background, body, liver" in text
@@ -101,9 +103,10 @@ def test_phantom_dataset_files_index_and_manifest(
     assert index[0] == "volume_id,path,mask,patient,liver_enlarged,has_lesion,split"
     assert len(index) == 13
     for line in index[1:]:
-        volume_id, path, mask, *_ = line.split(",")
+        _, path, mask, *_ = line.split(",")
         assert (tmp_path / path).exists() and (tmp_path / mask).is_file()
-        labels = np.asarray(nib.load(tmp_path / mask).dataobj)
+        image: Any = nib.load(tmp_path / mask)
+        labels = np.asarray(image.dataobj)
         assert labels.shape == (24, 24, 6) and labels.max() < len(CLASSES)
     with pytest.raises(ValueError, match="CT phantoms only"):
         write_phantom_dataset(tmp_path / "x", modality="mr", dicom=True)
