@@ -93,8 +93,9 @@ class Window:
 
     def apply(self, values: np.ndarray) -> np.ndarray:
         """``clip((values - (level - width / 2)) / width, 0, 1)`` as float32."""
-        low = self.level - self.width / 2.0
-        out = ((values - low) / self.width).astype(np.float32)
+        out = values.astype(np.float32)  # a copy: the volume is never changed in place
+        out -= np.float32(self.level - self.width / 2.0)
+        out /= np.float32(self.width)
         np.clip(out, 0.0, 1.0, out=out)
         return out
 
@@ -133,7 +134,9 @@ class Percentiles:
         low, high = (float(v) for v in np.percentile(values, [self.low, self.high]))
         if not high > low:
             return np.zeros(values.shape, dtype=np.float32)
-        out: np.ndarray = ((values - low) / (high - low)).astype(np.float32)
+        out = values.astype(np.float32)  # a copy: the volume is never changed in place
+        out -= np.float32(low)
+        out /= np.float32(high - low)
         np.clip(out, 0.0, 1.0, out=out)
         return out
 
@@ -165,7 +168,7 @@ class VolumeSpec:
 
 @dataclass(frozen=True, eq=False)
 class Volume:
-    """Modality values on a voxel grid (I, J, K) and the voxel -> RAS+ mm affine (4, 4)."""
+    """Modality values (float32) on a voxel grid (I, J, K) and the voxel -> RAS+ mm affine."""
 
     data: np.ndarray
     affine: np.ndarray
@@ -245,14 +248,15 @@ def canonical(volume: Volume) -> Volume:
     shape = volume.data.shape[:3]
     data = nio.apply_orientation(volume.data, ornt)  # type: ignore[no-untyped-call]
     affine = volume.affine @ nio.inv_ornt_aff(ornt, shape)  # type: ignore[no-untyped-call]
-    return Volume(np.ascontiguousarray(data), affine)
+    return Volume(data, affine)  # a view of the voxels when only flips and transposes
 
 
 def slice_stack(data: np.ndarray, slice_axis: SliceAxis) -> np.ndarray:
     """The (n, H, W) slices of a RAS-oriented ``data`` along ``slice_axis``, in display
-    orientation (see the module docstring)."""
+    orientation (see the module docstring); a view of ``data``."""
     moved = np.moveaxis(data, SLICE_AXES[slice_axis], 0)
-    return np.ascontiguousarray(moved[:, ::-1, ::-1].transpose(0, 2, 1))
+    stack: np.ndarray = moved[:, ::-1, ::-1].transpose(0, 2, 1)
+    return stack
 
 
 def volume_slices(header: VolumeHeader, slice_axis: SliceAxis) -> tuple[int, tuple[Path, ...]]:
@@ -317,8 +321,7 @@ class VolumeSlice(os.PathLike[str]):
                 f"slice {self.index} does not exist; the volume has {len(stack)} slices along "
                 f"{self.spec.slice_axis} (was it replaced after the manifest was read?)",
             )
-        image: np.ndarray = stack[self.index]
-        return image
+        return np.ascontiguousarray(stack[self.index])
 
 
 # ---- NIfTI -------------------------------------------------------------------------------------
@@ -357,7 +360,7 @@ def _nifti_load(path: Path) -> Volume:
     try:
         proxy = image.dataobj
         raw = proxy[..., 0] if len(image.shape) == 4 else proxy[...]
-        scaled = np.asarray(raw, dtype=np.float64)
+        scaled = np.asarray(raw, dtype=np.float32)
     except Exception as exc:
         raise ImageReadError(path, f"could not read the NIfTI voxels (truncated?): {exc}") from exc
     return Volume(scaled, np.asarray(image.affine, dtype=np.float64))
@@ -476,7 +479,7 @@ def _series_load(folder: Path) -> Volume:
     from embedkit.data.dicom import read_frames_modality_values
 
     header, _ = _series_header(folder)
-    frames = [read_frames_modality_values(f)[1][0] for f in header.files]
+    frames = [read_frames_modality_values(f)[1][0].astype(np.float32) for f in header.files]
     data = np.stack(frames, axis=-1).transpose(1, 0, 2)  # (rows, cols, K) -> (I, J, K)
     return Volume(data, header.affine)
 
@@ -507,7 +510,7 @@ def _multiframe_load(path: Path) -> Volume:
 
     ds, frames = read_frames_modality_values(path)
     header, order = _multiframe_geometry(path, ds)
-    return Volume(frames[order].transpose(2, 1, 0), header.affine)
+    return Volume(frames[order].astype(np.float32).transpose(2, 1, 0), header.affine)
 
 
 def _is_dicom_file(path: Path) -> bool:

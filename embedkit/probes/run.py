@@ -199,9 +199,10 @@ def run_probe(
     source = entry  # the record names the cache's entry, not the local copy
     if local_cache is not None:
         entry = open_local_copy(entry, local_cache, progress=progress).entry
+    # A volume dataset pools its slice features per volume (params, so the record id, say how).
+    by_volume = {"volume_pooling": params["volume_pooling"]} if "volume_pooling" in params else {}
     parts = {
-        s: split_features(entry, table, s, pooling, request.volume_pooling)
-        for s in ("train", "val", "test")
+        s: split_features(entry, table, s, pooling, **by_volume) for s in ("train", "val", "test")
     }
     train, val, test = parts["train"], parts["val"], parts["test"]
     for name in ("train", "test"):
