@@ -210,3 +210,15 @@ def test_bad_volumes_raise_image_errors(tmp_path: Path) -> None:
     (tmp_path / "broken.nii.gz").write_bytes(b"not gzip")
     with pytest.raises(ImageReadError, match="NIfTI"):
         render_volume(tmp_path / "broken.nii.gz", VolumeSpec(Percentiles()))
+
+
+def test_a_slice_survives_pickling_for_loader_workers() -> None:
+    import pickle
+
+    path = _testfile("emri_small.dcm")
+    source = VolumeSlice(path, 4, VolumeSpec(Percentiles(2.0, 98.0), "axial"), path)
+    copy = pickle.loads(pickle.dumps(source))
+    assert copy == source and copy.spec.intensity == Percentiles(2.0, 98.0)
+    np.testing.assert_array_equal(read_image(copy), read_image(source))
+    with pytest.raises(ImageReadError, match="slice 10 does not exist; the volume has 10"):
+        VolumeSlice(path, 10, source.spec, path).read()

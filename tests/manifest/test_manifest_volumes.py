@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from rich.console import Console
 
 from embedkit.data.phantoms import write_phantom_dataset
 from embedkit.data.readers import read_image
 from embedkit.data.volumes import VolumeSlice, VolumeSpec, render_volume, window_preset
 from embedkit.errors import ManifestError
-from embedkit.manifest import check_dataset, load_manifest
+from embedkit.manifest import check_dataset, load_manifest, render_report
 
 SHAPE = (24, 20, 6)
 
@@ -68,7 +70,10 @@ def test_splits_stay_patient_wise_and_check_reports_slices(phantom_manifest: Pat
     config = load_manifest(phantom_manifest).dataset("phantom-ct")
     report = check_dataset(config, check_files=True)
     assert not report.problems and report.missing_files == 0
-    assert report.images == 12 * SHAPE[2] and report.patients == 12
+    assert report.images == 12 * SHAPE[2] and report.patients == 12 and report.volumes == 12
+    console = Console(record=True, width=160, color_system=None)
+    console.print(render_report(report))
+    assert re.search(r"volumes +12 \(the images are their slices\)", console.export_text())
     assert {s.split: s.patients for s in report.splits} == {"train": 4, "val": 4, "test": 4}
 
 
