@@ -70,6 +70,7 @@ __all__ = [
     "render_volume",
     "slice_stack",
     "volume_slices",
+    "volume_stack",
     "window_preset",
 ]
 
@@ -274,6 +275,13 @@ def volume_slices(header: VolumeHeader, slice_axis: SliceAxis) -> tuple[int, tup
         files = header.files if ornt[2, 1] > 0 else header.files[::-1]
         return n, tuple(files)
     return n, (header.files[0],) * n
+
+
+def volume_stack(path: str | os.PathLike[str], slice_axis: SliceAxis = "axial") -> np.ndarray:
+    """The volume's values as stored (no intensity mapping) as (n, H, W) slices, reoriented and
+    displayed exactly as :func:`render_volume` does: for label maps that must line up with the
+    slices (segmentation masks on the image grid)."""
+    return slice_stack(canonical(load_volume(path)).data, slice_axis)
 
 
 @functools.lru_cache(maxsize=2)

@@ -19,7 +19,15 @@ from embedkit.data.phantoms import (
     write_dicom_series,
     write_phantom_dataset,
 )
-from embedkit.data.volumes import VolumeSpec, canonical, load_volume, render_volume, window_preset
+from embedkit.data.volumes import (
+    VolumeSpec,
+    Window,
+    canonical,
+    load_volume,
+    render_volume,
+    volume_stack,
+    window_preset,
+)
 
 
 def test_phantoms_are_seeded_per_volume() -> None:
@@ -110,3 +118,19 @@ def test_phantom_dataset_files_index_and_manifest(
         assert labels.shape == (24, 24, 6) and labels.max() < len(CLASSES)
     with pytest.raises(ValueError, match="CT phantoms only"):
         write_phantom_dataset(tmp_path / "x", modality="mr", dicom=True)
+
+
+def test_label_map_slices_line_up_with_the_image_slices(tmp_path: Path) -> None:
+    manifest = write_phantom_dataset(tmp_path, n_volumes=12, shape=(32, 28, 5))
+    volume, mask = tmp_path / "volumes" / "ct003.nii.gz", tmp_path / "masks" / "ct003.nii.gz"
+    for axis in ("axial", "coronal", "sagittal"):
+        window = VolumeSpec(Window(0.0, 2000.0), axis)  # HU = 2000 * v - 1000
+        hu = render_volume(volume, window) * 2000.0 - 1000.0
+        labels = volume_stack(mask, axis)
+        assert labels.shape == hu.shape
+        for i, name in enumerate(CLASSES[2:], start=2):
+            inside = hu[labels == i]
+            if inside.size:  # noise sd 8 HU; bone (700) and kidney (150) stand far apart
+                assert (np.abs(inside - CT_HU[name]) < 30).mean() > 0.99, (axis, name)
+        assert (hu[labels == 0] < -900).all()
+    assert manifest.is_file()
