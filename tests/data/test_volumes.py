@@ -157,7 +157,12 @@ def test_4d_nifti_gives_its_first_volume() -> None:
     np.testing.assert_allclose(render_volume(path, VolumeSpec(Percentiles())), expected, atol=1e-6)
 
 
-def _ct_series(folder: Path, z_positions: list[float], names: list[str]) -> np.ndarray:
+def _ct_series(
+    folder: Path,
+    z_positions: list[float],
+    names: list[str],
+    orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
+) -> np.ndarray:
     """Copies of CT_small at the given z, each with a distinct offset; returns HU by z order."""
     folder.mkdir()
     source = pydicom.dcmread(_testfile("CT_small.dcm"))
@@ -168,6 +173,7 @@ def _ct_series(folder: Path, z_positions: list[float], names: list[str]) -> np.n
         stored = np.clip(base + 40 * k, 0, 32767).astype(source.pixel_array.dtype)
         ds.PixelData = stored.tobytes()
         ds.ImagePositionPatient = [-158.135803, -179.035797, z]
+        ds.ImageOrientationPatient = list(orientation)
         ds.InstanceNumber = len(names) - k
         ds.save_as(folder / name)
         hu[z] = stored * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
@@ -222,3 +228,14 @@ def test_a_slice_survives_pickling_for_loader_workers() -> None:
     np.testing.assert_array_equal(read_image(copy), read_image(source))
     with pytest.raises(ImageReadError, match="slice 10 does not exist; the volume has 10"):
         VolumeSlice(path, 10, source.spec, path).read()
+
+
+def test_series_with_a_flipped_normal_is_ordered_and_shown_from_below(tmp_path: Path) -> None:
+    # Columns run anterior (-y in LPS): the normal points inferior, so sorting along the normal
+    # gives superior first; reorientation puts inferior first and anterior at the top.
+    z = [0.0, 10.0, 5.0]
+    expected = _ct_series(tmp_path / "s", z, ["a", "b", "c"], orientation=(1, 0, 0, 0, -1, 0))
+    got = render_volume(tmp_path / "s", VolumeSpec(window_preset("abdomen")))
+    np.testing.assert_allclose(got, _window(expected, 50, 400)[:, ::-1, :], atol=1e-6)
+    _, files = volume_slices(read_volume_header(tmp_path / "s"), "axial")
+    assert [f.name for f in files] == ["a", "c", "b"]  # inferior to superior
