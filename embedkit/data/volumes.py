@@ -454,7 +454,12 @@ def _order(
 
 
 def _series_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """The slice files of a series folder: every file but hidden ones and a DICOMDIR."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
+    )
 
 
 def _series_header(folder: Path) -> tuple[VolumeHeader, np.ndarray]:
