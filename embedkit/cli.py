@@ -30,7 +30,7 @@ from embedkit.extract.request import (
 )
 from embedkit.finetune.request import FinetuneRequest, FinetuneTask
 from embedkit.probes.policies import ProbeBackend
-from embedkit.probes.request import ProbeRequest
+from embedkit.probes.request import ProbeRequest, VolumePooling
 from embedkit.study.display import epoch_line, step_bar, working
 from embedkit.study.options import (
     field_defaults,
@@ -802,6 +802,14 @@ def probe(
             "reference) or cuml (GPU, needs the `gpu` extra).",
         ),
     ] = PROBE["backend"],
+    volume_pooling: Annotated[
+        str,
+        typer.Option(
+            **_one_of(VolumePooling),
+            help="Volume datasets (CT, MRI): pool each volume's slice features by mean or max "
+            "and probe the volume-level labels (recorded in the probe's identity).",
+        ),
+    ] = PROBE["volume_pooling"],
     results: Annotated[
         Path,
         typer.Option(

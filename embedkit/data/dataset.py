@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from embedkit.data.policies import OnBadImage
-from embedkit.data.readers import read_image
+from embedkit.data.readers import PixelSource, read_image
 from embedkit.data.transforms import Preprocessing
 from embedkit.errors import BadImagesError, ImageReadError, ManifestError
 
@@ -70,7 +70,10 @@ class ImageDataset(Dataset[Sample]):
                 f"Expected one path per image id, got {len(ids)} ids and {len(paths)} paths instead"
             )
         self.ids = list(ids)
-        self.paths = [os.fspath(p) for p in paths]
+        # Plain paths become strings; a PixelSource (a volume slice) stays itself: it reads itself.
+        self.paths: list[str | os.PathLike[str]] = [
+            p if isinstance(p, PixelSource) else os.fspath(p) for p in paths
+        ]
         self.preprocessing = preprocessing
 
     def __len__(self) -> int:

@@ -51,7 +51,13 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder, pix
 
 from embedkit.errors import ImageNotFoundError, ImageReadError
 
-__all__ = ["SUPPORTED_PHOTOMETRIC", "read_dicom", "read_modality_values"]
+__all__ = [
+    "SUPPORTED_PHOTOMETRIC",
+    "read_dicom",
+    "read_dicom_header",
+    "read_frames_modality_values",
+    "read_modality_values",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +140,63 @@ def _pydicom_warnings(path: Path) -> Iterator[None]:
         logger.debug("%s: pydicom warned: %s", path, w.message)
 
 
-def _load_first_frame(path: Path) -> tuple[Dataset, np.ndarray]:
-    """Read the dataset, check it can be decoded and decode frame 0 (raw stored values)."""
+def read_frames_modality_values(path: str | os.PathLike[str]) -> tuple[Dataset, np.ndarray]:
+    """The dataset and all frames of a grayscale DICOM file as float64 modality values (F, H, W).
+
+    Each frame gets its own Rescale Slope/Intercept: from the frame's Pixel Value Transformation
+    Sequence (enhanced multi-frame objects), else the shared one, else the top-level attributes
+    (or the Modality LUT Sequence). A single-frame file gives one frame.
+    """
+    path = Path(path)
+    with _pydicom_warnings(path):
+        ds, frames = _load_first_frame(path, all_frames=True)
+        photometric = str(ds.PhotometricInterpretation).strip()
+        if photometric not in _GRAYSCALE:
+            raise ImageReadError(
+                path,
+                f"volumes must be grayscale; expected one of {', '.join(_GRAYSCALE)}, "
+                f"got {photometric} instead",
+            )
+        if frames.ndim == 2:
+            frames = frames[None]
+        values = np.empty(frames.shape, dtype=np.float64)
+        for i, frame in enumerate(frames):
+            rescale = _frame_rescale(ds, i)
+            if rescale is None:
+                values[i] = _modality_values(ds, frame)
+            else:
+                values[i] = frame.astype(np.float64) * rescale[0] + rescale[1]
+    return ds, values
+
+
+def read_dicom_header(path: str | os.PathLike[str]) -> Dataset:
+    """The dataset of a DICOM file without its pixel data (for geometry and ordering)."""
+    path = Path(path)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except FileNotFoundError as exc:
+        raise ImageNotFoundError(path, "no such file") from exc
+    except Exception as exc:
+        raise ImageReadError(path, _explain("not a readable DICOM file", exc)) from exc
+
+
+def _frame_rescale(ds: Dataset, index: int) -> tuple[float, float] | None:
+    """(slope, intercept) of frame ``index`` from the functional groups, if they hold one."""
+    for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        sequence = ds.get(groups)
+        if not sequence:
+            continue
+        item = sequence[index] if groups.startswith("PerFrame") else sequence[0]
+        transform = item.get("PixelValueTransformationSequence")
+        if transform and "RescaleSlope" in transform[0]:
+            t = transform[0]
+            return float(t.RescaleSlope), float(t.get("RescaleIntercept", 0.0))
+    return None
+
+
+def _load_first_frame(path: Path, all_frames: bool = False) -> tuple[Dataset, np.ndarray]:
+    """Read the dataset, check it can be decoded and decode frame 0 (raw stored values), or all
+    frames when ``all_frames``."""
     ds, forced = _read_dataset(path)
     if "PixelData" not in ds:
         raise ImageReadError(path, _why_no_pixels(ds, forced))
@@ -148,7 +209,7 @@ def _load_first_frame(path: Path) -> tuple[Dataset, np.ndarray]:
         )
     _require_decoder(path, ds)
     try:
-        frame = pixel_array(ds, index=0)
+        frame = pixel_array(ds) if all_frames else pixel_array(ds, index=0)
     except Exception as exc:
         raise ImageReadError(
             path, _explain("could not decode the pixel data (truncated or corrupt?)", exc)

@@ -2,7 +2,9 @@
 
 ``read_image`` picks a reader from a small registry of formats: first by the file's magic bytes
 (so a PNG named ``.jpg`` still reads), then by its suffix (for DICOM files without the 128-byte
-preamble). Supported: PNG (8- and 16-bit), JPEG, DICOM (see :mod:`embedkit.data.dicom`).
+preamble). Supported: PNG (8- and 16-bit), JPEG, DICOM (see :mod:`embedkit.data.dicom`). A
+path-like object that reads itself (a :class:`PixelSource`, such as one slice of a CT or MRI volume,
+:class:`embedkit.data.volumes.VolumeSlice`) is read by its own ``read()``.
 
 Intensity policy for PNG/JPEG: integer images are scaled by the maximum of their integer type,
 8-bit by 255 and 16-bit by 65535 (a 16-bit PNG keeps its 16 bits; it is never squeezed to 8).
@@ -23,6 +25,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -30,7 +33,7 @@ from PIL import Image
 from embedkit.data.dicom import read_dicom
 from embedkit.errors import ImageNotFoundError, ImageReadError
 
-__all__ = ["FORMATS", "ImageFormat", "read_image", "supported_formats"]
+__all__ = ["FORMATS", "ImageFormat", "PixelSource", "read_image", "supported_formats"]
 
 Reader = Callable[[Path], np.ndarray]
 
@@ -44,6 +47,15 @@ class ImageFormat:
     magic: bytes
     magic_offset: int
     read: Reader
+
+
+@runtime_checkable
+class PixelSource(Protocol):
+    """A path-like image source that decodes itself (e.g. one slice of a volume)."""
+
+    def __fspath__(self) -> str: ...
+
+    def read(self) -> np.ndarray: ...
 
 
 # Pillow mode -> (mode to convert to first, or None; divisor that maps the values to [0, 1]).
@@ -115,6 +127,8 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         ImageNotFoundError: the file does not exist.
         ImageReadError: the file is corrupt, truncated or in an unsupported format.
     """
+    if isinstance(path, PixelSource):
+        return path.read()
     path = Path(path)
     fmt = _detect(path)
     return fmt.read(path)

@@ -142,7 +142,7 @@ def plan_extraction(
         model=spec.name,
         weights=encoder.weights_fingerprint,
         resolution=size,
-        preprocessing=canonical_json(preprocessing.describe()),
+        preprocessing=canonical_json({**preprocessing.describe(), **table.reading}),
         compute_dtype=compute_dtype,
         storage_dtype=request.storage_dtype,
         poolings=tuple(sorted(poolings)),
@@ -349,7 +349,7 @@ def run_extraction(
         todo = sorted(entry.pending_units() if units is None else units)
         batches = _unit_batches(entry, todo, request.batch_size)
         n_images = sum(len(b) for b in batches)
-    dataset = ImageDataset(plan.table.ids, plan.table.paths, plan.preprocessing)
+    dataset = ImageDataset(plan.table.ids, plan.table.sources, plan.preprocessing)
     buffers: dict[int, _UnitBuffer] = {}
     failures: list[tuple[str, str]] = []
     skipped: list[tuple[str, str]] = []

@@ -480,7 +480,7 @@ def _train(
             f"'{table.labels.names[j]}' lacks positives or negatives in train: pos_weight 1"
             for j in degenerate
         )
-    run = _Run(request, plan, model, ImageDataset(table.ids, table.paths, plan.preprocessing),
+    run = _Run(request, plan, model, ImageDataset(table.ids, table.sources, plan.preprocessing),
                ctx, weight)  # fmt: skip
 
     lr = request.effective_lr

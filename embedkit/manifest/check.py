@@ -51,6 +51,7 @@ class DatasetReport:
     missing_examples: tuple[str, ...]
     problems: tuple[str, ...]
     warnings: tuple[str, ...]
+    volumes: int | None = None  # volume datasets: how many volumes the images (slices) come from
 
     @property
     def ok(self) -> bool:
@@ -106,6 +107,7 @@ def check_dataset(config: DatasetConfig, *, check_files: bool = False) -> Datase
         missing_examples=tuple(missing[:5]),
         problems=tuple(problems),
         warnings=tuple(warnings),
+        volumes=None if table.volumes is None else len(set(table.volumes)),
     )
 
 
@@ -181,6 +183,8 @@ def render_report(report: DatasetReport) -> Table:
     summary.add_column()
     summary.add_row("index", str(report.index))
     summary.add_row("images", f"{report.images:,}")
+    if report.volumes is not None:
+        summary.add_row("volumes", f"{report.volumes:,} (the images are their slices)")
     patients = f"{report.patients:,}"
     if report.patient_column is None:
         patients += " (no patient_column: one patient per image)"

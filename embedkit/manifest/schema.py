@@ -21,6 +21,9 @@ from pydantic import (
     model_validator,
 )
 
+from embedkit.data.policies import CT_WINDOWS, SliceAxis
+from embedkit.errors import did_you_mean
+
 if TYPE_CHECKING:
     from embedkit.manifest.table import DatasetTable
 
@@ -225,6 +228,52 @@ class FilesSplits(_Strict):
 SplitsConfig = Annotated[GivenSplits | PatientSplits | FilesSplits, Field(discriminator="method")]
 
 
+# ---- volumes -----------------------------------------------------------------------------------
+
+
+class WindowLevels(_Strict):
+    """An explicit CT window in Hounsfield units."""
+
+    level: float
+    width: float = Field(gt=0)
+
+
+class CTVolumes(_Strict):
+    """CT volumes: Hounsfield units through a window, a preset name or ``{level, width}``."""
+
+    modality: Literal["ct"]
+    window: str | WindowLevels
+    slice_axis: SliceAxis = "axial"
+
+    @field_validator("window")
+    @classmethod
+    def _preset(cls, value: str | WindowLevels) -> str | WindowLevels:
+        if isinstance(value, str) and value not in CT_WINDOWS:
+            raise ValueError(
+                f"unknown CT window {value!r}{did_you_mean(value, CT_WINDOWS) or '.'} "
+                f"Presets: {', '.join(CT_WINDOWS)}; or give {{level: ..., width: ...}} in HU"
+            )
+        return value
+
+
+class MRVolumes(_Strict):
+    """MRI volumes: each volume's ``percentiles`` (low, high) are mapped to 0 and 1."""
+
+    modality: Literal["mr"]
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    slice_axis: SliceAxis = "axial"
+
+    @field_validator("percentiles")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= value[0] < value[1] <= 100.0:
+            raise ValueError(f"expected percentiles 0 <= low < high <= 100, got {list(value)}")
+        return value
+
+
+VolumesConfig = Annotated[CTVolumes | MRVolumes, Field(discriminator="modality")]
+
+
 # ---- datasets ----------------------------------------------------------------------------------
 
 
@@ -239,6 +288,10 @@ class DatasetFields(_Strict):
     filters: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     labels: LabelsConfig
     splits: SplitsConfig
+    # Each path is a volume (NIfTI, DICOM series folder, multi-frame DICOM): one row per slice.
+    volumes: VolumesConfig | None = None
+    # Label-map class names of the index's `mask` column (segmentation): value i is classes[i].
+    classes: tuple[str, ...] | None = None
 
     @field_validator("images", "index", mode="before")
     @classmethod

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -23,10 +25,21 @@ from embedkit.manifest.schema import (
 )
 from embedkit.manifest.splits import assign_splits
 
+if TYPE_CHECKING:
+    from embedkit.data.volumes import VolumeSlice
+
 
 @dataclass(frozen=True, eq=False)
 class DatasetTable:
-    """One row per image, in index order after filters."""
+    """One row per image, in index order after filters.
+
+    For a volume dataset (``volumes:`` in the manifest) one row per slice: ``ids`` are
+    ``<volume id>/<slice index>``, ``paths`` the file holding each slice (the NIfTI file, the
+    series' file of that slice), ``volume_slices`` what to read
+    (:class:`~embedkit.data.volumes.VolumeSlice` s), ``volumes`` and ``slices`` each row's volume
+    id and slice index, and ``reading`` how volumes become slices (it enters the cache key with
+    the preprocessing). Read images through :attr:`sources`, which serves both kinds.
+    """
 
     name: str
     ids: tuple[str, ...]
@@ -36,6 +49,10 @@ class DatasetTable:
     split: np.ndarray
     has_patients: bool = True
     notes: tuple[str, ...] = field(default=())
+    volumes: tuple[str, ...] | None = None
+    slices: tuple[int, ...] | None = None
+    reading: Mapping[str, Any] = field(default_factory=dict)
+    volume_slices: tuple[VolumeSlice, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -45,6 +62,11 @@ class DatasetTable:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def sources(self) -> tuple[os.PathLike[str], ...]:
+        """What to read for each row: the image files, or the slices of a volume dataset."""
+        return self.paths if self.volume_slices is None else self.volume_slices
 
     def indices(self, split: str) -> np.ndarray:
         """Row indices (int64, index order) of ``split``: 'train', 'val' or 'test'."""
@@ -120,7 +142,7 @@ def load_table(config: DatasetConfig) -> DatasetTable:
     split, notes = assign_splits(
         config.splits, index, ids=id_array, patients=patients, all_ids=set(all_ids)
     )
-    return DatasetTable(
+    table = DatasetTable(
         name=config.name,
         ids=tuple(id_array.tolist()),
         paths=paths,
@@ -130,6 +152,11 @@ def load_table(config: DatasetConfig) -> DatasetTable:
         has_patients=config.patient_column is not None,
         notes=notes,
     )
+    if config.volumes is None:
+        return table
+    from embedkit.manifest.slices import slice_table
+
+    return slice_table(table, config.volumes, index, frame.index.to_numpy())
 
 
 def _columns_used(config: DatasetConfig) -> dict[str, str]:

@@ -4,6 +4,11 @@
 split's features, image IDs, targets and label masks, joined by image ID (never by position, so
 an entry stays usable when the index is reordered). Images skipped as unreadable at extraction
 time are left out, and how many is reported on the result.
+
+For a volume dataset (one row per slice, ``DatasetTable.volumes``), the slice features of each
+volume are pooled into one row (``volume_pooling``: the mean or the element-wise max over the
+volume's readable slices), so a probe learns and is scored on volume-level labels, one row per
+volume with the volume id as its id. A volume none of whose slices could be read is left out.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from embedkit.errors import ProbeInputError
 from embedkit.manifest import DatasetTable
 from embedkit.probes.backends import nonfinite_rows
+from embedkit.probes.request import VolumePooling
 from embedkit.store import FeatureEntry
 
 
@@ -59,9 +65,66 @@ def read_features(
 
 
 def split_features(
-    entry: FeatureEntry, table: DatasetTable, split: str, pooling: str = "cls+mean"
+    entry: FeatureEntry,
+    table: DatasetTable,
+    split: str,
+    pooling: str = "cls+mean",
+    volume_pooling: VolumePooling = "mean",
 ) -> SplitFeatures:
-    """Features, targets and masks of ``split`` (``train``, ``val`` or ``test``)."""
+    """Features, targets and masks of ``split`` (``train``, ``val`` or ``test``); for a volume
+    dataset one row per volume, its slices pooled by ``volume_pooling``."""
+    part = _slice_features(entry, table, split, pooling)
+    if table.volumes is None:
+        return part
+    return pool_volumes(part, table, volume_pooling)
+
+
+def pool_volumes(
+    part: SplitFeatures, table: DatasetTable, how: VolumePooling, block_rows: int = READ_BLOCK_ROWS
+) -> SplitFeatures:
+    """``part`` (slice rows of a volume dataset, each volume's slices consecutive) with one row
+    per volume: float32 features pooled by ``how`` (``mean`` or ``max``), computed
+    ``block_rows`` slices at a time; targets, masks and patients of the volume."""
+    if table.volumes is None:
+        raise ProbeInputError(f"dataset {table.name!r} has no volumes to pool slices over")
+    reduce = {"mean": np.add, "max": np.maximum}.get(how)
+    if reduce is None:
+        raise ProbeInputError(f"Expected volume pooling 'mean' or 'max', got {how!r} instead")
+    rows = table.rows_for_ids(part.ids)
+    volumes = np.asarray([table.volumes[r] for r in rows], dtype=object)
+    new = np.flatnonzero(np.r_[True, volumes[1:] != volumes[:-1]]) if len(rows) else rows
+    names = [str(v) for v in volumes[new]]
+    if len(set(names)) != len(names):
+        raise ProbeInputError(
+            f"the slices of a volume of {table.name!r} are not consecutive in the {part.split} "
+            "split; the table lists each volume's slices together"
+        )
+    counts = np.diff(np.r_[new, len(rows)])
+    X = np.empty((len(new), *part.X.shape[1:]), dtype=np.float32)
+    per_block = max(1, block_rows // int(counts.max(initial=1)))  # whole volumes per read
+    for lo in range(0, len(new), per_block):
+        hi = min(len(new), lo + per_block)
+        start, stop = int(new[lo]), int(new[hi - 1] + counts[hi - 1])
+        block = part.X[start:stop].astype(np.float32)
+        X[lo:hi] = reduce.reduceat(block, new[lo:hi] - start, axis=0)
+    if how == "mean":
+        X /= counts.reshape(-1, *([1] * (X.ndim - 1)))
+    first = rows[new]
+    return SplitFeatures(
+        split=part.split,
+        pooling=part.pooling,
+        X=X,
+        ids=tuple(names),
+        y=table.labels.y[first],
+        mask=table.labels.mask[first],
+        patients=tuple(table.patients[r] for r in first),
+        n_skipped=part.n_skipped,
+    )
+
+
+def _slice_features(
+    entry: FeatureEntry, table: DatasetTable, split: str, pooling: str
+) -> SplitFeatures:
     rows = table.indices(split)
     ids = [table.ids[r] for r in rows]
     valid = entry.valid_mask()[entry.read_rows(ids)]

@@ -104,6 +104,8 @@ def probe_plan(
     kind = get_kind(request.kind)
     pooling = request.pooling or kind.default_pooling(entry.poolings)
     params: dict[str, Any] = {"pooling": pooling, "n_boot": request.n_boot, **kind.params(request)}
+    if table.volumes is not None:  # volume-level labels from pooled slice features
+        params["volume_pooling"] = request.volume_pooling
     identity = {
         "entry": entry.key.digest(),
         "data": table.splits_digest,
@@ -197,7 +199,11 @@ def run_probe(
     source = entry  # the record names the cache's entry, not the local copy
     if local_cache is not None:
         entry = open_local_copy(entry, local_cache, progress=progress).entry
-    parts = {s: split_features(entry, table, s, pooling) for s in ("train", "val", "test")}
+    # A volume dataset pools its slice features per volume (params, so the record id, say how).
+    by_volume = {"volume_pooling": params["volume_pooling"]} if "volume_pooling" in params else {}
+    parts = {
+        s: split_features(entry, table, s, pooling, **by_volume) for s in ("train", "val", "test")
+    }
     train, val, test = parts["train"], parts["val"], parts["test"]
     for name in ("train", "test"):
         if len(parts[name].ids) == 0:

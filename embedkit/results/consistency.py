@@ -68,9 +68,13 @@ def dataset_signature(table: DatasetTable) -> DatasetSignature:
 
 def test_targets(table: DatasetTable) -> TestTargets:
     rows = table.indices("test")
-    return TestTargets(
-        tuple(table.ids[i] for i in rows), table.labels.y[rows], table.labels.mask[rows]
-    )
+    ids = tuple(table.ids[i] for i in rows)
+    if table.volumes is not None:  # records of a volume dataset score slices or whole volumes
+        volumes = [table.volumes[i] for i in rows]
+        firsts = rows[[k for k, v in enumerate(volumes) if k == 0 or v != volumes[k - 1]]]
+        ids += tuple(table.volumes[i] for i in firsts)
+        rows = np.concatenate([rows, firsts])
+    return TestTargets(ids, table.labels.y[rows], table.labels.mask[rows])
 
 
 def record_signature(record: ResultRecord) -> DatasetSignature | None:
