@@ -105,3 +105,49 @@ def test_logits_go_back_onto_the_mask_pixels(mode: str) -> None:
     region = ids[rows, cols]
     assert back.shape == region.shape
     assert (back == region).mean() > 0.97
+
+
+def _seg_manifest(tmp_path: Path, csv: str, classes: object = ("background", "liver")) -> Path:
+    import yaml
+
+    (tmp_path / "index.csv").write_text(csv)
+    entry = {
+        "images": "./images",
+        "index": "./index.csv",
+        "id_column": "id",
+        "labels": {"format": "single", "column": "site"},
+        "splits": {"method": "given", "column": "split"},
+        "classes": classes,
+    }
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"datasets": {"seg": entry}}))
+    return path
+
+
+SEG_CSV = "id,site,split,mask\na.png,x,train,m/a.png\nb.png,y,test,m/b.png\n"
+
+
+def test_manifest_classes_and_mask_column(tmp_path: Path) -> None:
+    from embedkit.manifest import load_manifest
+
+    table = load_manifest(_seg_manifest(tmp_path, SEG_CSV)).dataset("seg").load()
+    assert table.classes == ("background", "liver")
+    assert table.masks == (tmp_path / "images/m/a.png", tmp_path / "images/m/b.png")
+    plain = load_manifest(_seg_manifest(tmp_path, SEG_CSV, None)).dataset("seg").load()
+    assert plain.masks is None and plain.classes is None
+    assert plain.splits_digest != table.splits_digest  # the masks are part of what is learnt
+
+
+def test_manifest_mask_errors(tmp_path: Path) -> None:
+    from embedkit.manifest import load_manifest
+
+    with pytest.raises(ManifestError, match="background and at least one class"):
+        load_manifest(_seg_manifest(tmp_path, SEG_CSV, ["background"]))
+    with pytest.raises(ManifestError, match=r"classes lists \['liver'\] more than once"):
+        load_manifest(_seg_manifest(tmp_path, SEG_CSV, ["bg", "liver", "liver"]))
+    no_column = "id,site,split\na.png,x,train\n"
+    with pytest.raises(ManifestError, match="mask"):
+        load_manifest(_seg_manifest(tmp_path, no_column)).dataset("seg").load()
+    blank = "id,site,split,mask\na.png,x,train,\nb.png,y,test,m/b.png\n"
+    with pytest.raises(ManifestError, match="empty 'mask' cell"):
+        load_manifest(_seg_manifest(tmp_path, blank)).dataset("seg").load()
