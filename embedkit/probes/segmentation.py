@@ -456,9 +456,8 @@ def _overlays(
 
     mean = np.array([np.nanmean(r) if np.isfinite(r).any() else np.nan for r in cases.scores.dice])
     ranked = np.argsort(-np.nan_to_num(mean, nan=-1.0), kind="stable").tolist()
-    picks = ranked[:N_OVERLAYS] + [
-        k for k in ranked[::-1][:N_OVERLAYS] if k not in ranked[:N_OVERLAYS]
-    ]
+    best = ranked[:N_OVERLAYS]  # then the worst, so the cases go from best to worst
+    picks = best + [k for k in ranked[-N_OVERLAYS:] if k not in best]
     rows = np.array([cases.shown_row[cases.scores.ids[k]] for k in picks], dtype=np.int64)
     size, resize = _frame_size(data), _resize(data)
     dtype = np.uint8 if len(data.classes) <= 256 else np.int16
