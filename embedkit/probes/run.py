@@ -411,6 +411,17 @@ def render_record(record: ResultRecord) -> Table:
         for point, values in record.metrics.items():
             table.add_row(point, *(_fmt(values.get(n)) for n in names))
         return table
+    if record.per_label and "auroc" not in record.per_label[0]:  # e.g. segmentation: Dice, IoU
+        names = [k for k, v in record.per_label[0].items() if isinstance(v, dict) and "point" in v]
+        table.add_column("label")
+        for name in names:
+            table.add_column(f"{name} [95% CI]")
+        for row in record.per_label:
+            table.add_row(row["label"], *(_fmt(row[name]) for name in names))
+        table.add_section()
+        for name, value in record.metrics.items():
+            table.add_row(f"[bold]{name}[/bold] (mean)", _fmt(value), *[""] * (len(names) - 1))
+        return table
     if record.per_label:
         for column in ("label", "AUROC [95% CI]", "AP", "sens", "spec", "pos/neg"):
             table.add_column(column)

@@ -72,6 +72,21 @@ def test_targets(table: DatasetTable) -> TestTargets:
     )
 
 
+#: The task of segmentation records: their labels are the dataset's classes and their scores
+#: per-case Dice, so they are checked against other segmentation records of the dataset (and its
+#: classes), not against the image labels.
+SEGMENTATION_TASK = "segmentation"
+
+
+def _group(record: ResultRecord) -> str:
+    """The records a record is checked against: those of its dataset and kind of targets."""
+    return record.dataset if record.task != SEGMENTATION_TASK else _segmentation(record.dataset)
+
+
+def _segmentation(dataset: str) -> str:
+    return f"{dataset} ({SEGMENTATION_TASK})"
+
+
 def record_signature(record: ResultRecord) -> DatasetSignature | None:
     """The record's dataset signature (None for a record that does not store its image list)."""
     key = record.entry.get("key")
@@ -109,7 +124,7 @@ def _test_problem(reference: TestTargets, other: TestTargets) -> str | None:
 def check_records(
     pairs: Sequence[tuple[ResultRecord, Path]],
     *,
-    expected: Mapping[str, tuple[DatasetSignature, TestTargets]] | None = None,
+    expected: Mapping[str, tuple[DatasetSignature, TestTargets | None]] | None = None,
     where: str = "the results folder",
 ) -> None:
     """Raise :class:`MixedResultsError` if records of one dataset name differ in their data.
@@ -119,7 +134,7 @@ def check_records(
     """
     groups: dict[str, list[tuple[ResultRecord, Path]]] = defaultdict(list)
     for record, path in pairs:
-        groups[record.dataset].append((record, path))
+        groups[_group(record)].append((record, path))
     problems: list[str] = []
     for name, group in sorted(groups.items()):
         reference = expected.get(name) if expected is not None else None
@@ -148,7 +163,7 @@ def check_records(
             )
             continue
         tests = [(path, t) for _, path in group if (t := _targets_of(path)) is not None]
-        if reference is not None:
+        if reference is not None and reference[1] is not None:
             ref_name, ref_test = "the manifest's test split", reference[1]
         elif tests:
             ref_path, ref_test = max(tests, key=lambda pt: len(pt[1].ids))
@@ -181,7 +196,12 @@ def check_results_dataset(
     pairs = [
         (load_record(p), p) for p in sorted(root.rglob("*.json")) if not p.name.startswith(".")
     ]
-    expected = {dataset: (dataset_signature(table), test_targets(table))}
+    expected: dict[str, tuple[DatasetSignature, TestTargets | None]] = {
+        dataset: (dataset_signature(table), test_targets(table))
+    }
+    if table.classes is not None:  # segmentation records: the classes, per-case test scores
+        signature = DatasetSignature(digest_ids(table.ids), table.classes[1:], SEGMENTATION_TASK)
+        expected[_segmentation(dataset)] = (signature, None)
     check_records(
         [(r, p) for r, p in pairs if r.dataset == dataset], expected=expected, where=str(results)
     )

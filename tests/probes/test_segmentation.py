@@ -208,3 +208,87 @@ def test_the_kind_declares_patch_inputs_and_refuses_pooled_entries(tmp_path: Pat
     with pytest.raises(ProbeInputError, match="--patch-tokens"):
         fit_segmentation(data, FAST)
     assert SegmentationKind(FAST).params(None)["lrs"] == [1e-2, 1e-1]  # type: ignore[arg-type]
+
+
+def _seg_dataset(folder: Path, n: int = 30, size: int = 96) -> Path:
+    """PNG images with a large bright disk ("organ") and a small grey square ("lesion"), their
+    PNG label maps, and a manifest with `classes:` and a `mask` column."""
+    import yaml
+
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    rows = ["id,path,mask,kind,split"]
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        label = np.zeros((size, size), np.uint8)
+        cy, cx, r = rng.integers(30, 66), rng.integers(30, 66), rng.integers(18, 28)
+        label[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 1
+        sy, sx = rng.integers(0, size - 20, 2)
+        label[sy : sy + 20, sx : sx + 20] = 2
+        pixels = np.choose(label, [0.1, 0.85, 0.45]) + 0.05 * rng.standard_normal((size, size))
+        image = np.clip(pixels * 255, 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(folder / "images" / f"im{i}.png")
+        Image.fromarray(label).save(folder / "images" / f"im{i}_mask.png")
+        split = "train" if i < 18 else "val" if i < 22 else "test"
+        rows.append(f"im{i},im{i}.png,im{i}_mask.png,{'ab'[i % 2]},{split}")
+    (folder / "index.csv").write_text("\n".join(rows) + "\n")
+    entry = {
+        "images": "./images",
+        "index": "./index.csv",
+        "id_column": "id",
+        "path_column": "path",
+        "labels": {"format": "single", "column": "kind"},
+        "splits": {"method": "given", "column": "split"},
+        "classes": list(CLASSES),
+    }
+    path = folder / "manifest.yaml"
+    doc = {"cache": str(folder / "cache"), "datasets": {"shapes": entry}}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.slow
+def test_extract_patch_tokens_then_probe_segmentation_from_the_cli(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+    from embedkit.results import load_record, load_scores
+
+    manifest = _seg_dataset(tmp_path / "data")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    common = ["--manifest", str(manifest), "-d", "shapes", "--model", "test/tiny-dinov2"]
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["extract", *common, "-r", "112", "--patch-tokens", "--workers", "0"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    results = tmp_path / "results"
+    probe = ["probe", *common, "-r", "112", "--kind", "segmentation", "--n-boot", "200"]
+    result = runner.invoke(app, [*probe, "--results", str(results)], env=env)
+    assert result.exit_code == 0, result.output
+    (path,) = results.rglob("segmentation-*.json")
+    record = load_record(path)
+    assert record.task == "segmentation" and record.labels == ["organ", "lesion"]
+    assert record.pooling == "patch" and record.selected["lr"] in record.params["lrs"]
+    assert set(record.metrics) == {"dice", "iou"}  # 2D: no HD95
+    assert [row["label"] for row in record.per_label] == ["organ", "lesion"]
+    for row in record.per_label:
+        assert row["dice"]["low"] <= row["dice"]["point"] <= row["dice"]["high"]
+    scores = load_scores(path)
+    assert scores.ids == tuple(f"im{i}" for i in range(22, 30))
+    assert scores.scores.shape == (8, 2)
+    dice = record.metrics["dice"]["point"]
+    assert dice == pytest.approx(np.mean(np.nanmean(scores.scores, axis=0)))
+    # well above the best constant prediction on the same test masks
+    truths = [
+        np.asarray(Image.open(tmp_path / "data/images" / f"im{i}_mask.png"), np.int64)
+        for i in range(22, 30)
+    ]
+    assert dice > _baseline(truths) + 0.2, (dice, _baseline(truths))
+    overlays = np.load(path.with_name(record.extra["overlays"]))
+    assert overlays["image"].shape[1:] == (112, 112) and len(overlays["ids"]) == 6
+    assert set(overlays) == {"image", "truth", "pred", "ids", "mean_dice"}
+    # an identical run finds its record (the results folder holds a segmentation record now)
+    again = runner.invoke(app, [*probe, "--results", str(results)], env=env)
+    assert again.exit_code == 0, again.output
+    assert "found (identical run)" in again.output
