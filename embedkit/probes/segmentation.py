@@ -562,8 +562,7 @@ class SegmentationKind:
 
     def params(self, request: ProbeRequest) -> dict[str, Any]:
         values = asdict(self.settings)
-        values["lrs"] = list(self.settings.lrs)
-        values.pop("block_bytes")  # memory only: the same result for any block size
+        values["lrs"] = list(self.settings.lrs)  # block_bytes stays: it sets the visit order
         return {**values, "head": "linear", "loss": "cross-entropy + dice"}
 
     def fit_score(self, request: ProbeRequest, data: PatchData) -> KindResult:

@@ -292,3 +292,27 @@ def test_extract_patch_tokens_then_probe_segmentation_from_the_cli(tmp_path: Pat
     again = runner.invoke(app, [*probe, "--results", str(results)], env=env)
     assert again.exit_code == 0, again.output
     assert "found (identical run)" in again.output
+
+
+def test_token_reads_are_blockwise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids, tokens, images, masks, _ = _images_2d(tmp_path, 20)
+    entry = _entry(tmp_path, ids, tokens, "squash")
+    row_bytes = GRID * GRID * DIM * 2  # float16
+    settings = SegmentationSettings(lrs=(1e-2,), epochs=2, batch_size=2, block_bytes=3 * row_bytes)
+    sizes: list[int] = []
+    real = entry.read
+
+    def read(pooling: str, **kw: object) -> np.ndarray:
+        out = real(pooling, **kw)  # type: ignore[arg-type]
+        sizes.append(len(out))
+        return out
+
+    monkeypatch.setattr(entry, "read", read)
+    train, val, test = (
+        _split(n, r, ids, images, masks)
+        for n, r in (("train", range(12)), ("val", range(12, 16)), ("test", range(16, 20)))
+    )
+    data = PatchData(train, val, test, CLASSES, entry, "patch", "squash", "seg")
+    fit = fit_segmentation(data, settings)
+    assert max(sizes) == 3 and sum(sizes) >= 12 * (settings.epochs + 1)  # stats + every epoch
+    assert fit.scores.dice.shape == (4, 2)
