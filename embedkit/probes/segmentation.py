@@ -34,8 +34,9 @@ without the background, ``metrics = {"dice", "iou"(, "hd95")}`` each ``{"point",
 ``per_label`` rows ``{"label", "dice", "iou"(, "hd95"), "n_cases"}``, the score table's
 ``scores`` = per-case Dice ``(n, L)`` with ids the image or volume ids (``y``: 1 where the class
 is in the truth; ``mask``: where the Dice is defined), and beside the record
-``<stem>.overlays.npz`` with ``image``, ``truth``, ``pred`` (uint8 in the encoder's square
-frame), ``ids`` and ``mean_dice`` of the best and worst cases by mean Dice
+``<stem>.overlays.npz`` (the format of :mod:`embedkit.results.segmentation`) with ``image``
+(float in [0, 1]), ``truth`` and ``pred`` (int label maps), all in the encoder's square frame,
+``ids`` and ``mean_dice`` of the best and worst cases by mean Dice, best first
 (``extra["overlays"]`` names it).
 
 torch, scipy and the readers load inside the functions, so registering the kind stays cheap.
@@ -54,6 +55,7 @@ import numpy as np
 
 from embedkit.errors import ProbeInputError
 from embedkit.probes.registry import KindResult, PatchData, PatchSplit, register
+from embedkit.results.segmentation import SEGMENTATION_TASK
 from embedkit.store.layout import PATCH_POOLING
 
 if TYPE_CHECKING:
@@ -428,8 +430,8 @@ def _macro_dice(scores: SegmentationScores) -> float:
 # ---- overlays ---------------------------------------------------------------------------------
 
 
-def _image_u8(split: PatchSplit, i: int) -> np.ndarray:
-    """Row ``i``'s image (the slice of a volume) as uint8 grayscale, min-max scaled."""
+def _image01(split: PatchSplit, i: int) -> np.ndarray:
+    """Row ``i``'s image (the slice of a volume) as grayscale in [0, 1], min-max scaled."""
     from embedkit.data.masks import NIFTI_SUFFIXES
 
     path = split.images[i]
@@ -445,7 +447,7 @@ def _image_u8(split: PatchSplit, i: int) -> np.ndarray:
         pixels = pixels.mean(-1) if pixels.ndim == 3 else pixels
     low, high = float(pixels.min()), float(pixels.max())
     scaled = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
-    return np.round(scaled * 255).astype(np.uint8)
+    return scaled.astype(np.float32)
 
 
 def _overlays(
@@ -460,7 +462,6 @@ def _overlays(
     picks = best + [k for k in ranked[-N_OVERLAYS:] if k not in best]
     rows = np.array([cases.shown_row[cases.scores.ids[k]] for k in picks], dtype=np.int64)
     size, resize = _frame_size(data), _resize(data)
-    dtype = np.uint8 if len(data.classes) <= 256 else np.int16
     images, truths, preds = [], [], []
     by_row = {r.index: r for r in _predict_rows(data, split, heads, rows, [head], block)}
     masks = _Masks(split, data.classes)
@@ -470,15 +471,14 @@ def _overlays(
         full_pred = np.zeros_like(full_truth)
         r, c = scored_region(shape, resize)
         full_pred[r, c] = by_row[int(i)].preds[0]
-        image = _image_u8(split, int(i))
-        images.append(to_model_grid(image, resize, size))
-        truths.append(to_model_grid(full_truth, resize, size).astype(dtype))
-        preds.append(to_model_grid(full_pred, resize, size).astype(dtype))
+        images.append(to_model_grid(_image01(split, int(i)), resize, size))
+        truths.append(to_model_grid(full_truth, resize, size).astype(np.int64))
+        preds.append(to_model_grid(full_pred, resize, size).astype(np.int64))
     return {
         "image": np.stack(images),
         "truth": np.stack(truths),
         "pred": np.stack(preds),
-        "ids": np.array([cases.scores.ids[k] for k in picks]),
+        "ids": np.array([cases.scores.ids[k] for k in picks], dtype=str),
         "mean_dice": mean[picks].astype(np.float64),
     }
 
@@ -585,7 +585,7 @@ class SegmentationKind:
             notes=fit.notes,
             per_label=per_label,
             table=table,
-            task="segmentation",
+            task=SEGMENTATION_TASK,
             labels=tuple(data.classes[1:]),
             arrays={"overlays": fit.overlays},
         )

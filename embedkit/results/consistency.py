@@ -27,6 +27,7 @@ import numpy as np
 from embedkit.errors import MixedResultsError
 from embedkit.manifest import DatasetTable
 from embedkit.results.records import ResultRecord, load_record, load_scores
+from embedkit.results.segmentation import SEGMENTATION_TASK
 from embedkit.store import digest_ids
 
 __all__ = [
@@ -72,21 +73,6 @@ def test_targets(table: DatasetTable) -> TestTargets:
     )
 
 
-#: The task of segmentation records: their labels are the dataset's classes and their scores
-#: per-case Dice, so they are checked against other segmentation records of the dataset (and its
-#: classes), not against the image labels.
-SEGMENTATION_TASK = "segmentation"
-
-
-def _group(record: ResultRecord) -> str:
-    """The records a record is checked against: those of its dataset and kind of targets."""
-    return record.dataset if record.task != SEGMENTATION_TASK else _segmentation(record.dataset)
-
-
-def _segmentation(dataset: str) -> str:
-    return f"{dataset} ({SEGMENTATION_TASK})"
-
-
 def record_signature(record: ResultRecord) -> DatasetSignature | None:
     """The record's dataset signature (None for a record that does not store its image list)."""
     key = record.entry.get("key")
@@ -124,7 +110,7 @@ def _test_problem(reference: TestTargets, other: TestTargets) -> str | None:
 def check_records(
     pairs: Sequence[tuple[ResultRecord, Path]],
     *,
-    expected: Mapping[str, tuple[DatasetSignature, TestTargets | None]] | None = None,
+    expected: Mapping[str, tuple[DatasetSignature, TestTargets]] | None = None,
     where: str = "the results folder",
 ) -> None:
     """Raise :class:`MixedResultsError` if records of one dataset name differ in their data.
@@ -132,12 +118,16 @@ def check_records(
     ``expected`` maps dataset names to what the current manifest defines; records of those
     datasets are checked against it instead of against each other.
     """
-    groups: dict[str, list[tuple[ResultRecord, Path]]] = defaultdict(list)
+    # Classification and segmentation records of one dataset have their own label sets and
+    # targets: each family is checked among itself.
+    groups: dict[tuple[str, bool], list[tuple[ResultRecord, Path]]] = defaultdict(list)
     for record, path in pairs:
-        groups[_group(record)].append((record, path))
+        groups[(record.dataset, record.task == SEGMENTATION_TASK)].append((record, path))
     problems: list[str] = []
-    for name, group in sorted(groups.items()):
+    for (name, segmentation), group in sorted(groups.items()):
         reference = expected.get(name) if expected is not None else None
+        if reference is not None and (reference[0].task == SEGMENTATION_TASK) != segmentation:
+            reference = None
         by_signature: dict[DatasetSignature, list[Path]] = defaultdict(list)
         for record, path in group:
             signature = record_signature(record)
@@ -163,7 +153,7 @@ def check_records(
             )
             continue
         tests = [(path, t) for _, path in group if (t := _targets_of(path)) is not None]
-        if reference is not None and reference[1] is not None:
+        if reference is not None:
             ref_name, ref_test = "the manifest's test split", reference[1]
         elif tests:
             ref_path, ref_test = max(tests, key=lambda pt: len(pt[1].ids))
@@ -186,22 +176,27 @@ def check_records(
 
 
 def check_results_dataset(
-    results: str | os.PathLike[str], dataset: str, table: DatasetTable
+    results: str | os.PathLike[str],
+    dataset: str,
+    table: DatasetTable,
+    *,
+    expected: tuple[DatasetSignature, TestTargets] | None = None,
 ) -> None:
     """Refuse to add records of ``dataset`` (as ``table`` defines it now) to ``results`` if
-    records of another dataset of that name are there."""
+    records of another dataset of that name are there. ``expected``: what the new record's
+    dataset is when the table's labels do not say it (segmentation: the classes and which
+    classes each test image holds); records of the other task family are not checked."""
     root = Path(results) / dataset
     if not root.is_dir():
         return
     pairs = [
         (load_record(p), p) for p in sorted(root.rglob("*.json")) if not p.name.startswith(".")
     ]
-    expected: dict[str, tuple[DatasetSignature, TestTargets | None]] = {
-        dataset: (dataset_signature(table), test_targets(table))
-    }
-    if table.classes is not None:  # segmentation records: the classes, per-case test scores
-        signature = DatasetSignature(digest_ids(table.ids), table.classes[1:], SEGMENTATION_TASK)
-        expected[_segmentation(dataset)] = (signature, None)
+    reference = expected or (dataset_signature(table), test_targets(table))
+    family = reference[0].task == SEGMENTATION_TASK
     check_records(
-        [(r, p) for r, p in pairs if r.dataset == dataset], expected=expected, where=str(results)
-    )
+        [(r, p) for r, p in pairs
+         if r.dataset == dataset and (r.task == SEGMENTATION_TASK) == family],
+        expected={dataset: reference},
+        where=str(results),
+    )  # fmt: skip
