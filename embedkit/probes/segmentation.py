@@ -184,13 +184,19 @@ class _Heads:
     std: torch.Tensor  # (D,)
     weights: list[torch.nn.Linear] = field(default_factory=list)
 
-    def logits(self, tokens: np.ndarray, heads: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """``(B, C, h, w)`` logits of each head (all by default) for ``(B, h, w, D)`` tokens."""
+    def logits(self, tokens: np.ndarray, heads: Sequence[int] | None = None) -> torch.Tensor:
+        """``(B, H, C, h, w)`` logits of the heads ``heads`` (all by default) for
+        ``(B, h, w, D)`` tokens, computed as one matmul."""
         import torch
+        import torch.nn.functional as F
 
         x = (torch.from_numpy(np.ascontiguousarray(tokens)).float() - self.mean) / self.std
-        chosen = range(len(self.weights)) if heads is None else heads
-        return [self.weights[k](x).permute(0, 3, 1, 2) for k in chosen]
+        chosen = [self.weights[k] for k in (range(len(self.weights)) if heads is None else heads)]
+        weight = torch.cat([h.weight for h in chosen])  # (H * C, D)
+        bias = torch.cat([h.bias for h in chosen])
+        out = F.linear(x, weight, bias)  # (B, h, w, H * C)
+        b, gh, gw, _ = out.shape
+        return out.permute(0, 3, 1, 2).reshape(b, len(chosen), -1, gh, gw)
 
 
 def _token_stats(
@@ -213,14 +219,32 @@ def _token_stats(
     return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
 
 
-def _soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
+def _head_losses(
+    logits: torch.Tensor, target: torch.Tensor, size: int, dice_weight: float
+) -> torch.Tensor:
+    """Sum over heads of cross-entropy + ``dice_weight`` x soft Dice loss, for ``(B, H, C, h,
+    w)`` logits upsampled bilinearly to the ``(B, size, size)`` targets."""
+    import torch
     import torch.nn.functional as F
 
-    probs = logits.softmax(1)[:, 1:]
-    onehot = F.one_hot(target, n_classes).permute(0, 3, 1, 2)[:, 1:].float()
-    inter = (probs * onehot).sum((0, 2, 3))
-    denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-    return 1.0 - ((2.0 * inter + 1.0) / (denom + 1.0)).mean()
+    b, n_heads, n_classes, gh, gw = logits.shape
+    flat = logits.reshape(b, n_heads * n_classes, gh, gw)
+    up = F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False)
+    logp = up.reshape(b, n_heads, n_classes, size, size).log_softmax(2)
+    index = target[:, None, None].expand(b, n_heads, 1, size, size)
+    logp_true = logp.gather(2, index)[:, :, 0]  # (B, H, S, S)
+    # mean over images and pixels of each head, summed over heads (their parameters are apart)
+    loss = -logp_true.mean() * n_heads
+    if dice_weight:
+        predicted = logp.exp().sum((0, 3, 4))[:, 1:]  # (H, C - 1) soft voxel counts
+        truth = torch.bincount(target.flatten(), minlength=n_classes)[1:].float()
+        p_true = logp_true.exp()
+        inter = torch.stack(
+            [(p_true * (target == c)[:, None]).sum((0, 2, 3)) for c in range(1, n_classes)], 1
+        )  # (H, C - 1): probability mass on each class's true pixels
+        dice = (2.0 * inter + 1.0) / (predicted + truth + 1.0)
+        loss = loss + dice_weight * (1.0 - dice.mean(1)).sum()
+    return loss
 
 
 def _train(
@@ -232,7 +256,6 @@ def _train(
 ) -> _Heads:
     """Heads for every learning rate, trained on ``rows`` of ``train`` (see the module doc)."""
     import torch
-    import torch.nn.functional as F
 
     classes = data.classes
     size = _frame_size(data)
@@ -264,21 +287,14 @@ def _train(
             for b in rng.permutation(len(blocks)):
                 block_rows = blocks[b]
                 tokens = data.entry.read(data.pooling, ids=[train.ids[i] for i in block_rows])
+                shuffled = rng.permutation(len(block_rows))
                 for lo in range(0, len(block_rows), settings.batch_size):
-                    pick = rng.permutation(len(block_rows))[lo : lo + settings.batch_size]
+                    pick = shuffled[lo : lo + settings.batch_size]
                     target = torch.from_numpy(
                         targets[[position[int(i)] for i in block_rows[pick]]].astype(np.int64)
                     )
-                    loss = torch.zeros(())
-                    for logits in heads.logits(tokens[pick]):
-                        up = F.interpolate(
-                            logits, size=(size, size), mode="bilinear", align_corners=False
-                        )
-                        loss = loss + F.cross_entropy(up, target)
-                        if settings.dice_weight:
-                            loss = loss + settings.dice_weight * _soft_dice_loss(
-                                up, target, len(classes)
-                            )
+                    logits = heads.logits(tokens[pick])
+                    loss = _head_losses(logits, target, size, settings.dice_weight)
                     optimiser.zero_grad(set_to_none=True)
                     loss.backward()
                     optimiser.step()
@@ -326,7 +342,7 @@ def _predict_rows(
     resize = _resize(data)
     with torch.no_grad():
         for rows, tokens in _read_blocks(data, split, order, block):
-            per_head = heads.logits(tokens, which)
+            per_head = heads.logits(tokens, which).unbind(1)
             for j, i in enumerate(rows):
                 truth, spacing = masks.row(int(i))
                 shape = (int(truth.shape[0]), int(truth.shape[1]))
