@@ -317,3 +317,22 @@ def test_token_reads_are_blockwise(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     fit = fit_segmentation(data, settings)
     assert max(sizes) == 3 and sum(sizes) >= 12 * (settings.epochs + 1)  # stats + every epoch
     assert fit.scores.dice.shape == (4, 2)
+
+
+def test_the_batched_head_loss_is_the_sum_of_each_heads_ce_and_dice() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from embedkit.probes.segmentation import _head_losses
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(4, 3, 3, 5, 5), torch.randint(0, 3, (4, 20, 20))
+    expected = torch.zeros(())
+    for h in range(3):  # the plain per-head form: upsample, cross-entropy, one-hot soft Dice
+        up = F.interpolate(logits[:, h], size=(20, 20), mode="bilinear", align_corners=False)
+        probs = up.softmax(1)[:, 1:]
+        onehot = F.one_hot(target, 3).permute(0, 3, 1, 2)[:, 1:].float()
+        inter, total = (probs * onehot).sum((0, 2, 3)), (probs + onehot).sum((0, 2, 3))
+        dice = (2 * inter + 1) / (total + 1)
+        expected = expected + F.cross_entropy(up, target) + 0.7 * (1 - dice.mean())
+    assert float(_head_losses(logits, target, 20, 0.7)) == pytest.approx(float(expected), rel=1e-5)
