@@ -15,8 +15,9 @@ Protocol:
   (:func:`embedkit.data.masks.logits_to_mask`).
 - **Loss**: cross-entropy + ``dice_weight`` x soft Dice loss (1 - mean soft Dice of the
   foreground classes over the batch).
-- **Training**: AdamW (weight decay 1e-4), cosine schedule, ``epochs`` passes of mini-batches
-  of ``batch_size`` images; one head per learning rate in ``lrs``, all trained in the same pass.
+- **Training** (on the GPU when torch sees one, else the CPU): AdamW (weight decay 1e-4), cosine
+  schedule, ``epochs`` passes of mini-batches of ``batch_size`` images; one head per learning
+  rate in ``lrs``, all trained in the same pass.
   Patch tokens are read **blockwise** from the store: the train rows in storage order, cut into
   blocks of at most ``block_bytes`` of float16 tokens; each epoch visits the blocks in a random
   order and each block's images in a random order, so at most one block of tokens is in memory
@@ -190,7 +191,8 @@ class _Heads:
         import torch
         import torch.nn.functional as F
 
-        x = (torch.from_numpy(np.ascontiguousarray(tokens)).float() - self.mean) / self.std
+        x = torch.from_numpy(np.ascontiguousarray(tokens)).to(self.mean.device).float()
+        x = (x - self.mean) / self.std
         chosen = [self.weights[k] for k in (range(len(self.weights)) if heads is None else heads)]
         weight = torch.cat([h.weight for h in chosen])  # (H * C, D)
         bias = torch.cat([h.bias for h in chosen])
@@ -265,7 +267,9 @@ def _train(
     position = {int(i): j for j, i in enumerate(order)}
     mean, std = _token_stats(data, train, order, block)
     torch.manual_seed(seed)
-    heads = _Heads(mean, std, [torch.nn.Linear(mean.numel(), len(classes)) for _ in settings.lrs])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    linear = [torch.nn.Linear(mean.numel(), len(classes)).to(device) for _ in settings.lrs]
+    heads = _Heads(mean.to(device), std.to(device), linear)
     groups = [
         {"params": h.parameters(), "lr": lr}
         for h, lr in zip(heads.weights, settings.lrs, strict=True)
@@ -292,7 +296,7 @@ def _train(
                     pick = shuffled[lo : lo + settings.batch_size]
                     target = torch.from_numpy(
                         targets[[position[int(i)] for i in block_rows[pick]]].astype(np.int64)
-                    )
+                    ).to(device)
                     logits = heads.logits(tokens[pick])
                     loss = _head_losses(logits, target, size, settings.dice_weight)
                     optimiser.zero_grad(set_to_none=True)
@@ -347,7 +351,9 @@ def _predict_rows(
                 truth, spacing = masks.row(int(i))
                 shape = (int(truth.shape[0]), int(truth.shape[1]))
                 r, c = scored_region(shape, resize)
-                preds = [logits_to_mask(lg[j], shape, resize).argmax(0).numpy() for lg in per_head]
+                preds = [
+                    logits_to_mask(lg[j], shape, resize).argmax(0).cpu().numpy() for lg in per_head
+                ]
                 yield _Row(int(i), truth[r, c], preds, spacing)
 
 
