@@ -419,8 +419,8 @@ def render_record(record: ResultRecord) -> Table:
         for row in record.per_label:
             table.add_row(row["label"], *(_fmt(row[name]) for name in names))
         table.add_section()
-        for name, value in record.metrics.items():
-            table.add_row(f"[bold]{name}[/bold] (mean)", _fmt(value), *[""] * (len(names) - 1))
+        metrics = record.metrics
+        table.add_row("[bold]mean[/bold]", *(_fmt(metrics.get(name)) for name in names))
         return table
     if record.per_label:
         for column in ("label", "AUROC [95% CI]", "AP", "sens", "spec", "pos/neg"):

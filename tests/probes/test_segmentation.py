@@ -267,6 +267,7 @@ def test_extract_patch_tokens_then_probe_segmentation_from_the_cli(tmp_path: Pat
     probe = ["probe", *common, "-r", "112", "--kind", "segmentation", "--n-boot", "200"]
     result = runner.invoke(app, [*probe, "--results", str(results)], env=env)
     assert result.exit_code == 0, result.output
+    assert "dice [95% CI]" in result.output and "lesion" in result.output  # the per-class table
     (path,) = results.rglob("segmentation-*.json")
     record = load_record(path)
     assert record.task == "segmentation" and record.labels == ["organ", "lesion"]
