@@ -28,7 +28,7 @@ from embedkit.extract.request import (
     ShardPolicy,
     StorageDtype,
 )
-from embedkit.finetune.request import FinetuneRequest
+from embedkit.finetune.request import FinetuneRequest, FinetuneTask
 from embedkit.probes.policies import ProbeBackend
 from embedkit.probes.request import ProbeRequest
 from embedkit.study.display import epoch_line, step_bar, working
@@ -942,6 +942,14 @@ def finetune(
             "biases + head; linear: head only.",
         ),
     ],
+    task: Annotated[
+        str,
+        typer.Option(
+            **_one_of(FinetuneTask),
+            help="classification: the manifest's labels from a pooled feature; segmentation: "
+            "a label map per image (the index's mask column) from the patch tokens.",
+        ),
+    ] = FINETUNE["task"],
     epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = FINETUNE[
         "epochs"
     ],
@@ -1039,6 +1047,8 @@ def finetune(
         )
     if outcome.rank != 0:
         return  # rank 0 of a torchrun job reports for the whole job
+    if outcome.record.task == "segmentation":
+        from embedkit.report.segmentation import render_segmentation as render_record
     out.print(render_record(outcome.record))
     for note in outcome.record.notes:
         err.print(f"[yellow]note:[/yellow] {escape(note)}")

@@ -1,4 +1,6 @@
-"""Finetuning baselines: full, LoRA, BitFit and linear (head-only) training of registry encoders.
+"""Finetuning baselines: full, LoRA, BitFit and linear (head-only) training of registry encoders,
+for classification (a head on a pooled feature) and segmentation (a head on the patch tokens,
+:mod:`embedkit.finetune.segmentation`).
 
 ``run_finetune(FinetuneRequest(...))`` trains, keeps the epoch with the lowest validation loss,
 evaluates on the test split and writes a result record in the probes' format
@@ -21,8 +23,9 @@ if TYPE_CHECKING:
         get_method,
         register_method,
     )
-    from embedkit.finetune.model import Classifier, default_pooling
-    from embedkit.finetune.request import FinetuneRequest
+    from embedkit.finetune.model import Classifier, EncoderHead, default_pooling
+    from embedkit.finetune.request import FINETUNE_TASKS, FinetuneRequest
+    from embedkit.finetune.segmentation import Segmenter
     from embedkit.finetune.train import (
         DEFAULT_RESULTS,
         EpochLog,
@@ -46,8 +49,9 @@ else:
                 "get_method",
                 "register_method",
             ),
-            "model": ("Classifier", "default_pooling"),
-            "request": ("FinetuneRequest",),
+            "model": ("Classifier", "EncoderHead", "default_pooling"),
+            "request": ("FINETUNE_TASKS", "FinetuneRequest"),
+            "segmentation": ("Segmenter",),
             "train": (
                 "DEFAULT_RESULTS",
                 "EpochLog",
@@ -60,15 +64,18 @@ else:
 
 __all__ = [
     "DEFAULT_RESULTS",
+    "FINETUNE_TASKS",
     "METHODS",
     "METHOD_NAMES",
     "CheckpointError",
     "Classifier",
+    "EncoderHead",
     "EpochLog",
     "FinetuneOutcome",
     "FinetuneRequest",
     "LoraSettings",
     "Method",
+    "Segmenter",
     "count_parameters",
     "default_pooling",
     "finetune_record_relpath",

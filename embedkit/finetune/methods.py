@@ -1,4 +1,5 @@
-"""Finetuning methods: which parameters of a :class:`Classifier` train.
+"""Finetuning methods: which parameters of an encoder with a head (:class:`EncoderHead`: a
+classifier or a segmenter) train.
 
 A registry maps a method name to a :class:`Method`: ``prepare`` freezes the whole network, then
 unfreezes (or adds) what the method trains (the head always trains); ``record_params`` names the
@@ -28,7 +29,7 @@ from embedkit.models import get_family
 if TYPE_CHECKING:  # torch and peft load where a method runs, not with the registry
     from torch import nn
 
-    from embedkit.finetune.model import Classifier
+    from embedkit.finetune.model import EncoderHead
     from embedkit.models import EncoderSpec
 
 __all__ = [
@@ -64,7 +65,7 @@ class LoraSettings:
 
 
 #: Freeze the network, then unfreeze (or add) what the method trains.
-Prepare: TypeAlias = "Callable[[Classifier, LoraSettings], None]"
+Prepare: TypeAlias = "Callable[[EncoderHead, LoraSettings], None]"
 #: The method's own settings as recorded in the result's params (part of the run id).
 RecordParams: TypeAlias = "Callable[[EncoderSpec, LoraSettings], dict[str, Any]]"
 
@@ -114,20 +115,20 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     }
 
 
-def _train_only(model: Classifier, keep: Callable[[str], bool]) -> None:
+def _train_only(model: EncoderHead, keep: Callable[[str], bool]) -> None:
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith("head.") or keep(name))
 
 
-def _full(model: Classifier, _lora: LoraSettings) -> None:
+def _full(model: EncoderHead, _lora: LoraSettings) -> None:
     _train_only(model, lambda _name: True)
 
 
-def _linear(model: Classifier, _lora: LoraSettings) -> None:
+def _linear(model: EncoderHead, _lora: LoraSettings) -> None:
     _train_only(model, lambda _name: False)
 
 
-def _bitfit(model: Classifier, _lora: LoraSettings) -> None:
+def _bitfit(model: EncoderHead, _lora: LoraSettings) -> None:
     _train_only(model, lambda name: name.endswith(".bias"))
 
 
@@ -149,7 +150,7 @@ def _lora_params(spec: EncoderSpec, settings: LoraSettings) -> dict[str, Any]:
     }
 
 
-def _lora(model: Classifier, settings: LoraSettings) -> None:
+def _lora(model: EncoderHead, settings: LoraSettings) -> None:
     from peft import LoraConfig, inject_adapter_in_model
     from torch import nn
 

@@ -20,7 +20,7 @@ from embedkit.models import (
     pool,
 )
 
-__all__ = ["Classifier", "default_pooling", "head_dim"]
+__all__ = ["Classifier", "EncoderHead", "default_pooling", "head_dim"]
 
 #: Poolings a head can sit on, in order of preference for the default.
 _DEFAULT_ORDER = ("pooled", "mean")
@@ -43,13 +43,25 @@ def head_dim(spec: EncoderSpec, pooling: str) -> int:
     return spec.embed_dim * len(derived_components(pooling))
 
 
-class Classifier(nn.Module):
-    """``head(pool(encoder(pixels)))``: logits of shape (B, n_outputs)."""
+class EncoderHead(nn.Module):
+    """A registry encoder with a trainable ``head``: what a finetuning method prepares (its
+    parameters are named ``encoder.*`` and ``head.*``)."""
 
-    def __init__(self, encoder: nn.Module, spec: EncoderSpec, n_outputs: int, pooling: str):
+    head: nn.Module
+
+    def __init__(self, encoder: nn.Module, spec: EncoderSpec):
         super().__init__()
         self.encoder = encoder
         self.spec = spec
+
+
+class Classifier(EncoderHead):
+    """``head(pool(encoder(pixels)))``: logits of shape (B, n_outputs)."""
+
+    head: nn.Linear
+
+    def __init__(self, encoder: nn.Module, spec: EncoderSpec, n_outputs: int, pooling: str):
+        super().__init__(encoder, spec)
         self.pooling = pooling
         self.head = nn.Linear(head_dim(spec, pooling), n_outputs)
         nn.init.normal_(self.head.weight, std=0.01)

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from embedkit.errors import ConfigError
 from embedkit.finetune.methods import LoraSettings, get_method
+
+#: What the head predicts: the manifest's labels from a pooled feature (classification), or a
+#: label map per image from the patch tokens (segmentation; masks from the index's mask column).
+FinetuneTask = Literal["classification", "segmentation"]
+FINETUNE_TASKS: tuple[str, ...] = get_args(FinetuneTask)
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +26,7 @@ class FinetuneRequest:
     dataset: str
     resolution: int
     method: str  # a registered finetuning method: embedkit.finetune.METHOD_NAMES
+    task: FinetuneTask = "classification"
     epochs: int = 10
     lr: float | None = None  # default: the method's (full 1e-5, lora 1e-4, bitfit/linear 1e-3)
     batch_size: int = 32
@@ -41,6 +48,15 @@ class FinetuneRequest:
 
     def __post_init__(self) -> None:
         get_method(self.method)  # unknown method -> ConfigError listing the methods
+        if self.task not in FINETUNE_TASKS:
+            raise ConfigError(
+                f"Expected task {' or '.join(FINETUNE_TASKS)}, got {self.task!r} instead"
+            )
+        if self.task == "segmentation" and self.pooling not in (None, "patch"):
+            raise ConfigError(
+                f"a segmentation head sits on the patch tokens; got pooling {self.pooling!r} "
+                "(leave --pooling out)"
+            )
         problems = [
             f"{name}={value}"
             for name, value, ok in (

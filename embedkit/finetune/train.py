@@ -13,6 +13,10 @@ flip + small-rotation augmentation on train only, BCE-with-logits with
 The best epoch is the one with the lowest validation loss. On a GPU, bf16 autocast and (if
 asked) gradient checkpointing; on CPU, fp32 without either.
 
+Segmentation (``task="segmentation"``): a head on the patch tokens, masks from the index's mask
+column, Dice / IoU records; the same plan, optimiser groups, schedule, epoch seeds and
+checkpoints in its own loop, one process (:mod:`embedkit.finetune.segmentation`).
+
 Resuming: after each epoch a checkpoint is written to ``<results>/runs/<run id>/``; rerunning
 the same request continues from the last finished epoch. Data order, augmentation and dropout
 are seeded per epoch, so on CPU a resumed run ends with the same weights as an uninterrupted one.
@@ -50,8 +54,9 @@ from embedkit.finetune.augment import MAX_ROTATION_DEG
 from embedkit.finetune.augment import apply as apply_augmentation
 from embedkit.finetune.augment import draw as draw_augmentation
 from embedkit.finetune.losses import masked_loss, pos_weight
+from embedkit.finetune.masks import MaskSet
 from embedkit.finetune.methods import count_parameters, get_method
-from embedkit.finetune.model import Classifier, default_pooling
+from embedkit.finetune.model import Classifier, EncoderHead, default_pooling
 from embedkit.finetune.request import FinetuneRequest
 from embedkit.manifest import DatasetTable, Manifest, load_manifest
 from embedkit.models import (
@@ -105,6 +110,7 @@ class _Plan:
     identity: dict[str, Any]
     run_id: str
     relpath: str
+    masks: MaskSet | None = None  # segmentation: the label map of every row and the classes
 
 
 def _plan(
@@ -115,9 +121,12 @@ def _plan(
     ident = identify_encoder(request.model, cache_dir=cache_dir)
     spec = ident.spec
     size = validate_resolution(spec, request.resolution)
-    table = manifest.dataset(request.dataset).load()
+    config = manifest.dataset(request.dataset)
+    table = config.load()
     preprocessing = Preprocessing(size=size, mean=spec.mean, std=spec.std)
-    pooling = request.pooling or default_pooling(spec)
+    segmentation = request.task == "segmentation"
+    masks = MaskSet.load(config, table) if segmentation else None
+    pooling = "patch" if segmentation else request.pooling or default_pooling(spec)
     if request.layer_decay != 1.0 and not get_family(spec.family).supports_layer_decay:
         raise ConfigError(
             f"layer-wise lr decay applies to ViT families; {spec.name} is a {spec.family} "
@@ -135,12 +144,14 @@ def _plan(
         "optimizer": "adamw",
         "schedule": "linear warm-up + cosine",
         "augment": f"hflip+rot{MAX_ROTATION_DEG:g}" if request.augment else "none",
-        "loss": "bce-pos_weight" if table.labels.kind == "multilabel" else "cross-entropy",
+        "loss": _loss_name(table, segmentation),
         "select": "min val loss",
         "pooling": pooling,
         "n_boot": request.n_boot,
     }
     params.update(method.record_params(spec, request.lora_settings()))
+    if segmentation:  # classification run ids stay what they were
+        params["task"] = request.task
     device = resolve_device(request.device)
     params["precision"] = "bf16-autocast" if device.type == "cuda" else "fp32"
     params["gradient_checkpointing"] = request.gradient_checkpointing and device.type == "cuda"
@@ -156,9 +167,19 @@ def _plan(
         "params": params,
         "seed": request.seed,
     }
+    if masks is not None:
+        identity["masks"] = masks.digest(config.images)
     run_id = record_id(identity)
     relpath = f"{request.dataset}/{spec.name.replace('/', '--')}/{size}px/{kind}-{run_id}"
-    return _Plan(table, spec, size, preprocessing, pooling, params, identity, run_id, relpath)
+    return _Plan(
+        table, spec, size, preprocessing, pooling, params, identity, run_id, relpath, masks
+    )
+
+
+def _loss_name(table: DatasetTable, segmentation: bool) -> str:
+    if segmentation:
+        return "cross-entropy+dice"
+    return "bce-pos_weight" if table.labels.kind == "multilabel" else "cross-entropy"
 
 
 def finetune_record_relpath(
@@ -174,7 +195,7 @@ def finetune_record_relpath(
 
 
 def _param_groups(
-    model: Classifier, lr: float, weight_decay: float, layer_decay: float
+    model: EncoderHead, lr: float, weight_decay: float, layer_decay: float
 ) -> list[dict[str, Any]]:
     """AdamW groups; with ``layer_decay < 1`` the lr of layer id ``l`` of ``n`` blocks is
     ``lr * layer_decay ** (n + 1 - l)`` (layer ids from the family adapter: 0 = embeddings,
@@ -323,11 +344,11 @@ class _Run:
         return {i for part in ddp.gather(self.ctx, sorted(self.skipped)) for i in part}
 
 
-def _trainable(model: Classifier) -> dict[str, torch.Tensor]:
+def _trainable(model: EncoderHead) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _load_trainable(model: Classifier, values: dict[str, torch.Tensor]) -> None:
+def _load_trainable(model: EncoderHead, values: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(values) != expected:
@@ -387,9 +408,18 @@ def run_finetune(
     cache_dir = Path(model_cache_dir) if model_cache_dir is not None else None
     with distributed.session(resolve_device(request.device)) as ctx:
         plan = _plan(request, man, cache_dir, world_size=ctx.world_size)
-        check_results_dataset(results, request.dataset, plan.table)
+        train = _train
+        if plan.masks is not None:
+            from embedkit.finetune.segmentation import expected_results, run_segmentation
+
+            check_results_dataset(
+                results, request.dataset, plan.table, expected=expected_results(plan)
+            )
+            train = run_segmentation
+        else:
+            check_results_dataset(results, request.dataset, plan.table)
         try:
-            return _train(
+            return train(
                 request, plan, ctx, ResultsDir(results), cache_dir, on_epoch,
                 requested_resolution or request.resolution, on_batch,
             )  # fmt: skip

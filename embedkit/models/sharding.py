@@ -216,6 +216,47 @@ def _checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
                 yield key, handle.get_slice(key)
 
 
+class _CheckpointKeys:
+    """Checkpoint key -> model name, through transformers' own renaming of legacy keys.
+
+    transformers 5 renamed the modules of several families (ViT, ViT-MAE: ``encoder.layer.0.
+    attention.attention.query`` became ``layers.0.attention.q_proj``) and still *saves* the old
+    names, renaming them back when it loads (``conversion_mapping``). Rows of a tensor can be
+    read from its file only when the key is merely renamed; a family whose conversion merges or
+    splits tensors (a ``WeightConverter``) cannot be sharded from its files, which is said once,
+    clearly, instead of a list of missing tensors.
+    """
+
+    def __init__(self, model: torch.nn.Module, source: str) -> None:
+        self._source = source
+        self._renamings: list[Any] = []
+        self._converters: list[Any] = []
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming
+        except ImportError:  # an older transformers: keys are the module names
+            return
+        for transform in get_model_conversion_mapping(model):  # type: ignore[arg-type]
+            if isinstance(transform, WeightRenaming):
+                self._renamings.append(transform)
+            elif isinstance(transform, WeightConverter):
+                self._converters.append(transform)
+
+    def model_key(self, key: str) -> str:
+        if not self._renamings and not self._converters:
+            return key
+        from transformers.core_model_loading import rename_source_key
+
+        renamed, converter = rename_source_key(key, self._renamings, self._converters)
+        if converter is not None:
+            raise ModelLoadError(
+                f"{self._source}: checkpoint tensor {key!r} is converted (merged or split) "
+                "by transformers when it loads, so --shard fsdp cannot read its rows from the "
+                "file; use --shard none on a GPU with room for the whole model"
+            )
+        return renamed
+
+
 def _match_key(key: str, names: dict[str, torch.Tensor], prefix: str) -> str | None:
     """The model tensor a checkpoint key belongs to: equal, without the base-model prefix, or
     the one model name ending in ``.<key>`` (transformers may nest the backbone, e.g. ``model.``).
@@ -245,6 +286,9 @@ def load_sharded_encoder(
     model = built.to(torch_dtype)
     model.eval()
     model.requires_grad_(False)
+    # before fully_shard: it swaps the class for a generated FSDP<Name> subclass, which
+    # transformers takes for custom code and gives no key renamings
+    keys = _CheckpointKeys(model, identity.source)
     # Reshard after every forward, the root too (its default keeps the root's parameters
     # gathered for a backward pass that inference never runs).
     for block in adapter.blocks(model):
@@ -263,9 +307,10 @@ def load_sharded_encoder(
     targets: dict[str, torch.Tensor] = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     loaded: set[str] = set()
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
     with torch.no_grad():
         for key, lazy in _checkpoint_tensors(_weight_files(identity)):
-            name = _match_key(key, targets, f"{getattr(model, 'base_model_prefix', '')}.")
+            name = _match_key(keys.model_key(key), targets, prefix)
             if name is None:
                 continue
             local, first = _local_rows(targets[name])

@@ -19,8 +19,10 @@ from pathlib import Path
 from embedkit.errors import CacheNotFoundError
 from embedkit.eval.bootstrap import Correction
 from embedkit.report import plots
+from embedkit.report import segmentation as seg
 from embedkit.report.compare import (
     CI_NAME,
+    DICE_TEST_NAME,
     TEST_NAME,
     Comparison,
     PairChoice,
@@ -29,6 +31,7 @@ from embedkit.report.compare import (
     comparisons_markdown,
 )
 from embedkit.report.tables import (
+    SEGMENTATION_HEADLINE,
     SummaryRow,
     per_label_markdown,
     summary_rows,
@@ -37,6 +40,7 @@ from embedkit.report.tables import (
 )
 from embedkit.results import ResultRecord, load_record
 from embedkit.results.consistency import check_records
+from embedkit.results.segmentation import is_segmentation
 
 
 @dataclass
@@ -66,6 +70,8 @@ def _write(path: Path, text: str) -> Path:
 def _per_label_rows(records: list[ResultRecord]) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for r in records:
+        if is_segmentation(r):  # segmentation.csv holds their per-class rows
+            continue
         for row in r.per_label:
             rows.append(
                 {
@@ -93,8 +99,9 @@ def findings(comparisons: Sequence[Comparison], correction: str) -> list[str]:
     and the corrected p-value."""
     out = []
     for c in comparisons:
+        metric = "mean Dice" if c.metric == SEGMENTATION_HEADLINE else c.metric
         stats = (
-            f"{c.metric} {c.delta:+.3f}, 95% CI [{c.low:+.3f}, {c.high:+.3f}], "
+            f"{metric} {c.delta:+.3f}, 95% CI [{c.low:+.3f}, {c.high:+.3f}], "
             f"{correction}-corrected p = {c.p_adjusted:.3g}"
         )
         if c.low <= 0 <= c.high:
@@ -130,6 +137,7 @@ def _first_screen(records: Sequence[ResultRecord], comparisons: Sequence[Compari
     sentences = findings(comparisons, correction) or [
         "No paired comparison: the records hold no two runs on the same test images."
     ]
+    sentences += seg.headline_sentences(records)
     parts.append("<h2>Summary</h2><ul>" + "".join(
         f"<li>{html.escape(t)}</li>" for t in sentences) + "</ul>")  # fmt: skip
     missing = missing_points(records)
@@ -220,13 +228,21 @@ def build_report(
         _write(out_dir / "summary.csv", to_csv(rows)),
         _write(
             out_dir / "per_label.md",
-            "\n".join(per_label_markdown(r) for r in records if r.per_label),
+            "\n".join(
+                per_label_markdown(r) for r in records if r.per_label and not is_segmentation(r)
+            ),
         ),
         _write(out_dir / "per_label.csv", to_csv_dicts(_per_label_rows(records))),
         _write(out_dir / "comparisons.md", comparisons_markdown(comparisons, correction)),
         _write(out_dir / "comparisons.csv", to_csv(comparisons)),
     ]
-    images = plots.draw_all(rows, records, out_dir)
+    segmentation = seg.segmentation_tables(records)
+    if segmentation:
+        report.files += [
+            _write(out_dir / "segmentation.md", seg.segmentation_markdown(records)),
+            _write(out_dir / "segmentation.csv", seg.segmentation_csv(records)),
+        ]
+    images = plots.draw_all(rows, records, out_dir, {r.record_id: p for r, p in found})
     report.files += images
     summary_table = _table_html(
         [
@@ -255,6 +271,10 @@ def build_report(
             for s in rows
         ],
     )
+    mixed_metrics = len({c.metric for c in comparisons}) > 1  # name the metric in each row
+    tests = TEST_NAME
+    if any(c.metric == SEGMENTATION_HEADLINE for c in comparisons):
+        tests = f"{TEST_NAME} for AUROC, {DICE_TEST_NAME} for Dice"
     comparison_table = _table_html(
         ["dataset", "axis", "A", "B", "Δ (A − B) [95% CI]", "p", f"p ({correction})"],
         [
@@ -263,7 +283,7 @@ def build_report(
                 c.axis,
                 c.a,
                 c.b,
-                f"{c.delta:+.3f} [{c.low:+.3f}, {c.high:+.3f}]",
+                f"{c.metric} " * mixed_metrics + f"{c.delta:+.3f} [{c.low:+.3f}, {c.high:+.3f}]",
                 f"{c.p_value:.3g}",
                 f"{c.p_adjusted:.3g}",
             ]
@@ -294,18 +314,30 @@ def build_report(
             ],
         )
         for r in records
-        if r.per_label
+        if r.per_label and not is_segmentation(r)
     )
+    sections = [
+        ("Headline metric per dataset × model × resolution × method", summary_table),
+        (
+            f"Paired comparisons (p: {tests}, {correction}-adjusted; 95% CI: {CI_NAME})",
+            comparison_table,
+        ),
+        ("Per-label results", per_label),
+    ]
+    if segmentation:
+        sections.append(
+            (
+                "Segmentation: Dice and IoU per class (test, 95% bootstrap CI over images)",
+                "".join(
+                    f"<h3>{html.escape(f'{r.dataset} · {r.model} · {r.resolution}px · {r.kind}')}"
+                    f"</h3>" + _table_html(header, body)
+                    for r, header, body in segmentation
+                ),
+            )
+        )
     page = _html(
         "embedkit comparison report",
-        [
-            ("Headline metric per dataset × model × resolution × method", summary_table),
-            (
-                f"Paired comparisons (p: {TEST_NAME}, {correction}-adjusted; 95% CI: {CI_NAME})",
-                comparison_table,
-            ),
-            ("Per-label results", per_label),
-        ],
+        sections,
         images,
         _first_screen(records, comparisons, correction),
     )

@@ -18,6 +18,11 @@ ranks: it holds α where the paired bootstrap p-value does not) and the **paired
 percentile CI** of the difference (1,000 resamples that keep the test set's label set; the
 indices depend only on the test set and the seed, so every comparison on a test set uses the
 same resamples). The p-values are adjusted across the whole report (Holm by default).
+
+Segmentation runs (``task = "segmentation"``) pair only with segmentation runs, by the same
+rules; their metric is the mean per-image Dice (:func:`paired_dice_test`: sign-flip
+permutation test and paired bootstrap CI of the mean difference), and their p-values are
+adjusted together with the classification ones.
 """
 
 from __future__ import annotations
@@ -27,18 +32,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from itertools import combinations
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
 from embedkit.eval import adjust_pvalues, paired_bootstrap_test
-from embedkit.eval.bootstrap import Correction, label_set_indices
+from embedkit.eval.bootstrap import Correction, bootstrap_indices, label_set_indices
 from embedkit.eval.permutation import paired_permutation_test
+from embedkit.report.tables import SEGMENTATION_HEADLINE
 from embedkit.results import ResultRecord, ScoreTable, load_scores
+from embedkit.results.segmentation import is_segmentation
 
 #: What the report's p-values and CIs are, as the comparisons table says it.
 TEST_NAME = "paired permutation (ranks)"
 CI_NAME = "paired bootstrap percentile"
+#: The same for segmentation comparisons (per-image mean Dice).
+DICE_TEST_NAME = "paired sign-flip permutation (per-image mean Dice)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +212,44 @@ def _both_scored(
     return np.nan_to_num(a), np.nan_to_num(b), mask & scored[None, :]
 
 
+class PairedDice(NamedTuple):
+    """Mean per-image Dice of A minus B, its paired bootstrap CI and permutation p-value."""
+
+    delta: float
+    low: float
+    high: float
+    p_value: float
+    n_perm: int
+
+
+def paired_dice_test(
+    dice_a: np.ndarray, dice_b: np.ndarray, *, n_boot: int = 1000, n_perm: int = 2000, seed: int = 0
+) -> PairedDice:
+    """Compare two runs' per-image Dice (n, L), rows aligned by image.
+
+    The per-image difference ``d_i`` of the mean Dice over classes is the unit: the observed
+    statistic is ``mean(d)``; the two-sided p-value is the share of sign flips (under the null,
+    A's and B's Dice of an image are exchangeable, so each ``d_i`` is as likely negated) whose
+    ``|mean(s * d)|`` is at least the observed (+1 in both counts); the 95% CI is the percentile
+    interval of ``mean(d)`` over paired bootstrap resamples of the images."""
+    a, b = np.asarray(dice_a, np.float64), np.asarray(dice_b, np.float64)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(
+            f"Expected two per-image Dice arrays of one shape (n, L), got {a.shape} and "
+            f"{b.shape} instead"
+        )
+    d = a.mean(1) - b.mean(1)
+    observed = float(d.mean())
+    idx = bootstrap_indices(d.size, n_boot, seed)
+    low, high = np.percentile(d[idx].mean(1), [2.5, 97.5])
+    rng = np.random.default_rng(seed)
+    signs = np.where(rng.random((n_perm, d.size)) < 0.5, -1.0, 1.0)
+    permuted = np.abs(signs @ d / d.size)
+    tol = 1e-12 * max(1.0, abs(observed))
+    extreme = int(np.sum(permuted >= abs(observed) - tol))
+    return PairedDice(observed, float(low), float(high), (1 + extreme) / (n_perm + 1), n_perm)
+
+
 def compare_records(
     records: Sequence[tuple[ResultRecord, Path]],
     *,
@@ -216,18 +263,21 @@ def compare_records(
     the pairs some entry of ``pairs`` selects. ``n_perm`` (default: ``max(n_boot, 2000)``) is
     the number of permutations of each test."""
     perms = max(n_boot, 2000) if n_perm is None else n_perm
-    scored: dict[tuple[str, tuple[str, ...]], list[tuple[ResultRecord, ScoreTable]]]
+    scored: dict[tuple[str, bool, tuple[str, ...]], list[tuple[ResultRecord, ScoreTable]]]
     scored = defaultdict(list)
     for record, path in records:
         if record.curve is not None or not path.with_suffix(".parquet").is_file():
             continue
         scores = load_scores(path)
-        scored[(record.dataset, tuple(sorted(scores.ids)))].append((record, scores))
-    pending: list[tuple[str, str, ResultRecord, ResultRecord, str, tuple[float, ...], int]] = []
-    for (dataset, ids), runs in sorted(scored.items(), key=lambda kv: kv[0][0]):
+        key = (record.dataset, is_segmentation(record), tuple(sorted(scores.ids)))
+        scored[key].append((record, scores))
+    pending: list[tuple[str, str, ResultRecord, ResultRecord, str, tuple[float, ...], int]]
+    pending = []
+    for (dataset, segmentation, ids), runs in sorted(scored.items(), key=lambda kv: kv[0][:2]):
         order = np.argsort(runs[0][1].ids)  # every run's arrays are aligned to sorted ids
         y, mask = runs[0][1].y[order], runs[0][1].mask[order]
-        idx, _fallback = label_set_indices(len(ids), n_boot, seed, y, mask)  # noted in records
+        if not segmentation:  # the fallback is noted in the records
+            idx, _fallback = label_set_indices(len(ids), n_boot, seed, y, mask)
         for (ra, sa), (rb, sb) in combinations(runs, 2):
             chosen = _choose(ra, rb, pairs)
             if chosen is None:
@@ -235,11 +285,18 @@ def compare_records(
             first, second = chosen
             s_first, s_second = (sa, sb) if first is ra else (sb, sa)
             o1, o2 = np.argsort(s_first.ids), np.argsort(s_second.ids)  # align by image id
+            axis = ", ".join(_differences(first, second)) or "same run attributes"
+            if segmentation:  # per-image Dice: sign-flip permutation + paired bootstrap
+                dice = paired_dice_test(s_first.scores[o1], s_second.scores[o2], n_boot=n_boot,
+                                        n_perm=perms, seed=seed)  # fmt: skip
+                numbers = (dice.delta, dice.low, dice.high, dice.p_value)
+                pending.append((dataset, axis, first, second, SEGMENTATION_HEADLINE, numbers,
+                                len(ids)))  # fmt: skip
+                continue
             metric = "ovr_macro_auroc" if y.ndim == 1 else "macro_auroc"
             sc1, sc2, m = _both_scored(s_first.scores[o1], s_second.scores[o2], mask)
             boot = paired_bootstrap_test(y, m, sc1, sc2, idx, metric=metric)
             perm = paired_permutation_test(y, m, sc1, sc2, n_perm=perms, seed=seed)
-            axis = ", ".join(_differences(first, second)) or "same run attributes"
             numbers = (boot.delta, boot.ci[0], boot.ci[1], perm.p_value)
             pending.append((dataset, axis, first, second, metric, numbers, len(ids)))
     if not pending:
@@ -258,6 +315,8 @@ def compare_records(
             p,
             float(p_adj),
             n,
+            test=f"{DICE_TEST_NAME if metric == SEGMENTATION_HEADLINE else TEST_NAME}; "
+            f"CI {CI_NAME}",
             n_resamples=perms,
         )
         for (dataset, axis, a, b, metric, (delta, low, high, p), n), p_adj in zip(
@@ -276,9 +335,23 @@ def comparisons_markdown(comparisons: Sequence[Comparison], correction: str = "h
         f"[95% CI] | p | p ({correction}) |",
         "|---|---|---|---|---|---|---|",
     ]
+    mixed = len({c.metric for c in comparisons}) > 1
+    if any(c.metric == SEGMENTATION_HEADLINE for c in comparisons):
+        dice = (
+            f"two-sided {DICE_TEST_NAME} test ({comparisons[0].n_resamples} sign flips), "
+            f"adjusted across this table ({correction}); 95% CI: {CI_NAME} of the mean "
+            "per-image difference."
+        )
+        if mixed:
+            lines[0] += f" Rows of {SEGMENTATION_HEADLINE} (segmentation): p: {dice}"
+        else:
+            lines[0] = f"p: {dice} See docs/statistics.md."
+    if mixed:
+        lines[2] = lines[2].replace(f"Δ {comparisons[0].metric} (A − B)", "Δ metric (A − B)")
     for c in comparisons:
+        metric = f"{c.metric} " if mixed else ""
         lines.append(
-            f"| {c.dataset} | {c.axis} | {c.a} | {c.b} | {c.delta:+.3f} [{c.low:+.3f}, "
+            f"| {c.dataset} | {c.axis} | {c.a} | {c.b} | {metric}{c.delta:+.3f} [{c.low:+.3f}, "
             f"{c.high:+.3f}] | {c.p_value:.3g} | {c.p_adjusted:.3g} |"
         )
     return "\n".join(lines) + "\n"

@@ -8,8 +8,9 @@ that saves without one is captioned by its file name.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import matplotlib
 
@@ -18,22 +19,30 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from embedkit.report.tables import SummaryRow, curve_x
+from embedkit.report.tables import AUROC_METRICS, SummaryRow, curve_x
 from embedkit.results import ResultRecord
+from embedkit.results.segmentation import is_segmentation
 
 #: (summary rows, records, output folder) -> the PNG files written.
 PlotFn = Callable[[Sequence[SummaryRow], Sequence[ResultRecord], Path], list[Path]]
+#: The same plus each record's JSON path by record id, for plots that read files saved beside
+#: the records (segmentation overlays).
+FilesPlotFn = Callable[
+    [Sequence[SummaryRow], Sequence[ResultRecord], Path, Mapping[str, Path]], list[Path]
+]
+_Fn = TypeVar("_Fn", PlotFn, FilesPlotFn)
 
-_PLOTS: dict[str, PlotFn] = {}
+_PLOTS: dict[str, tuple[bool, Callable[..., list[Path]]]] = {}
 
 
-def register_plot(name: str) -> Callable[[PlotFn], PlotFn]:
-    """Register a report plot under ``name`` (a second plot of one name is an error)."""
+def register_plot(name: str, *, files: bool = False) -> Callable[[_Fn], _Fn]:
+    """Register a report plot under ``name`` (a second plot of one name is an error); with
+    ``files=True`` it is a :data:`FilesPlotFn` (it also gets the records' JSON paths)."""
 
-    def add(fn: PlotFn) -> PlotFn:
+    def add(fn: _Fn) -> _Fn:
         if name in _PLOTS:
             raise ValueError(f"report plot {name!r} is already registered")
-        _PLOTS[name] = fn
+        _PLOTS[name] = (files, fn)
         return fn
 
     return add
@@ -44,9 +53,19 @@ def registered_plots() -> tuple[str, ...]:
     return tuple(_PLOTS)
 
 
-def draw_all(rows: Sequence[SummaryRow], records: Sequence[ResultRecord], out: Path) -> list[Path]:
-    """Every registered plot of ``rows`` / ``records`` into ``out``."""
-    return [path for fn in _PLOTS.values() for path in fn(rows, records, out)]
+def draw_all(
+    rows: Sequence[SummaryRow],
+    records: Sequence[ResultRecord],
+    out: Path,
+    files: Mapping[str, Path] | None = None,
+) -> list[Path]:
+    """Every registered plot of ``rows`` / ``records`` into ``out`` (``files``: each record's
+    JSON path by record id)."""
+    paths: list[Path] = []
+    for wants_files, fn in _PLOTS.values():
+        args = (rows, records, out, files or {}) if wants_files else (rows, records, out)
+        paths += fn(*args)
+    return paths
 
 
 #: AUROC of a classifier that guesses.
@@ -102,7 +121,7 @@ def auroc_vs_resolution(
         lambda: defaultdict(list)
     )
     for row in rows:
-        if row.curve is None:
+        if row.curve is None and row.metric in AUROC_METRICS:
             by_dataset[row.dataset][(row.model, row.method)].append(row)
     for dataset, series in sorted(by_dataset.items()):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -135,7 +154,7 @@ def per_label_deltas(
     paths = []
     groups: dict[tuple[str, str, str], list[ResultRecord]] = defaultdict(list)
     for r in records:
-        if r.per_label:
+        if r.per_label and not is_segmentation(r):
             groups[(r.dataset, r.model, r.kind)].append(r)
     for (dataset, model, kind), runs in sorted(groups.items()):
         if len(runs) < 2:

@@ -8,6 +8,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from embedkit.results import ResultRecord
+from embedkit.results.segmentation import is_segmentation
+
+#: Headline metrics that are AUROCs (plotted against resolution with the chance line).
+AUROC_METRICS = frozenset({"macro_auroc", "ovr_macro_auroc"})
+#: The headline metric of a segmentation record.
+SEGMENTATION_HEADLINE = "mean_dice"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +42,13 @@ def headline(record: ResultRecord) -> tuple[str, float, float | None, float | No
     """(metric name, point, CI low, CI high) of the record's main metric.
 
     Multi-label: macro AUROC; multi-class: one-vs-rest macro AUROC; a record that declares a
-    curve (few-shot): the largest point's mean (over draws) with its 95% t-interval.
+    curve (few-shot): the largest point's mean (over draws) with its 95% t-interval;
+    segmentation: the mean Dice over classes and images.
     """
     metrics = record.metrics
+    if is_segmentation(record):  # mean over classes of the per-image Dice
+        m = metrics["dice"]
+        return SEGMENTATION_HEADLINE, m["point"], m.get("low"), m.get("high")
     if record.curve is not None:
         last = max(metrics, key=curve_x)
         name = "macro_auroc" if "macro_auroc" in metrics[last] else "ovr_macro_auroc"

@@ -19,15 +19,20 @@ ATOL = 1e-6
 
 
 @pytest.mark.parametrize(
-    "model",
+    ("model", "spread"),
     [
-        "test/tiny-dinov3-vit",
+        ("test/tiny-dinov3-vit", 0.05),
         # blocks from the family adapter: every block of every stage
-        "test/tiny-dinov3-convnext",
+        ("test/tiny-dinov3-convnext", 0.05),
+        # transformers 5 saves ViT / ViT-MAE under their legacy key names: renamed on load.
+        # FSDP splits dim 0, and the (1, 197, 32) position table (13% of this tiny model) has
+        # one row, so one rank holds it whole: 57% / 43% here, not 50 / 50.
+        ("test/tiny-vit", 0.10),
+        ("test/tiny-vit-mae", 0.10),
     ],
 )
 def test_sharded_encoder_holds_half_the_weights_and_matches(
-    model: str, dist_env: dict[str, str], tmp_path: Path
+    model: str, spread: float, dist_env: dict[str, str], tmp_path: Path
 ) -> None:
     worker = Path(__file__).with_name("fsdp_worker.py")
     cmd = [
@@ -40,7 +45,7 @@ def test_sharded_encoder_holds_half_the_weights_and_matches(
     total = reports[0]["total"]
     assert total > 100_000  # 42k (ViT) or 26k (ConvNeXt) fp32 parameters
     for rep in reports:
-        assert 0.45 * total <= rep["resident"] <= 0.55 * total
+        assert (0.5 - spread) * total <= rep["resident"] <= (0.5 + spread) * total
         assert rep["max_abs_diff"] <= ATOL
     assert abs(sum(r["resident"] for r in reports) - total) <= 0.01 * total
 

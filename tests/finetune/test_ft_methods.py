@@ -24,6 +24,7 @@ from embedkit.finetune import (
     register_method,
 )
 from embedkit.finetune.losses import masked_loss
+from embedkit.finetune.model import EncoderHead
 from embedkit.finetune.train import _param_groups, _plan
 from embedkit.manifest import load_manifest
 from embedkit.models import EncoderSpec, get_family, get_spec, list_families, load_encoder
@@ -94,7 +95,7 @@ def test_lora_defaults_come_from_the_family_adapter(family: str) -> None:
 def headonly() -> Iterator[Method]:
     """A method added by one registration (the extension path of docs/extending.md)."""
 
-    def prepare(model: Classifier, _settings: LoraSettings) -> None:
+    def prepare(model: EncoderHead, _settings: LoraSettings) -> None:
         for name, param in model.named_parameters():
             param.requires_grad_(name.startswith("head.weight"))
 
