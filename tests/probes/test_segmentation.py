@@ -294,6 +294,12 @@ def test_extract_patch_tokens_then_probe_segmentation_from_the_cli(tmp_path: Pat
     again = runner.invoke(app, [*probe, "--results", str(results)], env=env)
     assert again.exit_code == 0, again.output
     assert "found (identical run)" in again.output
+    # the report reads the record: its segmentation table and the overlay figure
+    from embedkit.report import build_report
+
+    build_report(results, tmp_path / "report", n_boot=50)
+    assert "| organ |" in (tmp_path / "report/segmentation.md").read_text()
+    assert list((tmp_path / "report").glob("overlays_*.png"))
 
 
 def test_token_reads_are_blockwise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
