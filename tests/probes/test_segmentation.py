@@ -343,3 +343,19 @@ def test_the_batched_head_loss_is_the_sum_of_each_heads_ce_and_dice() -> None:
         dice = (2 * inter + 1) / (total + 1)
         expected = expected + F.cross_entropy(up, target) + 0.7 * (1 - dice.mean())
     assert float(_head_losses(logits, target, 20, 0.7)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_dataset_without_label_maps_is_a_clear_error(tmp_path: Path) -> None:
+    import yaml
+
+    from embedkit.errors import ProbeInputError
+    from embedkit.manifest import load_manifest
+    from embedkit.probes.run import patch_data
+
+    manifest = _seg_dataset(tmp_path / "data", n=4)
+    doc = yaml.safe_load(manifest.read_text())
+    del doc["datasets"]["shapes"]["classes"]
+    manifest.write_text(yaml.safe_dump(doc))
+    table = load_manifest(manifest).dataset("shapes").load()
+    with pytest.raises(ProbeInputError, match="add `classes:`"):
+        patch_data("shapes", None, table, "patch")  # type: ignore[arg-type]
