@@ -89,7 +89,7 @@ def test_the_registries_and_option_sets_load_without_heavy_packages() -> None:
     proc = _python("-c", code)
     assert proc.returncode == 0, proc.stderr
     names, heavy = proc.stdout.splitlines()
-    assert names == "full,lora,bitfit,linear linear,knn,fewshot,sgd dinov2/base"
+    assert names == "full,lora,bitfit,linear linear,knn,fewshot,sgd,segmentation dinov2/base"
     assert heavy == "[]"
 
 

@@ -290,8 +290,18 @@ class DatasetFields(_Strict):
     splits: SplitsConfig
     # Each path is a volume (NIfTI, DICOM series folder, multi-frame DICOM): one row per slice.
     volumes: VolumesConfig | None = None
-    # Label-map class names of the index's `mask` column (segmentation): value i is classes[i].
+    # Segmentation: the label-map classes, id 0 first (the background); the index then needs a
+    # `mask` column (MASK_COLUMN) with one label-map path per row, relative to `images`.
     classes: tuple[str, ...] | None = None
+
+    _classes = field_validator("classes", mode="before")(_optional_texts)
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and len(value) < 2:
+            raise ValueError("classes needs the background and at least one class")
+        return None if value is None else _unique(value, "classes")
 
     @field_validator("images", "index", mode="before")
     @classmethod
@@ -316,6 +326,8 @@ class DatasetFields(_Strict):
         return value
 
 
+#: The index column of label-map paths of a dataset with ``classes``.
+MASK_COLUMN = "mask"
 INDEX_SUFFIXES: tuple[str, ...] = (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".parquet", ".pq")
 
 

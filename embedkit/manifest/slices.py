@@ -88,6 +88,11 @@ def slice_table(
     )
 
 
+#: Tuple fields of a table that describe the dataset, not its rows (a dataset may happen to have
+#: as many classes as volumes).
+_NOT_PER_ROW = frozenset({"notes", "classes"})
+
+
 def _take(table: DatasetTable, rows: np.ndarray) -> DatasetTable:
     """``table`` with every per-row column taken at ``rows`` (whatever columns it has)."""
     n = len(table)
@@ -98,6 +103,6 @@ def _take(table: DatasetTable, rows: np.ndarray) -> DatasetTable:
             changes[f.name] = Labels(value.kind, value.names, value.y[rows], value.mask[rows])
         elif isinstance(value, np.ndarray) and value.shape[:1] == (n,):
             changes[f.name] = value[rows]
-        elif isinstance(value, tuple) and len(value) == n and f.name != "notes":
+        elif isinstance(value, tuple) and len(value) == n and f.name not in _NOT_PER_ROW:
             changes[f.name] = tuple(value[r] for r in rows)
     return dataclasses.replace(table, **changes)  # type: ignore[arg-type]

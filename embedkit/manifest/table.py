@@ -18,6 +18,7 @@ from embedkit.errors import ManifestError, did_you_mean
 from embedkit.manifest.index import IndexFrame, read_index
 from embedkit.manifest.labels import Labels, build_labels
 from embedkit.manifest.schema import (
+    MASK_COLUMN,
     SPLIT_NAMES,
     ColumnsLabels,
     DatasetConfig,
@@ -53,6 +54,10 @@ class DatasetTable:
     slices: tuple[int, ...] | None = None
     reading: Mapping[str, Any] = field(default_factory=dict)
     volume_slices: tuple[VolumeSlice, ...] | None = None
+    # Segmentation datasets (``classes:`` in the manifest): label-map classes (id 0 the
+    # background) and one label-map path per row.
+    classes: tuple[str, ...] | None = None
+    masks: tuple[Path, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -91,6 +96,10 @@ class DatasetTable:
             h.update("\0".join(self.ids[i] for i in rows).encode())
             h.update(np.ascontiguousarray(self.labels.y[rows]).tobytes())
             h.update(np.ascontiguousarray(self.labels.mask[rows], dtype=bool).tobytes())
+        if self.classes is not None and self.masks is not None:
+            h.update(f"classes\0{chr(31).join(self.classes)}\n".encode())
+            base = os.path.commonpath(self.masks) if len(self.masks) > 1 else ""
+            h.update("\0".join(os.path.relpath(m, base or m.parent) for m in self.masks).encode())
         return h.hexdigest()
 
     @cached_property
@@ -151,6 +160,8 @@ def load_table(config: DatasetConfig) -> DatasetTable:
         split=split,
         has_patients=config.patient_column is not None,
         notes=notes,
+        classes=config.classes,
+        masks=None if config.classes is None else _paths(config, index, MASK_COLUMN, "classes"),
     )
     if config.volumes is None:
         return table
@@ -171,6 +182,8 @@ def _columns_used(config: DatasetConfig) -> dict[str, str]:
         used.setdefault(column, "labels")
     if isinstance(config.splits, GivenSplits):
         used.setdefault(config.splits.column, "splits.column")
+    if config.classes is not None:
+        used.setdefault(MASK_COLUMN, "classes (label-map paths)")
     return used
 
 
@@ -209,10 +222,15 @@ def _no_blanks(index: IndexFrame, cells: pd.Series, column: str, field_name: str
         )
 
 
-def _paths(config: DatasetConfig, index: IndexFrame) -> tuple[Path, ...]:
-    column = config.path_column_name
+def _paths(
+    config: DatasetConfig,
+    index: IndexFrame,
+    column: str | None = None,
+    field_name: str = "path_column",
+) -> tuple[Path, ...]:
+    column = column or config.path_column_name
     cells = index.frame[column]
-    _no_blanks(index, cells, column, "path_column")
+    _no_blanks(index, cells, column, field_name)
     absolute = cells.str.startswith(("/", "\\")) | cells.str.match(r"[A-Za-z]:[\\/]")
     escapes = absolute.to_numpy().copy()
     maybe_up = np.flatnonzero(cells.str.contains("..", regex=False).to_numpy())

@@ -209,3 +209,6 @@ class FewShotKind:
 
 for _kind in (LinearKind(), KNNKind(), FewShotKind(), SGDKind()):
     register(_kind)
+
+# The segmentation kind registers itself on import (embedkit.probes.segmentation).
+from embedkit.probes import segmentation as _segmentation  # noqa: E402, F401

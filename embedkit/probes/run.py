@@ -20,6 +20,7 @@ record (``ResultRecord.curve``).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -30,13 +31,21 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from embedkit.errors import CacheNotFoundError, EmbedkitError
+from embedkit.atomic import atomic_write
+from embedkit.errors import CacheNotFoundError, EmbedkitError, ProbeInputError
 from embedkit.eval import evaluate_scores
 from embedkit.manifest import DatasetTable, Manifest, load_manifest
 from embedkit.models import EncoderSpec, resolve
 from embedkit.probes import PROBE_KINDS
 from embedkit.probes.features import SplitFeatures, split_features
-from embedkit.probes.registry import ProbeData, get_kind
+from embedkit.probes.registry import (
+    KindResult,
+    PatchData,
+    PatchSplit,
+    ProbeData,
+    get_kind,
+    kind_inputs,
+)
 from embedkit.probes.request import ProbeRequest
 from embedkit.report.tables import headline
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
@@ -104,7 +113,8 @@ def probe_plan(
     kind = get_kind(request.kind)
     pooling = request.pooling or kind.default_pooling(entry.poolings)
     params: dict[str, Any] = {"pooling": pooling, "n_boot": request.n_boot, **kind.params(request)}
-    if table.volumes is not None:  # volume-level labels from pooled slice features
+    # volume-level labels from pooled slice features (a patch-input kind scores slices itself)
+    if table.volumes is not None and kind_inputs(kind) == "features":
         params["volume_pooling"] = request.volume_pooling
     identity = {
         "entry": entry.key.digest(),
@@ -199,8 +209,79 @@ def run_probe(
     source = entry  # the record names the cache's entry, not the local copy
     if local_cache is not None:
         entry = open_local_copy(entry, local_cache, progress=progress).entry
+    kind = get_kind(request.kind)
+    fit = _FITS[kind_inputs(kind)](request, entry, table, pooling, progress)
+    result, notes = fit.result, fit.notes
+    record = ResultRecord(
+        record_id=rid,
+        kind=request.kind,
+        dataset=request.dataset,
+        model=entry.key.model,
+        resolution=entry.key.resolution,
+        pooling=pooling,
+        task=fit.task,
+        labels=fit.labels,
+        entry={
+            "digest": source.key.digest(),
+            "relpath": source.relpath,
+            "cache": root.uri,
+            "key": source.key.to_dict(),
+        },
+        params=params,
+        selected=result.selected,
+        seed=request.seed,
+        metrics=fit.metrics,
+        per_label=fit.per_label,
+        n=fit.n,
+        versions=package_versions("scikit-learn"),
+        elapsed_s=round(time.perf_counter() - started, 3),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        notes=notes,
+        extra=result.extra,
+        curve=kind.curve,
+        operating_point=fit.operating_point,
+        requested_resolution=_requested_resolution(source),
+    )
+    for name, arrays in result.arrays.items():  # files beside the record, named in its extra
+        npz = (out.root / relpath).parent / f"{Path(relpath).name}.{name}.npz"
+        _save_npz(npz, arrays)
+        record.extra[name] = npz.name
+    path = out.write(record, fit.table, overwrite=request.overwrite)
+    return ProbeOutcome(record, path, False, notes)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    def write(tmp: str) -> None:
+        np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
+
+    atomic_write(path, write, suffix=".npz")
+
+
+@dataclass
+class _Fit:
+    """A kind's result and what the record takes from its inputs."""
+
+    result: KindResult
+    task: str
+    labels: list[str]
+    n: dict[str, int]
+    metrics: dict[str, Any]
+    per_label: list[dict[str, Any]]
+    table: ScoreTable | None
+    notes: list[str]
+    operating_point: str | None = None
+
+
+def _fit_features(
+    request: ProbeRequest,
+    entry: FeatureEntry,
+    table: DatasetTable,
+    pooling: str,
+    progress: ProgressFactory | None,
+) -> _Fit:
+    """A kind on pooled features joined with the image labels (``inputs = "features"``)."""
     # A volume dataset pools its slice features per volume (params, so the record id, say how).
-    by_volume = {"volume_pooling": params["volume_pooling"]} if "volume_pooling" in params else {}
+    by_volume = {"volume_pooling": request.volume_pooling} if table.volumes is not None else {}
     parts = {
         s: split_features(entry, table, s, pooling, **by_volume) for s in ("train", "val", "test")
     }
@@ -238,38 +319,79 @@ def run_probe(
         scores_out = ScoreTable(test.ids, tuple(labels), test.y, test.mask, scores)
     else:
         metrics, per_label = dict(result.metrics or {}), []
-    record = ResultRecord(
-        record_id=rid,
-        kind=request.kind,
-        dataset=request.dataset,
-        model=entry.key.model,
-        resolution=entry.key.resolution,
-        pooling=pooling,
-        task=task,
-        labels=labels,
-        entry={
-            "digest": source.key.digest(),
-            "relpath": source.relpath,
-            "cache": root.uri,
-            "key": source.key.to_dict(),
-        },
-        params=params,
-        selected=result.selected,
-        seed=request.seed,
-        metrics=metrics,
-        per_label=per_label,
-        n={s: len(p.ids) for s, p in parts.items()},
-        versions=package_versions("scikit-learn"),
-        elapsed_s=round(time.perf_counter() - started, 3),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        notes=notes,
-        extra=result.extra,
-        curve=get_kind(request.kind).curve,
-        operating_point=operating_point,
-        requested_resolution=_requested_resolution(source),
+    n = {s: len(p.ids) for s, p in parts.items()}
+    return _Fit(result, task, labels, n, metrics, per_label, scores_out, notes, operating_point)
+
+
+def _fit_patches(
+    request: ProbeRequest,
+    entry: FeatureEntry,
+    table: DatasetTable,
+    pooling: str,
+    progress: ProgressFactory | None,
+) -> _Fit:
+    """A kind on the patch-token grid joined with label maps (``inputs = "patches"``); it
+    computes its own metrics, per-label rows and per-case score table."""
+    data = patch_data(request.dataset, entry, table, pooling, progress)
+    for part in (data.train, data.test):
+        if not part.ids:
+            raise EmbedkitError(
+                f"the {part.split} split of {request.dataset} is empty; check the manifest's splits"
+            )
+    with torch.inference_mode(False):
+        result = get_kind(request.kind).fit_score(request, data)
+    parts = (data.train, data.val, data.test)
+    notes = [f"{p.n_skipped} unreadable {p.split} images left out" for p in parts if p.n_skipped]
+    return _Fit(
+        result,
+        result.task or table.labels.kind,
+        list(result.labels if result.labels is not None else table.labels.names),
+        {p.split: len(p.ids) for p in parts},
+        dict(result.metrics or {}),
+        list(result.per_label or []),
+        result.table,
+        notes + result.notes,
     )
-    path = out.write(record, scores_out, overwrite=request.overwrite)
-    return ProbeOutcome(record, path, False, notes)
+
+
+def patch_data(
+    dataset: str,
+    entry: FeatureEntry,
+    table: DatasetTable,
+    pooling: str,
+    progress: ProgressFactory | None = None,
+) -> PatchData:
+    """The splits of ``table`` (a dataset with ``classes:`` and a ``mask`` column) on the valid
+    rows of ``entry``, for kinds that read patch tokens and label maps."""
+    if table.classes is None or table.masks is None:
+        raise ProbeInputError(
+            f"dataset {dataset!r} has no label maps: add `classes:` (background first) to its "
+            "manifest entry and a `mask` column of label-map paths to its index"
+        )
+    valid = entry.valid_mask()
+
+    def split(name: str) -> PatchSplit:
+        rows = table.indices(name)
+        ok = valid[entry.read_rows([table.ids[r] for r in rows])] if len(rows) else rows
+        kept = rows[np.flatnonzero(ok)] if len(rows) else rows
+
+        def pick(values: Any) -> Any:
+            return None if values is None else tuple(values[r] for r in kept)
+
+        return PatchSplit(
+            name, pick(table.ids), pick(table.paths), pick(table.masks), pick(table.patients),
+            len(rows) - len(kept),
+        )  # fmt: skip
+
+    resize = str(json.loads(entry.key.preprocessing).get("resize", "squash"))
+    return PatchData(
+        split("train"), split("val"), split("test"), table.classes, entry, pooling, resize,
+        dataset, progress,
+    )  # fmt: skip
+
+
+#: How the runner loads and fits a kind, by what the kind declares it reads.
+_FITS = {"features": _fit_features, "patches": _fit_patches}
 
 
 def _fmt(metric: Any) -> str:
@@ -295,6 +417,17 @@ def render_record(record: ResultRecord) -> Table:
             table.add_column(f"{name} (mean ± std over draws)")
         for point, values in record.metrics.items():
             table.add_row(point, *(_fmt(values.get(n)) for n in names))
+        return table
+    if record.per_label and "auroc" not in record.per_label[0]:  # e.g. segmentation: Dice, IoU
+        names = [k for k, v in record.per_label[0].items() if isinstance(v, dict) and "point" in v]
+        table.add_column("label")
+        for name in names:
+            table.add_column(f"{name} [95% CI]")
+        for row in record.per_label:
+            table.add_row(row["label"], *(_fmt(row[name]) for name in names))
+        table.add_section()
+        metrics = record.metrics
+        table.add_row("[bold]mean[/bold]", *(_fmt(metrics.get(name)) for name in names))
         return table
     if record.per_label:
         for column in ("label", "AUROC [95% CI]", "AP", "sens", "spec", "pos/neg"):
@@ -343,6 +476,7 @@ __all__ = [
     "ProbeRequest",
     "comparison_table",
     "find_probe_entry",
+    "patch_data",
     "probe_plan",
     "render_record",
     "run_probe",

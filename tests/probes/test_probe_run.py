@@ -225,10 +225,12 @@ def test_unknown_kind_lists_the_registered_ones() -> None:
     from embedkit.errors import ConfigError
     from embedkit.probes import PROBE_KINDS
 
-    assert PROBE_KINDS == ("linear", "knn", "fewshot", "sgd")
+    assert PROBE_KINDS == ("linear", "knn", "fewshot", "sgd", "segmentation")
     with pytest.raises(ConfigError, match=r"unknown probe kind 'knm'; did you mean 'knn'\?"):
         _probe("knm")
-    with pytest.raises(ConfigError, match=r"choose one of \['linear', 'knn', 'fewshot', 'sgd'\]"):
+    with pytest.raises(
+        ConfigError, match=r"choose one of \['linear', 'knn', 'fewshot', 'sgd', 'segmentation'\]"
+    ):
         _probe("ridge")
 
 

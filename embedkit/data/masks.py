@@ -1,0 +1,207 @@
+"""Label maps (segmentation masks): read, check against the classes, and map onto the model grid.
+
+A label map holds one class id per pixel (or voxel): ``0 .. len(classes) - 1``, where
+``classes`` is the dataset's ``classes:`` list in the manifest and ``classes[0]`` is the
+background. Readers keep the stored integers (never rescaled like images):
+
+- PNG (and other Pillow formats): modes ``L``, ``P`` (the palette *index* is the class id),
+  ``1``, ``I;16*`` and ``I``; colour (``RGB``/``RGBA``) masks are refused: store class ids.
+- NIfTI (``.nii``, ``.nii.gz``, via nibabel, imported on use): the data array as stored
+  (``dataobj``, no scaling), integer-valued; the voxel spacing from the header's zooms.
+
+Geometry follows the image's :class:`~embedkit.data.transforms.Preprocessing` ``resize`` mode,
+with **nearest-neighbour** sampling (pixel centres: output pixel ``i`` takes input pixel
+``floor((i + 0.5) * in / out)``), so no class id is ever blended:
+
+- :func:`to_model_grid` turns a mask into the square ``size x size`` frame the encoder saw
+  (squash: resize; pad: letterbox with background, centred; crop: centre square), for training;
+- :func:`logits_to_mask` upsamples (bilinearly) a ``(C, h, w)`` logit grid back onto the mask's
+  own pixels, for evaluation at the mask resolution; with ``crop`` only the centre square the
+  model saw is scored (:func:`scored_region`).
+
+Errors: an unreadable file is :class:`~embedkit.errors.ImageReadError`; a mask whose shape
+differs from its image's, or that holds ids outside ``classes``, is
+:class:`~embedkit.errors.ManifestError` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from embedkit.data.policies import ResizeMode
+from embedkit.errors import ImageNotFoundError, ImageReadError, ManifestError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "LabelMap",
+    "check_label_map",
+    "image_shape",
+    "logits_to_mask",
+    "nearest_resize",
+    "read_label_map",
+    "scored_region",
+    "to_model_grid",
+]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_PIL_LABEL_MODES = ("1", "L", "P", "I;16", "I;16L", "I;16B", "I")
+
+
+@dataclass(frozen=True, eq=False)
+class LabelMap:
+    """One label map: ``ids`` (H, W) or (X, Y, Z) int64 and its voxel ``spacing``."""
+
+    path: Path
+    ids: np.ndarray
+    spacing: tuple[float, ...]
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def read_label_map(path: str | Path) -> LabelMap:
+    """Read a PNG or NIfTI label map (see the module docstring); integers are kept as stored."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageNotFoundError(path, "mask file not found; check the manifest's `mask` column")
+    if _is_nifti(path):
+        return _read_nifti(path)
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            if opened.mode not in _PIL_LABEL_MODES:
+                raise ImageReadError(
+                    path,
+                    f"a label map must be single-channel (modes {', '.join(_PIL_LABEL_MODES)}), "
+                    f"got mode {opened.mode}; save one class id per pixel, not colours",
+                )
+            ids = np.asarray(opened, dtype=np.int64)
+    except ImageReadError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(path, f"corrupt or unreadable label map: {exc}") from exc
+    return LabelMap(path, ids, (1.0, 1.0))
+
+
+def _read_nifti(path: Path) -> LabelMap:
+    import nibabel as nib
+
+    try:
+        image: Any = nib.load(str(path))  # a Nifti1Image / Nifti2Image
+        data = np.asarray(image.dataobj)
+        zooms = tuple(float(z) for z in image.header.get_zooms()[: data.ndim])
+    except Exception as exc:  # nibabel raises many types for a bad file
+        raise ImageReadError(path, f"corrupt or unreadable NIfTI label map: {exc}") from exc
+    if data.ndim not in (2, 3):
+        raise ImageReadError(path, f"expected a 2D or 3D label map, got shape {data.shape}")
+    integral = np.issubdtype(data.dtype, np.integer)
+    if not integral and not (np.all(np.isfinite(data)) and np.array_equal(data, np.round(data))):
+        raise ImageReadError(path, f"label map holds non-integer values ({data.dtype})")
+    return LabelMap(path, data.astype(np.int64), zooms)
+
+
+def check_label_map(
+    mask: LabelMap, classes: Sequence[str], image_shape: tuple[int, ...] | None = None
+) -> LabelMap:
+    """``mask`` itself if its ids are in ``0 .. len(classes) - 1`` and its shape is the image's;
+    else a :class:`ManifestError` saying what differs."""
+    if image_shape is not None and tuple(mask.ids.shape) != tuple(image_shape):
+        raise ManifestError(
+            f"{mask.path}: mask shape {mask.ids.shape} does not match its image's "
+            f"{tuple(image_shape)}; a label map must have one id per image pixel"
+        )
+    present = np.unique(mask.ids)
+    bad = present[(present < 0) | (present >= len(classes))]
+    if bad.size:
+        raise ManifestError(
+            f"{mask.path}: class ids {bad.tolist()} are not in the dataset's classes "
+            f"(0..{len(classes) - 1}: {', '.join(classes)}); add the class to `classes:` in "
+            "the manifest or fix the label map"
+        )
+    return mask
+
+
+def image_shape(path: str | Path) -> tuple[int, ...]:
+    """(H, W) of an image from its header when Pillow can read it, else by reading it."""
+    path = Path(path)
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+            return (height, width)
+    except (OSError, SyntaxError, ValueError):
+        from embedkit.data.readers import read_image
+
+        return tuple(read_image(path).shape[:2])
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    idx = np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64)
+    out: np.ndarray = np.minimum(idx, n_in - 1)
+    return out
+
+
+def nearest_resize(ids: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a 2D label map to ``shape`` (pixel-centre rule)."""
+    if ids.shape == shape:
+        return ids
+    rows, cols = _nearest_index(ids.shape[0], shape[0]), _nearest_index(ids.shape[1], shape[1])
+    out: np.ndarray = ids[np.ix_(rows, cols)]
+    return out
+
+
+def _square(shape: tuple[int, int], mode: ResizeMode) -> tuple[int, int, int, int]:
+    """(side_h, side_w, top, left): the frame the encoder's square covers, in mask pixels, and
+    where the mask's (0, 0) sits in it (negative for crop: the mask extends past the frame)."""
+    h, w = shape
+    if mode == "squash":
+        return h, w, 0, 0
+    if mode == "pad":
+        side = max(h, w)
+        return side, side, (side - h) // 2, (side - w) // 2
+    side = min(h, w)
+    return side, side, -((h - side) // 2), -((w - side) // 2)
+
+
+def to_model_grid(ids: np.ndarray, mode: ResizeMode, size: int) -> np.ndarray:
+    """The ``size x size`` label map of the square the encoder saw (background where padded)."""
+    h, w = ids.shape
+    side_h, side_w, top, left = _square((h, w), mode)
+    if mode == "pad":
+        framed = np.zeros((side_h, side_w), dtype=ids.dtype)
+        framed[top : top + h, left : left + w] = ids
+    elif mode == "crop":
+        framed = ids[-top : -top + side_h, -left : -left + side_w]
+    else:
+        framed = ids
+    return nearest_resize(framed, (size, size))
+
+
+def scored_region(shape: tuple[int, int], mode: ResizeMode) -> tuple[slice, slice]:
+    """The rows and columns of a mask that the encoder saw (all but with ``crop``)."""
+    side_h, side_w, top, left = _square(shape, mode)
+    if mode != "crop":
+        return slice(0, shape[0]), slice(0, shape[1])
+    return slice(-top, -top + side_h), slice(-left, -left + side_w)
+
+
+def logits_to_mask(logits: torch.Tensor, shape: tuple[int, int], mode: ResizeMode) -> torch.Tensor:
+    """``(C, h, w)`` logits upsampled bilinearly onto the mask pixels of
+    :func:`scored_region` (``(C, H, W)`` for squash and pad)."""
+    import torch.nn.functional as F
+
+    side_h, side_w, top, left = _square(shape, mode)
+    up = F.interpolate(
+        logits[None].float(), size=(side_h, side_w), mode="bilinear", align_corners=False
+    )[0]
+    if mode == "pad":
+        return up[:, top : top + shape[0], left : left + shape[1]]
+    return up
