@@ -69,9 +69,13 @@ class Labels:
         return out
 
 
-def build_labels(spec: LabelsConfig, index: IndexFrame) -> Labels:
-    """Labels for the rows of ``index.frame`` (already filtered), in its order."""
+def build_labels(spec: LabelsConfig | None, index: IndexFrame) -> Labels:
+    """Labels for the rows of ``index.frame`` (already filtered), in its order; none (zero
+    label columns) for a segmentation-only dataset (``spec`` None)."""
     match spec:
+        case None:
+            n = len(index.frame)
+            return Labels("multilabel", (), np.zeros((n, 0), np.float32), np.zeros((n, 0), bool))
         case SeparatedLabels():
             return _separated(spec, index)
         case ColumnsLabels():

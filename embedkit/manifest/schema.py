@@ -286,7 +286,8 @@ class DatasetFields(_Strict):
     path_column: str | None = None
     patient_column: str | None = None
     filters: dict[str, tuple[str, ...]] = Field(default_factory=dict)
-    labels: LabelsConfig
+    # Image-level targets; a segmentation-only dataset (``classes``) may have none.
+    labels: LabelsConfig | None = None
     splits: SplitsConfig
     # Each path is a volume (NIfTI, DICOM series folder, multi-frame DICOM): one row per slice.
     volumes: VolumesConfig | None = None
@@ -302,6 +303,15 @@ class DatasetFields(_Strict):
         if value is not None and len(value) < 2:
             raise ValueError("classes needs the background and at least one class")
         return None if value is None else _unique(value, "classes")
+
+    @model_validator(mode="after")
+    def _targets(self) -> DatasetFields:
+        if self.labels is None and self.classes is None:
+            raise ValueError(
+                "a dataset needs `labels` (image-level targets), `classes` (label maps in the "
+                "index's `mask` column, for segmentation), or both"
+            )
+        return self
 
     @field_validator("images", "index", mode="before")
     @classmethod

@@ -178,8 +178,9 @@ def _columns_used(config: DatasetConfig) -> dict[str, str]:
     for column in config.filters:
         used.setdefault(column, "filters")
     spec = config.labels
-    for column in spec.columns if isinstance(spec, ColumnsLabels) else (spec.column,):
-        used.setdefault(column, "labels")
+    if spec is not None:
+        for column in spec.columns if isinstance(spec, ColumnsLabels) else (spec.column,):
+            used.setdefault(column, "labels")
     if isinstance(config.splits, GivenSplits):
         used.setdefault(config.splits.column, "splits.column")
     if config.classes is not None:

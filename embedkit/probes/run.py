@@ -32,7 +32,7 @@ import torch
 from rich.table import Table
 
 from embedkit.atomic import atomic_write
-from embedkit.errors import CacheNotFoundError, EmbedkitError, ProbeInputError
+from embedkit.errors import CacheNotFoundError, ConfigError, EmbedkitError, ProbeInputError
 from embedkit.eval import evaluate_scores
 from embedkit.manifest import DatasetTable, Manifest, load_manifest
 from embedkit.models import EncoderSpec, resolve
@@ -111,6 +111,12 @@ def probe_plan(
     filter or uncertainty policy is a new run, never the old record.
     """
     kind = get_kind(request.kind)
+    if kind_inputs(kind) == "features" and not table.labels.names:
+        raise ConfigError(
+            f"dataset {table.name!r} has no image-level labels (its manifest entry names only "
+            f"`classes`, for segmentation): --kind {request.kind} needs `labels`; use "
+            "--kind segmentation, or add a labels block to the manifest entry"
+        )
     pooling = request.pooling or kind.default_pooling(entry.poolings)
     params: dict[str, Any] = {"pooling": pooling, "n_boot": request.n_boot, **kind.params(request)}
     # volume-level labels from pooled slice features (a patch-input kind scores slices itself)

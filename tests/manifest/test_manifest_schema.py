@@ -14,6 +14,7 @@ from embedkit.manifest import (
     FilesSplits,
     GivenSplits,
     SeparatedLabels,
+    SingleLabels,
     load_manifest,
 )
 
@@ -179,6 +180,7 @@ def test_yaml_scalars_that_are_not_text(write_manifest: WriteManifest) -> None:
         load_manifest(path)
     entry = nih_entry(labels={"format": "single", "column": "findings", "classes": [0, 1]})
     labels = load_manifest(write_manifest(entry)).dataset("demo").labels
+    assert isinstance(labels, SingleLabels)
     assert labels.format == "single"
     assert labels.classes == ("0", "1")
 

@@ -128,3 +128,19 @@ def test_unreadable_volumes_name_their_rows(phantom_manifest: Path, tmp_path: Pa
     assert "2 of 12 volumes cannot be read" in text
     assert "index.csv row 5:" in text and "missing.nii.gz: no such volume" in text
     assert "index.csv row 6:" in text and "not a volume" in text
+
+
+def test_a_segmentation_only_dataset_needs_no_labels(
+    phantom_manifest: Path, tmp_path: Path
+) -> None:
+    document = yaml.safe_load(_edit(phantom_manifest, tmp_path).read_text())
+    del document["datasets"]["phantom-ct"]["labels"]
+    (tmp_path / "data_manifest.yaml").write_text(yaml.safe_dump(document))
+    table = load_manifest(tmp_path / "data_manifest.yaml").dataset("phantom-ct").load()
+    assert table.labels.names == () and table.labels.y.shape == (len(table), 0)
+    assert table.masks is not None and len(table.masks) == len(table)
+    # neither labels nor classes: nothing to probe, said at load
+    del document["datasets"]["phantom-ct"]["classes"]
+    (tmp_path / "data_manifest.yaml").write_text(yaml.safe_dump(document))
+    with pytest.raises(ManifestError, match=r"needs `labels`.*`classes`"):
+        load_manifest(tmp_path / "data_manifest.yaml")
