@@ -44,3 +44,46 @@ def test_the_demo_pipeline_writes_where_the_demo_command_does() -> None:
     assert folder == ROOT / "embedkit-demo"
     assert Path(pipe.resolve_path(pipe.spec.results)) == folder / "results"
     assert Path(pipe.resolve_path(pipe.spec.report)) == folder / "report"
+
+
+def _commented_entries(text: str) -> dict[str, str]:
+    """``name -> YAML`` of every commented dataset entry (``  # name:`` and the lines under it
+    indented deeper, comment marks removed)."""
+    entries: dict[str, str] = {}
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if not (line.startswith("  # ") and line.rstrip().endswith(":")):
+            continue
+        name = line[4:].rstrip()[:-1]
+        if " " in name or not name:
+            continue
+        body = []
+        for nxt in lines[i + 1 :]:
+            if not nxt.startswith("  #   "):
+                break
+            body.append(nxt[6:])
+        if body:
+            entries[name] = "\n".join(body)
+    return entries
+
+
+def test_every_commented_entry_is_a_valid_entry_once_uncommented(tmp_path: Path) -> None:
+    """The commented entries are templates users uncomment: each must parse as written (with
+    its `images` / `index` pointed at a stand-in), and each dataset a shipped pipeline names has
+    one (or is the demo, or is named in the comment saying no entry is shipped)."""
+    text = (ROOT / "data_manifest.yaml").read_text()
+    entries = _commented_entries(text)
+    assert {"nih-cxr14", "btcv", "montgomery", "sars-cov-2-ct", "msd-heart"} <= set(entries)
+    for name, body in entries.items():
+        entry = yaml.safe_load(body)
+        entry["images"], entry["index"] = str(tmp_path), str(tmp_path / "index.csv")
+        manifest = tmp_path / f"{name}.yaml"
+        manifest.write_text(yaml.safe_dump({"datasets": {name: entry}}))
+        load_manifest(manifest).dataset(name)  # raises ManifestError on a bad template
+    from embedkit.study.pipeline import load_pipeline
+
+    for path in sorted((ROOT / "pipelines").glob("*.yaml")):
+        spec = load_pipeline(path).spec
+        named = set(spec.datasets) | {d for b in spec.blocks for d in b.datasets or ()}
+        for name in named - set(entries) - {"demo"}:
+            assert f"({name})" in text or f"`{name}`" in text, (path.name, name)

@@ -37,6 +37,32 @@ def test_the_cxr_study_design_is_complete() -> None:
     assert {"dinov3/vitb16", "dinov3/convnext-base", "dinov2/base"} <= tuned
 
 
+def test_the_radiology_study_covers_ct_mri_and_segmentation() -> None:
+    """The DINOv2-for-radiology study: X-ray and MRI images, CT volumes pooled mean and max,
+    2D and 3D segmentation frozen and finetuned, against supervised, MAE and CLIP baselines."""
+    steps = expand(load_pipeline(ROOT / "pipelines" / "dinov2_radiology.yaml"))
+    by_block: dict[str, set[str]] = {}
+    for s in steps:
+        by_block.setdefault(s.block, set()).add(s.dataset)
+    assert {"brain-tumor-mri", "nih-cxr14"} <= by_block["frozen"]
+    assert by_block["frozen-volumes"] == {"sars-cov-2-ct"}
+    assert {"montgomery", "btcv", "msd-heart"} <= by_block["frozen-segmentation"]
+    assert by_block["finetuned-segmentation"] == by_block["frozen-segmentation"]
+    pooled = {
+        s.request().volume_pooling
+        for s in steps
+        if s.block == "frozen-volumes" and s.what == "probe linear"
+    }
+    assert pooled == {"mean", "max"}
+    assert {s.what for s in steps if s.block == "frozen-segmentation"} == {
+        "extract",
+        "probe segmentation",
+    }
+    assert {"mae/vit-large16", "clip/vit-large14", "imagenet/vit-base16"} <= {
+        s.model for s in steps
+    }
+
+
 def _write(tmp_path: Path, doc: dict[str, object]) -> Path:
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(doc))
