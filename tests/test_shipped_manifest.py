@@ -19,6 +19,7 @@ def test_top_level_demo_entry_matches_the_demo_command(tmp_path: Path) -> None:
     generated = load_manifest(written).dataset("demo")
     assert shipped.labels == generated.labels
     assert shipped.splits == generated.splits
+    assert shipped.classes == generated.classes
     assert (shipped.id_column, shipped.path_column, shipped.patient_column) == (
         generated.id_column,
         generated.path_column,

@@ -12,8 +12,13 @@ chest X-rays:
 - ``Cardiomegaly``: an enlarged heart shadow (large, visible at any resolution);
 - ``Effusion``: a bright fluid layer with a meniscus at one lung base (large).
 
+Every image also has a label map (8-bit PNG beside it, ``<image id>_mask.png``) for the
+segmentation probe, drawn from the same shapes: :data:`MASK_CLASSES` background, lung, heart
+(over the lungs where they overlap) and nodule (the small opacities: a few pixels at 224 px, so a
+segmentation at low resolution misses most of them).
+
 The output is an image folder plus ``index.csv`` with the columns the default
-``data_manifest.yaml`` expects: ``image_id,path,patient_id,findings,view``. A quarter of the
+``data_manifest.yaml`` expects: ``image_id,path,patient_id,findings,view,mask``. A quarter of the
 images are written as 16-bit PNG, the rest as 8-bit PNG, so both decoding paths are exercised.
 Nothing here is a real patient and the labels mean nothing clinically: this is for running the
 pipeline offline, checking plumbing, and seeing that small findings need more pixels.
@@ -37,7 +42,9 @@ PREVALENCE: dict[str, float] = {
     "Effusion": 0.25,
     "Pneumothorax": 0.2,
 }
-INDEX_COLUMNS: tuple[str, ...] = ("image_id", "path", "patient_id", "findings", "view")
+INDEX_COLUMNS: tuple[str, ...] = ("image_id", "path", "patient_id", "findings", "view", "mask")
+#: Label-map classes of the demo masks: value i is ``MASK_CLASSES[i]``.
+MASK_CLASSES: tuple[str, ...] = ("background", "lung", "heart", "nodule")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +94,10 @@ def _ellipse(
     return np.clip((1.0 - r) / soft, 0.0, 1.0)
 
 
-def _draw(anatomy: _Anatomy, findings: set[str], size: int, rng: np.random.Generator) -> np.ndarray:
-    """Draw one image as float32 in [0, 1]."""
+def _draw(
+    anatomy: _Anatomy, findings: set[str], size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one image as float32 in [0, 1], and its label map (uint8, :data:`MASK_CLASSES`)."""
     x, y = _grid(size)
     jitter = rng.normal(0.0, 0.01, size=2)
     img = 0.08 + 0.55 * _ellipse(x, y, 0.5 + jitter[0], 0.55 + jitter[1], 0.46, 0.5, 0.08)
@@ -102,7 +111,11 @@ def _draw(anatomy: _Anatomy, findings: set[str], size: int, rng: np.random.Gener
     )
     img = img + 0.06 * lungs * (ribs > 0.8)
     heart_w = anatomy.heart_w * (1.45 if "Cardiomegaly" in findings else 1.0)
-    img = img + 0.3 * _ellipse(x, y, 0.53, 0.62, heart_w, 0.13, 0.3)
+    heart = _ellipse(x, y, 0.53, 0.62, heart_w, 0.13, 0.3)
+    img = img + 0.3 * heart
+    labels = np.zeros((size, size), dtype=np.uint8)
+    labels[lungs > 0.5] = 1
+    labels[heart > 0.5] = 2
     if "Effusion" in findings:
         side = rng.choice([-1.0, 1.0])
         cx = 0.5 + side * (anatomy.lung_gap + anatomy.lung_w)
@@ -122,9 +135,11 @@ def _draw(anatomy: _Anatomy, findings: set[str], size: int, rng: np.random.Gener
             cx = 0.5 + side * (anatomy.lung_gap + anatomy.lung_w * rng.uniform(0.4, 1.6))
             cy = rng.uniform(0.32, 0.62)
             radius = rng.uniform(0.006, 0.011)
-            img = img + 0.35 * _ellipse(x, y, cx, cy, radius, radius, 0.5)
+            nodule = _ellipse(x, y, cx, cy, radius, radius, 0.5)
+            img = img + 0.35 * nodule
+            labels[nodule > 0.5] = 3
     img = img * anatomy.brightness + rng.normal(0.0, 0.02, size=(size, size))
-    return np.clip(img, 0.0, 1.0).astype(np.float32)
+    return np.clip(img, 0.0, 1.0).astype(np.float32), labels
 
 
 def _anatomy(rng: np.random.Generator) -> _Anatomy:
@@ -144,6 +159,12 @@ def _save_png(path: Path, img: np.ndarray, sixteen_bit: bool) -> None:
         Image.fromarray((img * 65535.0 + 0.5).astype(np.uint16)).save(tmp, format="PNG")
     else:
         Image.fromarray((img * 255.0 + 0.5).astype(np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _save_labels(path: Path, labels: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(labels, mode="L").save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
@@ -174,10 +195,14 @@ def generate_demo(
             image_id = f"{patient_id}_{k:02d}"
             sixteen_bit = (p + k) % 4 == 0
             rel = f"{patient_id}/{image_id}.png"
-            path = images / rel
-            if not path.exists():
+            mask_rel = f"{patient_id}/{image_id}_mask.png"
+            path, mask_path = images / rel, images / mask_rel
+            if not (path.exists() and mask_path.exists()):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _save_png(path, _draw(anatomy, findings, spec.size, irng), sixteen_bit)
+                img, labels = _draw(anatomy, findings, spec.size, irng)
+                if not path.exists():  # data from before the masks: images stay as they are
+                    _save_png(path, img, sixteen_bit)
+                _save_labels(mask_path, labels)
             ordered = [f for f in FINDINGS if f in findings]
             rows.append(
                 {
@@ -186,6 +211,7 @@ def generate_demo(
                     "patient_id": patient_id,
                     "findings": "|".join(ordered) if ordered else "No Finding",
                     "view": "PA" if k % 2 == 0 else "AP",
+                    "mask": mask_rel,
                 }
             )
             done += 1

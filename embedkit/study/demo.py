@@ -92,10 +92,10 @@ def _apply_options(
         block = dict(raw)
         if model is not None:
             block["models"] = [model]
-        if resolutions is not None:  # finetuning (costly) runs at the smallest one only
-            block["resolutions"] = (
-                [min(resolutions)] if block.get("finetune") else list(resolutions)
-            )
+        # what trains a network (finetuning, a head on patch tokens) runs at the smallest only
+        trains = block.get("finetune") or (block.get("extract") or {}).get("patch_tokens")
+        if resolutions is not None:
+            block["resolutions"] = [min(resolutions)] if trains else list(resolutions)
         if workers is not None:
             block["extract"] = {**(block.get("extract") or {}), "workers": workers}
             block["finetune"] = [

@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from embedkit.data.demo import FINDINGS, DemoSpec, generate_demo
+from embedkit.data.demo import FINDINGS, MASK_CLASSES, DemoSpec, generate_demo
 from embedkit.errors import ConfigError
 from embedkit.manifest import DatasetConfig
 
@@ -42,6 +42,7 @@ def demo_dataset_config() -> dict[str, object]:
             "fractions": {"train": 0.6, "val": 0.2, "test": 0.2},
             "seed": 0,
         },
+        "classes": list(MASK_CLASSES),  # label maps in the index's `mask` column
     }
 
 

@@ -23,7 +23,7 @@ import os
 import traceback
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -422,6 +422,10 @@ class Context:
     local_cache: str | None = None  # probes read through a local copy of each entry
     missing: frozenset[str] = frozenset()  # datasets the manifest does not define
     tables: dict[str, DatasetTable] = field(default_factory=dict)  # loaded once per dataset
+    # (block, dataset, model, resolution) -> digest of the entry that block's extract step
+    # wrote or found: the block's probes read that entry, not another one of the same
+    # dataset, model and resolution (e.g. a patch-token entry of another block).
+    extracted: dict[tuple[str, str, str, int], str] = field(default_factory=dict)
 
     def table(self, dataset: str) -> DatasetTable:
         if dataset not in self.tables:
@@ -554,13 +558,20 @@ def _run_extract(ctx: Context, step: Step) -> str:
         cache=ctx.cache,
         progress=lambda total, desc: rich_progress(total, desc, console=ctx.console),
     )
+    ctx.extracted[_entry_slot(step)] = result.entry.key.digest()
     return "cached" if result.reused else f"wrote {result.entry.key.short()}"
+
+
+def _entry_slot(step: Step) -> tuple[str, str, str, int]:
+    return (step.block, step.dataset, step.model, step.resolution)
 
 
 def _run_probe(ctx: Context, step: Step) -> str:
     from embedkit.probes.run import run_probe
 
     request = step.request(_effective_resolution(step, snap=True))
+    if request.entry is None and _entry_slot(step) in ctx.extracted:
+        request = replace(request, entry=ctx.extracted[_entry_slot(step)])
     live = nullcontext() if ctx.local_cache else working(ctx.console, f"  probe {request.kind}")
     with live:
         outcome = run_probe(

@@ -74,10 +74,49 @@ def test_findings_change_the_image() -> None:
     from embedkit.data.demo import _anatomy, _draw
 
     anatomy = _anatomy(np.random.default_rng(1))
-    plain = _draw(anatomy, set(), 256, np.random.default_rng(2))
-    big_heart = _draw(anatomy, {"Cardiomegaly"}, 256, np.random.default_rng(2))
+    plain = _draw(anatomy, set(), 256, np.random.default_rng(2))[0]
+    big_heart = _draw(anatomy, {"Cardiomegaly"}, 256, np.random.default_rng(2))[0]
     heart_band = (slice(150, 170), slice(95, 110))  # beside a normal heart, inside the lung
     assert big_heart[heart_band].mean() > plain[heart_band].mean() + 0.02
+
+
+def test_label_maps_follow_the_drawn_shapes(demo_dir: Path) -> None:
+    """Each image has a label map of its size: lungs darker than the heart shadow, nodules
+    (labelled only on images with a Nodule finding) brighter than the lung around them."""
+    from embedkit.data.demo import MASK_CLASSES
+
+    with (demo_dir / "index.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    nodules = 0
+    for r in rows:
+        with Image.open(demo_dir / "images" / r["path"]) as im:
+            img = np.asarray(im, dtype=np.float64) / (65535.0 if im.mode.startswith("I") else 255.0)
+        with Image.open(demo_dir / "images" / r["mask"]) as mk:
+            assert mk.mode == "L"
+            labels = np.asarray(mk)
+        assert labels.shape == img.shape and labels.max() < len(MASK_CLASSES)
+        lung, heart, nodule = (labels == 1), (labels == 2), (labels == 3)
+        assert lung.mean() > 0.1 and heart.mean() > 0.01
+        assert img[heart].mean() > img[lung].mean() + 0.1
+        if nodule.any():
+            assert "Nodule" in r["findings"]
+            assert img[nodule].mean() > img[lung].mean()
+            nodules += 1
+    assert nodules > 0
+
+
+def test_masks_are_added_to_data_from_before_them(demo_dir: Path, tmp_path: Path) -> None:
+    """Demo data written before the masks existed: the images stay byte for byte, the masks
+    are drawn, and the result equals fresh data."""
+    spec = DemoSpec(n_patients=8, images_per_patient=3, size=128)
+    generate_demo(tmp_path, spec)
+    for mask in (tmp_path / "images").rglob("*_mask.png"):
+        mask.unlink()
+    before = _digest(tmp_path / "images")
+    generate_demo(tmp_path, spec)
+    after = _digest(tmp_path / "images")
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert _digest(tmp_path) == _digest(demo_dir)
 
 
 def test_bad_spec_is_rejected() -> None:

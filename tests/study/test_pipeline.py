@@ -176,9 +176,11 @@ def test_demo_pipeline_dry_run_plans_without_running(study: Path) -> None:
     assert not (study / "data" / "index.csv").exists()  # a dry run generates nothing
     assert not (study / "cache").exists() and not (study / "results").exists()
     extracts = [s for s in summary.steps if s.action == "extract"]
-    assert [s.resolution for s in extracts] == [224, 512]
+    # frozen at 224 and 512 px; patch tokens for the segmentation probe at 224 px
+    assert [s.resolution for s in extracts] == [224, 512, 224]
     assert all(s.estimate.startswith("60 img x") for s in extracts)  # counted from demo_data
     assert [s.what for s in summary.steps if s.action == "finetune"] == ["finetune lora"]
+    assert [s.block for s in summary.steps if s.what == "probe segmentation"] == ["segmentation"]
 
 
 @pytest.mark.slow
@@ -187,20 +189,21 @@ def test_demo_pipeline_generates_its_data_runs_end_to_end_then_skips_everything(
 ) -> None:
     first = _run(study, local_cache=str(study / "local"))  # probes read through local copies
     assert not first.failed, [(s.what, s.error) for s in first.failed]  # type: ignore[attr-defined]
-    assert len(list((study / "data" / "images").rglob("*.png"))) == 60
+    images = [p for p in (study / "data" / "images").rglob("*.png") if "_mask" not in p.name]
+    assert len(images) == 60
     copies = sorted(p.relative_to(study / "local") for p in (study / "local").glob("*/*/*.zarr"))
     assert copies == sorted(
         p.relative_to(study / "cache") for p in (study / "cache").glob("*/*/*.zarr")
     )
-    assert len(copies) == 2 and all(
+    assert len(copies) == 3 and all(  # 224 and 512 px, and 224 px with patch tokens
         (study / "local" / c / "COMPLETE.json").is_file() for c in copies
     )
     assert (study / "report" / "report.html").is_file()
     records = list((study / "results").rglob("*.json"))
-    assert len(records) == 7  # 2 resolutions x 3 probe kinds + 1 LoRA finetune
+    assert len(records) == 8  # 2 resolutions x 3 probe kinds + segmentation + 1 LoRA finetune
     again = _run(study)
     assert {s.status for s in again.steps} == {"cached", "done"}  # type: ignore[attr-defined]
-    assert len(list((study / "results").rglob("*.json"))) == 7
+    assert len(list((study / "results").rglob("*.json"))) == 8
     with (study / "report" / "comparisons.csv").open() as fh:
         pairs = sorted((r["axis"], r["a"], r["b"]) for r in csv.DictReader(fh))
     vit = "test/tiny-dinov3-vit"
@@ -220,7 +223,7 @@ def test_demo_pipeline_generates_its_data_runs_end_to_end_then_skips_everything(
             study / "demo.yaml", manifest=study / "data" / "other.yaml",
             results=study / "results", report=study / "report2", console=Console(record=True),
         )  # fmt: skip
-    assert len(list((study / "results").rglob("*.json"))) == 7 and not (study / "report2").exists()
+    assert len(list((study / "results").rglob("*.json"))) == 8 and not (study / "report2").exists()
 
 
 def test_demo_data_of_another_size_is_refused(tmp_path: Path) -> None:
