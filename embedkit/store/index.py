@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from embedkit.store.layout import LAST_USED_FILE
+from embedkit.store.layout import COMPLETE_FILE, LAST_USED_FILE
 from embedkit.store.root import CacheRoot, ObjectStat
 
 __all__ = ["INDEX_PATH", "indexed_summaries"]
@@ -52,7 +52,7 @@ def entry_stamp(files: Mapping[str, ObjectStat]) -> Stamp | None:
     used = files.get(LAST_USED_FILE)
     return [
         *_stat(files["zarr.json"]),
-        *_stat(files.get("COMPLETE.json")),
+        *_stat(files.get(COMPLETE_FILE)),
         used.size if used else 0,
     ]
 
