@@ -3,8 +3,8 @@
 The catalog is derived from the entries themselves; the index keeps the summary of each
 *complete* entry (complete entries are immutable) together with a stamp of the entry: size,
 modification time and (S3) ETag of its ``zarr.json`` and ``COMPLETE.json`` and the size of its
-usage mark, all taken from one listing of the entry's directory. Listing a root then costs the
-directory walk plus one listing per entry, instead of reading every entry's metadata, unit
+usage mark, all taken from listings of the entry's directory and of its records directory.
+Listing a root then costs the directory walk plus two listings per entry, instead of reading every entry's metadata, unit
 records and sizes. An index summary is used only while its stamp equals the entry's current
 stamp; added, removed, replaced or completed entries are summarised afresh, partial entries
 always are, and the index is rewritten when anything changed. A root we cannot write is
@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from embedkit.store.layout import COMPLETE_FILE, LAST_USED_FILE
+from embedkit.store.layout import COMPLETE_FILE, LAST_USED_FILE, RECORDS_DIR
 from embedkit.store.root import CacheRoot, ObjectStat
 
 __all__ = ["INDEX_PATH", "indexed_summaries"]
@@ -45,8 +45,18 @@ def _stat(stat: ObjectStat | None) -> list[Any]:
     return [stat.size, stat.mtime.isoformat() if stat.mtime else None, stat.etag]
 
 
+def _listing(root: CacheRoot, relpath: str) -> dict[str, ObjectStat]:
+    """The objects directly in an entry's directory and in its records directory, by path in
+    the entry: two listing requests on object stores."""
+    files = dict(root.list_files(relpath))
+    records = root.list_files(f"{relpath}/{RECORDS_DIR}")
+    files.update({f"{RECORDS_DIR}/{name}": st for name, st in records.items()})
+    return files
+
+
 def entry_stamp(files: Mapping[str, ObjectStat]) -> Stamp | None:
-    """The stamp of an entry from the listing of its directory; None if it is not an entry."""
+    """The stamp of an entry from the listing of its directory and records (:func:`_listing`);
+    None if it is not an entry."""
     if "zarr.json" not in files:
         return None
     used = files.get(LAST_USED_FILE)
@@ -117,7 +127,7 @@ def indexed_summaries(
     """
     with ThreadPoolExecutor(LIST_THREADS) as pool:
         relpaths = _entry_dirs(root, pool)
-        listed = pool.map(lambda rp: entry_stamp(root.list_files(rp)), relpaths)
+        listed = pool.map(lambda rp: entry_stamp(_listing(root, rp)), relpaths)
         stamps = {rp: st for rp, st in zip(relpaths, listed, strict=True) if st is not None}
         old = load_index(root)
         out: dict[str, Summary] = {}

@@ -22,6 +22,7 @@ import embedkit.store.chunkio as chunkio
 import embedkit.store.writer as writer_mod
 from embedkit.errors import CacheWriteError, IncompleteEntryError, IntegrityError
 from embedkit.store import CacheRoot, FeatureEntry
+from embedkit.store.layout import unit_record_name
 
 DIMS = {"cls": (8,), "mean": (8,)}
 N, UNIT = 23, 6  # 4 units, the last one short
@@ -71,7 +72,7 @@ def test_default_is_uncompressed(tmp_path: Path, kit: Any) -> None:
     entry = _new(root, kit)
     assert writer_mod.COMPRESSIONS[0] == "none"
     assert entry.info()["compression"] == {"name": "none"}
-    arr = zarr.open_array(root.zarr_store(entry.relpath, read_only=True), path="features/cls")
+    arr = zarr.open_array(root.zarr_store(entry.relpath, read_only=True), path="cls")
     assert arr.compressors == () and arr.chunks == (UNIT, 8)
     with pytest.raises(ValueError, match="Expected compression in"):
         _new(CacheRoot.from_uri(tmp_path / "d"), kit, compression="lz4")
@@ -81,7 +82,7 @@ def test_default_is_uncompressed(tmp_path: Path, kit: Any) -> None:
 def test_multichunk_zstd_units_round_trip(root: CacheRoot, kit: Any) -> None:
     entry = _new(root, kit, "zstd")
     store = root.zarr_store(entry.relpath, read_only=True)
-    arr = zarr.open_array(store, path="features/cls")
+    arr = zarr.open_array(store, path="cls")
     assert arr.chunks == (2, 8) and isinstance(arr.compressors[0], ZstdCodec)
     feats = kit.make_features(N, DIMS)
     _write(entry, feats, [2, 0, 3, 1])
@@ -93,7 +94,7 @@ def test_multichunk_zstd_units_round_trip(root: CacheRoot, kit: Any) -> None:
     ids = [reader.ids[i] for i in (22, 0, 7)]
     np.testing.assert_array_equal(reader.read("cls", ids=ids), want["cls"][[22, 0, 7]])
     for p in DIMS:  # plain zarr-python reads what the store wrote
-        np.testing.assert_array_equal(zarr.open_array(store, path=f"features/{p}")[...], want[p])
+        np.testing.assert_array_equal(zarr.open_array(store, path=p)[...], want[p])
     assert reader.verify() == []
     # reopening with the default compression keeps the entry's own codec and chunks
     again = _new(root, kit)
@@ -154,11 +155,11 @@ def test_verify_finds_damage_in_any_chunk_of_a_unit(tmp_path: Path, kit: Any) ->
     middle = cdir / "c.4.0"  # unit 1 = chunks 3, 4, 5
     good = middle.read_bytes()
     middle.write_bytes((cdir / "c.9.0").read_bytes())  # a valid chunk, wrong content
-    assert entry.verify() == ["unit 1 (rows 6-12): checksum mismatch in features/cls"]
+    assert entry.verify() == ["unit 1 (rows 6-12): checksum mismatch in cls"]
     middle.write_bytes(good[:-4])  # truncated
     problems = entry.verify()
     assert len(problems) == 1 and problems[0].startswith(
-        "unit 1 (rows 6-12): features/cls cannot be decoded"
+        "unit 1 (rows 6-12): cls cannot be decoded"
     )
     with pytest.raises(IntegrityError, match="cannot be decoded"):
         FeatureEntry.open(root, entry.key).read("cls")
@@ -251,14 +252,14 @@ def test_entries_with_nested_chunk_keys_still_work(
     assert sorted(p.name for p in cdir.iterdir()) == ["c", "zarr.json"]
     assert (cdir / "c" / "3" / "0").is_file()
     reader = FeatureEntry.open(root, entry.key)
-    assert reader.layout.chunk_layout("features/cls") is not None
+    assert reader.layout.chunk_layout("cls") is not None
     np.testing.assert_array_equal(reader.read("cls"), feats["cls"].astype(np.float16))
     assert reader.verify() == []
 
 
 def _unit_chunk_files(entry: FeatureEntry, u: int) -> set[Path]:
     files = set()
-    for name in ("features/cls", "features/mean", "valid"):
+    for name in ("cls", "mean", "valid"):
         layout = entry.layout.chunk_layout(name)
         assert layout is not None
         files |= {layout.chunk_path(i).resolve() for i in layout.chunks_in(*entry.unit_bounds(u))}
@@ -295,7 +296,7 @@ def test_every_chunk_is_synced_before_its_unit_record(
     _write(entry, kit.make_features(N, DIMS), units)
     assert entry.pending_units() == []
     for u in units:
-        record = events.index(("record", f"{entry.relpath}/units/{u:06d}.json"))
+        record = events.index(("record", f"{entry.relpath}/{unit_record_name(u)}"))
         synced = {Path(p) for kind, p in events[:record] if kind == "sync"}
         want = _unit_chunk_files(entry, u)
         # 6-row units: zstd 3 chunks of 2 rows per pooling, none 2 of 3 rows; 1 valid chunk

@@ -16,6 +16,7 @@ import embedkit.store.chunkio as chunkio
 import embedkit.store.writer as writer_mod
 from embedkit.errors import CacheWriteError, EntryExistsError, IntegrityError
 from embedkit.store import CacheRoot, FeatureEntry
+from embedkit.store.layout import unit_record_name
 
 DIMS = {"cls": (8,), "mean": (8,)}
 N, UNIT = 23, 6  # 4 units, the last one short; 6-row units hold 2 chunks of 3 rows
@@ -47,7 +48,7 @@ def _unit(feats: dict[str, np.ndarray], entry: FeatureEntry, u: int) -> dict[str
 def _records(root: CacheRoot, entry: FeatureEntry) -> dict[int, dict[str, Any]]:
     out = {}
     for u in range(entry.n_units):
-        record = json.loads(root.read_bytes(f"{entry.relpath}/units/{u:06d}.json"))
+        record = json.loads(root.read_bytes(f"{entry.relpath}/{unit_record_name(u)}"))
         out[u] = {k: record[k] for k in ("rows", "checksum_algorithm", "checksums", "n_valid")}
     return out
 
@@ -100,7 +101,7 @@ def test_pipelined_units_equal_serial_ones(tmp_path: Path, kit: Any, compression
 
     piped_root = CacheRoot.from_uri(tmp_path / "piped")
     piped = _new(piped_root, kit, compression)
-    layout = piped.layout.chunk_layout("features/cls")
+    layout = piped.layout.chunk_layout("cls")
     assert layout is not None
     assert len(layout.chunks_in(*piped.unit_bounds(0))) == (2 if compression == "none" else 3)
     pending = None
@@ -135,9 +136,9 @@ def test_unit_checksum_joins_its_chunks(tmp_path: Path, kit: Any) -> None:
     feats = kit.make_features(N, DIMS)
     rows = _unit(feats, entry, 1)
     entry.write_unit(1, rows, valid=np.ones(UNIT, bool))
-    record = json.loads(root.read_bytes(f"{entry.relpath}/units/000001.json"))
+    record = json.loads(root.read_bytes(f"{entry.relpath}/{unit_record_name(1)}"))
     want = google_crc32c.value(rows["mean"].astype(np.float16).tobytes())
-    assert record["checksums"]["features/mean"] == f"{want:08x}"
+    assert record["checksums"]["mean"] == f"{want:08x}"
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
