@@ -122,7 +122,7 @@ def test_multichunk_files_match_zarr_python(tmp_path: Path, kit: Any) -> None:
     ref[...] = feats["cls"].astype(np.float16)
     want = kit.stored_files(tmp_path / "ref" / "cls")
     assert len(want) == 12
-    assert kit.stored_files(tmp_path / "c" / entry.relpath / "features" / "cls") == want
+    assert kit.stored_files(tmp_path / "c" / entry.relpath / "cls") == want
 
 
 @pytest.mark.usefixtures("small_chunks")
@@ -140,8 +140,8 @@ def test_resumed_multichunk_entry_is_identical(tmp_path: Path, kit: Any) -> None
     assert e2.pending_units() == [0, 2, 3]
     _write(e2, feats, e2.pending_units())
     e2.finalize()
-    a = kit.stored_files(tmp_path / "whole" / e1.relpath / "features")
-    b = kit.stored_files(tmp_path / "resumed" / e2.relpath / "features")
+    a = kit.feature_files(tmp_path / "whole" / e1.relpath)
+    b = kit.feature_files(tmp_path / "resumed" / e2.relpath)
     assert a == b and len(a) == 24
 
 
@@ -151,7 +151,7 @@ def test_verify_finds_damage_in_any_chunk_of_a_unit(tmp_path: Path, kit: Any) ->
     entry = _new(root, kit, "zstd")
     _write(entry, kit.make_features(N, DIMS), list(range(entry.n_units)))
     entry.finalize()
-    cdir = tmp_path / "c" / entry.relpath / "features" / "cls"
+    cdir = tmp_path / "c" / entry.relpath / "cls"
     middle = cdir / "c.4.0"  # unit 1 = chunks 3, 4, 5
     good = middle.read_bytes()
     middle.write_bytes((cdir / "c.9.0").read_bytes())  # a valid chunk, wrong content
@@ -184,7 +184,7 @@ def test_parallel_durable_writes_equal_serial_plain_ones(
             entry = _new(root, kit, compression)
             _write(entry, feats, list(range(entry.n_units)))
             entry.finalize()
-            trees.append(kit.stored_files(tmp_path / name / entry.relpath / "features"))
+            trees.append(kit.feature_files(tmp_path / name / entry.relpath))
             np.testing.assert_array_equal(
                 FeatureEntry.open(root, entry.key).read("cls"), feats["cls"].astype(np.float16)
             )
@@ -248,7 +248,7 @@ def test_entries_with_nested_chunk_keys_still_work(
     entry = _new(root, kit)  # resumed by the current code
     _write(entry, feats, entry.pending_units())
     entry.finalize()
-    cdir = tmp_path / "c" / entry.relpath / "features" / "cls"
+    cdir = tmp_path / "c" / entry.relpath / "cls"
     assert sorted(p.name for p in cdir.iterdir()) == ["c", "zarr.json"]
     assert (cdir / "c" / "3" / "0").is_file()
     reader = FeatureEntry.open(root, entry.key)
@@ -314,7 +314,7 @@ def test_failed_sync_leaves_the_unit_pending(
     feats = kit.make_features(N, DIMS)
     root = CacheRoot.from_uri(tmp_path / "c")
     entry = _new(root, kit, compression)
-    bad = {p for p in _unit_chunk_files(entry, 2) if "features" in p.parts}
+    bad = {p for p in _unit_chunk_files(entry, 2) if p.parent.name != "valid"}
     real_fdatasync = os.fdatasync
 
     def fdatasync(fd: int) -> None:
@@ -340,8 +340,8 @@ def test_failed_sync_leaves_the_unit_pending(
     reference = _new(clean, kit, compression)
     _write(reference, feats, list(range(reference.n_units)))
     reference.finalize()
-    a = kit.stored_files(tmp_path / "c" / rerun.relpath / "features")
-    b = kit.stored_files(tmp_path / "clean" / reference.relpath / "features")
+    a = kit.feature_files(tmp_path / "c" / rerun.relpath)
+    b = kit.feature_files(tmp_path / "clean" / reference.relpath)
     assert a == b and a
     assert kit.stored_files(tmp_path / "c" / rerun.relpath / "valid") == kit.stored_files(
         tmp_path / "clean" / reference.relpath / "valid"

@@ -209,7 +209,7 @@ def test_verify_reports_a_damaged_entry_and_checks_the_others(
     elif damage == "bad array metadata":
         (local / "cls" / "zarr.json").write_text("{not json")
     elif damage == "missing array":
-        shutil.rmtree(local / "features" / "mean")
+        shutil.rmtree(local / "mean")
     elif damage == "bad unit record":
         (local / unit_record_name(1)).write_text("[1, 2")
     else:
@@ -240,7 +240,7 @@ def test_push_refuses_a_symlink_planted_in_a_local_entry(
     secret = tmp_path / "secret.txt"
     secret.write_text("not part of any entry")
     local = Path(entry.root.local_path or "") / entry.relpath
-    os.symlink(secret, local / "features" / "notes.txt")
+    os.symlink(secret, local / "cls" / "notes.txt")
     dst = CacheRoot.from_uri(str(tmp_path / "dst"))
     with pytest.raises(IntegrityError, match="symbolic link"):
         copy_entry(entry.root, dst, entry.relpath)

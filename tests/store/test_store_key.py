@@ -63,7 +63,7 @@ CHANGED = {
     "ids_digest": digest_ids(ids(11)),
     "content_digest": "a" * 64,
     "n_images": 11,
-    "format_version": 2,
+    "format_version": 3,
 }
 
 

@@ -175,7 +175,7 @@ def test_finalize_happens_once(root: CacheRoot, kit: Any) -> None:
     entry = new_entry(root, kit)
     for u in range(entry.n_units):
         write(entry, u)
-    assert root.listdir(f"{entry.relpath}/leases")  # the layout claim
+    assert root.listdir(f"{entry.relpath}/{LEASES_DIR}")  # the layout claim
     openers = [FeatureEntry.open(root, entry.relpath, allow_partial=True) for _ in range(4)]
     writers = [FeatureEntry(root, entry.relpath, o.attrs, writable=True) for o in openers]
     results = race(4, lambda i: writers[i].finalize({"job": i}))
@@ -185,7 +185,7 @@ def test_finalize_happens_once(root: CacheRoot, kit: Any) -> None:
     assert json.loads(root.read_bytes(f"{entry.relpath}/{COMPLETE_FILE}"))["job"] == (
         results.index(True)
     )
-    assert not root.exists(f"{entry.relpath}/leases")  # claims are removed once complete
+    assert not root.exists(f"{entry.relpath}/{LEASES_DIR}")  # claims are removed once complete
 
 
 def test_live_claims(root: CacheRoot, kit: Any) -> None:

@@ -119,8 +119,8 @@ def test_pipelined_units_equal_serial_ones(tmp_path: Path, kit: Any, compression
     piped.finalize()
 
     assert _records(piped_root, piped) == _records(serial_root, serial)
-    assert kit.stored_files(tmp_path / "piped" / piped.relpath / "features") == kit.stored_files(
-        tmp_path / "serial" / serial.relpath / "features"
+    assert kit.feature_files(tmp_path / "piped" / piped.relpath) == kit.feature_files(
+        tmp_path / "serial" / serial.relpath
     )
     reader = FeatureEntry.open(piped_root, piped.key)
     np.testing.assert_array_equal(reader.read("cls"), feats["cls"].astype(np.float16))
@@ -184,7 +184,7 @@ def test_chunk_files_are_preallocated_and_exact(
     feats = kit.make_features(N, DIMS)
     entry.write_unit(3, _unit(feats, entry, 3), valid=np.ones(N - 18, bool))  # 5-row unit
     assert 3 * 16 in calls and 2 * 16 in calls  # a full chunk, and the 2 rows of the edge one
-    cdir = tmp_path / "c" / entry.relpath / "features" / "cls"
+    cdir = tmp_path / "c" / entry.relpath / "cls"
     assert (cdir / "c.7.0").stat().st_size == 3 * 16  # edge chunk: 2 rows + a 1-row hole
     np.testing.assert_array_equal(
         entry.read("cls", rows=slice(18, 23)), feats["cls"][18:].astype(np.float16)
