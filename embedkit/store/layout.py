@@ -205,24 +205,31 @@ def read_attrs(root: CacheRoot, relpath: str) -> dict[str, Any]:
         ) from exc
     attrs = meta.get("attributes", {})
     attrs = attrs if isinstance(attrs, dict) else {}
+    _refuse_earlier_layout(root, relpath, attrs)
+    return attrs
+
+
+def _refuse_earlier_layout(root: CacheRoot, relpath: str, attrs: Mapping[str, Any]) -> None:
+    """Raise CacheNotFoundError for an entry of an earlier layout (see the module docstring)."""
     version = attrs.get("layout_version")
     if isinstance(version, int) and version < LAYOUT_VERSION:
         raise CacheNotFoundError(
             f"The cache entry at {root.url(relpath)} has layout {version}, written by an "
             f"earlier embedkit; this version reads layout {LAYOUT_VERSION} only. Extract it "
             "again (`embedkit extract`: the new entry gets a new digest, beside the old one) "
-            "and remove the old one (`embedkit cache gc` lists it as partial)."
+            "and remove the old one (`embedkit cache gc` treats it as partial)."
         )
-    return attrs
 
 
 def existing_attrs(root: CacheRoot, relpath: str) -> dict[str, Any] | None:
-    """Attrs of a fully laid-out entry, or None (missing, or creation was interrupted)."""
+    """Attrs of a fully laid-out entry, or None (missing, or creation was interrupted); an
+    entry of an earlier layout raises CacheNotFoundError."""
     try:
         meta = json.loads(root.read_bytes(f"{relpath}/{META_FILE}"))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     attrs = meta.get("attributes") or {}
+    _refuse_earlier_layout(root, relpath, attrs)
     return attrs if attrs.get("layout_version") == LAYOUT_VERSION else None
 
 
