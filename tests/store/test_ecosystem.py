@@ -40,6 +40,7 @@ xr = pytest.importorskip("xarray")
 def _readme_code() -> str:
     """The Python blocks of the README section, joined in order."""
     blocks: list[str] = []
+    lines: list[str] = []
     in_section = in_block = False
     for line in README.read_text().splitlines():
         if line.startswith("## "):
