@@ -6,10 +6,11 @@ modification time and (S3) ETag of its ``zarr.json`` and ``COMPLETE.json`` and t
 usage mark, all taken from listings of the entry's directory and of its records directory.
 Listing a root then costs the directory walk plus two listings per entry, instead of reading
 every entry's metadata, unit records and sizes. An index summary is used only while its stamp
-equals the entry's current stamp; added, removed, replaced or completed entries are summarised afresh, partial entries
-always are, and the index is rewritten when anything changed. A root we cannot write is
-listed the same way without writing the index. Concurrent writers of the index each write a
-correct index of the moment (a single atomic object write; the last one wins).
+equals the entry's current stamp; added, removed, replaced or completed entries are summarised
+afresh, partial entries always are, and the index is rewritten when anything changed. A root
+we cannot write is listed the same way without writing the index. Concurrent writers of the
+index each write a correct index of the moment (a single atomic object write; the last one
+wins).
 
 ``_catalog`` cannot be a dataset directory: key paths never start with ``_``.
 """
