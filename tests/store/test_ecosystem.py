@@ -221,3 +221,30 @@ def test_an_entry_of_layout_1_is_not_read_and_gc_sees_it_as_partial(
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=8)
     planned = plan_gc(root, now=later)
     assert [(c.relpath, c.complete) for c in planned] == [(entry.relpath, False)]
+
+
+def test_every_backend_gives_an_entry_zarr_and_xarray_open_silently(
+    root: CacheRoot, kit: Any
+) -> None:
+    """Local, memory:// and s3:// roots: the same members, no warning, the same values."""
+    ids = kit.make_ids(12)
+    dims = {"cls": (6,), "mean": (6,), "patch": (2, 2, 6)}
+    feats = kit.make_features(12, dims)
+    key = kit.make_key(ids, poolings=tuple(dims))
+    entry = FeatureEntry.create_or_open(root, key, ids=ids, shapes=dims, unit_rows=4, provenance={})
+    for u in range(entry.n_units):
+        s, e = entry.unit_bounds(u)
+        entry.write_unit(u, {p: a[s:e] for p, a in feats.items()}, valid=np.ones(e - s, bool))
+    entry.finalize()
+    FeatureEntry.open(root, entry.relpath).read("cls")  # the usage mark
+    assert root.exists(f"{entry.relpath}/{RECORDS_DIR}/last_used.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        store = root.zarr_store(entry.relpath, read_only=True)
+        group = zarr.open_group(store, mode="r", use_consolidated=False)
+        assert sorted(n for n, _ in group.members(max_depth=None)) == sorted(
+            [*dims, IMAGE_ARRAY, VALID_ARRAY]
+        )
+        ds = xr.open_zarr(store)
+    assert list(ds["image"].values) == ids
+    np.testing.assert_array_equal(ds["patch"].values, feats["patch"].astype(np.float16))
