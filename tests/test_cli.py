@@ -97,7 +97,7 @@ def test_cache_ls_info_verify_and_corruption(
     # Readers never hand out a damaged chunk (here: truncated); they raise an IntegrityError
     # (every read is checked against the unit records, see tests/store/test_store_integrity.py).
     chunk.write_bytes(bytes(data[:-8]))
-    entry = FeatureEntry.open(CacheRoot.from_uri(str(demo_run / "cache")), str(chunk.parents[2]))
+    entry = FeatureEntry.open(CacheRoot.from_uri(str(demo_run / "cache")), str(chunk.parents[1]))
     with pytest.raises(IntegrityError):
         entry.read("cls")
 
