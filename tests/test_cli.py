@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from embedkit.cli import app, main
 from embedkit.errors import IntegrityError
 from embedkit.store import CacheRoot, FeatureEntry
+from embedkit.store.layout import COMPLETE_FILE
 
 runner = CliRunner()
 
@@ -62,7 +63,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_demo_builds_checks_and_extracts_two_resolutions(demo_run: Path) -> None:
     entries = sorted(p.name for p in demo_run.glob("cache/demo/*/*.zarr"))
     assert len(entries) == 2 and entries[0].startswith("224px-") and entries[1].startswith("512px-")
-    assert all((p / "COMPLETE.json").is_file() for p in demo_run.glob("cache/demo/*/*.zarr"))
+    assert all((p / COMPLETE_FILE).is_file() for p in demo_run.glob("cache/demo/*/*.zarr"))
 
 
 def test_cache_ls_info_verify_and_corruption(
@@ -80,7 +81,7 @@ def test_cache_ls_info_verify_and_corruption(
     assert code == 0 and "2 ok, 0 with problems" in output
 
     # Flip bytes of one stored chunk behind the store's back: verify must name the entry.
-    chunk = next(p for p in (demo_run / "cache").rglob("features/cls/c.*") if p.is_file())
+    chunk = next(p for p in (demo_run / "cache").rglob("cls/c.*") if p.is_file())
     good = chunk.read_bytes()
 
     def restore() -> None:  # the demo cache is shared by the module's tests
@@ -96,7 +97,7 @@ def test_cache_ls_info_verify_and_corruption(
     # Readers never hand out a damaged chunk (here: truncated); they raise an IntegrityError
     # (every read is checked against the unit records, see tests/store/test_store_integrity.py).
     chunk.write_bytes(bytes(data[:-8]))
-    entry = FeatureEntry.open(CacheRoot.from_uri(str(demo_run / "cache")), str(chunk.parents[2]))
+    entry = FeatureEntry.open(CacheRoot.from_uri(str(demo_run / "cache")), str(chunk.parents[1]))
     with pytest.raises(IntegrityError):
         entry.read("cls")
 
@@ -112,7 +113,7 @@ def damaged_cache(demo_run: Path, tmp_path: Path) -> tuple[Path, list[Path]]:
     return cache, entries
 
 
-def _first_chunk(entry: Path, array: str = "features/cls") -> Path:
+def _first_chunk(entry: Path, array: str = "cls") -> Path:
     return next(
         p for p in sorted((entry / array).rglob("*")) if p.is_file() and p.name != "zarr.json"
     )
@@ -126,7 +127,7 @@ def test_cache_verify_survives_anything_in_one_entry(
     if damage == "bad json":
         (bad / "zarr.json").write_text("{")
     elif damage == "bad array metadata":
-        (bad / "features" / "cls" / "zarr.json").write_text('{"zarr_format": 3, "shape": "x"}')
+        (bad / "cls" / "zarr.json").write_text('{"zarr_format": 3, "shape": "x"}')
     else:
         shutil.rmtree(bad / "valid")
     code, output = _run(["cache", "verify", "--cache", str(cache)], capsys)

@@ -12,7 +12,13 @@ from rich.table import Table
 from embedkit.errors import CacheNotFoundError
 from embedkit.store.entry import FeatureEntry
 from embedkit.store.index import indexed_summaries
-from embedkit.store.layout import entry_relpaths, read_attrs, resolve_entry
+from embedkit.store.layout import (
+    COMPLETE_FILE,
+    UNITS_DIR,
+    entry_relpaths,
+    read_attrs,
+    resolve_entry,
+)
 from embedkit.store.root import CacheRoot
 
 __all__ = [
@@ -56,7 +62,7 @@ def _summary(root: CacheRoot, relpath: str) -> EntrySummary:
     by = prov.get("created_by") or attrs.get("created_by") or {}
     if isinstance(by, dict):
         by = f"{by.get('user', '')}@{by.get('host', '?')}".lstrip("@")
-    units = [n for n in root.listdir(f"{relpath}/units") if n.endswith(".json")]
+    units = [n for n in root.listdir(f"{relpath}/{UNITS_DIR}") if n.endswith(".json")]
     return EntrySummary(
         relpath=relpath,
         digest=str(attrs.get("digest", "")),
@@ -66,7 +72,7 @@ def _summary(root: CacheRoot, relpath: str) -> EntrySummary:
         poolings={p: int(spec["shape"][-1]) for p, spec in attrs["poolings"].items()},
         n_images=int(attrs["n_images"]),
         storage_dtype=key["storage_dtype"],
-        complete=root.exists(f"{relpath}/COMPLETE.json"),
+        complete=root.exists(f"{relpath}/{COMPLETE_FILE}"),
         units_done=len(units),
         units_total=int(attrs["n_units"]),
         bytes_on_disk=root.size_bytes(relpath),

@@ -2,14 +2,17 @@
 
 The catalog is derived from the entries themselves; the index keeps the summary of each
 *complete* entry (complete entries are immutable) together with a stamp of the entry: size,
-modification time and (S3) ETag of its ``zarr.json`` and ``COMPLETE.json`` and the size of its
-usage mark, all taken from one listing of the entry's directory. Listing a root then costs the
-directory walk plus one listing per entry, instead of reading every entry's metadata, unit
-records and sizes. An index summary is used only while its stamp equals the entry's current
-stamp; added, removed, replaced or completed entries are summarised afresh, partial entries
-always are, and the index is rewritten when anything changed. A root we cannot write is
-listed the same way without writing the index. Concurrent writers of the index each write a
-correct index of the moment (a single atomic object write; the last one wins).
+modification time and (S3) ETag of its completion record and the size of its usage mark, taken
+from one listing of its records directory (:data:`embedkit.store.layout.RECORDS_DIR`). An
+entry's ``zarr.json`` is not stamped: it is written before the completion record and never
+after, and an entry removed and extracted again gets a new completion record. Listing a root
+then costs the directory walk plus one listing per entry, instead of reading every entry's
+metadata, unit records and sizes. An index summary is used only while its stamp equals the
+entry's current stamp; added, removed, replaced or completed entries are summarised afresh,
+partial entries (and directories that are no entry) always are, and the index is rewritten
+when anything changed. A root we cannot write is listed the same way without writing the
+index. Concurrent writers of the index each write a correct index of the moment (a single
+atomic object write; the last one wins).
 
 ``_catalog`` cannot be a dataset directory: key paths never start with ``_``.
 """
@@ -24,12 +27,14 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from embedkit.store.layout import LAST_USED_FILE
+from embedkit.store.layout import COMPLETE_FILE, LAST_USED_FILE, RECORDS_DIR
 from embedkit.store.root import CacheRoot, ObjectStat
 
 __all__ = ["INDEX_PATH", "indexed_summaries"]
 
 INDEX_PATH = "_catalog/index.json"
+_COMPLETE_NAME = COMPLETE_FILE.removeprefix(f"{RECORDS_DIR}/")
+_LAST_USED_NAME = LAST_USED_FILE.removeprefix(f"{RECORDS_DIR}/")
 INDEX_FORMAT = "embedkit-catalog-index"
 INDEX_VERSION = 1
 #: Parallel listing requests (object stores are latency bound).
@@ -45,20 +50,14 @@ def _stat(stat: ObjectStat | None) -> list[Any]:
     return [stat.size, stat.mtime.isoformat() if stat.mtime else None, stat.etag]
 
 
-def entry_stamp(files: Mapping[str, ObjectStat]) -> Stamp | None:
-    """The stamp of an entry from the listing of its directory; None if it is not an entry."""
-    if "zarr.json" not in files:
-        return None
-    used = files.get(LAST_USED_FILE)
-    return [
-        *_stat(files["zarr.json"]),
-        *_stat(files.get("COMPLETE.json")),
-        used.size if used else 0,
-    ]
+def entry_stamp(records: Mapping[str, ObjectStat]) -> Stamp:
+    """The stamp of an entry from the listing of its records directory (names, not paths)."""
+    used = records.get(_LAST_USED_NAME)
+    return [*_stat(records.get(_COMPLETE_NAME)), used.size if used else 0]
 
 
 def _is_complete(stamp: Stamp) -> bool:
-    return stamp[3] is not None  # COMPLETE.json's size
+    return stamp[0] is not None  # the completion record's size
 
 
 def load_index(root: CacheRoot) -> dict[str, dict[str, Any]]:
@@ -117,8 +116,8 @@ def indexed_summaries(
     """
     with ThreadPoolExecutor(LIST_THREADS) as pool:
         relpaths = _entry_dirs(root, pool)
-        listed = pool.map(lambda rp: entry_stamp(root.list_files(rp)), relpaths)
-        stamps = {rp: st for rp, st in zip(relpaths, listed, strict=True) if st is not None}
+        listed = pool.map(lambda rp: entry_stamp(root.list_files(f"{rp}/{RECORDS_DIR}")), relpaths)
+        stamps = dict(zip(relpaths, listed, strict=True))
         old = load_index(root)
         out: dict[str, Summary] = {}
         todo = []

@@ -34,7 +34,9 @@ __all__ = [
     "digest_ids",
 ]
 
-FEATURE_FORMAT_VERSION = 1
+#: 2: entries of layout 2 (arrays with dimension names, records under ``image/embedkit``; see
+#: :mod:`embedkit.store.layout`), so entries of layout 1 are never opened for writing.
+FEATURE_FORMAT_VERSION = 2
 COMPUTE_DTYPES = frozenset({"fp32", "bf16", "fp16"})
 STORAGE_DTYPES = frozenset({"float16", "float32"})
 

@@ -2,16 +2,17 @@
 
 Several processes, on one machine or many, may extract the same entry into one root. They split
 the work instead of repeating it: before computing unit ``u`` a job *claims* it by creating
-``<entry>/leases/<u:06d>.<generation:04d>.json`` with :meth:`CacheRoot.create_exclusive` (one
-creator wins: hard link on filesystems, ``If-None-Match: *`` on S3). The claim names its owner
-(host, pid, a random token) and its ``ttl_s``, and holds a heartbeat counter that a background
+``<entry>/<LEASES_DIR>/<u:06d>.<generation:04d>.json`` (``LEASES_DIR`` from
+:mod:`embedkit.store.layout`) with :meth:`CacheRoot.create_exclusive` (one creator wins: hard
+link on filesystems, ``If-None-Match: *`` on S3). The claim names its owner (host, pid, a random
+token) and its ``ttl_s``, and holds a heartbeat counter that a background
 thread of the owner rewrites every ``ttl_s / 3`` seconds.
 
 A claim is *expired* when a waiter has seen the same heartbeat content for ``ttl_s`` seconds on
 its own monotonic clock: no clock is compared across machines. Taking an expired claim over
 means creating the next generation, which again only one taker can do. A job that lost a claim
 race moves on to another unit; when nothing is claimable it polls until units complete (then
-the entry is finalized, once: ``COMPLETE.json`` is created exclusively too) or a claim expires.
+the entry is finalized, once: its completion record is created exclusively too) or a claim expires.
 
 A claim whose owner stopped cleanly (an error, Ctrl-C) is marked ``released`` and is taken over
 without waiting, and so is one whose owner ran on this machine, in this pid namespace (same
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from embedkit.errors import ConfigError
+from embedkit.store.layout import COMPLETE_FILE, LEASES_DIR, unit_record_name
 from embedkit.store.root import CacheRoot
 
 if TYPE_CHECKING:
@@ -65,7 +67,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL_S = 60.0
 #: Environment variable that overrides :data:`DEFAULT_TTL_S` (e.g. ``EMBEDKIT_LEASE_TTL=20``).
 TTL_ENV = "EMBEDKIT_LEASE_TTL"
-LEASES_DIR = "leases"
 LAYOUT = "layout"
 _CLAIM_FILE = re.compile(r"^(\d{6}|layout)\.(\d{4,})\.json$")
 #: Settling time before re-reading a claim on stores whose create is only best-effort.
@@ -252,9 +253,9 @@ class Leases:
 
     def _write(self, name: str, h: _Held, *, released: bool = False) -> None:
         """Rewrite a held claim (heartbeat, release), never into a complete entry: a job that
-        finishes after another finalized the entry (which removed ``leases/``) leaves no
+        finishes after another finalized the entry (which removed the claims) leaves no
         claim behind."""
-        done = f"{self.relpath}/COMPLETE.json"
+        done = f"{self.relpath}/{COMPLETE_FILE}"
         if self.in_complete_entry:
             self.root.write_bytes_atomic(
                 self._path(name, h), self._body(name, h, released=released)
@@ -451,7 +452,7 @@ def live_claims(
             newest[m.group(1)] = max(newest.get(m.group(1), -1), int(m.group(2)))
     live = []
     for name, generation in sorted(newest.items()):
-        if name != LAYOUT and root.exists(f"{relpath}/units/{name}.json"):
+        if name != LAYOUT and root.exists(f"{relpath}/{unit_record_name(int(name))}"):
             continue
         path = f"{relpath}/{LEASES_DIR}/{_claim_name(name, generation)}"
         st = root.stat(path)

@@ -4,12 +4,12 @@
 entry on local disk, at the same relative path under ``DIR``, so that reads run at local speed.
 The copy is an ordinary entry (``DIR`` is a valid cache root): array metadata and ids first,
 then unit by unit the unit's chunk objects, checked against the *remote* unit record's
-checksums before that record is written, then ``COMPLETE.json`` last. The object copy and the
+checksums before that record is written, then the completion record last. The object copy and the
 unit check are :mod:`embedkit.store.transfer`'s (``cache pull`` uses them too).
 
 Reuse. A local copy is used only while it is the copy of the remote entry as it is now:
 
-* its ``zarr.json`` (key, creation time, layout) and ``COMPLETE.json`` must equal the remote's
+* its ``zarr.json`` (key, creation time, layout) and completion record must equal the remote's
   byte for byte: two small GETs per open. A remote entry removed and extracted again differs in
   both (creation and completion times), so the local copy is dropped and fetched again;
 * every local file must still have the size and mtime it had when its unit was verified
@@ -47,15 +47,27 @@ from typing import Any, Literal
 from embedkit.errors import CacheNotFoundError, ConfigError, IncompleteEntryError, IntegrityError
 from embedkit.store.entry import FeatureEntry
 from embedkit.store.key import digest_ids
-from embedkit.store.layout import LAST_USED_FILE, LAST_USED_INTERVAL_S, entry_relpaths
+from embedkit.store.layout import (
+    COMPLETE_FILE,
+    IMAGE_ARRAY,
+    LAST_USED_FILE,
+    LAST_USED_INTERVAL_S,
+    META_FILE,
+    RECORDS_DIR,
+    VALID_ARRAY,
+    entry_relpaths,
+    feature_array,
+    record_unit,
+    unit_record_name,
+)
 from embedkit.store.root import CacheRoot, ObjectStat
 from embedkit.store.transfer import COPY_THREADS, copy_object
 
 __all__ = ["LocalCopy", "local_copy_status", "open_local_copy", "verify_local_copies"]
 
 STATE_SUFFIX = ".readcache.json"
-_COMPLETE = "COMPLETE.json"
-_META = "zarr.json"
+_COMPLETE = COMPLETE_FILE
+_META = META_FILE
 _IDENTITY = (_META, _COMPLETE)
 _CHUNK = re.compile(r"^(?P<array>.+?)/c[/.](?P<first>\d+)(?:[/.]|$)")
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
@@ -117,11 +129,6 @@ def _unit_of(path: str, unit_arrays: set[str]) -> int | None:
     if m is None or m.group("array") not in unit_arrays:
         return None
     return int(m.group("first"))
-
-
-def _record_unit(path: str) -> int | None:
-    m = re.fullmatch(r"units/(\d{6})\.json", path)
-    return int(m.group(1)) if m else None
 
 
 def _stamp(stat: ObjectStat) -> list[Any]:
@@ -221,14 +228,14 @@ def _fill(
     """Copy what is missing or damaged; ``changed`` None means every present unit is checked."""
     relpath, src = remote.relpath, remote.root
     objects = {p: st for p, st in src.entry_files(relpath).items() if p != LAST_USED_FILE}
-    unit_arrays = {f"features/{p}" for p in remote.poolings} | {"valid"}
+    unit_arrays = {feature_array(p) for p in remote.poolings} | {VALID_ARRAY}
     per_unit: dict[int, list[str]] = {u: [] for u in range(remote.n_units)}
     metadata: list[str] = []
     for path in objects:
         u = _unit_of(path, unit_arrays)
         if u is not None and u in per_unit:
             per_unit[u].append(path)
-        elif path != _COMPLETE and _record_unit(path) is None and path != _META:
+        elif path != _COMPLETE and record_unit(path) is None and path != _META:
             metadata.append(path)
     present = _local_files(local, relpath)
     fetched_bytes = [0]
@@ -250,7 +257,12 @@ def _fill(
     local.write_bytes_atomic(f"{relpath}/{_META}", meta)
     entry = FeatureEntry.open(local, relpath, allow_partial=True)
     if digest_ids(entry.ids) != entry.key.ids_digest:
-        fetch([p for p in metadata if p.startswith("ids/")], force=True)
+        ids = [
+            p
+            for p in metadata
+            if p.startswith(f"{IMAGE_ARRAY}/") and not p.startswith(f"{RECORDS_DIR}/")
+        ]
+        fetch(ids, force=True)
         entry = FeatureEntry.open(local, relpath, allow_partial=True)
         if digest_ids(entry.ids) != entry.key.ids_digest:
             raise IntegrityError(
@@ -265,13 +277,13 @@ def _fill(
             return True
         if full_check or changed is None:
             return True
-        return any(p in changed for p in [*per_unit[u], f"units/{u:06d}.json"])
+        return any(p in changed for p in [*per_unit[u], unit_record_name(u)])
 
     todo = [u for u in range(remote.n_units) if suspect(u)]
     checked = [0, 0]  # units re-checked locally, units fetched
 
     def one(u: int) -> None:
-        record_path = f"{relpath}/units/{u:06d}.json"
+        record_path = f"{relpath}/{unit_record_name(u)}"
         record_bytes = src.read_bytes(record_path)
         record = json.loads(record_bytes)
         if u in local_units and _read_or_none(local, record_path) == record_bytes:

@@ -32,8 +32,11 @@ from embedkit.store.layout import (
     DERIVED_POOLINGS,
     LAST_USED_FILE,
     LAST_USED_INTERVAL_S,
+    VALID_ARRAY,
     EntryLayout,
     fmt_ids,
+    is_feature_array,
+    unit_record_name,
 )
 
 __all__ = ["EntryReader"]
@@ -76,9 +79,9 @@ class EntryReader:
             except IncompleteEntryError:
                 rec = None
             except (ValueError, OSError) as exc:  # bad JSON, unreadable object
-                raise self.damaged(f"units/{u:06d}.json", u, f"unreadable record ({exc})") from exc
+                raise self.damaged(unit_record_name(u), u, f"unreadable record ({exc})") from exc
             if rec is not None and not isinstance(rec, dict):
-                raise self.damaged(f"units/{u:06d}.json", u, "the record is not a JSON object")
+                raise self.damaged(unit_record_name(u), u, "the record is not a JSON object")
             self._records[u] = rec
         return self._records[u]
 
@@ -116,7 +119,7 @@ class EntryReader:
             raise self.damaged(
                 name, u, f"checksum mismatch ({algorithm} {got}, the unit record says {want})"
             )
-        if name.startswith("features/") and data.dtype.kind == "f" and not scanned:
+        if is_feature_array(name) and data.dtype.kind == "f" and not scanned:
             bad = np.flatnonzero(nonfinite_rows(data))  # skipped rows are stored as zeros
             if bad.size:
                 start = self.layout.unit_bounds(u)[0]
@@ -160,7 +163,7 @@ class EntryReader:
             records = {u: self._written_record(name, u) for u in todo}
             try:
                 scans = chunks.read_rows_scanned(
-                    sel.start, sel.stop, out, check=name.startswith("features/")
+                    sel.start, sel.stop, out, check=is_feature_array(name)
                 )
             except (ChunkDecodeError, OSError):
                 scans = None  # found again, with its unit, by the unit-by-unit check below
@@ -343,7 +346,7 @@ class EntryReader:
     def valid_mask(self, *, verify: bool | None = None) -> np.ndarray:
         """(N,) bool: False for images skipped as unreadable (and for unwritten units)."""
         lay = self.layout
-        arr = lay.array("valid")
+        arr = lay.array(VALID_ARRAY)
         out = np.zeros(lay.n_images, dtype=bool)
         complete = lay.is_complete
         for u in range(lay.n_units):

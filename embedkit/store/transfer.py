@@ -2,7 +2,7 @@
 
 The copy goes object by object in an order that keeps every reader safe: array data and
 metadata first, then the per-unit records (a record implies its chunks are there), then, after
-the destination verified against the records' checksums, ``COMPLETE.json``. So a reader of the
+the destination verified against the records' checksums, the completion record. So a reader of the
 destination never sees a half-copied entry as complete. An interrupted copy resumes: data objects
 already present with the right size are skipped; the small JSON objects are always rewritten.
 """
@@ -17,15 +17,14 @@ from dataclasses import dataclass
 from embedkit.errors import EntryExistsError, IncompleteEntryError, IntegrityError
 from embedkit.store.catalog import find_entry
 from embedkit.store.entry import FeatureEntry, remove_entry
-from embedkit.store.layout import LAST_USED_FILE
-from embedkit.store.lease import LEASES_DIR
+from embedkit.store.layout import COMPLETE_FILE, LAST_USED_FILE, LEASES_DIR, record_unit
 from embedkit.store.root import CacheRoot, ObjectStat, check_object_path
 
 __all__ = ["CopiedObject", "copy_entry", "copy_object"]
 
 #: Parallel object copies (object stores are latency bound; local disks do not mind).
 COPY_THREADS = 8
-_COMPLETE = "COMPLETE.json"
+_COMPLETE = COMPLETE_FILE
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +37,7 @@ class CopiedObject:
 
 
 def _is_record(path: str) -> bool:
-    return path.startswith("units/") and path.endswith(".json")
+    return record_unit(path) is not None
 
 
 def copy_object(
@@ -76,7 +75,7 @@ def copy_entry(
     (:class:`EntryExistsError`) unless ``overwrite`` (which removes any destination entry,
     complete or partial, first); a partial one (an interrupted copy or extraction) is
     completed in place. With ``verify`` the destination is re-read and checked
-    against the source's per-unit checksums before ``COMPLETE.json`` is written; a mismatch
+    against the source's per-unit checksums before the completion record is written; a mismatch
     raises :class:`IntegrityError` and leaves the destination incomplete. Returns the
     destination entry, opened for reading.
     """

@@ -16,7 +16,14 @@ import zarr
 from embedkit.errors import IntegrityError
 from embedkit.store.checks import checksum, nonfinite_rows
 from embedkit.store.key import digest_ids
-from embedkit.store.layout import fmt_ids
+from embedkit.store.layout import (
+    COMPLETE_FILE,
+    IMAGE_ARRAY,
+    VALID_ARRAY,
+    feature_array,
+    fmt_ids,
+    is_feature_array,
+)
 from embedkit.store.reader import EntryReader
 
 __all__ = ["check_unit", "damaged_units", "verify_entry"]
@@ -95,7 +102,7 @@ def _verify_entry(reader: EntryReader) -> list[str]:
         problems.extend(_unit_problems(reader, arrays, stored_ids, u, done))
     if not lay.is_complete:
         problems.append(
-            f"no COMPLETE.json: entry incomplete ({len(done)} of {lay.n_units} units written)"
+            f"no {COMPLETE_FILE}: entry incomplete ({len(done)} of {lay.n_units} units written)"
         )
     return problems
 
@@ -107,36 +114,36 @@ def _arrays(
     lay = reader.layout
     problems: list[str] = []
     arrays: dict[str, zarr.Array[Any]] = {}
-    for name, spec in lay.attrs["poolings"].items():
+    for pooling, spec in lay.attrs["poolings"].items():
+        name = feature_array(pooling)
         try:
-            arr = lay.feature(name)
+            arr = lay.feature(pooling)
         except Exception as exc:  # missing, or its zarr.json is damaged
-            problems.append(f"features/{name}: array missing or unreadable ({exc})")
+            problems.append(f"{name}: array missing or unreadable ({exc})")
             continue
         if list(arr.shape) != list(spec["shape"]) or str(arr.dtype) != spec["dtype"]:
             problems.append(
-                f"features/{name}: expected {spec['dtype']} {tuple(spec['shape'])} per attrs, "
+                f"{name}: expected {spec['dtype']} {tuple(spec['shape'])} per attrs, "
                 f"found {arr.dtype} {arr.shape}"
             )
             continue
         if lay.unit_rows % arr.chunks[0]:
             problems.append(
-                f"features/{name}: chunks of {arr.chunks[0]} rows straddle units of "
-                f"{lay.unit_rows} rows"
+                f"{name}: chunks of {arr.chunks[0]} rows straddle units of {lay.unit_rows} rows"
             )
-        arrays[f"features/{name}"] = arr
+        arrays[name] = arr
     stored_ids: tuple[str, ...]
     try:
         stored_ids = lay.ids
         if len(stored_ids) != lay.n_images or digest_ids(stored_ids) != lay.key.ids_digest:
-            problems.append("ids: the stored image ids do not match key.ids_digest")
+            problems.append(f"{IMAGE_ARRAY}: the stored image ids do not match key.ids_digest")
     except Exception as exc:
-        problems.append(f"ids: array missing or unreadable ({exc})")
+        problems.append(f"{IMAGE_ARRAY}: array missing or unreadable ({exc})")
         stored_ids = tuple(str(i) for i in range(lay.n_images))
     try:
-        arrays["valid"] = lay.array("valid")
+        arrays[VALID_ARRAY] = lay.array(VALID_ARRAY)
     except Exception as exc:
-        problems.append(f"valid: array missing or unreadable ({exc})")
+        problems.append(f"{VALID_ARRAY}: array missing or unreadable ({exc})")
     return problems, arrays, stored_ids
 
 
@@ -173,14 +180,14 @@ def _unit_problems(
                 f"unit {u} (rows {start}-{stop}): {name} cannot be decoded ({_cause(exc)})"
             )
             continue
-        if name == "valid":
+        if name == VALID_ARRAY:
             valid = np.asarray(data, dtype=bool)
         want = checksums.get(name)
         if want is None:
             problems.append(f"unit {u}: no checksum recorded for {name}")
         elif checksum(data, algorithm) != want:
             problems.append(f"unit {u} (rows {start}-{stop}): checksum mismatch in {name}")
-        if name.startswith("features/") and data.dtype.kind == "f":
+        if is_feature_array(name) and data.dtype.kind == "f":
             bad = nonfinite_rows(data)  # skipped rows are stored as zeros
             if bad.any():
                 bad_ids = [stored_ids[start + int(i)] for i in np.flatnonzero(bad)]

@@ -32,6 +32,7 @@ import contextlib
 import json
 import operator
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -55,16 +56,24 @@ from embedkit.store.checks import (
 from embedkit.store.chunkio import POOL, ChunkLayout, fsync_dirs
 from embedkit.store.key import CacheKey, digest_ids
 from embedkit.store.layout import (
+    IMAGE_ARRAY,
+    IMAGE_DIM,
     LAYOUT_VERSION,
+    LEASES_DIR,
     PATCH_POOLING,
+    RESERVED_NAMES,
     RUNTIME_CONFIG,
+    VALID_ARRAY,
     EntryLayout,
+    dimension_names,
     existing_attrs,
+    feature_array,
     fmt_ids,
+    is_feature_array,
     now_iso,
     writer_identity,
 )
-from embedkit.store.lease import LAYOUT, LEASES_DIR, Leases, resolve_ttl
+from embedkit.store.lease import LAYOUT, Leases, resolve_ttl
 from embedkit.store.root import CacheRoot
 
 __all__ = [
@@ -166,6 +175,12 @@ def create_or_open_layout(
             f"Expected shapes for exactly the key's poolings {list(key.poolings)}, "
             f"got {sorted(shapes)} instead."
         )
+    reserved = sorted(RESERVED_NAMES & set(key.poolings))
+    if reserved:
+        raise IntegrityError(
+            f"Pooling names {reserved} are taken by the entry's other arrays "
+            f"({sorted(RESERVED_NAMES)}); name the pooling otherwise."
+        )
     norm_shapes = {p: tuple(int(d) for d in shapes[p]) for p in key.poolings}
     for p, shape in norm_shapes.items():
         if not shape or any(d <= 0 for d in shape):
@@ -229,10 +244,14 @@ def create_layout(
     provenance: Mapping[str, object],
     compression: str,
 ) -> dict[str, Any]:
-    """Create the entry's group and arrays (its metadata, no data); returns its attrs."""
-    for name in root.listdir(relpath):  # half-created earlier: no unit can be written
-        if name != LEASES_DIR:  # the layout claim we hold lives there
-            root.remove_tree(f"{relpath}/{name}")
+    """Create the entry's group and arrays (its metadata, no data); returns its attrs.
+
+    Every array has Zarr ``dimension_names`` (:func:`embedkit.store.layout.dimension_names`)
+    and the ids are the ``image`` coordinate, so xarray opens the entry as a Dataset indexed by
+    image id; the group's metadata is consolidated (arrays never change after this), so
+    ``xarray.open_zarr`` finds them in one read and does not warn.
+    """
+    _clear_half_created(root, relpath)
     n = key.n_images
     unit_rows = min(unit_rows, n)
     n_units = -(-n // unit_rows)
@@ -242,6 +261,7 @@ def create_layout(
         for p in key.poolings
     }
     poolings: dict[str, dict[str, Any]] = {}
+    dims = dimension_names(shapes)
     store = root.zarr_store(relpath)
     try:
         zarr.create_group(store, zarr_format=3)
@@ -250,7 +270,7 @@ def create_layout(
             shape = (n, *shapes[p])
             zarr.create_array(
                 store,
-                name=f"features/{p}",
+                name=feature_array(p),
                 shape=shape,
                 dtype=dtype,
                 chunks=(
@@ -261,25 +281,37 @@ def create_layout(
                 filters=None,
                 fill_value=0,
                 chunk_key_encoding=CHUNK_KEYS,
-                dimension_names=None,
+                dimension_names=dims[p],
                 config=RUNTIME_CONFIG,
             )
             poolings[p] = {"shape": list(shape), "dtype": dtype}
+        # Uncompressed (vlen-utf8 only): the ids are small, and readable without zarr.
         ids_arr = zarr.create_array(
-            store, name="ids", shape=(n,), dtype=str, chunks=(min(n, 1 << 18),)
+            store,
+            name=IMAGE_ARRAY,
+            shape=(n,),
+            dtype=str,
+            chunks=(min(n, 1 << 18),),
+            compressors=None,
+            dimension_names=(IMAGE_DIM,),
         )
         ids_arr[:] = np.array(list(ids), dtype=object)
         zarr.create_array(
             store,
-            name="valid",
+            name=VALID_ARRAY,
             shape=(n,),
             dtype="bool",
             chunks=(unit_rows,),
             chunk_key_encoding=CHUNK_KEYS,
             compressors=None,
             fill_value=False,
+            dimension_names=(IMAGE_DIM,),
             config=RUNTIME_CONFIG,
         )
+        with warnings.catch_warnings():  # "not part of the Zarr format 3 specification": the
+            # consolidated metadata is a copy; readers that ignore it list the group instead
+            warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
+            group = zarr.consolidate_metadata(store)
         attrs: dict[str, Any] = {
             "embedkit": "feature-entry",
             "key": key.to_dict(),
@@ -298,10 +330,21 @@ def create_layout(
             # Written last (one metadata PUT / file write): marks the layout as complete.
             "layout_version": LAYOUT_VERSION,
         }
-        zarr.open_group(store, mode="r+").attrs.put(attrs)
+        group.attrs.put(attrs)  # one write of zarr.json: attrs and consolidated metadata
     except OSError as exc:
         raise root.write_error(f"create the cache entry {relpath} in", exc) from exc
     return attrs
+
+
+def _clear_half_created(root: CacheRoot, relpath: str) -> None:
+    """Remove what an interrupted creation of the layout left, except the claims (the layout
+    claim we hold lives under :data:`LEASES_DIR`). No unit can have been written."""
+    base = relpath
+    for part in LEASES_DIR.split("/"):
+        for name in root.listdir(base):
+            if name != part:
+                root.remove_tree(f"{base}/{name}")
+        base = f"{base}/{part}"
 
 
 # ---- units and completion -----------------------------------------------------------------
@@ -389,15 +432,15 @@ class EntryWriter:
                 out[~valid] = 0
             stored[name] = out
 
-        targets = {f"features/{name}": a for name, a in stored.items()}
-        targets["valid"] = np.ascontiguousarray(valid)
+        targets = {feature_array(name): a for name, a in stored.items()}
+        targets[VALID_ARRAY] = np.ascontiguousarray(valid)
         layouts = {name: lay.chunk_layout(name) for name in targets}
         pending = PendingUnit(self, u, arrays, stored, targets, valid, skipped)
         try:
             if all(layouts.values()):  # the pool scans and writes each chunk
                 pending.submit(layouts)  # type: ignore[arg-type]
             else:  # fsspec roots (object stores: a PUT is durable once it returns)
-                bad = [f"features/{n}" for n, a in stored.items() if _any_nonfinite_parallel(a)]
+                bad = [feature_array(n) for n, a in stored.items() if _any_nonfinite_parallel(a)]
                 if not bad:
                     for name, a in targets.items():
                         lay.array(name)[start:stop] = a
@@ -443,7 +486,7 @@ class EntryWriter:
         )
 
     def finalize(self, extra: Mapping[str, object] | None = None) -> bool:
-        """Create COMPLETE.json once every unit has its record; see
+        """Create the completion record once every unit has its record; see
         :meth:`FeatureEntry.finalize`."""
         lay = self.layout
         if lay.is_complete:
@@ -525,7 +568,7 @@ class PendingUnit:
                 c0, c1 = layout.chunk_bounds(i)
                 part = a[c0 - start : c1 - start]
                 self._chunks.append((layout, i, name))
-                check = name.startswith("features/")
+                check = is_feature_array(name)
                 self._scans.append(POOL.submit(scan, part, check=check))
                 self._writes.append(
                     POOL.submit(layout.write_chunk, i, part, durable=FSYNC, sync=False)
@@ -579,7 +622,7 @@ class PendingUnit:
         except OSError as exc:
             raise lay.root.write_error(f"write unit {u} of {lay.relpath} in", exc) from exc
         if bad:
-            name = bad[0].removeprefix("features/")
+            name = next(p for p in self._stored if feature_array(p) == bad[0])
             raise self.writer.nonfinite_error(
                 u, name, self._arrays[name], self._stored[name], self._valid
             )

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from embedkit.store.layout import UNITS_DIR
+
 from .conftest import extract_args, run, torchrun
 from .test_dist_extract import entry_at
 
@@ -39,7 +41,7 @@ def test_killed_rank_then_one_process_finishes_identically(
     )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and job.poll() is None:
-        if len(list(killed.glob("*/*/*.zarr/units/*.json"))) >= 2:
+        if len(list(killed.glob(f"*/*/*.zarr/{UNITS_DIR}/*.json"))) >= 2:
             break
         time.sleep(0.01)
     workers = _children(job.pid)

@@ -144,7 +144,7 @@ def test_a_zstd_entry_holds_the_same_features_as_an_uncompressed_one(
         "none",
         "zstd",
     )
-    meta = json.loads((Path(packed.uri) / "features" / "cls" / "zarr.json").read_text())
+    meta = json.loads((Path(packed.uri) / "cls" / "zarr.json").read_text())
     assert [c["name"] for c in meta["codecs"]][-1] == "zstd"
     for pooling in ("cls", "mean"):
         np.testing.assert_array_equal(packed.read(pooling), plain.read(pooling))

@@ -13,6 +13,7 @@ import pytest
 import embedkit.extract.runner as extract_mod
 from embedkit.extract import ExtractionRequest, extract
 from embedkit.store import CacheRoot, FeatureEntry
+from embedkit.store.layout import COMPLETE_FILE, unit_record_name
 from embedkit.store.lease import Leases
 
 
@@ -41,9 +42,9 @@ def test_units_claimed_by_a_live_job_are_left_to_it(
     # lay the entry out, then let "another job" (heartbeating) hold units 1 and 4
     first = extract(_request(), manifest=demo_manifest, cache=root.uri, model_cache_dir=model_cache)
     entry_path = first.entry.relpath
-    root.remove_tree(f"{entry_path}/COMPLETE.json")
+    root.remove_tree(f"{entry_path}/{COMPLETE_FILE}")
     for u in (1, 4):
-        root.remove_tree(f"{entry_path}/units/{u:06d}.json")
+        root.remove_tree(f"{entry_path}/{unit_record_name(u)}")
     entry = FeatureEntry.open(root, entry_path, allow_partial=True)
     assert entry.pending_units() == [1, 4]
 
@@ -83,7 +84,7 @@ def test_entry_with_every_unit_written_is_finalized_without_the_model(
 ) -> None:
     root = CacheRoot.from_uri(tmp_path / "c")
     first = extract(_request(), manifest=demo_manifest, cache=root.uri, model_cache_dir=model_cache)
-    root.remove_tree(f"{first.entry.relpath}/COMPLETE.json")  # its writer died before finalize
+    root.remove_tree(f"{first.entry.relpath}/{COMPLETE_FILE}")  # its writer died before finalize
 
     def boom(*_a: object, **_k: object) -> None:
         raise AssertionError("nothing is pending: the encoder must not be loaded")

@@ -12,6 +12,7 @@ from embedkit.errors import IncompleteEntryError, IntegrityError
 from embedkit.extract import ExtractionRequest, extract
 from embedkit.extract.repair import repair_entry, request_of
 from embedkit.store import CacheRoot, FeatureEntry
+from embedkit.store.layout import COMPLETE_FILE, LEASES_DIR
 
 from ..conftest import write_manifest
 
@@ -66,11 +67,11 @@ def test_repair_restores_flipped_truncated_and_deleted_chunks_bit_for_bit(
     want = _digests(clean)
     assert request_of(entry).batch_size == 3
 
-    flipped = _chunk(entry, "features/cls", 0)
+    flipped = _chunk(entry, "cls", 0)
     data = bytearray(flipped.read_bytes())
     data[len(data) // 2] ^= 0x01
     flipped.write_bytes(bytes(data))
-    truncated = _chunk(entry, "features/patch", 2)
+    truncated = _chunk(entry, "patch", 2)
     truncated.write_bytes(truncated.read_bytes()[:-100])
     _chunk(entry, "valid", 2).unlink()
     assert len(FeatureEntry.open(root, entry.relpath).damaged_units()) == 2
@@ -84,7 +85,7 @@ def test_repair_restores_flipped_truncated_and_deleted_chunks_bit_for_bit(
     assert _digests(entry_dir) == want
     fresh = FeatureEntry.open(root, entry.relpath)
     assert fresh.verify() == []
-    assert not (entry_dir / "leases").exists()
+    assert not (entry_dir / LEASES_DIR).exists()
     assert fresh.read("patch").shape[0] == 24
     # nothing left to do
     assert repair_entry(entry.relpath, manifest=manifest, model_cache_dir=model_cache).units == ()
@@ -99,12 +100,12 @@ def test_repair_refuses_an_incomplete_entry_and_changed_images(
     result = extract(_request(), manifest=manifest, model_cache_dir=model_cache)
     root = CacheRoot.from_uri(str(tmp_path / "cache"))
     entry = FeatureEntry.open(root, result.entry.relpath)
-    _chunk(entry, "features/cls", 1).unlink()
+    _chunk(entry, "cls", 1).unlink()
     # an image file changed size since extraction: the content fingerprint no longer matches
     picture = next(p for p in sorted(images.rglob("*.png")))
     picture.write_bytes(picture.read_bytes() + b"\0")
     with pytest.raises(IntegrityError, match="another cache key"):
         repair_entry(entry.relpath, manifest=manifest, model_cache_dir=model_cache)
-    (tmp_path / "cache" / entry.relpath / "COMPLETE.json").unlink()
+    (tmp_path / "cache" / entry.relpath / COMPLETE_FILE).unlink()
     with pytest.raises(IncompleteEntryError, match="rerun the same `embedkit extract`"):
         repair_entry(entry.relpath, manifest=manifest, model_cache_dir=model_cache)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from embedkit.store import CacheRoot, FeatureEntry, list_entries
+from embedkit.store.layout import UNITS_DIR
 
 from ..conftest import cli_env, run_cli, write_manifest
 
@@ -58,7 +59,7 @@ def test_sigkill_then_rerun_gives_bit_identical_features(
     deadline = time.monotonic() + 120
     units: list[Path] = []
     while time.monotonic() < deadline and proc.poll() is None:
-        units = list(killed.glob("*/*/*.zarr/units/*.json"))
+        units = list(killed.glob(f"*/*/*.zarr/{UNITS_DIR}/*.json"))
         if len(units) >= 2:
             break
         time.sleep(0.01)

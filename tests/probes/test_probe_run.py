@@ -18,6 +18,7 @@ from embedkit.manifest import load_manifest
 from embedkit.probes import KindResult, ProbeData
 from embedkit.probes.run import ProbeRequest, run_probe
 from embedkit.results import load_scores
+from embedkit.store.layout import COMPLETE_FILE
 
 
 @pytest.fixture
@@ -114,7 +115,7 @@ def test_cli_probe_reads_through_a_local_cache(
         app, [*base, "--out", str(tmp_path / "rt"), "--local-cache", str(local)]
     )
     assert through.exit_code == 0, through.output
-    assert (local / summary.relpath / "COMPLETE.json").is_file()  # a verified local copy
+    assert (local / summary.relpath / COMPLETE_FILE).is_file()  # a verified local copy
 
     def record(out: str) -> dict[str, object]:
         (path,) = (tmp_path / out).rglob("knn-*.json")
@@ -126,7 +127,9 @@ def test_cli_probe_reads_through_a_local_cache(
     # Warm: the shared entry's chunk objects are gone, the probe still runs from the local
     # copy (here found through EMBEDKIT_LOCAL_CACHE).
     chunks = [
-        p for p in shared.files(summary.relpath) if re.search(r"/c[./]\d", p) and p[:4] != "ids/"
+        p
+        for p in shared.files(summary.relpath)
+        if re.search(r"/c[./]\d", p) and not p.startswith("image/")
     ]
     assert chunks  # the feature chunks of both poolings and the validity mask
     for path in chunks:

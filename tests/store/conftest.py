@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from embedkit.store import CacheKey, CacheRoot, canonical_json, digest_ids
+from embedkit.store.layout import is_feature_array
 
 BACKENDS = ["local", "memory", "s3"]
 S3_BUCKET = "embedkit-test"
@@ -144,6 +145,16 @@ def _stored_files(directory: Path) -> dict[str, bytes]:
     }
 
 
+def _feature_files(entry_dir: Path) -> dict[str, bytes]:
+    """:func:`_stored_files` of every feature array of an entry (all arrays but ids and mask)."""
+    return {
+        f"{d.name}/{path}": data
+        for d in sorted(entry_dir.iterdir())
+        if d.is_dir() and is_feature_array(d.name)
+        for path, data in _stored_files(d).items()
+    }
+
+
 class Kit:
     """Builders shared by the store tests (a fixture, since test dirs are not packages)."""
 
@@ -151,6 +162,7 @@ class Kit:
     make_key = staticmethod(_make_key)
     make_features = staticmethod(_make_features)
     stored_files = staticmethod(_stored_files)
+    feature_files = staticmethod(_feature_files)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from embedkit.store import (
     render_info,
     verify_root,
 )
+from embedkit.store.layout import COMPLETE_FILE
 
 
 def build(root: CacheRoot, kit, *, model: str, units: int | None, seed: int = 0) -> FeatureEntry:  # type: ignore[no-untyped-def]
@@ -75,7 +76,7 @@ def test_list_find_render(root: CacheRoot, kit) -> None:  # type: ignore[no-unty
 
     health = verify_root(root)
     assert health[done.relpath] == []
-    assert any("no COMPLETE.json" in p for p in health[partial.relpath])
+    assert any(f"no {COMPLETE_FILE}" in p for p in health[partial.relpath])
 
 
 def test_an_entry_removed_while_listing_is_left_out(

@@ -17,7 +17,7 @@ import embedkit.store.writer as writer_mod
 from embedkit.errors import IntegrityError
 from embedkit.store import CacheRoot, FeatureEntry
 from embedkit.store.chunkio import ChunkDecodeError, ChunkLayout, zstd_content_size
-from embedkit.store.layout import EntryLayout
+from embedkit.store.layout import COMPLETE_FILE, EntryLayout
 
 CASES = [
     # shape, chunk rows, dtype, zstd?
@@ -198,7 +198,7 @@ def test_entry_fast_path_is_plain_zarr(
     root = CacheRoot.from_uri(tmp_path / "cache")
     entry, feats = _entry(root, kit, compression)
     assert (
-        entry.layout.chunk_layout("features/cls") is not None
+        entry.layout.chunk_layout("cls") is not None
         and entry.layout.chunk_layout("valid") is not None
     )
     valid = _write_units(entry, feats)
@@ -206,7 +206,7 @@ def test_entry_fast_path_is_plain_zarr(
     want = {p: np.where(valid[:, None], a, 0).astype(np.float16) for p, a in feats.items()}
     store = root.zarr_store(entry.relpath, read_only=True)
     for p in DIMS:
-        np.testing.assert_array_equal(zarr.open_array(store, path=f"features/{p}")[...], want[p])
+        np.testing.assert_array_equal(zarr.open_array(store, path=p)[...], want[p])
     np.testing.assert_array_equal(zarr.open_array(store, path="valid")[...], valid)
     reader = FeatureEntry.open(root, entry.key)
     np.testing.assert_array_equal(reader.read("cls"), want["cls"])
@@ -228,10 +228,10 @@ def test_fast_path_reads_zarr_written_entry(
     valid = _write_units(entry, feats)
     monkeypatch.undo()
     reader = FeatureEntry.open(root, entry.key, allow_partial=True)
-    assert reader.layout.chunk_layout("features/cls") is not None
+    assert reader.layout.chunk_layout("cls") is not None
     want = np.where(valid[:, None], feats["cls"], 0).astype(np.float16)
     np.testing.assert_array_equal(reader.read("cls"), want)
-    assert reader.verify() == ["no COMPLETE.json: entry incomplete (5 of 5 units written)"]
+    assert reader.verify() == [f"no {COMPLETE_FILE}: entry incomplete (5 of 5 units written)"]
 
 
 def test_sha256_records_still_verify(tmp_path: Path, kit: Any) -> None:
@@ -249,9 +249,9 @@ def test_sha256_records_still_verify(tmp_path: Path, kit: Any) -> None:
         record["checksums"][name] = hashlib.sha256(data.view(np.uint8).data).hexdigest()
     path.write_text(json.dumps(record))
     assert entry.verify() == []
-    record["checksums"]["features/cls"] = "0" * 64
+    record["checksums"]["cls"] = "0" * 64
     path.write_text(json.dumps(record))
-    assert entry.verify() == ["unit 1 (rows 5-10): checksum mismatch in features/cls"]
+    assert entry.verify() == ["unit 1 (rows 5-10): checksum mismatch in cls"]
 
 
 def test_damaged_zstd_chunk_read_raises_integrity_error(tmp_path: Path, kit: Any) -> None:
@@ -259,7 +259,7 @@ def test_damaged_zstd_chunk_read_raises_integrity_error(tmp_path: Path, kit: Any
     entry, feats = _entry(root, kit, "zstd")
     _write_units(entry, feats)
     entry.finalize()
-    layout = entry.layout.chunk_layout("features/cls")
+    layout = entry.layout.chunk_layout("cls")
     assert layout is not None
     chunk = layout.chunk_path(2)
     chunk.write_bytes(chunk.read_bytes()[:-5])

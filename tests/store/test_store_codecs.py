@@ -22,6 +22,7 @@ import embedkit.store.chunkio as chunkio
 import embedkit.store.writer as writer_mod
 from embedkit.errors import CacheWriteError, IncompleteEntryError, IntegrityError
 from embedkit.store import CacheRoot, FeatureEntry
+from embedkit.store.layout import unit_record_name
 
 DIMS = {"cls": (8,), "mean": (8,)}
 N, UNIT = 23, 6  # 4 units, the last one short
@@ -71,7 +72,7 @@ def test_default_is_uncompressed(tmp_path: Path, kit: Any) -> None:
     entry = _new(root, kit)
     assert writer_mod.COMPRESSIONS[0] == "none"
     assert entry.info()["compression"] == {"name": "none"}
-    arr = zarr.open_array(root.zarr_store(entry.relpath, read_only=True), path="features/cls")
+    arr = zarr.open_array(root.zarr_store(entry.relpath, read_only=True), path="cls")
     assert arr.compressors == () and arr.chunks == (UNIT, 8)
     with pytest.raises(ValueError, match="Expected compression in"):
         _new(CacheRoot.from_uri(tmp_path / "d"), kit, compression="lz4")
@@ -81,7 +82,7 @@ def test_default_is_uncompressed(tmp_path: Path, kit: Any) -> None:
 def test_multichunk_zstd_units_round_trip(root: CacheRoot, kit: Any) -> None:
     entry = _new(root, kit, "zstd")
     store = root.zarr_store(entry.relpath, read_only=True)
-    arr = zarr.open_array(store, path="features/cls")
+    arr = zarr.open_array(store, path="cls")
     assert arr.chunks == (2, 8) and isinstance(arr.compressors[0], ZstdCodec)
     feats = kit.make_features(N, DIMS)
     _write(entry, feats, [2, 0, 3, 1])
@@ -93,7 +94,7 @@ def test_multichunk_zstd_units_round_trip(root: CacheRoot, kit: Any) -> None:
     ids = [reader.ids[i] for i in (22, 0, 7)]
     np.testing.assert_array_equal(reader.read("cls", ids=ids), want["cls"][[22, 0, 7]])
     for p in DIMS:  # plain zarr-python reads what the store wrote
-        np.testing.assert_array_equal(zarr.open_array(store, path=f"features/{p}")[...], want[p])
+        np.testing.assert_array_equal(zarr.open_array(store, path=p)[...], want[p])
     assert reader.verify() == []
     # reopening with the default compression keeps the entry's own codec and chunks
     again = _new(root, kit)
@@ -121,7 +122,7 @@ def test_multichunk_files_match_zarr_python(tmp_path: Path, kit: Any) -> None:
     ref[...] = feats["cls"].astype(np.float16)
     want = kit.stored_files(tmp_path / "ref" / "cls")
     assert len(want) == 12
-    assert kit.stored_files(tmp_path / "c" / entry.relpath / "features" / "cls") == want
+    assert kit.stored_files(tmp_path / "c" / entry.relpath / "cls") == want
 
 
 @pytest.mark.usefixtures("small_chunks")
@@ -139,8 +140,8 @@ def test_resumed_multichunk_entry_is_identical(tmp_path: Path, kit: Any) -> None
     assert e2.pending_units() == [0, 2, 3]
     _write(e2, feats, e2.pending_units())
     e2.finalize()
-    a = kit.stored_files(tmp_path / "whole" / e1.relpath / "features")
-    b = kit.stored_files(tmp_path / "resumed" / e2.relpath / "features")
+    a = kit.feature_files(tmp_path / "whole" / e1.relpath)
+    b = kit.feature_files(tmp_path / "resumed" / e2.relpath)
     assert a == b and len(a) == 24
 
 
@@ -150,15 +151,15 @@ def test_verify_finds_damage_in_any_chunk_of_a_unit(tmp_path: Path, kit: Any) ->
     entry = _new(root, kit, "zstd")
     _write(entry, kit.make_features(N, DIMS), list(range(entry.n_units)))
     entry.finalize()
-    cdir = tmp_path / "c" / entry.relpath / "features" / "cls"
+    cdir = tmp_path / "c" / entry.relpath / "cls"
     middle = cdir / "c.4.0"  # unit 1 = chunks 3, 4, 5
     good = middle.read_bytes()
     middle.write_bytes((cdir / "c.9.0").read_bytes())  # a valid chunk, wrong content
-    assert entry.verify() == ["unit 1 (rows 6-12): checksum mismatch in features/cls"]
+    assert entry.verify() == ["unit 1 (rows 6-12): checksum mismatch in cls"]
     middle.write_bytes(good[:-4])  # truncated
     problems = entry.verify()
     assert len(problems) == 1 and problems[0].startswith(
-        "unit 1 (rows 6-12): features/cls cannot be decoded"
+        "unit 1 (rows 6-12): cls cannot be decoded"
     )
     with pytest.raises(IntegrityError, match="cannot be decoded"):
         FeatureEntry.open(root, entry.key).read("cls")
@@ -183,7 +184,7 @@ def test_parallel_durable_writes_equal_serial_plain_ones(
             entry = _new(root, kit, compression)
             _write(entry, feats, list(range(entry.n_units)))
             entry.finalize()
-            trees.append(kit.stored_files(tmp_path / name / entry.relpath / "features"))
+            trees.append(kit.feature_files(tmp_path / name / entry.relpath))
             np.testing.assert_array_equal(
                 FeatureEntry.open(root, entry.key).read("cls"), feats["cls"].astype(np.float16)
             )
@@ -247,18 +248,18 @@ def test_entries_with_nested_chunk_keys_still_work(
     entry = _new(root, kit)  # resumed by the current code
     _write(entry, feats, entry.pending_units())
     entry.finalize()
-    cdir = tmp_path / "c" / entry.relpath / "features" / "cls"
+    cdir = tmp_path / "c" / entry.relpath / "cls"
     assert sorted(p.name for p in cdir.iterdir()) == ["c", "zarr.json"]
     assert (cdir / "c" / "3" / "0").is_file()
     reader = FeatureEntry.open(root, entry.key)
-    assert reader.layout.chunk_layout("features/cls") is not None
+    assert reader.layout.chunk_layout("cls") is not None
     np.testing.assert_array_equal(reader.read("cls"), feats["cls"].astype(np.float16))
     assert reader.verify() == []
 
 
 def _unit_chunk_files(entry: FeatureEntry, u: int) -> set[Path]:
     files = set()
-    for name in ("features/cls", "features/mean", "valid"):
+    for name in ("cls", "mean", "valid"):
         layout = entry.layout.chunk_layout(name)
         assert layout is not None
         files |= {layout.chunk_path(i).resolve() for i in layout.chunks_in(*entry.unit_bounds(u))}
@@ -295,7 +296,7 @@ def test_every_chunk_is_synced_before_its_unit_record(
     _write(entry, kit.make_features(N, DIMS), units)
     assert entry.pending_units() == []
     for u in units:
-        record = events.index(("record", f"{entry.relpath}/units/{u:06d}.json"))
+        record = events.index(("record", f"{entry.relpath}/{unit_record_name(u)}"))
         synced = {Path(p) for kind, p in events[:record] if kind == "sync"}
         want = _unit_chunk_files(entry, u)
         # 6-row units: zstd 3 chunks of 2 rows per pooling, none 2 of 3 rows; 1 valid chunk
@@ -313,7 +314,7 @@ def test_failed_sync_leaves_the_unit_pending(
     feats = kit.make_features(N, DIMS)
     root = CacheRoot.from_uri(tmp_path / "c")
     entry = _new(root, kit, compression)
-    bad = {p for p in _unit_chunk_files(entry, 2) if "features" in p.parts}
+    bad = {p for p in _unit_chunk_files(entry, 2) if p.parent.name != "valid"}
     real_fdatasync = os.fdatasync
 
     def fdatasync(fd: int) -> None:
@@ -339,8 +340,8 @@ def test_failed_sync_leaves_the_unit_pending(
     reference = _new(clean, kit, compression)
     _write(reference, feats, list(range(reference.n_units)))
     reference.finalize()
-    a = kit.stored_files(tmp_path / "c" / rerun.relpath / "features")
-    b = kit.stored_files(tmp_path / "clean" / reference.relpath / "features")
+    a = kit.feature_files(tmp_path / "c" / rerun.relpath)
+    b = kit.feature_files(tmp_path / "clean" / reference.relpath)
     assert a == b and a
     assert kit.stored_files(tmp_path / "c" / rerun.relpath / "valid") == kit.stored_files(
         tmp_path / "clean" / reference.relpath / "valid"

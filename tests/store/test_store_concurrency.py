@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from embedkit.store import CacheRoot, FeatureEntry, list_entries, verify_root
+from embedkit.store.layout import LEASES_DIR
 
 from .conftest import S3Server
 
@@ -145,7 +146,7 @@ def test_three_processes_compute_each_unit_once(
     entry = _entry(root)
     _same_features(entry, reference)
     assert verify_root(root) == {entry.relpath: []}
-    assert entry.root.listdir(f"{entry.relpath}/leases") == []  # removed on completion
+    assert entry.root.listdir(f"{entry.relpath}/{LEASES_DIR}") == []  # removed on completion
     records = [entry.unit_record(u)["writer"]["pid"] for u in range(entry.n_units)]
     by_pid = {p.pid: units for p, units in zip(procs, per_job, strict=True)}
     assert all(u in by_pid[pid] for u, pid in enumerate(records))  # records agree with logs
@@ -181,7 +182,7 @@ def test_stalled_job_is_taken_over_after_its_lease_expires(
         assert not partial.is_complete and 2 <= len(written) < partial.n_units
         held = [
             int(name[:6])
-            for name in root.listdir(f"{partial.relpath}/leases")
+            for name in root.listdir(f"{partial.relpath}/{LEASES_DIR}")
             if name[:6].isdigit() and int(name[:6]) not in written
         ]
         assert held, "the frozen job held no claim on an unwritten unit"

@@ -16,6 +16,7 @@ from embedkit.errors import (
     IntegrityError,
 )
 from embedkit.store import CacheRoot, FeatureEntry, remove_entry
+from embedkit.store.layout import unit_record_name
 from embedkit.store.lease import Leases
 
 DIMS = {"cls": (8,), "mean": (8,)}
@@ -76,11 +77,11 @@ def test_round_trip_random_order(root: CacheRoot, kit) -> None:  # type: ignore[
 
 def test_written_chunks_match_unit_geometry(root: CacheRoot, kit) -> None:  # type: ignore[no-untyped-def]
     entry = new_entry(root, kit, dims={"cls": (8,), "patch": (2, 3, 4)}, storage_dtype="float32")
-    arr = zarr.open_array(root.zarr_store(entry.relpath, read_only=True), path="features/cls")
+    arr = zarr.open_array(root.zarr_store(entry.relpath, read_only=True), path="cls")
     assert arr.chunks == (UNIT, 8)
     assert arr.shards is None
     assert arr.dtype == np.float32
-    patch = zarr.open_array(root.zarr_store(entry.relpath, read_only=True), path="features/patch")
+    patch = zarr.open_array(root.zarr_store(entry.relpath, read_only=True), path="patch")
     assert patch.chunks == (UNIT, 2, 3, 4)
     assert patch.dtype == np.float16
     # a plain zarr-python reader sees the same data
@@ -137,7 +138,7 @@ def test_chunk_without_record_is_rewritten(root: CacheRoot, kit) -> None:  # typ
     entry = new_entry(root, kit)
     feats = kit.make_features(N, DIMS)
     # simulate a kill after the chunk landed but before the unit record was written
-    arr = zarr.open_array(root.zarr_store(entry.relpath), path="features/cls")
+    arr = zarr.open_array(root.zarr_store(entry.relpath), path="cls")
     arr[5:10] = np.full((5, 8), 7.0, np.float16)
     assert 1 in entry.pending_units()
     write_all(entry, feats, list(range(entry.n_units)))
@@ -209,12 +210,12 @@ def test_verify_finds_corruption(root: CacheRoot, kit) -> None:  # type: ignore[
     entry.finalize()
     assert entry.verify() == []
     # flip one stored value behind the records' back, through zarr directly
-    arr = zarr.open_array(root.zarr_store(entry.relpath), path="features/cls")
+    arr = zarr.open_array(root.zarr_store(entry.relpath), path="cls")
     arr[12, 3] = -np.asarray(arr[12, 3]) - 1
     # and lose one unit record
-    root.backend.delete(f"{entry.relpath}/units/000004.json")
+    root.backend.delete(f"{entry.relpath}/{unit_record_name(4)}")
     problems = entry.verify()
-    assert any("unit 2 (rows 10-15): checksum mismatch in features/cls" in p for p in problems)
+    assert any("unit 2 (rows 10-15): checksum mismatch in cls" in p for p in problems)
     assert any("unit 4 (rows 20-23): no completion record" in p for p in problems)
     assert len(problems) == 2
 
@@ -224,12 +225,12 @@ def test_verify_finds_corrupt_chunk_file_local(tmp_path: Path, kit) -> None:  # 
     entry = new_entry(root, kit)
     write_all(entry, kit.make_features(N, DIMS), list(range(entry.n_units)))
     entry.finalize()
-    layout = entry.layout.chunk_layout("features/mean")
+    layout = entry.layout.chunk_layout("mean")
     assert layout is not None
     chunk, other = layout.chunk_path(1), layout.chunk_path(3)
     assert chunk.is_file() and chunk.name == "c.1.0"
     chunk.write_bytes(other.read_bytes())  # a valid chunk, wrong content
-    assert entry.verify() == ["unit 1 (rows 5-10): checksum mismatch in features/mean"]
+    assert entry.verify() == ["unit 1 (rows 5-10): checksum mismatch in mean"]
 
 
 def test_mismatched_reopen(root: CacheRoot, kit) -> None:  # type: ignore[no-untyped-def]

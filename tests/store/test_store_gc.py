@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from embedkit.store import CacheRoot, FeatureEntry, collect_garbage, parse_age, plan_gc
+from embedkit.store.layout import COMPLETE_FILE, LAST_USED_FILE
 from embedkit.store.lease import Leases
 
 DIMS = {"cls": (4,)}
@@ -56,7 +57,7 @@ def test_partial_entries_older_than_threshold(root: CacheRoot, kit: Any) -> None
     removed = collect_garbage(root, now=later)
     assert [c.relpath for c in removed] == [partial.relpath]
     assert not root.exists(partial.relpath)
-    assert root.exists(f"{done.relpath}/COMPLETE.json")
+    assert root.exists(f"{done.relpath}/{COMPLETE_FILE}")
     assert collect_garbage(root, now=later, partial_older_than=dt.timedelta(0)) == []
 
 
@@ -64,11 +65,11 @@ def test_unused_complete_entries_only_on_request(root: CacheRoot, kit: Any) -> N
     used = build(root, kit, model="m/used", units=None)
     idle = build(root, kit, model="m/idle", units=None)
     FeatureEntry.open(root, used.relpath).read("cls")  # a reader marks it as used
-    mark = json.loads(root.read_bytes(f"{used.relpath}/last_used.json"))
+    mark = json.loads(root.read_bytes(f"{used.relpath}/{LAST_USED_FILE}"))
     assert mark["last_used"].startswith(str(dt.datetime.now(dt.UTC).year))
     # pretend the idle entry was last used long ago
     root.write_bytes_atomic(
-        f"{idle.relpath}/last_used.json",
+        f"{idle.relpath}/{LAST_USED_FILE}",
         json.dumps({"last_used": "2020-01-01T00:00:00+00:00"}).encode(),
     )
     assert plan_gc(root) == []  # no --unused-since: complete entries are kept
@@ -83,7 +84,7 @@ def test_unused_complete_entries_only_on_request(root: CacheRoot, kit: Any) -> N
     assert root.exists(used.relpath)
     # never read since completion: the completion time counts as its last use
     future = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
-    root.remove_tree(f"{used.relpath}/last_used.json")
+    root.remove_tree(f"{used.relpath}/{LAST_USED_FILE}")
     assert [c.relpath for c in plan_gc(root, unused_since=future)] == [used.relpath]
 
 

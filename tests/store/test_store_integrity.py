@@ -27,6 +27,7 @@ from embedkit.store import (
     plan_gc,
     verify_root,
 )
+from embedkit.store.layout import COMPLETE_FILE, unit_record_name
 from embedkit.store.lease import LEASES_DIR, Leases, Owner
 from embedkit.store.root import check_object_path
 from embedkit.study.demodata import demo_dataset_config
@@ -103,7 +104,7 @@ def test_an_undamaged_entry_reads_the_same_checked_or_not(entry: FeatureEntry) -
 def test_a_flipped_byte_is_an_error_naming_entry_array_unit_rows_and_repair(
     entry: FeatureEntry, how: str
 ) -> None:
-    _flip(_chunk(entry, "features/cls", 1))
+    _flip(_chunk(entry, "cls", 1))
     fresh = _fresh(entry)
     read = {
         "whole": lambda: fresh.read("cls"),
@@ -115,7 +116,7 @@ def test_a_flipped_byte_is_an_error_naming_entry_array_unit_rows_and_repair(
     with pytest.raises(IntegrityError) as info:
         read()
     message = str(info.value)
-    assert "features/cls, unit 1 (rows 8-16)" in message and "checksum mismatch" in message
+    assert "cls, unit 1 (rows 8-16)" in message and "checksum mismatch" in message
     assert entry.key.short() in message and entry.uri in message
     assert f"embedkit cache repair {entry.key.short()}" in message
     # rows of the undamaged units still read; the opt-out reads the damaged unit unchecked
@@ -126,15 +127,15 @@ def test_a_flipped_byte_is_an_error_naming_entry_array_unit_rows_and_repair(
 
 
 def test_a_deleted_chunk_is_an_error_never_zeros(entry: FeatureEntry) -> None:
-    _chunk(entry, "features/mean", 2).unlink()
-    with pytest.raises(IntegrityError, match=r"features/mean, unit 2 \(rows 16-24\).*missing"):
+    _chunk(entry, "mean", 2).unlink()
+    with pytest.raises(IntegrityError, match=r"mean, unit 2 \(rows 16-24\).*missing"):
         _fresh(entry).read("mean")
     with pytest.raises(IntegrityError, match="missing"):  # even unchecked: never zeros
         _fresh(entry).read("mean", verify=False)
 
 
 def test_a_truncated_chunk_is_an_integrity_error(entry: FeatureEntry) -> None:
-    path = _chunk(entry, "features/cls", 0)
+    path = _chunk(entry, "cls", 0)
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(IntegrityError, match=r"unit 0 \(rows 0-8\).*holds \d+ bytes"):
         _fresh(entry).read("cls", ids=[entry.ids[3]])
@@ -143,7 +144,7 @@ def test_a_truncated_chunk_is_an_integrity_error(entry: FeatureEntry) -> None:
 def test_nan_written_into_a_unit_is_an_error_even_with_a_matching_checksum(
     entry: FeatureEntry,
 ) -> None:
-    path = _chunk(entry, "features/cls", 1)
+    path = _chunk(entry, "cls", 1)
     row_bytes = entry.shapes["cls"][0] * 2  # float16
     data = bytearray(path.read_bytes())
     data[3 * row_bytes : 3 * row_bytes + 2] = np.float16(np.nan).tobytes()
@@ -156,7 +157,7 @@ def test_nan_written_into_a_unit_is_an_error_even_with_a_matching_checksum(
     record_path = Path(entry.root.local_path or "") / entry.layout.unit_path(1)
     record = json.loads(record_path.read_bytes())
     rows = np.frombuffer(bytes(data), dtype=np.float16).reshape(UNIT, -1)
-    record["checksums"]["features/cls"] = checksum(rows, record["checksum_algorithm"])
+    record["checksums"]["cls"] = checksum(rows, record["checksum_algorithm"])
     record_path.write_text(json.dumps(record))
     with pytest.raises(IntegrityError, match=f"NaN/Inf in the rows of {entry.ids[11]}"):
         _fresh(entry).read("cls")
@@ -176,11 +177,11 @@ def test_a_missing_unit_record_in_a_complete_entry_is_an_error(entry: FeatureEnt
 
 
 def test_a_copy_reads_checked_data_only(entry: FeatureEntry, tmp_path: Path) -> None:
-    _flip(_chunk(entry, "features/cls", 0))
+    _flip(_chunk(entry, "cls", 0))
     dst = CacheRoot.from_uri(str(tmp_path / "dst"))
     with pytest.raises(IntegrityError, match="checksum mismatch"):
         copy_entry(entry.root, dst, entry.relpath)
-    assert not dst.exists(f"{entry.relpath}/COMPLETE.json")
+    assert not dst.exists(f"{entry.relpath}/{COMPLETE_FILE}")
 
 
 # ---- verify survives anything in one entry -------------------------------------------------
@@ -206,13 +207,13 @@ def test_verify_reports_a_damaged_entry_and_checks_the_others(
     if damage == "bad group json":
         (local / "zarr.json").write_text('{"attributes": {"key": ')
     elif damage == "bad array metadata":
-        (local / "features" / "cls" / "zarr.json").write_text("{not json")
+        (local / "cls" / "zarr.json").write_text("{not json")
     elif damage == "missing array":
-        shutil.rmtree(local / "features" / "mean")
+        shutil.rmtree(local / "mean")
     elif damage == "bad unit record":
-        (local / "units" / "000001.json").write_text("[1, 2")
+        (local / unit_record_name(1)).write_text("[1, 2")
     else:
-        _chunk(entry, "features/cls", 2).unlink()
+        _chunk(entry, "cls", 2).unlink()
     results = verify_root(entry.root)
     assert results[healthy] == []
     assert results[entry.relpath], results
@@ -230,7 +231,7 @@ def test_verify_reports_a_damaged_entry_and_checks_the_others(
 def test_object_keys_must_stay_inside_the_entry(key: str) -> None:
     with pytest.raises(IntegrityError, match="Refusing the object key"):
         check_object_path("s3://b/e.zarr", key)
-    assert check_object_path("s3://b/e.zarr", "features/cls/c/0/0") == "features/cls/c/0/0"
+    assert check_object_path("s3://b/e.zarr", "cls/c/0/0") == "cls/c/0/0"
 
 
 def test_push_refuses_a_symlink_planted_in_a_local_entry(
@@ -239,7 +240,7 @@ def test_push_refuses_a_symlink_planted_in_a_local_entry(
     secret = tmp_path / "secret.txt"
     secret.write_text("not part of any entry")
     local = Path(entry.root.local_path or "") / entry.relpath
-    os.symlink(secret, local / "features" / "notes.txt")
+    os.symlink(secret, local / "cls" / "notes.txt")
     dst = CacheRoot.from_uri(str(tmp_path / "dst"))
     with pytest.raises(IntegrityError, match="symbolic link"):
         copy_entry(entry.root, dst, entry.relpath)

@@ -8,7 +8,8 @@ from embedkit.store import CacheKey, InvalidKeyError, canonical_json, digest_ids
 
 # Pinned: if this changes, every existing cache entry is orphaned. Bump FEATURE_FORMAT_VERSION
 # deliberately instead of changing the digest scheme by accident.
-EXPECTED_DIGEST = "d1d9a24db2a27fb043a3a9a233eba51c8154089fddd3bb3fd5a08e1edcbcab81"
+# FEATURE_FORMAT_VERSION 2 (store layout 2).
+EXPECTED_DIGEST = "5437c09183d67016b6e178768ddad33200ef7119c2492c0ae9085205983fcc45"
 
 
 def ids(n: int) -> list[str]:
@@ -62,7 +63,7 @@ CHANGED = {
     "ids_digest": digest_ids(ids(11)),
     "content_digest": "a" * 64,
     "n_images": 11,
-    "format_version": 2,
+    "format_version": 3,
 }
 
 

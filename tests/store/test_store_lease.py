@@ -15,6 +15,7 @@ import pytest
 import embedkit.store.writer as writer_mod
 from embedkit.errors import ConfigError, EntryExistsError
 from embedkit.store import CacheRoot, FeatureEntry
+from embedkit.store.layout import COMPLETE_FILE, LEASES_DIR
 from embedkit.store.lease import TTL_ENV, Leases, Owner, live_claims, resolve_ttl
 
 DIMS = {"cls": (4,)}
@@ -109,9 +110,9 @@ def test_expired_claim_is_taken_over_and_the_old_owner_notices(root: CacheRoot, 
     assert taker.claim_unit(entry) is None  # first sight of each claim starts its ttl clock
     assert taker.wait_for_units(entry)  # returns once a claim is seen unchanged for 0.5 s
     assert taker.claim_unit(entry) == 0
-    assert root.exists(f"{entry.relpath}/leases/000000.0001.json")  # generation 1
+    assert root.exists(f"{entry.relpath}/{LEASES_DIR}/000000.0001.json")  # generation 1
     assert not crashed.holds_unit(0) and crashed.holds_unit(1)
-    claim = json.loads(root.read_bytes(f"{entry.relpath}/leases/000000.0001.json"))
+    claim = json.loads(root.read_bytes(f"{entry.relpath}/{LEASES_DIR}/000000.0001.json"))
     assert claim["owner"]["token"] == taker.owner.token and claim["generation"] == 1
 
 
@@ -122,7 +123,7 @@ def test_heartbeat_keeps_a_claim_alive(root: CacheRoot, kit: Any) -> None:
         for _ in range(entry.n_units):
             owner.claim_unit(entry)
         other = Leases(root, entry.relpath, ttl_s=ttl)
-        path = f"{entry.relpath}/leases/000000.0000.json"
+        path = f"{entry.relpath}/{LEASES_DIR}/000000.0000.json"
         beats = set()
         end = time.monotonic() + 2.5 * ttl
         while time.monotonic() < end:
@@ -167,24 +168,24 @@ def test_interrupted_layout_is_taken_over_after_expiry(root: CacheRoot, kit: Any
     root.write_bytes_atomic(f"{key.relpath()}/zarr.json", b'{"half": true}')
     entry = new_entry(root, kit, lease_ttl_s=30)
     assert entry.n_units == 4 and entry.pending_units() == [0, 1, 2, 3]
-    assert root.exists(f"{key.relpath()}/leases/layout.0001.json")
+    assert root.exists(f"{key.relpath()}/{LEASES_DIR}/layout.0001.json")
 
 
 def test_finalize_happens_once(root: CacheRoot, kit: Any) -> None:
     entry = new_entry(root, kit)
     for u in range(entry.n_units):
         write(entry, u)
-    assert root.listdir(f"{entry.relpath}/leases")  # the layout claim
+    assert root.listdir(f"{entry.relpath}/{LEASES_DIR}")  # the layout claim
     openers = [FeatureEntry.open(root, entry.relpath, allow_partial=True) for _ in range(4)]
     writers = [FeatureEntry(root, entry.relpath, o.attrs, writable=True) for o in openers]
     results = race(4, lambda i: writers[i].finalize({"job": i}))
     wins = [r for r in results if r is True]
     assert len(wins) == 1, results
     assert all(r is True or r is False or isinstance(r, EntryExistsError) for r in results)
-    assert json.loads(root.read_bytes(f"{entry.relpath}/COMPLETE.json"))["job"] == (
+    assert json.loads(root.read_bytes(f"{entry.relpath}/{COMPLETE_FILE}"))["job"] == (
         results.index(True)
     )
-    assert not root.exists(f"{entry.relpath}/leases")  # claims are removed once complete
+    assert not root.exists(f"{entry.relpath}/{LEASES_DIR}")  # claims are removed once complete
 
 
 def test_live_claims(root: CacheRoot, kit: Any) -> None:
@@ -192,7 +193,7 @@ def test_live_claims(root: CacheRoot, kit: Any) -> None:
     assert live_claims(root, entry.relpath) == []  # the layout claim was released
     job = Leases(root, entry.relpath, ttl_s=30)
     assert job.claim_unit(entry) == 0
-    assert live_claims(root, entry.relpath) == [f"{entry.relpath}/leases/000000.0000.json"]
+    assert live_claims(root, entry.relpath) == [f"{entry.relpath}/{LEASES_DIR}/000000.0000.json"]
     write(entry, 0)
     assert live_claims(root, entry.relpath) == []  # its unit is written
 
@@ -253,9 +254,9 @@ def test_claim_of_a_dead_local_process_is_taken_over_at_once(root: CacheRoot, ki
     assert taker.claim_unit(entry) == 0
     assert taker.claim_unit(entry) == 2
     assert live_claims(root, entry.relpath) == [
-        f"{entry.relpath}/leases/000000.0001.json",
-        f"{entry.relpath}/leases/000001.0000.json",
-        f"{entry.relpath}/leases/000002.0000.json",
+        f"{entry.relpath}/{LEASES_DIR}/000000.0001.json",
+        f"{entry.relpath}/{LEASES_DIR}/000001.0000.json",
+        f"{entry.relpath}/{LEASES_DIR}/000002.0000.json",
     ]
 
 

@@ -21,6 +21,7 @@ from embedkit.store import (
     open_local_copy,
     remove_entry,
 )
+from embedkit.store.layout import COMPLETE_FILE, LAST_USED_FILE, unit_record_name
 
 from .conftest import S3Server
 
@@ -91,14 +92,14 @@ def test_fill_gives_a_valid_local_entry_with_the_remote_features(
     assert local.verify() == []
     assert_same_features(local, remote)
     # same layout: every remote object is there, byte for byte (the usage mark aside)
-    remote_files = {p for p in root.files(remote.relpath) if p != "last_used.json"}
+    remote_files = {p for p in root.files(remote.relpath) if p != LAST_USED_FILE}
     assert remote_files <= set(local.root.files(local.relpath))
     for path in remote_files:
         want = root.read_bytes(f"{remote.relpath}/{path}")
         assert local.root.read_bytes(f"{local.relpath}/{path}") == want, path
     assert local_copy_status(remote, tmp_path / "local").startswith("current")
     # the remote entry counts as used (gc --unused-since) although its data was read only once
-    assert root.exists(f"{remote.relpath}/last_used.json")
+    assert root.exists(f"{remote.relpath}/{LAST_USED_FILE}")
 
 
 def test_warm_path_reads_no_remote_data(
@@ -120,7 +121,7 @@ def test_warm_path_reads_no_remote_data(
         np.testing.assert_array_equal(again.entry.read(p), direct[p])
     fetched = sorted(p.rsplit("/", 1)[-1] for p in remote_gets)
     # only the two identity objects (plus zarr.json once more by FeatureEntry.open)
-    assert set(fetched) == {"zarr.json", "COMPLETE.json"}, remote_gets
+    assert set(fetched) == {"zarr.json", COMPLETE_FILE.rsplit("/", 1)[-1]}, remote_gets
 
     # The remote data may even vanish: the warm copy never needs it.
     for path in root.files(remote.relpath):
@@ -148,20 +149,20 @@ def test_damaged_local_copy_is_detected_and_refetched(
     local_dir = tmp_path / "local"
     entry_dir = open_local_copy(remote, local_dir).entry.root.url(remote.relpath)
 
-    _flip(Path(entry_dir) / "features/cls/c.2.0")
+    _flip(Path(entry_dir) / "cls/c.2.0")
     assert "1 local files changed" in local_copy_status(remote, local_dir)
     repaired = open_local_copy(remote, local_dir)
     assert (repaired.state, repaired.units_fetched) == ("repaired", 1)
     assert repaired.entry.verify() == []
     assert_same_features(repaired.entry, remote)
 
-    (Path(entry_dir) / "features/mean/c.4.0").unlink()  # a lost file
+    (Path(entry_dir) / "mean/c.4.0").unlink()  # a lost file
     again = open_local_copy(remote, local_dir)
     assert (again.state, again.units_fetched) == ("repaired", 1)
     assert again.entry.verify() == []
 
     # Damage that keeps size and mtime passes the cheap check; full_check finds it.
-    _flip(Path(entry_dir) / "features/mean/c.0.0", keep_mtime=True)
+    _flip(Path(entry_dir) / "mean/c.0.0", keep_mtime=True)
     checked = open_local_copy(remote, local_dir, full_check=True)
     assert (checked.state, checked.units_checked, checked.units_fetched) == ("repaired", 5, 1)
     assert_same_features(checked.entry, remote)
@@ -218,14 +219,14 @@ def test_interrupted_fill_resumes(
 def test_damaged_remote_unit_is_refused(s3_server: S3Server, tmp_path: Path, kit: Any) -> None:
     root = CacheRoot.from_uri(s3_server.new_uri())
     remote = build(root, kit)
-    record_path = f"{remote.relpath}/units/000001.json"
+    record_path = f"{remote.relpath}/{unit_record_name(1)}"
     record = json.loads(root.read_bytes(record_path))
-    record["checksums"]["features/cls"] = "00000000"
+    record["checksums"]["cls"] = "00000000"
     root.write_bytes_atomic(record_path, json.dumps(record).encode())
     with pytest.raises(IntegrityError, match=r"Unit 1 .* remote entry is damaged"):
         open_local_copy(remote, tmp_path / "local")
     local = CacheRoot.from_uri(tmp_path / "local")
-    assert not local.exists(f"{remote.relpath}/COMPLETE.json")
+    assert not local.exists(f"{remote.relpath}/{COMPLETE_FILE}")
 
 
 def test_partial_remote_and_remote_local_cache_are_refused(
@@ -244,6 +245,7 @@ def test_partial_remote_and_remote_local_cache_are_refused(
 _WORKER = """
 import json, sys
 from embedkit.store import CacheRoot, FeatureEntry, open_local_copy
+from embedkit.store.layout import COMPLETE_FILE, LAST_USED_FILE, unit_record_name
 remote = FeatureEntry.open(CacheRoot.from_uri(sys.argv[1]), sys.argv[2])
 copy = open_local_copy(remote, sys.argv[3])
 print(json.dumps({"state": copy.state, "fetched": copy.units_fetched,
@@ -298,7 +300,7 @@ def test_cli_cache_info_and_verify_with_a_local_cache(
     assert "local copy current:" in info.output
 
     # verify re-checks every unit of the copy: a flip that keeps size and mtime is repaired
-    _flip(Path(local_dir) / remote.relpath / "features/cls/c.1.0", keep_mtime=True)
+    _flip(Path(local_dir) / remote.relpath / "cls/c.1.0", keep_mtime=True)
     repaired = runner.invoke(app, ["cache", "verify", remote.key.short(), *base])
     assert repaired.exit_code == 0, repaired.output
     np.testing.assert_array_equal(
@@ -306,8 +308,8 @@ def test_cli_cache_info_and_verify_with_a_local_cache(
         remote.read("cls"),
     )
     # a damaged remote unit that the copy must fetch makes verify fail, naming it
-    (Path(local_dir) / remote.relpath / "features/mean/c.2.0").unlink()
-    chunk = f"{remote.relpath}/features/mean/c.2.0"
+    (Path(local_dir) / remote.relpath / "mean/c.2.0").unlink()
+    chunk = f"{remote.relpath}/mean/c.2.0"
     root = CacheRoot.from_uri(uri)
     blob = bytearray(root.read_bytes(chunk))
     blob[len(blob) // 2] ^= 0xFF

@@ -17,6 +17,7 @@ import yaml
 
 from embedkit.errors import CacheWriteError
 from embedkit.store import CacheRoot, FeatureEntry, list_entries, remove_entry, verify_root
+from embedkit.store.layout import LAST_USED_FILE
 
 from .conftest import S3Server
 
@@ -57,7 +58,7 @@ def test_s3_entry_end_to_end_with_explicit_storage_options(s3_server: S3Server, 
 
     # no credential ends up in any object of the entry (attrs, records, completion, usage mark)
     files = root.files(entry.relpath)
-    assert "last_used.json" in files  # the read above marked the entry as used
+    assert LAST_USED_FILE in files  # the read above marked the entry as used
     for path in files:
         blob = root.read_bytes(f"{entry.relpath}/{path}")
         for value in (secret, options["key"], *s3_server.env.values()):
@@ -67,14 +68,14 @@ def test_s3_entry_end_to_end_with_explicit_storage_options(s3_server: S3Server, 
 def test_s3_corrupt_chunk_object_is_reported(s3_server: S3Server, kit: Any) -> None:
     root = CacheRoot.from_uri(s3_server.new_uri())
     entry = build(root, kit)
-    chunk = f"{entry.relpath}/features/cls/c.1.0"
+    chunk = f"{entry.relpath}/cls/c.1.0"
     blob = bytearray(root.read_bytes(chunk))
     blob[len(blob) // 2] ^= 0xFF
     root.write_bytes_atomic(chunk, bytes(blob))
     problems = FeatureEntry.open(root, entry.relpath).verify()
     assert problems
     assert all("unit 1 (rows 5-10)" in p for p in problems), problems
-    assert any("features/cls" in p for p in problems)
+    assert any("cls" in p for p in problems)
 
 
 _S3_WRITES = {
@@ -131,7 +132,7 @@ def test_local_read_only_root_lists_and_reads(
     assert not root.writable
     assert [s.relpath for s in list_entries(root)] == [entry.relpath]
     assert FeatureEntry.open(root, entry.relpath).read("mean").shape == (N, 8)
-    assert not root.exists(f"{entry.relpath}/last_used.json")  # readers leave no trace
+    assert not root.exists(f"{entry.relpath}/{LAST_USED_FILE}")  # readers leave no trace
     with pytest.raises(CacheWriteError, match=r"Cannot create or resume a cache entry in .*read"):
         build(root, kit, model="other/model")
     with pytest.raises(CacheWriteError, match="read access only"):

@@ -10,6 +10,7 @@ import pytest
 
 from embedkit.errors import EntryExistsError, IncompleteEntryError, IntegrityError
 from embedkit.store import CacheRoot, CopiedObject, FeatureEntry, copy_entry
+from embedkit.store.layout import COMPLETE_FILE
 
 from .conftest import S3Server
 
@@ -42,7 +43,7 @@ def test_push_to_s3_and_pull_back_byte_identical(
     seen: list[CopiedObject] = []
     pushed = copy_entry(local, remote, src.key.digest()[:10], on_object=seen.append)
     assert pushed.is_complete
-    assert seen[-1].path == "COMPLETE.json"  # written last
+    assert seen[-1].path == COMPLETE_FILE  # written last
     assert not any(o.skipped for o in seen)
     pulled = copy_entry(remote, back, src.relpath)
     assert pulled.verify() == []
@@ -74,15 +75,15 @@ def test_interrupted_copy_resumes_and_skips_present_objects(
     src = build(src_root, kit)
     copy_entry(src_root, root, src.relpath)
     # simulate an interruption: no COMPLETE.json, two chunk objects missing
-    root.remove_tree(f"{src.relpath}/COMPLETE.json")
-    root.remove_tree(f"{src.relpath}/features/cls/c.3.0")
-    root.remove_tree(f"{src.relpath}/features/patch/c.0.0.0.0")
+    root.remove_tree(f"{src.relpath}/{COMPLETE_FILE}")
+    root.remove_tree(f"{src.relpath}/cls/c.3.0")
+    root.remove_tree(f"{src.relpath}/patch/c.0.0.0.0")
     with pytest.raises(IncompleteEntryError):
         FeatureEntry.open(root, src.relpath)
     seen: list[CopiedObject] = []
     done = copy_entry(src_root, root, src.relpath, on_object=seen.append)
     copied = {o.path for o in seen if not o.skipped and not o.path.endswith(".json")}
-    assert copied == {"features/cls/c.3.0", "features/patch/c.0.0.0.0"}
+    assert copied == {"cls/c.3.0", "patch/c.0.0.0.0"}
     assert done.verify() == []
 
 
@@ -90,8 +91,8 @@ def test_damaged_destination_is_left_incomplete(root: CacheRoot, tmp_path: Path,
     src_root = CacheRoot.from_uri(tmp_path / "src")
     src = build(src_root, kit)
     copy_entry(src_root, root, src.relpath)
-    root.remove_tree(f"{src.relpath}/COMPLETE.json")
-    chunk = f"{src.relpath}/features/mean/c.2.0"
+    root.remove_tree(f"{src.relpath}/{COMPLETE_FILE}")
+    chunk = f"{src.relpath}/mean/c.2.0"
     blob = bytearray(root.read_bytes(chunk))
     blob[-3] ^= 0xFF  # same size: the resumed copy skips it, verification catches it
     root.write_bytes_atomic(chunk, bytes(blob))
@@ -141,6 +142,6 @@ def test_cli_push_pull_and_gc(s3_server: S3Server, tmp_path: Path, kit: Any) -> 
     assert dry.exit_code == 0, dry.output
     assert f"would remove {src.relpath}" in dry.output
     assert "would remove 1 entries" in dry.output
-    assert CacheRoot.from_uri(remote).exists(f"{src.relpath}/COMPLETE.json")
+    assert CacheRoot.from_uri(remote).exists(f"{src.relpath}/{COMPLETE_FILE}")
     bad = runner.invoke(app, ["cache", "gc", "--cache", remote, "--partial-older-than", "soon"])
     assert bad.exit_code == 2

@@ -16,6 +16,7 @@ import embedkit.store.chunkio as chunkio
 import embedkit.store.writer as writer_mod
 from embedkit.errors import CacheWriteError, EntryExistsError, IntegrityError
 from embedkit.store import CacheRoot, FeatureEntry
+from embedkit.store.layout import unit_record_name
 
 DIMS = {"cls": (8,), "mean": (8,)}
 N, UNIT = 23, 6  # 4 units, the last one short; 6-row units hold 2 chunks of 3 rows
@@ -47,7 +48,7 @@ def _unit(feats: dict[str, np.ndarray], entry: FeatureEntry, u: int) -> dict[str
 def _records(root: CacheRoot, entry: FeatureEntry) -> dict[int, dict[str, Any]]:
     out = {}
     for u in range(entry.n_units):
-        record = json.loads(root.read_bytes(f"{entry.relpath}/units/{u:06d}.json"))
+        record = json.loads(root.read_bytes(f"{entry.relpath}/{unit_record_name(u)}"))
         out[u] = {k: record[k] for k in ("rows", "checksum_algorithm", "checksums", "n_valid")}
     return out
 
@@ -100,7 +101,7 @@ def test_pipelined_units_equal_serial_ones(tmp_path: Path, kit: Any, compression
 
     piped_root = CacheRoot.from_uri(tmp_path / "piped")
     piped = _new(piped_root, kit, compression)
-    layout = piped.layout.chunk_layout("features/cls")
+    layout = piped.layout.chunk_layout("cls")
     assert layout is not None
     assert len(layout.chunks_in(*piped.unit_bounds(0))) == (2 if compression == "none" else 3)
     pending = None
@@ -118,8 +119,8 @@ def test_pipelined_units_equal_serial_ones(tmp_path: Path, kit: Any, compression
     piped.finalize()
 
     assert _records(piped_root, piped) == _records(serial_root, serial)
-    assert kit.stored_files(tmp_path / "piped" / piped.relpath / "features") == kit.stored_files(
-        tmp_path / "serial" / serial.relpath / "features"
+    assert kit.feature_files(tmp_path / "piped" / piped.relpath) == kit.feature_files(
+        tmp_path / "serial" / serial.relpath
     )
     reader = FeatureEntry.open(piped_root, piped.key)
     np.testing.assert_array_equal(reader.read("cls"), feats["cls"].astype(np.float16))
@@ -135,9 +136,9 @@ def test_unit_checksum_joins_its_chunks(tmp_path: Path, kit: Any) -> None:
     feats = kit.make_features(N, DIMS)
     rows = _unit(feats, entry, 1)
     entry.write_unit(1, rows, valid=np.ones(UNIT, bool))
-    record = json.loads(root.read_bytes(f"{entry.relpath}/units/000001.json"))
+    record = json.loads(root.read_bytes(f"{entry.relpath}/{unit_record_name(1)}"))
     want = google_crc32c.value(rows["mean"].astype(np.float16).tobytes())
-    assert record["checksums"]["features/mean"] == f"{want:08x}"
+    assert record["checksums"]["mean"] == f"{want:08x}"
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
@@ -183,7 +184,7 @@ def test_chunk_files_are_preallocated_and_exact(
     feats = kit.make_features(N, DIMS)
     entry.write_unit(3, _unit(feats, entry, 3), valid=np.ones(N - 18, bool))  # 5-row unit
     assert 3 * 16 in calls and 2 * 16 in calls  # a full chunk, and the 2 rows of the edge one
-    cdir = tmp_path / "c" / entry.relpath / "features" / "cls"
+    cdir = tmp_path / "c" / entry.relpath / "cls"
     assert (cdir / "c.7.0").stat().st_size == 3 * 16  # edge chunk: 2 rows + a 1-row hole
     np.testing.assert_array_equal(
         entry.read("cls", rows=slice(18, 23)), feats["cls"][18:].astype(np.float16)

@@ -12,6 +12,7 @@ from rich.console import Console
 from embedkit.data.demo import DemoSpec, generate_demo
 from embedkit.errors import ConfigError
 from embedkit.results.consistency import MixedResultsError
+from embedkit.store.layout import COMPLETE_FILE
 from embedkit.study.demodata import demo_dataset_config
 from embedkit.study.pipeline import expand, load_pipeline, run_pipeline
 
@@ -196,7 +197,7 @@ def test_demo_pipeline_generates_its_data_runs_end_to_end_then_skips_everything(
         p.relative_to(study / "cache") for p in (study / "cache").glob("*/*/*.zarr")
     )
     assert len(copies) == 3 and all(  # 224 and 512 px, and 224 px with patch tokens
-        (study / "local" / c / "COMPLETE.json").is_file() for c in copies
+        (study / "local" / c / COMPLETE_FILE).is_file() for c in copies
     )
     assert (study / "report" / "report.html").is_file()
     records = list((study / "results").rglob("*.json"))
