@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import filelock
 
-from embedkit.store.layout import COMPLETE_FILE, LAST_USED_FILE
+from embedkit.store.layout import COMPLETE_FILE, LAST_USED_FILE, LEGACY_COMPLETE_FILE
 from embedkit.store.lease import live_claims
 from embedkit.store.root import CacheRoot
 
@@ -102,7 +102,8 @@ def _candidate(
 ) -> GcCandidate | None:
     files = root.entry_files(relpath)
     size = sum(st.size for st in files.values())
-    complete = files.get(COMPLETE_FILE)
+    # an entry of layout 1 (an earlier embedkit) is complete too: never an abandoned partial
+    complete = files.get(COMPLETE_FILE) or files.get(LEGACY_COMPLETE_FILE)
     if complete is not None:
         if unused_since is None:
             return None

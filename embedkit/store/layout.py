@@ -61,6 +61,7 @@ __all__ = [
     "LAST_USED_INTERVAL_S",
     "LAYOUT_VERSION",
     "LEASES_DIR",
+    "LEGACY_COMPLETE_FILE",
     "META_FILE",
     "PATCH_POOLING",
     "RECORDS_DIR",
@@ -115,6 +116,9 @@ RECORDS_DIR = f"{IMAGE_ARRAY}/embedkit"
 UNITS_DIR = f"{RECORDS_DIR}/units"
 #: The entry's completion record, created last.
 COMPLETE_FILE = f"{RECORDS_DIR}/COMPLETE.json"
+#: Where layout 1 (an earlier embedkit) kept its completion record: beside the arrays. gc
+#: counts such an entry complete, so its default rule never removes expensive old features.
+LEGACY_COMPLETE_FILE = "COMPLETE.json"
 #: Claims of the jobs writing the entry (see :mod:`embedkit.store.lease`).
 LEASES_DIR = f"{RECORDS_DIR}/leases"
 #: Usage mark of an entry (see the layout above) and how often readers refresh it.

@@ -192,11 +192,13 @@ def test_a_pooling_cannot_take_the_name_of_another_array(tmp_path: Path, kit: An
         )
 
 
-def test_an_entry_of_layout_1_is_not_read_and_gc_sees_it_as_partial(
+def test_an_entry_of_layout_1_is_not_read_and_gc_keeps_it_as_complete(
     tmp_path: Path, kit: Any
 ) -> None:
     """An entry written by an earlier embedkit (its attrs say layout 1, its completion record
-    sits beside the arrays): a clear error on open, left out of `cache ls`, partial for gc."""
+    sits beside the arrays): a clear error on open, left out of `cache ls`; gc counts it as the
+    complete entry it is, so the default (partial) rule never deletes expensive old features;
+    only the explicit unused rule removes it."""
     import datetime as dt
 
     root = CacheRoot.from_uri(tmp_path / "c")
@@ -219,8 +221,9 @@ def test_an_entry_of_layout_1_is_not_read_and_gc_sees_it_as_partial(
         FeatureEntry.open(root, entry.relpath)
     assert list_entries(root) == []
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=8)
-    planned = plan_gc(root, now=later)
-    assert [(c.relpath, c.complete) for c in planned] == [(entry.relpath, False)]
+    assert plan_gc(root, now=later) == []
+    planned = plan_gc(root, now=later, unused_since=later)
+    assert [(c.relpath, c.complete) for c in planned] == [(entry.relpath, True)]
 
 
 def test_every_backend_gives_an_entry_zarr_and_xarray_open_silently(
