@@ -7,7 +7,7 @@ yielding advance(n)``; the CLI passes :func:`rich_progress`, Python users may pa
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from rich.console import Console
 from rich.progress import (
@@ -58,3 +58,14 @@ def rich_progress(
             bar.advance(task, n)
 
         yield advance
+
+
+#: ``(total, description) -> context manager yielding advance(n)``: what long library functions
+#: accept as ``progress`` (:func:`rich_progress` on the CLI).
+ProgressFactory = Callable[[int, str], AbstractContextManager[Callable[[int], None]]]
+
+
+@contextmanager
+def no_progress(total: int, description: str) -> Iterator[Callable[[int], None]]:
+    """The factory used when a caller passes none: shows nothing."""
+    yield lambda n: None

@@ -40,6 +40,7 @@ from embedkit.probes.backends import (
     stat_tensors,
     torch_dtype,
 )
+from embedkit.probes.dense import DENSE_MAX_VALUES, blas_threads, dense_newton
 from embedkit.probes.external import check_backend, fit_logistic
 from embedkit.probes.fitted import LinearPredictor, best_index, logits, val_scores
 from embedkit.probes.lbfgs import SolveInfo, lbfgs
@@ -247,6 +248,18 @@ class LogisticProbe(LinearPredictor):
                 "entirely."
             )
 
+    def _dense(self, obj: LogisticObjective) -> bool:
+        """Whether this problem takes the numpy path (:mod:`embedkit.probes.dense`): small, on
+        the CPU, in float64, by Newton."""
+        d = obj.blocks.n_features
+        return (
+            self.solver in ("auto", "newton")
+            and obj.blocks.device.type == "cpu"
+            and obj.blocks.dtype == torch.float64
+            and d <= EXACT_BLOCKS_MAX_FEATURES
+            and obj.blocks.n_rows * (d + 1) <= DENSE_MAX_VALUES
+        )
+
     def _solve(
         self, obj: LogisticObjective, W0: torch.Tensor, C: NDArray[np.float64]
     ) -> tuple[torch.Tensor, SolveInfo]:
@@ -271,6 +284,12 @@ class LogisticProbe(LinearPredictor):
             raise ProbeInputError(
                 f"Invalid solver {self.solver!r}, choose one of ['auto', 'newton', 'lbfgs']."
             )
+        if self._dense(obj):
+            with blas_threads(self.n_threads or 1):
+                W_np, info = dense_newton(
+                    obj.small(), W0.cpu().numpy(), C, max_iter=self.max_iter, tol=self.tol
+                )
+            return torch.from_numpy(W_np), info
         if self.solver == "newton" or (
             self.solver == "auto" and obj.blocks.n_features <= NEWTON_MAX_FEATURES
         ):
