@@ -57,6 +57,7 @@ from embedkit.probes.targets import (
     output_classes,
     resolve_task,
 )
+from embedkit.progress import ProgressFactory, no_progress
 
 __all__ = ["DEFAULT_TOL", "DINOV2_CS", "LogisticProbe", "PathResult"]
 
@@ -135,6 +136,8 @@ class LogisticProbe(LinearPredictor):
     - ``max_resident_bytes``: converted row blocks are cached between passes when their total
       fits (default 256 MiB: small problems only); larger inputs are re-converted per pass, so
       peak memory stays near the size of the stored features.
+    - ``progress``: a factory ``(total, description) -> context yielding advance(n)``
+      (:mod:`embedkit.progress`); the C path advances it once per C. None: no bar.
 
     Fitted attributes: ``C_`` (float; ``(L,)`` under per-label selection), ``coef_`` ``(D, L)``,
     ``intercept_``, ``mean_`` / ``scale_``, ``path_`` (:class:`PathResult`, after selection),
@@ -164,6 +167,7 @@ class LogisticProbe(LinearPredictor):
         solver: Literal["auto", "newton", "lbfgs"] = "auto",
         n_threads: int | None = None,
         backend: Literal["torch", "sklearn", "cuml"] = "torch",
+        progress: ProgressFactory | None = None,
     ) -> None:
         self.Cs = Cs
         self.C = C
@@ -183,6 +187,7 @@ class LogisticProbe(LinearPredictor):
         self.solver = solver
         self.n_threads = n_threads
         self.backend = backend
+        self.progress = progress
 
     # ---- helpers
     def _sorted_cs(self) -> NDArray[np.float64]:
@@ -429,15 +434,17 @@ class LogisticProbe(LinearPredictor):
         W = torch.zeros((obj.blocks.n_features + 1, n_out), dtype=obj.blocks.dtype)
         W = W.to(obj.blocks.device)
         Ws, per, joint, iters, conv = [], [], [], [], []
-        for c in cs:
-            W, info = self._solve(obj, W, np.full(obj.n_problems, c))
-            Ws.append(W)
-            z = logits(val_blocks, W, obj.mean, obj.inv_scale)
-            p, j = val_scores(task, metric, t_va, z)
-            per.append(p)
-            joint.append(j)
-            iters.append(info.n_iter)
-            conv.append(info.converged)
+        with (self.progress or no_progress)(cs.size, "linear probe: C path") as advance:
+            for c in cs:
+                W, info = self._solve(obj, W, np.full(obj.n_problems, c))
+                Ws.append(W)
+                z = logits(val_blocks, W, obj.mean, obj.inv_scale)
+                p, j = val_scores(task, metric, t_va, z)
+                per.append(p)
+                joint.append(j)
+                iters.append(info.n_iter)
+                conv.append(info.converged)
+                advance(1)
         scores = np.array(per)
         score = np.array(joint)
         lower = metric == "log_loss"

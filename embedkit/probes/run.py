@@ -38,6 +38,7 @@ from embedkit.probes import PROBE_KINDS
 from embedkit.probes.features import SplitFeatures, split_features
 from embedkit.probes.registry import ProbeData, get_kind
 from embedkit.probes.request import ProbeRequest
+from embedkit.progress import progress_scope
 from embedkit.report.tables import headline
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
 from embedkit.results.consistency import check_results_dataset
@@ -215,7 +216,7 @@ def run_probe(
         _columns(train, keep), _columns(val, keep), _columns(test, keep),
         tuple(labels[j] for j in keep), task, request.dataset,
     )  # fmt: skip
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), progress_scope(progress):
         result = get_kind(request.kind).fit_score(request, data)
     notes.extend(result.notes)
     scores_out: ScoreTable | None = None
@@ -225,9 +226,10 @@ def run_probe(
         val_part = None
         if result.val_scores is not None and len(val.ids):
             val_part = (val.y, val.mask, _expand(result.val_scores, keep, len(labels)))
-        metrics, per_label, more, operating_point = evaluate_scores(
-            test.y, test.mask, labels, scores, request.n_boot, request.seed, val=val_part
-        )
+        with progress_scope(progress):  # bootstrap bars on large test sets
+            metrics, per_label, more, operating_point = evaluate_scores(
+                test.y, test.mask, labels, scores, request.n_boot, request.seed, val=val_part
+            )
         notes.extend(more)
         scores_out = ScoreTable(test.ids, tuple(labels), test.y, test.mask, scores)
     else:
