@@ -11,10 +11,13 @@ scikit-learn setup) with masks, multi-class = softmax (multinomial).
 All labels are solved together: up to :data:`NEWTON_MAX_FEATURES` features by a batched
 Newton-CG with the exact Hessian blocks (:mod:`embedkit.probes.newton`), above by a batched,
 preconditioned L-BFGS (:mod:`embedkit.probes.lbfgs`, :mod:`embedkit.probes.precondition`);
-small problems run on one CPU thread (``n_threads``). The C grid is swept as a
-warm-started path from strong to weak regularisation. Features stay in their stored dtype
-(float16 by default): every pass converts one row block at a time to the compute dtype and
-standardisation is folded into the weights, so peak memory is the features plus a few blocks.
+small problems run on one CPU thread (``n_threads``), and up to
+:data:`~embedkit.probes.dense.DENSE_MAX_VALUES` standardised values (float64, CPU) the same
+Newton-CG runs in numpy (:mod:`embedkit.probes.dense`), where a small call costs far less.
+The C grid is swept as a warm-started path from strong to weak regularisation. Features stay in
+their stored dtype (float16 by default): every pass converts one row block at a time to the
+compute dtype and standardisation is folded into the weights, so peak memory is the features
+plus a few blocks.
 """
 
 from __future__ import annotations
