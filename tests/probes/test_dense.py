@@ -30,7 +30,8 @@ def _multilabel(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return Y, mask
 
 
-def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def _spy(monkeypatch: pytest.MonkeyPatch, module: Any = linear_module) -> list[int]:
+    """Count the numpy solves ``module`` makes."""
     calls: list[int] = []
     real = dense_module.dense_newton
 
@@ -38,7 +39,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(linear_module, "dense_newton", spy)
+    monkeypatch.setattr(module, "dense_newton", spy)
     return calls
 
 
@@ -122,14 +123,7 @@ def test_batched_fewshot_draws_equal_separate_fits(
 
         return bar()
 
-    batches: list[int] = []
-    real = dense_module.dense_newton
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        batches.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fewshot_module, "dense_newton", counted)
+    batches = _spy(monkeypatch, fewshot_module)
     together = run_fewshot(
         X[tr], target[tr], m_tr, groups, X[te], target[te], m_te, progress=factory, **kw
     )
