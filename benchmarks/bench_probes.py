@@ -390,7 +390,7 @@ def bench_small(args: argparse.Namespace) -> None:
                 f"  few-shot linear C=1, shots {list(shots)} x 5 seeds: run_fewshot {w_e:.2f} s "
                 f"(CPU {c_e:.2f}), scikit-learn loop (same draws) {w_s:.2f} s (CPU {c_s:.2f}); "
                 f"ratio {w_s / w_e:.1f}x; max |d AUROC| "
-                f"{np.nanmax(np.abs(np.array(ours_auc) - np.array(aucs))):.1e}"
+                f"{np.nanmax(np.abs(np.array(ours_auc) - np.array(aucs))):.2e}"
             )
 
 

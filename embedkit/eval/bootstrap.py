@@ -31,6 +31,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from embedkit.errors import BootstrapError, did_you_mean
 from embedkit.eval import metrics as M
+from embedkit.progress import ProgressFactory, current_progress, no_progress
 
 __all__ = [
     "BootstrapCI",
@@ -44,6 +45,10 @@ __all__ = [
     "metric_function",
     "paired_bootstrap_test",
 ]
+
+#: Resampled values (resamples x rows x columns) from which a runner's bar is shown: about a
+#: second of work (1,000 x 20,000 x 14 took 3.8 s, benchmarks/RESULTS.md).
+BAR_MIN_VALUES = 1 << 26
 
 MetricFn = Callable[[NDArray[Any], NDArray[np.bool_] | None, NDArray[Any]], float]
 # Vectorised form: (y, mask, scores, weights (B, N)) -> (B,)
@@ -266,6 +271,7 @@ def _replicates(
     scores: NDArray[Any],
     metric: str | MetricFn,
     indices: NDArray[np.int64],
+    progress: ProgressFactory | None = None,
 ) -> NDArray[np.float64]:
     n = y.shape[0]
     if indices.ndim != 2 or (indices.size and (indices.min() < 0 or indices.max() >= n)):
@@ -273,18 +279,26 @@ def _replicates(
             f"Expected bootstrap indices of shape (B, n) with values in [0, {n}), got "
             f"shape {indices.shape}; draw them with bootstrap_indices({n}, ...)."
         )
-    if isinstance(metric, str) and metric in _WEIGHTED:
-        fn = _WEIGHTED[metric]
-        out = np.empty(indices.shape[0])
-        block = max(1, 2**24 // max(n, 1))  # bound the (block, n) counts matrix to ~128 MB
-        for lo in range(0, indices.shape[0], block):
-            out[lo : lo + block] = fn(y, mask, scores, _counts(indices[lo : lo + block], n))
-        return out
-    fn_plain = metric_function(metric)
-    return np.array(
-        [fn_plain(y[i], None if mask is None else mask[i], scores[i]) for i in indices],
-        dtype=np.float64,
-    )
+    n_boot = indices.shape[0]
+    if progress is None:  # the runner's bar, for resampling work of about a second or more
+        big = n_boot * n * (scores.shape[1] if scores.ndim == 2 else 1) >= BAR_MIN_VALUES
+        progress = current_progress() if big else no_progress
+    name = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
+    with progress(n_boot, f"bootstrap {name} (resamples)") as advance:
+        if isinstance(metric, str) and metric in _WEIGHTED:
+            fn = _WEIGHTED[metric]
+            out = np.empty(n_boot)
+            block = max(1, 2**24 // max(n, 1))  # bound the (block, n) counts matrix to ~128 MB
+            for lo in range(0, n_boot, block):
+                out[lo : lo + block] = fn(y, mask, scores, _counts(indices[lo : lo + block], n))
+                advance(min(block, n_boot - lo))
+            return out
+        fn_plain = metric_function(metric)
+        values = []
+        for i in indices:
+            values.append(fn_plain(y[i], None if mask is None else mask[i], scores[i]))
+            advance(1)
+        return np.array(values, dtype=np.float64)
 
 
 def _check(
@@ -318,17 +332,21 @@ def bootstrap_ci(
     metric: str | MetricFn = "macro_auroc",
     indices: NDArray[np.int64] | None = None,
     level: float = 0.95,
+    progress: ProgressFactory | None = None,
 ) -> BootstrapCI:
     """Point estimate and percentile CI of ``metric`` over bootstrap resamples of the rows.
 
     ``indices`` defaults to ``bootstrap_indices(N)`` (1,000 replicates, seed 0, CXR study);
     comparisons must pass one shared array. ``macro_auroc`` / ``auroc`` / ``ovr_macro_auroc``
     use the vectorised weighted-rank AUROC; other metrics loop over the replicates.
+    ``progress``: a factory ``(total, description) -> context yielding advance(n)`` advanced per
+    resample (None: the runner's :func:`~embedkit.progress.current_progress` when the work has
+    at least :data:`BAR_MIN_VALUES` resampled values, else no bar).
     """
     y_arr, m_arr, (s_arr,) = _check(y, mask, scores)
     idx = bootstrap_indices(y_arr.shape[0]) if indices is None else np.asarray(indices)
     point = float(metric_function(metric)(y_arr, m_arr, s_arr))
-    reps = _replicates(y_arr, m_arr, s_arr, metric, idx)
+    reps = _replicates(y_arr, m_arr, s_arr, metric, idx, progress)
     reps = reps[~np.isnan(reps)]
     low, high = _percentiles(reps, level)
     return BootstrapCI(point, low, high, int(reps.size))

@@ -22,6 +22,7 @@ ids) turns any overlap into an error instead of trusting the split.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,9 +34,25 @@ from scipy import stats
 
 from embedkit.errors import FewShotSamplingError, PatientLeakageError
 from embedkit.eval import metrics as M
-from embedkit.probes.backends import ProbeInputError, check_features
+from embedkit.probes.backends import (
+    ProbeInputError,
+    Source,
+    check_features,
+    column_stats,
+    safe_scale,
+    torch_dtype,
+)
+from embedkit.probes.dense import (
+    DENSE_MAX_VALUES,
+    DenseLogistic,
+    blas_threads,
+    dense_newton,
+    with_ones,
+)
 from embedkit.probes.knn import KNNProbe
-from embedkit.probes.linear import LogisticProbe
+from embedkit.probes.linear import EXACT_BLOCKS_MAX_FEATURES, LogisticProbe
+from embedkit.probes.policies import DEFAULT_TOL
+from embedkit.progress import ProgressFactory, no_progress
 
 __all__ = [
     "FewShotDraw",
@@ -45,6 +62,8 @@ __all__ = [
     "run_fewshot",
     "sample_fewshot",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -201,6 +220,74 @@ def _prototype_scores(
     return out
 
 
+def _linear_draws(
+    X: NDArray[Any],
+    y: NDArray[Any],
+    draws: Sequence[FewShotDraw],
+    X_test: NDArray[Any],
+    kind: str,
+    classes: NDArray[Any] | None,
+    C: float,
+) -> list[NDArray[np.float64]] | None:
+    """Test scores of ``LogisticProbe(C=C)`` fitted on each draw, with every draw solved at once
+    as one batched problem (:class:`~embedkit.probes.dense.DenseLogistic`: one problem per draw
+    and label, or per draw for softmax, each on its own rows standardised by its own statistics,
+    exactly the objective of a separate fit). None when the draws are too large for the dense
+    path or a draw lacks a class; the caller then fits them one by one."""
+    d = X.shape[1]
+    n_rows = sum(dr.indices.size for dr in draws)
+    if d > EXACT_BLOCKS_MAX_FEATURES or n_rows * (d + 1) > DENSE_MAX_VALUES:
+        return None
+    parts, stats = [], []
+    for dr in draws:
+        X_d = np.asarray(X[dr.indices], dtype=np.float64)
+        mean, std = column_stats([Source(X_d)])
+        scale = safe_scale(std)
+        parts.append((X_d - mean) / scale)
+        stats.append((mean, scale))
+    rows = np.arange(n_rows)
+    owner = np.repeat(np.arange(len(draws)), [dr.indices.size for dr in draws])
+    y_rows = np.concatenate([y[dr.indices] for dr in draws])
+    m_rows = np.concatenate([dr.mask for dr in draws])
+    if kind == "multiclass":
+        assert classes is not None
+        k = classes.size
+        if any(np.unique(y[dr.indices][dr.mask]).size != k for dr in draws):
+            return None
+        m = np.zeros((n_rows, len(draws)))
+        m[rows, owner] = m_rows
+        Y = np.zeros((n_rows, len(draws) * k))
+        Y[rows, owner * k + np.minimum(np.searchsorted(classes, y_rows), k - 1)] = 1.0
+        prob = DenseLogistic(with_ones(np.vstack(parts)), Y, m, k)
+    else:
+        k = y.shape[1]
+        m = np.zeros((n_rows, len(draws) * k))
+        Y = np.zeros_like(m)
+        for i in range(len(draws)):
+            sel = owner == i
+            m[sel, i * k : (i + 1) * k] = m_rows[sel]
+            Y[sel, i * k : (i + 1) * k] = np.where(m_rows[sel], y_rows[sel], 0)
+        prob = DenseLogistic(with_ones(np.vstack(parts)), Y, m)
+    with blas_threads(1):
+        W, info = dense_newton(
+            prob, np.zeros((d + 1, Y.shape[1])), np.full(prob.n_problems, C),
+            max_iter=1000, tol=DEFAULT_TOL,
+        )  # fmt: skip
+    if not info.converged.all():
+        logger.warning("few-shot: %d draws did not converge", int((~info.converged).sum()))
+    Xt = np.asarray(X_test, dtype=np.float64)
+    out = []
+    for i, (mean, scale) in enumerate(stats):
+        w = W[:-1, i * k : (i + 1) * k] / scale[:, None]
+        z = Xt @ w + (W[-1, i * k : (i + 1) * k] - mean @ w)
+        if kind == "multiclass":
+            e = np.exp(z - z.max(1, keepdims=True))
+            out.append(e / e.sum(1, keepdims=True))
+        else:
+            out.append(1.0 / (1.0 + np.exp(-z)))
+    return out
+
+
 def run_fewshot(
     X_train: ArrayLike,
     y_train: ArrayLike,
@@ -217,6 +304,7 @@ def run_fewshot(
     linear_C: float = 1.0,
     knn_k: int = 20,
     dtype: torch.dtype | str = torch.float64,
+    progress: ProgressFactory | None = None,
 ) -> FewShotResult:
     """Few-shot evaluation over ``shots`` x ``seeds`` draws; see the module docstring.
 
@@ -226,6 +314,10 @@ def run_fewshot(
     similarity to the positive minus the negative prototype); ``knn`` = :class:`KNNProbe` with
     k = min(``knn_k``, draw size). Metrics: macro AUROC and macro AP (multi-label); accuracy,
     balanced accuracy and one-vs-rest macro AUROC (multi-class).
+
+    ``linear`` in float64 on small draws (the usual case) solves all seeds of one shot count
+    together (:func:`_linear_draws`); the result is that of separate fits. ``progress``: a
+    factory ``(total, description) -> context yielding advance(n)`` (one unit per draw).
     """
     Xtr = check_features(X_train, "X_train")
     Xte = check_features(X_test, "X_test")
@@ -241,29 +333,27 @@ def run_fewshot(
     classes = np.unique(y_tr[m_tr]) if kind == "multiclass" else None
     runs: dict[tuple[int, int], dict[str, float]] = {}
     seed_list = list(seeds)
-    for n_shots in shots:
-        for seed in seed_list:
-            draw = sample_fewshot(
-                y_tr, m_tr, groups_train, n_shots, seed, kind, exclude_groups=exclude_groups
-            )
-            X_d = np.asarray(Xtr[draw.indices])
-            y_d = y_tr[draw.indices]
-            if classifier == "linear":
-                probe = LogisticProbe(C=linear_C, task=kind, dtype=dtype).fit(
-                    X_d, y_d, mask=draw.mask
+    batched = classifier == "linear" and torch_dtype(dtype) == torch.float64
+    with (progress or no_progress)(len(shots) * len(seed_list), "few-shot draws") as advance:
+        for n_shots in shots:
+            draws = [
+                sample_fewshot(
+                    y_tr, m_tr, groups_train, n_shots, seed, kind, exclude_groups=exclude_groups
                 )
-                scores = probe.predict_proba(Xte)
-                if kind == "multiclass":  # align probe classes to all training classes
-                    assert classes is not None
-                    full = np.zeros((Xte.shape[0], classes.size))
-                    full[:, np.searchsorted(classes, probe.classes_)] = scores
-                    scores = full
-            elif classifier == "prototype":
-                scores = _prototype_scores(X_d, y_d, draw.mask, Xte, kind, classes)
-            else:
-                knn = KNNProbe(k=min(knn_k, draw.indices.size), task=kind, dtype=dtype)
-                scores = knn.fit(X_d, y_d, mask=draw.mask).predict_proba(Xte)
-            runs[(n_shots, seed)] = _evaluate(kind, y_te, m_te, scores, classes)
+                for seed in seed_list
+            ]
+            together = (
+                _linear_draws(Xtr, y_tr, draws, Xte, kind, classes, linear_C) if batched else None
+            )
+            for i, (seed, draw) in enumerate(zip(seed_list, draws, strict=True)):
+                scores = (
+                    together[i]
+                    if together is not None
+                    else _fit_score(Xtr, y_tr, draw, Xte, kind, classes, classifier, linear_C,
+                                    knn_k, dtype)
+                )  # fmt: skip
+                runs[(n_shots, seed)] = _evaluate(kind, y_te, m_te, scores, classes)
+                advance(1)
     summary: dict[int, dict[str, dict[str, float]]] = {}
     for n_shots in shots:
         names = runs[(n_shots, seed_list[0])].keys() if seed_list else []
@@ -271,6 +361,36 @@ def run_fewshot(
             name: _summarise([runs[(n_shots, s)][name] for s in seed_list]) for name in names
         }
     return FewShotResult(runs, summary)
+
+
+def _fit_score(
+    Xtr: NDArray[Any],
+    y_tr: NDArray[Any],
+    draw: FewShotDraw,
+    Xte: NDArray[Any],
+    kind: Literal["multilabel", "multiclass"],
+    classes: NDArray[Any] | None,
+    classifier: str,
+    linear_C: float,
+    knn_k: int,
+    dtype: torch.dtype | str,
+) -> NDArray[np.float64]:
+    """Test scores of one draw's classifier, fitted alone."""
+    X_d = np.asarray(Xtr[draw.indices])
+    y_d = y_tr[draw.indices]
+    if classifier == "linear":
+        probe = LogisticProbe(C=linear_C, task=kind, dtype=dtype).fit(X_d, y_d, mask=draw.mask)
+        scores = probe.predict_proba(Xte)
+        if kind == "multiclass":  # align probe classes to all training classes
+            assert classes is not None
+            full = np.zeros((Xte.shape[0], classes.size))
+            full[:, np.searchsorted(classes, probe.classes_)] = scores
+            return full
+        return scores
+    if classifier == "prototype":
+        return _prototype_scores(X_d, y_d, draw.mask, Xte, kind, classes)
+    knn = KNNProbe(k=min(knn_k, draw.indices.size), task=kind, dtype=dtype)
+    return knn.fit(X_d, y_d, mask=draw.mask).predict_proba(Xte)
 
 
 def _evaluate(

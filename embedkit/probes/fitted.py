@@ -21,6 +21,7 @@ from embedkit.probes.backends import (
     RowBlocks,
     Source,
     check_features,
+    compute_threads,
     fold_standardization,
     stat_tensors,
     torch_dtype,
@@ -135,7 +136,8 @@ class LinearPredictor(ClassifierMixin, BaseEstimator):
                 f"X has {arr.shape[1]} features, but {type(self).__name__} is expecting "
                 f"{self._W.shape[0] - 1} features as input (as in fit)."
             )
-        return self._logits(self._blocks(arr), self._W)
+        with compute_threads(None, arr.size):  # one thread on small inputs, as in fit
+            return self._logits(self._blocks(arr), self._W)
 
     def predict_proba(self, X: ArrayLike) -> NDArray[np.float64]:
         """Sigmoid per label (multi-label) or softmax over ``classes_`` (multi-class)."""

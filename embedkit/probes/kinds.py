@@ -17,12 +17,15 @@ Without a validation split, ``linear`` and ``sgd`` hold out 10% of train by pati
 runner picks the operating points (``linear``: the model refit on train + val, so these scores
 are in-sample for the validation images; ``knn`` and ``sgd`` are fitted on train alone).
 Each kind is one small class (:class:`embedkit.probes.registry.ProbeKind`) registered below.
+Progress bars (the C path, kNN query blocks, few-shot draws) go to the factory the runner set
+with :func:`embedkit.progress.progress_scope` (none outside a runner).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Collection
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +34,7 @@ from embedkit.errors import EmbedkitError, FewShotSamplingError
 from embedkit.eval import macro_auroc, ovr_macro_auroc
 from embedkit.probes.policies import DEFAULT_TOL
 from embedkit.probes.registry import KindResult, ProbeData, register
+from embedkit.progress import current_progress
 
 # The estimators (torch) load in fit_score/params, so registering the kinds stays cheap.
 if TYPE_CHECKING:
@@ -81,8 +85,9 @@ class LinearKind:
 
         train, val = data.train, data.val
         probe = LogisticProbe(
-            seed=request.seed, max_iter=request.max_iter, tol=request.tol, backend=request.backend
-        )
+            seed=request.seed, max_iter=request.max_iter, tol=request.tol,
+            backend=request.backend, progress=current_progress(),
+        )  # fmt: skip
         if len(val.ids):
             probe.fit_select(train.X, train.y, train.mask, val.X, val.y, val.mask)
         else:  # no validation split: hold out 10% of train by patient (DINOv2 protocol)
@@ -114,7 +119,8 @@ class KNNKind:
 
         train, val = data.train, data.val
         ks = tuple(k for k in request.ks if k <= len(train.ids)) or (len(train.ids),)
-        probe = KNNProbe(k=ks, backend=request.backend).fit(train.X, train.y, mask=train.mask)
+        probe = KNNProbe(k=ks, backend=request.backend, progress=current_progress())
+        probe.fit(train.X, train.y, mask=train.mask)
         if len(val.ids):
             by_k = {k: _point(val, s) for k, s in probe.predict_proba_per_k(val.X).items()}
             finite = {k: v for k, v in by_k.items() if np.isfinite(v)}
@@ -186,19 +192,25 @@ class FewShotKind:
         metrics: dict[str, Any] = {}
         runs: dict[str, Any] = {}
         notes: list[str] = []
-        for n_shots in request.shots:
-            try:
-                fs = run_fewshot(
-                    train.X, train.y, train.mask, np.asarray(train.patients),
-                    test.X, test.y, test.mask, shots=(n_shots,),
-                    seeds=range(request.seed, request.seed + request.draws), task=data.task,
-                )  # fmt: skip
-            except FewShotSamplingError as exc:
-                named = re.sub(r"label (\d+)", lambda m: f"'{data.labels[int(m[1])]}'", str(exc))
-                notes.append(f"{n_shots}-shot skipped: {named}")
-                continue
-            metrics[f"{n_shots}-shot"] = fs.summary[n_shots]
-            runs.update({f"{n}-shot/seed{s}": v for (n, s), v in fs.runs.items()})
+        total = len(request.shots) * request.draws
+        with current_progress()(total, "few-shot draws") as advance:
+            for n_shots in request.shots:
+                try:
+                    fs = run_fewshot(
+                        train.X, train.y, train.mask, np.asarray(train.patients),
+                        test.X, test.y, test.mask, shots=(n_shots,),
+                        seeds=range(request.seed, request.seed + request.draws), task=data.task,
+                        progress=lambda _total, _desc: nullcontext(advance),
+                    )  # fmt: skip
+                except FewShotSamplingError as exc:
+                    named = re.sub(
+                        r"label (\d+)", lambda m: f"'{data.labels[int(m[1])]}'", str(exc)
+                    )
+                    notes.append(f"{n_shots}-shot skipped: {named}")
+                    advance(request.draws)
+                    continue
+                metrics[f"{n_shots}-shot"] = fs.summary[n_shots]
+                runs.update({f"{n}-shot/seed{s}": v for (n, s), v in fs.runs.items()})
         if not metrics:
             raise EmbedkitError(
                 f"few-shot: no shot count in {list(request.shots)} can be drawn from the train "

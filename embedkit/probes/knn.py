@@ -14,7 +14,8 @@ broken towards the lower training index, so results do not depend on the block s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import numpy as np
@@ -33,6 +34,7 @@ from embedkit.probes.backends import (
 from embedkit.probes.external import check_backend, neighbours
 from embedkit.probes.policies import ProbeBackend
 from embedkit.probes.targets import check_targets
+from embedkit.progress import ProgressFactory, no_progress
 
 __all__ = ["DINO_KS", "KNNProbe"]
 
@@ -91,7 +93,9 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
 
     ``backend``: ``"torch"`` (default, blocked exact search), ``"sklearn"`` or ``"cuml"`` (that
     library's brute-force cosine ``NearestNeighbors`` on a float32 copy of the training features;
-    :mod:`embedkit.probes.external`); the vote is the same.
+    :mod:`embedkit.probes.external`); the vote is the same. ``progress``: a factory
+    ``(total, description) -> context yielding advance(n)`` (:mod:`embedkit.progress`), advanced
+    by the query rows of each block searched; None: no bar.
 
     A scikit-learn estimator (``get_params`` / ``set_params``, :func:`sklearn.base.clone`);
     fitted attributes end in ``_``; :class:`~embedkit.errors.NotFittedError` before ``fit``.
@@ -108,6 +112,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         train_block_size: int | None = None,
         max_resident_bytes: int = DEFAULT_MAX_RESIDENT_BYTES,
         backend: ProbeBackend = "torch",
+        progress: ProgressFactory | None = None,
     ) -> None:
         self.k = k
         self.temperature = temperature
@@ -118,6 +123,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         self.train_block_size = train_block_size
         self.max_resident_bytes = max_resident_bytes
         self.backend = backend
+        self.progress = progress
 
     @property
     def _ks(self) -> list[int]:
@@ -249,11 +255,16 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         kk = min(kk, self._X.shape[0])
         sims = np.empty((arr.shape[0], kk))
         idx = np.empty((arr.shape[0], kk), dtype=np.int64)
-        for lo in range(0, arr.shape[0], self.block_size):
-            s, i = self._search(self._normalise(arr[lo : lo + self.block_size]), kk)
-            sims[lo : lo + self.block_size] = s.double().cpu().numpy()
-            idx[lo : lo + self.block_size] = i.cpu().numpy()
+        with self._bar(arr.shape[0]) as advance:
+            for lo in range(0, arr.shape[0], self.block_size):
+                s, i = self._search(self._normalise(arr[lo : lo + self.block_size]), kk)
+                sims[lo : lo + self.block_size] = s.double().cpu().numpy()
+                idx[lo : lo + self.block_size] = i.cpu().numpy()
+                advance(s.shape[0])
         return sims, idx
+
+    def _bar(self, n_queries: int) -> AbstractContextManager[Callable[[int], None]]:
+        return (self.progress or no_progress)(n_queries, "kNN search (queries)")
 
     def _scores(self, sims: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
         s, i = sims[:, :k], idx[:, :k]
@@ -280,11 +291,13 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
             raise ProbeInputError(f"Expected k >= 1, got {min(ks)}.")
         k_max = min(max(ks), self._X.shape[0])
         out = {kk: np.empty((arr.shape[0], self._votes.shape[1])) for kk in ks}
-        for lo in range(0, arr.shape[0], self.block_size):
-            sims, idx = self._search(self._normalise(arr[lo : lo + self.block_size]), k_max)
-            for kk in ks:
-                scores = self._scores(sims, idx, min(kk, k_max))
-                out[kk][lo : lo + self.block_size] = scores.double().cpu().numpy()
+        with self._bar(arr.shape[0]) as advance:
+            for lo in range(0, arr.shape[0], self.block_size):
+                sims, idx = self._search(self._normalise(arr[lo : lo + self.block_size]), k_max)
+                for kk in ks:
+                    scores = self._scores(sims, idx, min(kk, k_max))
+                    out[kk][lo : lo + self.block_size] = scores.double().cpu().numpy()
+                advance(sims.shape[0])
         return out
 
     def predict(self, X: ArrayLike, k: int | None = None) -> NDArray[Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from numpy.typing import NDArray
 
 from embedkit.probes.objective import LogisticObjective
 
-__all__ = ["SolveInfo", "lbfgs"]
+__all__ = ["Convergence", "SolveInfo", "lbfgs"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,47 @@ logger = logging.getLogger(__name__)
 class SolveInfo:
     n_iter: NDArray[np.int64]
     converged: NDArray[np.bool_]
+
+
+def _host(a: Any) -> Any:
+    return a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+class Convergence:
+    """Per-problem stopping bookkeeping of the batched solvers (torch tensors or numpy arrays).
+
+    A problem stops when its gradient max-norm is at most ``tol`` (:meth:`gradient_small`), or
+    after an iteration whose relative decrease was at most ``ftol`` or whose line search found
+    no decrease (:meth:`after_step`; both at the limit of floating-point precision). ``active``
+    flags the problems still iterating, ``n_iter`` counts their iterations.
+    """
+
+    def __init__(self, active: Any) -> None:
+        self.active: Any = active.clone() if isinstance(active, torch.Tensor) else active.copy()
+        self.converged = ~self.active
+        self.n_iter = self.active * 0
+
+    def gradient_small(self, gmax: Any, tol: float) -> bool:
+        """Retire the problems with ``gmax <= tol``; True when no problem is left active."""
+        done = self.active & (gmax <= tol)
+        self.converged |= done
+        self.active &= ~done
+        return not bool(self.active.any())
+
+    def after_step(self, f: Any, f_new: Any, stalled: Any, ftol: float) -> None:
+        """Count the iteration and retire the problems that no longer decrease."""
+        scale = abs(f)
+        scale = scale + (abs(f_new) - scale).clip(min=0.0)
+        rel = (f - f_new) / (scale + (1.0 - scale).clip(min=0.0))  # over max(|f|, |f_new|, 1)
+        small = self.active & ~stalled & (rel <= ftol)
+        self.n_iter += self.active
+        if bool(stalled.any()):
+            logger.debug("line search stalled for problems %s", _host(stalled).nonzero()[0])
+        self.converged |= small | stalled
+        self.active &= ~(small | stalled)
+
+    def info(self) -> SolveInfo:
+        return SolveInfo(_host(self.n_iter).astype(np.int64), _host(self.converged))
 
 
 def lbfgs(
@@ -44,9 +86,8 @@ def lbfgs(
     ftol = 64.0 * torch.finfo(dt).eps
     P = obj.n_problems
     W = W.clone()
-    active = (obj.n_valid > 0).clone()
-    converged = ~active
-    n_iter = torch.zeros(P, dtype=torch.long, device=dev)
+    state = Convergence(obj.n_valid > 0)
+    active = state.active
     f = torch.zeros(P, dtype=dt, device=dev)
     G = torch.zeros_like(W)
     all_cols = torch.arange(W.shape[1], device=dev)
@@ -67,11 +108,7 @@ def lbfgs(
         return v[obj.problem_of_col]
 
     for _ in range(max_iter):
-        gmax = obj.reduce(G.abs().amax(0), op="max")
-        done = active & (gmax <= tol)
-        converged |= done
-        active &= ~done
-        if not bool(active.any()):
+        if state.gradient_small(obj.reduce(G.abs().amax(0), op="max"), tol):
             break
         # Two-loop recursion, per problem (rho = 0 switches a pair off for a problem).
         q = -G
@@ -137,12 +174,6 @@ def lbfgs(
         else:
             gamma = torch.where(good, sy / torch.where(good, yy, 1.0), gamma)
         have_gamma |= good
-        rel = (f - f_new) / torch.maximum(torch.maximum(f.abs(), f_new.abs()), torch.ones_like(f))
-        small = active & ~stalled & (rel <= ftol)
-        n_iter += active.long()
+        state.after_step(f, f_new, stalled, ftol)
         W, f, G, curv = W_new, f_new, G_new, curv_new
-        if bool(stalled.any()):
-            logger.debug("L-BFGS line search stalled for problems %s", stalled.nonzero().tolist())
-        converged |= small | stalled
-        active &= ~(small | stalled)
-    return W, SolveInfo(n_iter.cpu().numpy(), converged.cpu().numpy())
+    return W, state.info()

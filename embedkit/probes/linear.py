@@ -11,10 +11,13 @@ scikit-learn setup) with masks, multi-class = softmax (multinomial).
 All labels are solved together: up to :data:`NEWTON_MAX_FEATURES` features by a batched
 Newton-CG with the exact Hessian blocks (:mod:`embedkit.probes.newton`), above by a batched,
 preconditioned L-BFGS (:mod:`embedkit.probes.lbfgs`, :mod:`embedkit.probes.precondition`);
-small problems run on one CPU thread (``n_threads``). The C grid is swept as a
-warm-started path from strong to weak regularisation. Features stay in their stored dtype
-(float16 by default): every pass converts one row block at a time to the compute dtype and
-standardisation is folded into the weights, so peak memory is the features plus a few blocks.
+small problems run on one CPU thread (``n_threads``), and up to
+:data:`~embedkit.probes.dense.DENSE_MAX_VALUES` standardised values (float64, CPU) the same
+Newton-CG runs in numpy (:mod:`embedkit.probes.dense`), where a small call costs far less.
+The C grid is swept as a warm-started path from strong to weak regularisation. Features stay in
+their stored dtype (float16 by default): every pass converts one row block at a time to the
+compute dtype and standardisation is folded into the weights, so peak memory is the features
+plus a few blocks.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from embedkit.probes.backends import (
     stat_tensors,
     torch_dtype,
 )
+from embedkit.probes.dense import DENSE_MAX_VALUES, blas_threads, dense_newton
 from embedkit.probes.external import check_backend, fit_logistic
 from embedkit.probes.fitted import LinearPredictor, best_index, logits, val_scores
 from embedkit.probes.lbfgs import SolveInfo, lbfgs
@@ -56,6 +60,7 @@ from embedkit.probes.targets import (
     output_classes,
     resolve_task,
 )
+from embedkit.progress import ProgressFactory, no_progress
 
 __all__ = ["DEFAULT_TOL", "DINOV2_CS", "LogisticProbe", "PathResult"]
 
@@ -134,6 +139,8 @@ class LogisticProbe(LinearPredictor):
     - ``max_resident_bytes``: converted row blocks are cached between passes when their total
       fits (default 256 MiB: small problems only); larger inputs are re-converted per pass, so
       peak memory stays near the size of the stored features.
+    - ``progress``: a factory ``(total, description) -> context yielding advance(n)``
+      (:mod:`embedkit.progress`); the C path advances it once per C. None: no bar.
 
     Fitted attributes: ``C_`` (float; ``(L,)`` under per-label selection), ``coef_`` ``(D, L)``,
     ``intercept_``, ``mean_`` / ``scale_``, ``path_`` (:class:`PathResult`, after selection),
@@ -163,6 +170,7 @@ class LogisticProbe(LinearPredictor):
         solver: Literal["auto", "newton", "lbfgs"] = "auto",
         n_threads: int | None = None,
         backend: Literal["torch", "sklearn", "cuml"] = "torch",
+        progress: ProgressFactory | None = None,
     ) -> None:
         self.Cs = Cs
         self.C = C
@@ -182,6 +190,7 @@ class LogisticProbe(LinearPredictor):
         self.solver = solver
         self.n_threads = n_threads
         self.backend = backend
+        self.progress = progress
 
     # ---- helpers
     def _sorted_cs(self) -> NDArray[np.float64]:
@@ -247,6 +256,18 @@ class LogisticProbe(LinearPredictor):
                 "entirely."
             )
 
+    def _dense(self, obj: LogisticObjective) -> bool:
+        """Whether this problem takes the numpy path (:mod:`embedkit.probes.dense`): small, on
+        the CPU, in float64, by Newton."""
+        d = obj.blocks.n_features
+        return (
+            self.solver in ("auto", "newton")
+            and obj.blocks.device.type == "cpu"
+            and obj.blocks.dtype == torch.float64
+            and d <= EXACT_BLOCKS_MAX_FEATURES
+            and obj.blocks.n_rows * (d + 1) <= DENSE_MAX_VALUES
+        )
+
     def _solve(
         self, obj: LogisticObjective, W0: torch.Tensor, C: NDArray[np.float64]
     ) -> tuple[torch.Tensor, SolveInfo]:
@@ -271,6 +292,12 @@ class LogisticProbe(LinearPredictor):
             raise ProbeInputError(
                 f"Invalid solver {self.solver!r}, choose one of ['auto', 'newton', 'lbfgs']."
             )
+        if self._dense(obj):
+            with blas_threads(self.n_threads or 1):
+                W_np, info = dense_newton(
+                    obj.small(), W0.cpu().numpy(), C, max_iter=self.max_iter, tol=self.tol
+                )
+            return torch.from_numpy(W_np), info
         if self.solver == "newton" or (
             self.solver == "auto" and obj.blocks.n_features <= NEWTON_MAX_FEATURES
         ):
@@ -410,15 +437,17 @@ class LogisticProbe(LinearPredictor):
         W = torch.zeros((obj.blocks.n_features + 1, n_out), dtype=obj.blocks.dtype)
         W = W.to(obj.blocks.device)
         Ws, per, joint, iters, conv = [], [], [], [], []
-        for c in cs:
-            W, info = self._solve(obj, W, np.full(obj.n_problems, c))
-            Ws.append(W)
-            z = logits(val_blocks, W, obj.mean, obj.inv_scale)
-            p, j = val_scores(task, metric, t_va, z)
-            per.append(p)
-            joint.append(j)
-            iters.append(info.n_iter)
-            conv.append(info.converged)
+        with (self.progress or no_progress)(cs.size, "linear probe: C path") as advance:
+            for c in cs:
+                W, info = self._solve(obj, W, np.full(obj.n_problems, c))
+                Ws.append(W)
+                z = logits(val_blocks, W, obj.mean, obj.inv_scale)
+                p, j = val_scores(task, metric, t_va, z)
+                per.append(p)
+                joint.append(j)
+                iters.append(info.n_iter)
+                conv.append(info.converged)
+                advance(1)
         scores = np.array(per)
         score = np.array(joint)
         lower = metric == "log_loss"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from embedkit.probes.lbfgs import SolveInfo
+from embedkit.probes.lbfgs import Convergence, SolveInfo
 from embedkit.probes.objective import LogisticObjective
 
 __all__ = ["newton_cg"]
@@ -175,9 +175,8 @@ def newton_cg(
     n_probs = obj.n_problems
     pcol = obj.problem_of_col
     W = W.clone()
-    active = (obj.n_valid > 0).clone()
-    converged = ~active
-    n_iter = torch.zeros(n_probs, dtype=torch.long, device=dev)
+    conv = Convergence(obj.n_valid > 0)
+    active = conv.active
     f = torch.zeros(n_probs, dtype=dt, device=dev)
     G = torch.zeros_like(W)
     state = torch.zeros((obj.blocks.n_rows, W.shape[1]), dtype=dt, device=dev)
@@ -194,11 +193,7 @@ def newton_cg(
     factored: tuple[torch.Tensor, torch.Tensor] | None = None
     cg_steps = 0
     for _ in range(max_iter):
-        gmax = obj.reduce(G.abs().amax(0), op="max")
-        done = active & (gmax <= tol)
-        converged |= done
-        active &= ~done
-        if not bool(active.any()):
+        if conv.gradient_small(obj.reduce(G.abs().amax(0), op="max"), tol):
             break
         cols = obj.cols_of(active)
         S = state[:, cols]
@@ -233,12 +228,6 @@ def newton_cg(
                 break
             t = torch.where(pending, t * 0.5, t)
         stalled = pending  # no decrease found: at the limit of floating-point precision
-        rel = (f - f_new) / torch.maximum(torch.maximum(f.abs(), f_new.abs()), torch.ones_like(f))
-        small = active & ~stalled & (rel <= ftol)
-        n_iter += active.long()
+        conv.after_step(f, f_new, stalled, ftol)
         W, f, G, curv = W_new, f_new, G_new, curv_new
-        if bool(stalled.any()):
-            logger.debug("Newton line search stalled for problems %s", stalled.nonzero().tolist())
-        converged |= small | stalled
-        active &= ~(small | stalled)
-    return W, SolveInfo(n_iter.cpu().numpy(), converged.cpu().numpy())
+    return W, conv.info()

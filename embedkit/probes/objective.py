@@ -16,6 +16,8 @@ features converted to the compute dtype and nothing else.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,9 @@ from numpy.typing import NDArray
 from embedkit.probes.backends import RowBlocks, fold_standardization
 from embedkit.probes.precondition import Spectrum, apply_inverse, estimate_spectrum
 from embedkit.probes.targets import Targets
+
+if TYPE_CHECKING:
+    from embedkit.probes.dense import DenseLogistic
 
 __all__ = ["LogisticObjective"]
 
@@ -72,6 +77,18 @@ class LogisticObjective:
         self.gram_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         #: The standardised rows as one numpy array, for an external backend (built once).
         self.dense: NDArray[np.float64] | None = None
+        self._small: DenseLogistic | None = None
+
+    def small(self) -> DenseLogistic:
+        """The same objective in numpy float64 on the standardised rows held in memory (built
+        once; its Hessian blocks are then reused along the C path)."""
+        if self._small is None:
+            from embedkit.probes.dense import DenseLogistic
+
+            self._small = DenseLogistic.from_targets(
+                self.standardised_rows(), self.targets, self.n_cols
+            )
+        return self._small
 
     @property
     def spectrum_if_estimated(self) -> Spectrum | None:

@@ -47,6 +47,7 @@ from embedkit.probes.registry import (
     kind_inputs,
 )
 from embedkit.probes.request import ProbeRequest
+from embedkit.progress import progress_scope
 from embedkit.report.tables import headline
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
 from embedkit.results.consistency import check_results_dataset
@@ -308,7 +309,7 @@ def _fit_features(
         _columns(train, keep), _columns(val, keep), _columns(test, keep),
         tuple(labels[j] for j in keep), task, request.dataset,
     )  # fmt: skip
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), progress_scope(progress):
         result = get_kind(request.kind).fit_score(request, data)
     notes.extend(result.notes)
     scores_out: ScoreTable | None = None
@@ -318,9 +319,10 @@ def _fit_features(
         val_part = None
         if result.val_scores is not None and len(val.ids):
             val_part = (val.y, val.mask, _expand(result.val_scores, keep, len(labels)))
-        metrics, per_label, more, operating_point = evaluate_scores(
-            test.y, test.mask, labels, scores, request.n_boot, request.seed, val=val_part
-        )
+        with progress_scope(progress):  # bootstrap bars on large test sets
+            metrics, per_label, more, operating_point = evaluate_scores(
+                test.y, test.mask, labels, scores, request.n_boot, request.seed, val=val_part
+            )
         notes.extend(more)
         scores_out = ScoreTable(test.ids, tuple(labels), test.y, test.mask, scores)
     else:
