@@ -8,6 +8,11 @@ background. Readers keep the stored integers (never rescaled like images):
   ``1``, ``I;16*`` and ``I``; colour (``RGB``/``RGBA``) masks are refused: store class ids.
 - NIfTI (``.nii``, ``.nii.gz``, via nibabel, imported on use): the data array as stored
   (``dataobj``, no scaling), integer-valued; the voxel spacing from the header's zooms.
+- The label map of a **volume** row (a volume dataset: one row per slice):
+  :func:`read_volume_labels` reads it through :func:`embedkit.data.volumes.volume_stack`, so
+  slice ``k`` of the label map is on the grid, and in the orientation, of image slice ``k``
+  (RAS reorientation, the dataset's slice axis, radiological display); its ``spacing`` is
+  permuted the same way: ``(slice, row, column)`` in mm, the axes of the ``(n, H, W)`` stack.
 
 Geometry follows the image's :class:`~embedkit.data.transforms.Preprocessing` ``resize`` mode,
 with **nearest-neighbour** sampling (pixel centres: output pixel ``i`` takes input pixel
@@ -34,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from embedkit.data.policies import ResizeMode
+from embedkit.data.policies import ResizeMode, SliceAxis
 from embedkit.errors import ImageNotFoundError, ImageReadError, ManifestError
 
 if TYPE_CHECKING:
@@ -47,7 +52,9 @@ __all__ = [
     "logits_to_mask",
     "nearest_resize",
     "read_label_map",
+    "read_volume_labels",
     "scored_region",
+    "stack_geometry",
     "to_model_grid",
 ]
 
@@ -57,7 +64,8 @@ _PIL_LABEL_MODES = ("1", "L", "P", "I;16", "I;16L", "I;16B", "I")
 
 @dataclass(frozen=True, eq=False)
 class LabelMap:
-    """One label map: ``ids`` (H, W) or (X, Y, Z) int64 and its voxel ``spacing``."""
+    """One label map: ``ids`` (H, W), (X, Y, Z), or for a volume's slices (n, H, W), int64, and
+    its voxel ``spacing`` along those axes."""
 
     path: Path
     ids: np.ndarray
@@ -103,10 +111,51 @@ def _read_nifti(path: Path) -> LabelMap:
         raise ImageReadError(path, f"corrupt or unreadable NIfTI label map: {exc}") from exc
     if data.ndim not in (2, 3):
         raise ImageReadError(path, f"expected a 2D or 3D label map, got shape {data.shape}")
+    return LabelMap(path, _integral(path, data), zooms)
+
+
+def _integral(path: Path, data: np.ndarray) -> np.ndarray:
+    """``data`` as int64 if it holds integers only, else an :class:`ImageReadError`."""
     integral = np.issubdtype(data.dtype, np.integer)
     if not integral and not (np.all(np.isfinite(data)) and np.array_equal(data, np.round(data))):
         raise ImageReadError(path, f"label map holds non-integer values ({data.dtype})")
-    return LabelMap(path, data.astype(np.int64), zooms)
+    return data.astype(np.int64)
+
+
+def stack_geometry(
+    path: str | Path, slice_axis: SliceAxis
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """Shape ``(n, H, W)`` and voxel spacing (mm) of a volume's slice stack along
+    ``slice_axis``, from its header: the grid after RAS reorientation, permuted as
+    :func:`~embedkit.data.volumes.slice_stack` permutes it (rows run along the larger remaining
+    RAS axis, columns along the smaller)."""
+    import nibabel.orientations as nio
+
+    from embedkit.data.volumes import SLICE_AXES, read_volume_header
+
+    header = read_volume_header(path)
+    zooms = np.sqrt((header.affine[:3, :3] ** 2).sum(0))
+    ornt = np.asarray(nio.io_orientation(header.affine))  # type: ignore[no-untyped-call]
+    ras, size = np.empty(3), np.empty(3, dtype=np.int64)
+    ras[ornt[:, 0].astype(int)] = zooms
+    size[ornt[:, 0].astype(int)] = header.shape
+    s = SLICE_AXES[slice_axis]
+    p, q = (a for a in range(3) if a != s)
+    shape = (int(size[s]), int(size[q]), int(size[p]))
+    return shape, (float(ras[s]), float(ras[q]), float(ras[p]))
+
+
+def read_volume_labels(path: str | Path, slice_axis: SliceAxis) -> LabelMap:
+    """A volume's label map as its ``(n, H, W)`` slices along ``slice_axis``, on the grid and in
+    the orientation of the image slices (:func:`~embedkit.data.volumes.volume_stack`), with the
+    stack's spacing (:func:`stack_geometry`)."""
+    from embedkit.data.volumes import volume_stack
+
+    path = Path(path)
+    if not path.exists():
+        raise ImageNotFoundError(path, "mask file not found; check the manifest's `mask` column")
+    stack = volume_stack(path, slice_axis)
+    return LabelMap(path, _integral(path, np.asarray(stack)), stack_geometry(path, slice_axis)[1])
 
 
 def check_label_map(

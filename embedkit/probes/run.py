@@ -380,7 +380,8 @@ def patch_data(
 
         return PatchSplit(
             name, pick(table.ids), pick(table.paths), pick(table.masks), pick(table.patients),
-            len(rows) - len(kept),
+            len(rows) - len(kept), pick(table.volumes), pick(table.slices),
+            pick(table.volume_slices),
         )  # fmt: skip
 
     resize = str(json.loads(entry.key.preprocessing).get("resize", "squash"))

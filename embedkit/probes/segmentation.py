@@ -26,8 +26,10 @@ Protocol:
   classes of the per-image means); without a validation split, 10% of the train patients are
   held out for it (as the other probes do).
 - **Evaluation** on test at the mask resolution: per class Dice and IoU per image (2D), or per
-  volume (3D: rows with a volume id and slice index, predictions stacked back into the volume
-  along its last axis, the slice axis) with HD95 in the label map's voxel spacing; bootstrap CIs
+  volume (3D: rows of a volume dataset, predictions stacked back into the volume along the
+  slice axis, the label map read slice by slice on the image slices' grid and orientation by
+  :func:`embedkit.data.masks.read_volume_labels`) with HD95 in its voxel spacing, permuted to
+  the slice stack (mm); bootstrap CIs
   over images or volumes (:mod:`embedkit.eval.segmentation`, conventions there).
 
 Record (the contract with the report): ``task = "segmentation"``, ``labels`` = the classes
@@ -97,8 +99,8 @@ class SegmentationSettings:
 
 
 class _Masks:
-    """Label maps of a split's rows, checked against the classes (and, in 2D, the image shape);
-    the last volume read is kept, so the slices of one volume read its file once."""
+    """Label maps of a split's rows, checked against the classes and the image's shape; the last
+    volume read is kept, so the slices of one volume read its label map once."""
 
     def __init__(self, split: PatchSplit, classes: Sequence[str]) -> None:
         self.split = split
@@ -106,31 +108,34 @@ class _Masks:
         self._volume: LabelMap | None = None
 
     def row(self, i: int) -> tuple[np.ndarray, tuple[float, ...]]:
-        """(2D label map, its spacing) of row ``i``."""
-        from embedkit.data.masks import check_label_map, image_shape, read_label_map
+        """(2D label map, its spacing) of row ``i``: for a slice of a volume, slice ``k`` of
+        the volume's label map on the image slice's grid
+        (:func:`~embedkit.data.masks.read_volume_labels`), with the stack's
+        ``(slice, row, column)`` spacing."""
+        from embedkit.data.masks import (
+            check_label_map,
+            image_shape,
+            read_label_map,
+            read_volume_labels,
+            stack_geometry,
+        )
 
         path = self.split.masks[i]
-        slices = self.split.slices
-        if slices is not None:
+        sources = self.split.volume_slices
+        if sources is not None:
+            source = sources[i]
             if self._volume is None or self._volume.path != path:
-                self._volume = check_label_map(read_label_map(path), self.classes)
+                axis = source.spec.slice_axis
+                expected = stack_geometry(source.volume, axis)[0]
+                labels = read_volume_labels(path, axis)
+                self._volume = check_label_map(labels, self.classes, expected)
             volume = self._volume
-            k = slices[i]
-            if volume.ids.ndim != 3:
-                raise ProbeInputError(
-                    f"{path}: row {self.split.ids[i]!r} is slice {k} of a volume, but its "
-                    f"label map has shape {volume.ids.shape}; expected 3D"
-                )
-            if not 0 <= k < volume.ids.shape[-1]:
-                raise ProbeInputError(
-                    f"{path}: slice {k} of row {self.split.ids[i]!r} is outside the label "
-                    f"map's {volume.ids.shape[-1]} slices"
-                )
-            return volume.ids[..., k], volume.spacing
+            return volume.ids[source.index], volume.spacing
         label_map = read_label_map(path)
         if label_map.ids.ndim != 2:
             raise ProbeInputError(
-                f"{path}: a 2D image needs a 2D label map, got shape {label_map.ids.shape}"
+                f"{path}: a 2D image needs a 2D label map, got shape {label_map.ids.shape}; "
+                "for volumes give the manifest a `volumes:` block"
             )
         check_label_map(label_map, self.classes, image_shape(self.split.images[i]))
         return label_map.ids, label_map.spacing
@@ -388,7 +393,7 @@ def _score_cases(
 
     n_classes = len(data.classes)
     labels = data.classes[1:]
-    volumetric = split.volumes is not None and split.slices is not None
+    volumetric = split.volume_slices is not None and split.volumes is not None
     order = _volume_order(split) if volumetric else _storage_order(data, split)
     n_heads = len(which)
     ids: list[str] = []
@@ -433,11 +438,11 @@ def _score_cases(
 
 
 def _flush_volume(rows: list[_Row], add: Any, split: PatchSplit) -> None:
+    """Score one volume: its slices stacked along axis 0, as the label-map stack is."""
     assert split.volumes is not None
-    truth = np.stack([r.truth for r in rows], axis=-1)
-    preds = [np.stack([r.preds[k] for r in rows], axis=-1) for k in range(len(rows[0].preds))]
-    spacing = rows[0].spacing
-    add(split.volumes[rows[0].index], truth, preds, spacing if len(spacing) == 3 else None)
+    truth = np.stack([r.truth for r in rows])
+    preds = [np.stack([r.preds[k] for r in rows]) for k in range(len(rows[0].preds))]
+    add(split.volumes[rows[0].index], truth, preds, rows[0].spacing)
 
 
 def _macro_dice(scores: SegmentationScores) -> float:
@@ -453,19 +458,14 @@ def _macro_dice(scores: SegmentationScores) -> float:
 
 
 def _image01(split: PatchSplit, i: int) -> np.ndarray:
-    """Row ``i``'s image (the slice of a volume) as grayscale in [0, 1], min-max scaled."""
-    from embedkit.data.masks import NIFTI_SUFFIXES
-
-    path = split.images[i]
-    if path.name.lower().endswith(NIFTI_SUFFIXES) and split.slices is not None:
-        import nibabel as nib
-
-        volume: Any = nib.load(str(path))
-        pixels = np.asarray(volume.dataobj[..., split.slices[i]], dtype=np.float64)
+    """Row ``i``'s image (the slice of a volume, as the encoder saw it) as grayscale in [0, 1],
+    min-max scaled."""
+    if split.volume_slices is not None:
+        pixels = split.volume_slices[i].read().astype(np.float64)
     else:
         from embedkit.data.readers import read_image
 
-        pixels = read_image(path).astype(np.float64)
+        pixels = read_image(split.images[i]).astype(np.float64)
         pixels = pixels.mean(-1) if pixels.ndim == 3 else pixels
     low, high = float(pixels.min()), float(pixels.max())
     scaled = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
@@ -526,7 +526,7 @@ def _subset(split: PatchSplit, rows: np.ndarray, name: str) -> PatchSplit:
 
     return PatchSplit(
         name, pick(split.ids), pick(split.images), pick(split.masks), pick(split.patients), 0,
-        pick(split.volumes), pick(split.slices),
+        pick(split.volumes), pick(split.slices), pick(split.volume_slices),
     )  # fmt: skip
 
 
