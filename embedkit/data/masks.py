@@ -43,10 +43,15 @@ from embedkit.data.policies import ResizeMode, SliceAxis
 from embedkit.errors import ImageNotFoundError, ImageReadError, ManifestError
 
 if TYPE_CHECKING:
+    import os
+
     import torch
+
+    from embedkit.data.volumes import VolumeSlice
 
 __all__ = [
     "LabelMap",
+    "RowLabelMaps",
     "check_label_map",
     "image_shape",
     "logits_to_mask",
@@ -179,11 +184,52 @@ def check_label_map(
     return mask
 
 
-def image_shape(path: str | Path) -> tuple[int, ...]:
+class RowLabelMaps:
+    """The label map of each row of a dataset with ``classes:``, checked against the classes and
+    the image's shape: ``masks[i]`` for image ``images[i]``, or, for a volume dataset
+    (``volume_slices`` given), slice ``volume_slices[i].index`` of the volume's label map read by
+    :func:`read_volume_labels` on the image slices' grid. The last volume read is kept, so the
+    slices of one volume read its label map once. The one reader of the probe and finetuning."""
+
+    def __init__(
+        self,
+        masks: Sequence[Path],
+        images: Sequence[str | os.PathLike[str]],
+        classes: Sequence[str],
+        volume_slices: Sequence[VolumeSlice] | None = None,
+    ) -> None:
+        self.masks, self.images = tuple(masks), tuple(images)
+        self.classes = tuple(classes)
+        self.volume_slices = None if volume_slices is None else tuple(volume_slices)
+        self._volume: LabelMap | None = None
+
+    def row(self, i: int) -> tuple[np.ndarray, tuple[float, ...]]:
+        """(2D label map, its spacing) of row ``i``; for a slice of a volume the spacing is the
+        stack's ``(slice, row, column)`` spacing."""
+        path = self.masks[i]
+        if self.volume_slices is not None:
+            source = self.volume_slices[i]
+            if self._volume is None or self._volume.path != path:
+                axis = source.spec.slice_axis
+                expected = stack_geometry(source.volume, axis)[0]
+                self._volume = check_label_map(
+                    read_volume_labels(path, axis), self.classes, expected
+                )
+            return self._volume.ids[source.index], self._volume.spacing
+        label_map = read_label_map(path)
+        if label_map.ids.ndim != 2:
+            raise ManifestError(
+                f"{path}: a 2D image needs a 2D label map, got shape {label_map.ids.shape}; "
+                "for volumes give the dataset a `volumes:` block in the manifest"
+            )
+        check_label_map(label_map, self.classes, image_shape(self.images[i]))
+        return label_map.ids, label_map.spacing
+
+
+def image_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
     """(H, W) of an image from its header when Pillow can read it, else by reading it."""
-    path = Path(path)
     try:
-        with Image.open(path) as opened:
+        with Image.open(Path(path)) as opened:
             width, height = opened.size
             return (height, width)
     except (OSError, SyntaxError, ValueError):
