@@ -257,7 +257,7 @@ def ranked_cases(scores: SegmentationScores, k: int) -> list[int]:
     """The ``k`` best and then the ``k`` worst cases by :func:`mean_dice` (each once), best
     first; cases without a score rank last."""
     mean = np.nan_to_num(mean_dice(scores), nan=-1.0)
-    ranked = np.argsort(-mean, kind="stable").tolist()
+    ranked: list[int] = np.argsort(-mean, kind="stable").tolist()
     best = ranked[:k]
     return best + [c for c in ranked[-k:] if c not in best]
 
