@@ -46,6 +46,7 @@ from embedkit.errors import MetricInputError
 __all__ = [
     "CaseScorer",
     "SegmentationScores",
+    "case_means",
     "case_scores",
     "dice_iou",
     "hd95",
@@ -248,9 +249,15 @@ def macro_dice(scores: SegmentationScores) -> float:
     return _macro(scores.dice)
 
 
+def case_means(dice: ArrayLike) -> FloatArray:
+    """Each case's (row's) mean of ``dice`` (n, L) over the classes it has a score for (NaN:
+    none): the per-case unit of the overlays and of the report's paired Dice comparison."""
+    return np.asarray(_nanmean(np.asarray(dice, dtype=np.float64), axis=1), dtype=np.float64)
+
+
 def mean_dice(scores: SegmentationScores) -> FloatArray:
-    """Each case's mean Dice over the classes it has a score for (NaN: none)."""
-    return np.asarray(_nanmean(scores.dice, axis=1), dtype=np.float64)
+    """:func:`case_means` of ``scores.dice``."""
+    return case_means(scores.dice)
 
 
 def ranked_cases(scores: SegmentationScores, k: int) -> list[int]:

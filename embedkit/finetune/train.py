@@ -44,6 +44,7 @@ import torch
 
 from embedkit import distributed
 from embedkit.data.dataset import Batch, ImageDataset, make_loader
+from embedkit.data.masks import RowLabelMaps
 from embedkit.data.transforms import Preprocessing
 from embedkit.distributed import DistContext
 from embedkit.errors import ConfigError, EmbedkitError
@@ -54,7 +55,6 @@ from embedkit.finetune.augment import MAX_ROTATION_DEG
 from embedkit.finetune.augment import apply as apply_augmentation
 from embedkit.finetune.augment import draw as draw_augmentation
 from embedkit.finetune.losses import masked_loss, pos_weight
-from embedkit.finetune.masks import MaskSet
 from embedkit.finetune.methods import count_parameters, get_method
 from embedkit.finetune.model import Classifier, EncoderHead, default_pooling
 from embedkit.finetune.request import FinetuneRequest
@@ -110,7 +110,7 @@ class _Plan:
     identity: dict[str, Any]
     run_id: str
     relpath: str
-    masks: MaskSet | None = None  # segmentation: the label map of every row and the classes
+    masks: RowLabelMaps | None = None  # segmentation: the label map of every row, the classes
 
 
 def _plan(
@@ -125,7 +125,11 @@ def _plan(
     table = config.load()
     preprocessing = Preprocessing(size=size, mean=spec.mean, std=spec.std)
     segmentation = request.task == "segmentation"
-    masks = MaskSet.load(config, table) if segmentation else None
+    masks = None
+    if segmentation:
+        from embedkit.finetune.segmentation import label_maps
+
+        masks = label_maps(table, request.dataset)
     pooling = "patch" if segmentation else request.pooling or default_pooling(spec)
     if request.layer_decay != 1.0 and not get_family(spec.family).supports_layer_decay:
         raise ConfigError(
@@ -167,8 +171,6 @@ def _plan(
         "params": params,
         "seed": request.seed,
     }
-    if masks is not None:
-        identity["masks"] = masks.digest(config.images)
     run_id = record_id(identity)
     relpath = f"{request.dataset}/{spec.name.replace('/', '--')}/{size}px/{kind}-{run_id}"
     return _Plan(
