@@ -317,3 +317,52 @@ def test_cli_finetune_segmentation(seg_manifest: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Dice [95% CI]" in result.output and "mean over classes" in result.output
     assert "wrote" in result.output
+
+
+def test_a_frozen_probe_and_a_finetune_run_pair_in_the_report(
+    seg_manifest: Path, tmp_path: Path
+) -> None:
+    """The frozen segmentation probe and finetuning on the same data write the same score
+    targets: the results guard accepts both in one folder and the report pairs them."""
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+    from embedkit.results.consistency import check_records
+
+    results = tmp_path / "results"
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    common = ["--manifest", str(seg_manifest), "-d", "shapes", "--model", VIT,
+              "-r", str(RESOLUTION)]  # fmt: skip
+    runner = CliRunner()
+    extract = runner.invoke(app, ["extract", *common, "--patch-tokens", "--workers", "0"], env=env)
+    assert extract.exit_code == 0, extract.output
+    probe = runner.invoke(
+        app, ["probe", *common, "--kind", "segmentation", "--n-boot", "100", "--results",
+              str(results)], env=env,
+    )  # fmt: skip
+    assert probe.exit_code == 0, probe.output
+    tuned = run_finetune(_request("linear", epochs=2, lr=1e-2), manifest=seg_manifest,
+                         results=results)  # fmt: skip
+    (frozen_path,) = results.rglob("segmentation-*.json")
+    frozen = load_scores(frozen_path)
+    finetuned = load_scores(tuned.path)
+    # one set of targets: same cases, classes in truth, every entry a target
+    order = np.argsort(finetuned.ids)
+    assert sorted(frozen.ids) == sorted(finetuned.ids)
+    np.testing.assert_array_equal(frozen.y[np.argsort(frozen.ids)], finetuned.y[order])
+    assert frozen.mask.all() and finetuned.mask.all()
+    check_records([(load_record(frozen_path), frozen_path), (tuned.record, tuned.path)])
+
+    report = build_report(results, tmp_path / "report", n_boot=100)
+    [pair] = report.comparisons
+    assert pair.metric == "mean_dice"
+    assert {pair.a, pair.b} == {f"{VIT} · 128px · segmentation", f"{VIT} · 128px · finetune-linear"}
+    first, second = (frozen, finetuned) if pair.a.endswith("segmentation") else (finetuned, frozen)
+    da, db = _case_means(first), _case_means(second)
+    expected = np.mean([da[i] - db[i] for i in da if np.isfinite(da[i]) and np.isfinite(db[i])])
+    assert np.isclose(pair.delta, expected) and pair.low <= pair.delta <= pair.high
+    assert "finetune-linear" in report.html.read_text()
+    from embedkit.report.compare import DICE_TEST_NAME
+
+    printed = (tmp_path / "report" / "comparisons.md").read_text()
+    assert "mean_dice" in printed and DICE_TEST_NAME in printed and "finetune-linear" in printed
