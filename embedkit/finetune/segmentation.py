@@ -33,7 +33,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +70,6 @@ from embedkit.results.segmentation import (
     overlays_name,
     write_overlays,
 )
-from embedkit.versions import package_versions
 
 if TYPE_CHECKING:
     from embedkit.finetune.request import FinetuneRequest
@@ -232,19 +230,27 @@ class _SegRun:
             return None
         return pixels[ok], target[ok], rows[ok]
 
-    def mean_loss(self, rows: np.ndarray) -> float:
+    def predict(
+        self, rows: np.ndarray
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(pixels, targets at the input size, rows, logits) of each batch of the readable
+        rows of ``rows``, in eval mode without gradients."""
         self.model.eval()
-        total, count = 0.0, 0
         with torch.no_grad():
             for batch in self.batches(rows):
                 part = self.readable(batch)
                 if part is None:
                     continue
-                pixels, target, _ = part
+                pixels, target, kept = part
                 with _autocast(self.device):
                     logits = self.model(pixels.to(self.device))
-                loss = segmentation_loss(logits, target.to(self.device))
-                total, count = total + float(loss) * len(target), count + len(target)
+                yield pixels, target, kept, logits
+
+    def mean_loss(self, rows: np.ndarray) -> float:
+        total, count = 0.0, 0
+        for _, target, _, logits in self.predict(rows):
+            loss = segmentation_loss(logits, target.to(self.device))
+            total, count = total + float(loss) * len(target), count + len(target)
         return total / max(count, 1)
 
 
@@ -402,17 +408,10 @@ def _predict(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(row, pixels, target at the input size, logits at the input size) of every readable row
     of ``rows``, in eval mode."""
-    run.model.eval()
-    with torch.no_grad():
-        for batch in run.batches(rows):
-            part = run.readable(batch)
-            if part is None:
-                continue
-            pixels, target, kept = part
-            with _autocast(run.device):
-                logits = run.model(pixels.to(run.device)).float().cpu()
-            for i, row in enumerate(kept.tolist()):
-                yield row, pixels[i], target[i], logits[i]
+    for pixels, target, kept, logits in run.predict(rows):
+        cpu = logits.float().cpu()
+        for i, row in enumerate(kept.tolist()):
+            yield row, pixels[i], target[i], cpu[i]
 
 
 def _evaluate(run: _SegRun, rows: np.ndarray) -> tuple[SegmentationScores, dict[str, int]]:
@@ -480,46 +479,19 @@ def _write_record(
 ) -> tuple[ResultRecord, Path]:
     labels = list(scores.labels)
     metrics, per_label = summarize_segmentation(scores, n_boot=request.n_boot, seed=request.seed)
-    has_val = len(rows["val"]) > 0
-    record = ResultRecord(
-        record_id=plan.run_id,
-        kind=f"finetune-{request.method}",
-        dataset=request.dataset,
-        model=plan.spec.name,
-        resolution=plan.size,
-        pooling=plan.pooling,
-        task=SEGMENTATION_TASK,
-        labels=labels,
-        entry={
-            "source": source,
-            "weights": weights,
-            "preprocessing": plan.identity["preprocessing"],
-            "ids_digest": plan.identity["ids"],
-            "run_dir": str(run_dir),
-        },
-        params=plan.params,
-        selected={"epoch": state.best_epoch, "lr": request.effective_lr},
-        seed=request.seed,
-        metrics=metrics,
-        per_label=per_label,
-        n={s: len(r) for s, r in rows.items()},
-        versions=package_versions(*get_method(request.method).packages),
-        elapsed_s=round(time.perf_counter() - started, 3),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        notes=notes,
+    from embedkit.finetune.train import finetune_record
+
+    record = finetune_record(
+        request, plan, task=SEGMENTATION_TASK, labels=labels, source=source, weights=weights,
+        run_dir=run_dir, state=state, rows=rows, metrics=metrics, per_label=per_label,
+        notes=notes, started=started, requested_resolution=requested_resolution,
         extra={
-            "parameters": counts,
-            "history": state.history,
-            "best_val_loss": state.best_loss if has_val else None,
-            "resumed_from_epoch": resumed_from,
-            "device": device,
-            "world_size": 1,
-            "batch_per_rank": request.batch_size,
+            "parameters": counts, "resumed_from_epoch": resumed_from, "device": device,
+            "world_size": 1, "batch_per_rank": request.batch_size,
             "n_scored": {"test": len(scores.ids)},
             "scored_per": "volume" if plan.table.volume_slices is not None else "image",
         },
-        requested_resolution=requested_resolution,
-    )
+    )  # fmt: skip
     record.extra["overlays"] = overlays_name(record)
     write_overlays(out, record, overlays)
     path = out.write(record, dice_table(scores), overwrite=request.overwrite)

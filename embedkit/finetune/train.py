@@ -591,6 +591,64 @@ def _train(
     )
 
 
+def finetune_record(
+    request: FinetuneRequest,
+    plan: _Plan,
+    *,
+    task: str,
+    labels: list[str],
+    source: str,
+    weights: str,
+    run_dir: Path,
+    state: ckpt.Checkpoint,
+    rows: dict[str, np.ndarray],
+    metrics: dict[str, Any],
+    per_label: list[dict[str, Any]],
+    notes: list[str],
+    started: float,
+    requested_resolution: int,
+    extra: dict[str, Any],
+    operating_point: str | None = None,
+) -> ResultRecord:
+    """The record of a finished finetuning run (classification or segmentation): identity,
+    hyper-parameters, selection, metrics and the history; ``extra`` adds to its ``extra``."""
+    has_val = len(rows["val"]) > 0
+    return ResultRecord(
+        record_id=plan.run_id,
+        kind=f"finetune-{request.method}",
+        dataset=request.dataset,
+        model=plan.spec.name,
+        resolution=plan.size,
+        pooling=plan.pooling,
+        task=task,
+        labels=labels,
+        entry={
+            "source": source,
+            "weights": weights,
+            "preprocessing": plan.identity["preprocessing"],
+            "ids_digest": plan.identity["ids"],
+            "run_dir": str(run_dir),
+        },
+        params=plan.params,
+        selected={"epoch": state.best_epoch, "lr": request.effective_lr},
+        seed=request.seed,
+        metrics=metrics,
+        per_label=per_label,
+        n={s: len(r) for s, r in rows.items()},
+        versions=package_versions(*get_method(request.method).packages),
+        elapsed_s=round(time.perf_counter() - started, 3),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        notes=notes,
+        extra={
+            "history": state.history,
+            "best_val_loss": state.best_loss if has_val else None,
+            **extra,
+        },
+        operating_point=operating_point,
+        requested_resolution=requested_resolution,
+    )
+
+
 def _write_record(
     request: FinetuneRequest,
     plan: _Plan,
@@ -624,45 +682,16 @@ def _write_record(
     notes = [*notes, *more]
     if skipped:
         notes.append(f"{len(skipped)} unreadable images left out: {sorted(skipped)[:5]}")
-    has_val = len(rows["val"]) > 0
-    record = ResultRecord(
-        record_id=plan.run_id,
-        kind=f"finetune-{request.method}",
-        dataset=request.dataset,
-        model=plan.spec.name,
-        resolution=plan.size,
-        pooling=plan.pooling,
-        task=table.labels.kind,
-        labels=labels,
-        entry={
-            "source": encoder.source,
-            "weights": encoder.weights_fingerprint,
-            "preprocessing": plan.identity["preprocessing"],
-            "ids_digest": plan.identity["ids"],
-            "run_dir": str(run_dir),
-        },
-        params=plan.params,
-        selected={"epoch": state.best_epoch, "lr": request.effective_lr},
-        seed=request.seed,
-        metrics=metrics,
-        per_label=per_label,
-        n={s: len(r) for s, r in rows.items()},
-        versions=package_versions(*get_method(request.method).packages),
-        elapsed_s=round(time.perf_counter() - started, 3),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        notes=notes,
+    record = finetune_record(
+        request, plan, task=table.labels.kind, labels=labels, source=encoder.source,
+        weights=encoder.weights_fingerprint, run_dir=run_dir, state=state, rows=rows,
+        metrics=metrics, per_label=per_label, notes=notes, started=started,
+        requested_resolution=requested_resolution, operating_point=operating_point,
         extra={
-            "parameters": counts,
-            "history": state.history,
-            "best_val_loss": state.best_loss if has_val else None,
-            "resumed_from_epoch": resumed_from,
-            "device": str(ctx.device),
-            "world_size": ctx.world_size,
-            "batch_per_rank": request.batch_size,
+            "parameters": counts, "resumed_from_epoch": resumed_from, "device": str(ctx.device),
+            "world_size": ctx.world_size, "batch_per_rank": request.batch_size,
         },
-        operating_point=operating_point,
-        requested_resolution=requested_resolution,
-    )
+    )  # fmt: skip
     score_table = ScoreTable(
         tuple(table.ids[i] for i in test_rows), tuple(labels), table.labels.y[test_rows],
         table.labels.mask[test_rows], scores,
