@@ -57,7 +57,6 @@ from embedkit.eval.segmentation import (
 from embedkit.finetune import checkpoint as ckpt
 from embedkit.finetune.augment import apply as apply_augmentation
 from embedkit.finetune.augment import draw as draw_augmentation
-from embedkit.finetune.methods import count_parameters, get_method
 from embedkit.finetune.model import EncoderHead
 from embedkit.manifest import DatasetTable
 from embedkit.models import EncoderSpec, get_family, load_encoder
@@ -274,6 +273,8 @@ def run_segmentation(
         _lr_factor,
         _param_groups,
         _trainable,
+        prepare_model,
+        split_rows,
     )
 
     if ctx.world_size > 1:
@@ -294,25 +295,12 @@ def run_segmentation(
 
     started = time.perf_counter()
     table = plan.table
-    rows = {s: table.indices(s) for s in ("train", "val", "test")}
-    for name in ("train", "test"):
-        if len(rows[name]) == 0:
-            raise EmbedkitError(
-                f"the {name} split of {request.dataset} is empty; check the manifest's splits"
-            )
+    rows = split_rows(request, table)
     notes: list[str] = []
     encoder = load_encoder(request.model, device="cpu", cache_dir=cache_dir)
     torch.manual_seed(request.seed)
     model = Segmenter(encoder.model, plan.spec, len(masks.classes) - 1)
-    method = get_method(request.method)
-    method.prepare(model, request.lora_settings())
-    model.to(ctx.device)
-    counts = count_parameters(model)
-    if plan.params["gradient_checkpointing"]:
-        if getattr(model.encoder, "supports_gradient_checkpointing", False):
-            model.encoder.gradient_checkpointing_enable()  # type: ignore[operator]
-        else:
-            notes.append(f"{plan.spec.family} does not support gradient checkpointing; off")
+    counts = prepare_model(model, request, plan, ctx.device, notes)
     run = _SegRun(request, plan, model, masks, ctx.device)
 
     lr = request.effective_lr

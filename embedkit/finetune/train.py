@@ -346,6 +346,36 @@ class _Run:
         return {i for part in ddp.gather(self.ctx, sorted(self.skipped)) for i in part}
 
 
+def split_rows(request: FinetuneRequest, table: DatasetTable) -> dict[str, np.ndarray]:
+    """The rows of each split; an empty train or test split is an error."""
+    rows = {s: table.indices(s) for s in ("train", "val", "test")}
+    for name in ("train", "test"):
+        if len(rows[name]) == 0:
+            raise EmbedkitError(
+                f"the {name} split of {request.dataset} is empty; check the manifest's splits"
+            )
+    return rows
+
+
+def prepare_model(
+    model: EncoderHead,
+    request: FinetuneRequest,
+    plan: _Plan,
+    device: torch.device,
+    notes: list[str],
+) -> dict[str, int]:
+    """Apply the method (which parameters train), move the model to ``device``, turn on
+    gradient checkpointing where asked and supported (else a note); the parameter counts."""
+    get_method(request.method).prepare(model, request.lora_settings())
+    model.to(device)
+    if plan.params["gradient_checkpointing"]:
+        if getattr(model.encoder, "supports_gradient_checkpointing", False):
+            model.encoder.gradient_checkpointing_enable()  # type: ignore[operator]
+        else:
+            notes.append(f"{plan.spec.family} does not support gradient checkpointing; off")
+    return count_parameters(model)
+
+
 def _trainable(model: EncoderHead) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -452,26 +482,13 @@ def _train(
 
     started = time.perf_counter()
     table = plan.table
-    rows = {s: table.indices(s) for s in ("train", "val", "test")}
-    for name in ("train", "test"):
-        if len(rows[name]) == 0:
-            raise EmbedkitError(
-                f"the {name} split of {request.dataset} is empty; check the manifest's splits"
-            )
+    rows = split_rows(request, table)
     notes: list[str] = []
     device = ctx.device
     encoder = load_encoder(request.model, device="cpu", cache_dir=cache_dir)
     torch.manual_seed(request.seed)
     model = Classifier(encoder.model, plan.spec, len(table.labels.names), plan.pooling)
-    method = get_method(request.method)
-    method.prepare(model, request.lora_settings())
-    model.to(device)
-    if plan.params["gradient_checkpointing"]:
-        if getattr(model.encoder, "supports_gradient_checkpointing", False):
-            model.encoder.gradient_checkpointing_enable()  # type: ignore[operator]
-        else:
-            notes.append(f"{plan.spec.family} does not support gradient checkpointing; off")
-    counts = count_parameters(model)
+    counts = prepare_model(model, request, plan, device, notes)
 
     weight: torch.Tensor | None = None
     train_rows = rows["train"]
