@@ -61,7 +61,7 @@ from embedkit.finetune.model import EncoderHead
 from embedkit.manifest import DatasetTable
 from embedkit.models import EncoderSpec, get_family, load_encoder
 from embedkit.results import ResultRecord, ResultsDir
-from embedkit.results.consistency import DatasetSignature, TestTargets
+from embedkit.results.consistency import DatasetSignature, TestTargets, segmentation_reference
 from embedkit.results.segmentation import (
     SEGMENTATION_TASK,
     Overlays,
@@ -487,24 +487,9 @@ def _write_record(
 
 
 def expected_results(plan: _Plan) -> tuple[DatasetSignature, TestTargets]:
-    """What records of this segmentation dataset must agree on: the image list, the classes,
-    the task, and per test case (image, or volume) which classes its truth holds (an
-    unreadable map: none); the targets of :func:`~embedkit.results.segmentation.dice_table`."""
-    masks, table = plan.masks, plan.table
-    if masks is None:
+    """What records of this segmentation dataset must agree on
+    (:func:`~embedkit.results.consistency.segmentation_reference`, as the frozen probe)."""
+    reference = segmentation_reference(plan.table)
+    if reference is None:
         raise EmbedkitError("internal: a segmentation plan without masks")
-    test = table.indices("test")
-    volumes = table.volumes if table.volume_slices is not None else None
-    units = [table.ids[r] if volumes is None else volumes[r] for r in test]
-    cases = list(dict.fromkeys(units))
-    at = {c: k for k, c in enumerate(cases)}
-    present = np.zeros((len(cases), len(masks.classes) - 1), dtype=np.float32)
-    for unit, row in zip(units, test, strict=True):
-        try:
-            truth = masks.row(int(row))[0]
-        except ImageReadError:
-            continue
-        in_truth = np.bincount(truth.ravel(), minlength=len(masks.classes))[1:] > 0
-        present[at[unit]] = np.maximum(present[at[unit]], in_truth)
-    signature = DatasetSignature(plan.identity["ids"], masks.classes[1:], SEGMENTATION_TASK)
-    return signature, TestTargets(tuple(cases), present, np.ones(present.shape, bool))
+    return reference

@@ -49,7 +49,7 @@ from embedkit.probes.registry import (
 from embedkit.probes.request import ProbeRequest
 from embedkit.report.tables import headline
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
-from embedkit.results.consistency import check_results_dataset
+from embedkit.results.consistency import check_results_dataset, segmentation_reference
 from embedkit.store import CacheRoot, FeatureEntry, find_entry, list_entries, open_local_copy
 from embedkit.store.readcache import ProgressFactory
 from embedkit.versions import package_versions
@@ -200,7 +200,9 @@ def run_probe(
     pooling, params, rid, relpath = probe_plan(request, entry, table)
     out = ResultsDir(results)
     # A results folder holding records of another dataset under this name is refused.
-    check_results_dataset(results, request.dataset, table)
+    segmentation = kind_inputs(get_kind(request.kind)) == "patches"
+    expected = segmentation_reference(table) if segmentation else None
+    check_results_dataset(results, request.dataset, table, expected=expected)
     found = out.find(relpath)
     if found is not None and not request.overwrite:
         return ProbeOutcome(found, (out.root / relpath).with_suffix(".json"), True)

@@ -352,6 +352,26 @@ def test_a_frozen_probe_and_a_finetune_run_pair_in_the_report(
     np.testing.assert_array_equal(frozen.y[np.argsort(frozen.ids)], finetuned.y[order])
     assert frozen.mask.all() and finetuned.mask.all()
     check_records([(load_record(frozen_path), frozen_path), (tuned.record, tuned.path)])
+    # both agree with what the manifest defines now; other classes are another dataset
+    import dataclasses
+
+    from embedkit.errors import MixedResultsError
+    from embedkit.results.consistency import (
+        check_results_dataset,
+        record_signature,
+        segmentation_reference,
+    )
+
+    table = load_manifest(seg_manifest).dataset("shapes").load()
+    reference = segmentation_reference(table)
+    assert reference is not None
+    assert (
+        reference[0] == record_signature(load_record(frozen_path)) == record_signature(tuned.record)
+    )
+    check_results_dataset(results, "shapes", table, expected=reference)
+    renamed = dataclasses.replace(table, classes=("background", "disk", "ring"))
+    with pytest.raises(MixedResultsError, match="ring"):
+        check_results_dataset(results, "shapes", renamed, expected=segmentation_reference(renamed))
 
     report = build_report(results, tmp_path / "report", n_boot=100)
     [pair] = report.comparisons
