@@ -29,8 +29,8 @@ Protocol:
   volume (3D: rows of a volume dataset, predictions stacked back into the volume along the
   slice axis, the label map read slice by slice on the image slices' grid and orientation by
   :func:`embedkit.data.masks.read_volume_labels`) with HD95 in its voxel spacing, permuted to
-  the slice stack (mm); bootstrap CIs
-  over images or volumes (:mod:`embedkit.eval.segmentation`, conventions there).
+  the slice stack (mm); bootstrap CIs over images or volumes
+  (:class:`embedkit.eval.segmentation.CaseScorer`, conventions in that module).
 
 Record (the contract with the report): ``task = "segmentation"``, ``labels`` = the classes
 without the background, ``metrics = {"dice", "iou"(, "hd95")}`` each ``{"point", "low", "high"}``,
