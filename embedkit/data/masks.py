@@ -8,6 +8,11 @@ background. Readers keep the stored integers (never rescaled like images):
   ``1``, ``I;16*`` and ``I``; colour (``RGB``/``RGBA``) masks are refused: store class ids.
 - NIfTI (``.nii``, ``.nii.gz``, via nibabel, imported on use): the data array as stored
   (``dataobj``, no scaling), integer-valued; the voxel spacing from the header's zooms.
+- The label map of a **volume** row (a volume dataset: one row per slice):
+  :func:`read_volume_labels` reads it through :func:`embedkit.data.volumes.volume_stack`, so
+  slice ``k`` of the label map is on the grid, and in the orientation, of image slice ``k``
+  (RAS reorientation, the dataset's slice axis, radiological display); its ``spacing`` is
+  permuted the same way: ``(slice, row, column)`` in mm, the axes of the ``(n, H, W)`` stack.
 
 Geometry follows the image's :class:`~embedkit.data.transforms.Preprocessing` ``resize`` mode,
 with **nearest-neighbour** sampling (pixel centres: output pixel ``i`` takes input pixel
@@ -34,20 +39,27 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from embedkit.data.policies import ResizeMode
+from embedkit.data.policies import ResizeMode, SliceAxis
 from embedkit.errors import ImageNotFoundError, ImageReadError, ManifestError
 
 if TYPE_CHECKING:
+    import os
+
     import torch
+
+    from embedkit.data.volumes import VolumeSlice
 
 __all__ = [
     "LabelMap",
+    "RowLabelMaps",
     "check_label_map",
     "image_shape",
     "logits_to_mask",
     "nearest_resize",
     "read_label_map",
+    "read_volume_labels",
     "scored_region",
+    "stack_geometry",
     "to_model_grid",
 ]
 
@@ -57,7 +69,8 @@ _PIL_LABEL_MODES = ("1", "L", "P", "I;16", "I;16L", "I;16B", "I")
 
 @dataclass(frozen=True, eq=False)
 class LabelMap:
-    """One label map: ``ids`` (H, W) or (X, Y, Z) int64 and its voxel ``spacing``."""
+    """One label map: ``ids`` (H, W), (X, Y, Z), or for a volume's slices (n, H, W), int64, and
+    its voxel ``spacing`` along those axes."""
 
     path: Path
     ids: np.ndarray
@@ -103,10 +116,51 @@ def _read_nifti(path: Path) -> LabelMap:
         raise ImageReadError(path, f"corrupt or unreadable NIfTI label map: {exc}") from exc
     if data.ndim not in (2, 3):
         raise ImageReadError(path, f"expected a 2D or 3D label map, got shape {data.shape}")
+    return LabelMap(path, _integral(path, data), zooms)
+
+
+def _integral(path: Path, data: np.ndarray) -> np.ndarray:
+    """``data`` as int64 if it holds integers only, else an :class:`ImageReadError`."""
     integral = np.issubdtype(data.dtype, np.integer)
     if not integral and not (np.all(np.isfinite(data)) and np.array_equal(data, np.round(data))):
         raise ImageReadError(path, f"label map holds non-integer values ({data.dtype})")
-    return LabelMap(path, data.astype(np.int64), zooms)
+    return data.astype(np.int64)
+
+
+def stack_geometry(
+    path: str | Path, slice_axis: SliceAxis
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """Shape ``(n, H, W)`` and voxel spacing (mm) of a volume's slice stack along
+    ``slice_axis``, from its header: the grid after RAS reorientation, permuted as
+    :func:`~embedkit.data.volumes.slice_stack` permutes it (rows run along the larger remaining
+    RAS axis, columns along the smaller)."""
+    import nibabel.orientations as nio
+
+    from embedkit.data.volumes import SLICE_AXES, read_volume_header
+
+    header = read_volume_header(path)
+    zooms = np.sqrt((header.affine[:3, :3] ** 2).sum(0))
+    ornt = np.asarray(nio.io_orientation(header.affine))  # type: ignore[no-untyped-call]
+    ras, size = np.empty(3), np.empty(3, dtype=np.int64)
+    ras[ornt[:, 0].astype(int)] = zooms
+    size[ornt[:, 0].astype(int)] = header.shape
+    s = SLICE_AXES[slice_axis]
+    p, q = (a for a in range(3) if a != s)
+    shape = (int(size[s]), int(size[q]), int(size[p]))
+    return shape, (float(ras[s]), float(ras[q]), float(ras[p]))
+
+
+def read_volume_labels(path: str | Path, slice_axis: SliceAxis) -> LabelMap:
+    """A volume's label map as its ``(n, H, W)`` slices along ``slice_axis``, on the grid and in
+    the orientation of the image slices (:func:`~embedkit.data.volumes.volume_stack`), with the
+    stack's spacing (:func:`stack_geometry`)."""
+    from embedkit.data.volumes import volume_stack
+
+    path = Path(path)
+    if not path.exists():
+        raise ImageNotFoundError(path, "mask file not found; check the manifest's `mask` column")
+    stack = volume_stack(path, slice_axis)
+    return LabelMap(path, _integral(path, np.asarray(stack)), stack_geometry(path, slice_axis)[1])
 
 
 def check_label_map(
@@ -130,11 +184,52 @@ def check_label_map(
     return mask
 
 
-def image_shape(path: str | Path) -> tuple[int, ...]:
+class RowLabelMaps:
+    """The label map of each row of a dataset with ``classes:``, checked against the classes and
+    the image's shape: ``masks[i]`` for image ``images[i]``, or, for a volume dataset
+    (``volume_slices`` given), slice ``volume_slices[i].index`` of the volume's label map read by
+    :func:`read_volume_labels` on the image slices' grid. The last volume read is kept, so the
+    slices of one volume read its label map once. The one reader of the probe and finetuning."""
+
+    def __init__(
+        self,
+        masks: Sequence[Path],
+        images: Sequence[str | os.PathLike[str]],
+        classes: Sequence[str],
+        volume_slices: Sequence[VolumeSlice] | None = None,
+    ) -> None:
+        self.masks, self.images = tuple(masks), tuple(images)
+        self.classes = tuple(classes)
+        self.volume_slices = None if volume_slices is None else tuple(volume_slices)
+        self._volume: LabelMap | None = None
+
+    def row(self, i: int) -> tuple[np.ndarray, tuple[float, ...]]:
+        """(2D label map, its spacing) of row ``i``; for a slice of a volume the spacing is the
+        stack's ``(slice, row, column)`` spacing."""
+        path = self.masks[i]
+        if self.volume_slices is not None:
+            source = self.volume_slices[i]
+            if self._volume is None or self._volume.path != path:
+                axis = source.spec.slice_axis
+                expected = stack_geometry(source.volume, axis)[0]
+                self._volume = check_label_map(
+                    read_volume_labels(path, axis), self.classes, expected
+                )
+            return self._volume.ids[source.index], self._volume.spacing
+        label_map = read_label_map(path)
+        if label_map.ids.ndim != 2:
+            raise ManifestError(
+                f"{path}: a 2D image needs a 2D label map, got shape {label_map.ids.shape}; "
+                "for volumes give the dataset a `volumes:` block in the manifest"
+            )
+        check_label_map(label_map, self.classes, image_shape(self.images[i]))
+        return label_map.ids, label_map.spacing
+
+
+def image_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
     """(H, W) of an image from its header when Pillow can read it, else by reading it."""
-    path = Path(path)
     try:
-        with Image.open(path) as opened:
+        with Image.open(Path(path)) as opened:
             width, height = opened.size
             return (height, width)
     except (OSError, SyntaxError, ValueError):

@@ -24,12 +24,18 @@ Conventions (also in the README, "Segmentation probe"):
   :func:`embedkit.eval.bootstrap.bootstrap_indices` / :func:`~embedkit.eval.bootstrap.bootstrap_ci`;
   one resample array is drawn per call and shared by every class and metric.
 
+Predictions that arrive row by row (an image, or a slice of a volume) are turned into cases by
+:class:`CaseScorer`, which the frozen probe and the finetuning baseline share: a volume's slices
+are stacked along axis 0 in slice order (the label-map stack's order, so ``spacing`` is that of
+the stack) and scored as one 3D case with HD95. :func:`ranked_cases` picks the best and worst
+cases by mean Dice for the overlay figure.
+
 scipy loads inside :func:`hd95` only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,10 +44,15 @@ from numpy.typing import ArrayLike, NDArray
 from embedkit.errors import MetricInputError
 
 __all__ = [
+    "CaseScorer",
     "SegmentationScores",
+    "case_means",
     "case_scores",
     "dice_iou",
     "hd95",
+    "macro_dice",
+    "mean_dice",
+    "ranked_cases",
     "summarize_segmentation",
     "surface_distances",
 ]
@@ -138,7 +149,8 @@ def hd95(truth: ArrayLike, pred: ArrayLike, spacing: Sequence[float] | None = No
 
 class SegmentationScores:
     """Per-case scores of a set of cases: ``dice`` / ``iou`` (and ``hd95``) arrays ``(n, L)``,
-    row i for ``ids[i]``, column j for foreground class ``labels[j]``."""
+    row i for ``ids[i]``, column j for foreground class ``labels[j]``; ``in_truth`` (n, L)
+    bool: the class is in the case's truth (all False when not given)."""
 
     def __init__(
         self,
@@ -147,9 +159,10 @@ class SegmentationScores:
         dice: FloatArray,
         iou: FloatArray,
         hd95: FloatArray | None = None,
+        in_truth: NDArray[np.bool_] | None = None,
     ) -> None:
         n, n_labels = len(ids), len(labels)
-        for name, a in (("dice", dice), ("iou", iou), ("hd95", hd95)):
+        for name, a in (("dice", dice), ("iou", iou), ("hd95", hd95), ("in_truth", in_truth)):
             if a is not None and a.shape != (n, n_labels):
                 raise MetricInputError(
                     f"Expected {name} of shape ({n}, {n_labels}), got {a.shape} instead"
@@ -159,6 +172,7 @@ class SegmentationScores:
         self.dice = dice
         self.iou = iou
         self.hd95 = hd95
+        self.in_truth = np.zeros((n, n_labels), bool) if in_truth is None else in_truth
 
     def metrics(self) -> dict[str, FloatArray]:
         out = {"dice": self.dice, "iou": self.iou}
@@ -228,3 +242,133 @@ def summarize_segmentation(
         row["n_cases"] = int((~np.isnan(scores.dice[:, j])).sum())
         per_label.append(row)
     return metrics, per_label
+
+
+def macro_dice(scores: SegmentationScores) -> float:
+    """The headline Dice: mean over classes of the per-class means over cases."""
+    return _macro(scores.dice)
+
+
+def case_means(dice: ArrayLike) -> FloatArray:
+    """Each case's (row's) mean of ``dice`` (n, L) over the classes it has a score for (NaN:
+    none): the per-case unit of the overlays and of the report's paired Dice comparison."""
+    return np.asarray(_nanmean(np.asarray(dice, dtype=np.float64), axis=1), dtype=np.float64)
+
+
+def mean_dice(scores: SegmentationScores) -> FloatArray:
+    """:func:`case_means` of ``scores.dice``."""
+    return case_means(scores.dice)
+
+
+def ranked_cases(scores: SegmentationScores, k: int) -> list[int]:
+    """The ``k`` best and then the ``k`` worst cases by :func:`mean_dice` (each once), best
+    first; cases without a score rank last."""
+    mean = np.nan_to_num(mean_dice(scores), nan=-1.0)
+    ranked: list[int] = np.argsort(-mean, kind="stable").tolist()
+    best = ranked[:k]
+    return best + [c for c in ranked[-k:] if c not in best]
+
+
+class CaseScorer:
+    """Per-case scores of label maps predicted row by row, for ``n_preds`` predictions per row
+    (e.g. one per head) scored apart.
+
+    :meth:`add` a row: a 2D image is its own case, scored at once (no HD95); a slice of a volume
+    (``slice_at`` given, ``case`` the volume) is kept until the volume's ``expected[case]``
+    slices have come (or :meth:`finish`), then the slices are stacked along axis 0 in slice
+    order and scored as one 3D case, with HD95 in ``spacing`` (the stack's) when ``with_hd95``.
+    ``shown[case]`` is the ``key`` of the case's row with the most foreground in the truth."""
+
+    def __init__(
+        self,
+        classes: Sequence[str],
+        *,
+        n_preds: int = 1,
+        expected: Mapping[str, int] | None = None,
+        with_hd95: bool = True,
+    ) -> None:
+        self.n_classes = len(classes)
+        self.labels = tuple(classes[1:])
+        self.n_preds = n_preds
+        self.expected = dict(expected or {})
+        self.with_hd95 = with_hd95
+        self.shown: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._in_truth: list[NDArray[np.bool_]] = []
+        self._scores: list[dict[str, list[FloatArray]]] = [{} for _ in range(n_preds)]
+        self._pending: dict[str, dict[int, tuple[np.ndarray, Sequence[np.ndarray]]]] = {}
+        self._spacing: dict[str, Sequence[float] | None] = {}
+        self._foreground: dict[str, int] = {}
+
+    def add(
+        self,
+        case: str,
+        truth: np.ndarray,
+        preds: Sequence[np.ndarray],
+        spacing: Sequence[float] | None = None,
+        *,
+        key: int = 0,
+        slice_at: int | None = None,
+    ) -> None:
+        """One row's truth and its ``n_preds`` predictions (see the class docstring)."""
+        if len(preds) != self.n_preds:
+            raise MetricInputError(f"Expected {self.n_preds} predictions, got {len(preds)}")
+        foreground = int(np.count_nonzero(truth))
+        if case not in self._foreground or foreground > self._foreground[case]:
+            self._foreground[case], self.shown[case] = foreground, key
+        if slice_at is None:
+            self._score(case, truth, preds, None, hd=False)
+            return
+        slices = self._pending.setdefault(case, {})
+        slices[int(slice_at)] = (truth, preds)
+        self._spacing[case] = spacing
+        if len(slices) == self.expected.get(case, -1):
+            self._close(case)
+
+    def _close(self, case: str) -> None:
+        slices = self._pending.pop(case)
+        order = sorted(slices)
+        shapes = {slices[k][0].shape for k in order}
+        if len(shapes) != 1:
+            raise MetricInputError(
+                f"volume {case}: its slices' label maps differ in size: {shapes}"
+            )
+        truth = np.stack([slices[k][0] for k in order])
+        preds = [np.stack([slices[k][1][j] for k in order]) for j in range(self.n_preds)]
+        self._score(case, truth, preds, self._spacing.pop(case), hd=self.with_hd95)
+
+    def _score(
+        self,
+        case: str,
+        truth: np.ndarray,
+        preds: Sequence[np.ndarray],
+        spacing: Sequence[float] | None,
+        *,
+        hd: bool,
+    ) -> None:
+        self._ids.append(case)
+        counts = np.bincount(np.asarray(truth, np.int64).ravel(), minlength=self.n_classes)
+        self._in_truth.append(counts[1 : self.n_classes] > 0)
+        for j, pred in enumerate(preds):
+            out = case_scores(truth, pred, self.n_classes, spacing=spacing, with_hd95=hd)
+            for name, values in out.items():
+                self._scores[j].setdefault(name, []).append(values)
+
+    def finish(self) -> list[SegmentationScores]:
+        """Score the volumes still pending (some slices never came), then every prediction's
+        :class:`SegmentationScores`."""
+        for case in list(self._pending):
+            self._close(case)
+        if not self._ids:
+            raise MetricInputError("no cases to score: no row was added")
+        in_truth = np.array(self._in_truth, dtype=bool).reshape(len(self._ids), -1)
+        out = []
+        for per in self._scores:
+            arrays = {name: np.stack(values) for name, values in per.items()}
+            hd = arrays.get("hd95") if len(arrays.get("hd95", ())) == len(self._ids) else None
+            out.append(
+                SegmentationScores(
+                    self._ids, self.labels, arrays["dice"], arrays["iou"], hd, in_truth
+                )
+            )
+        return out

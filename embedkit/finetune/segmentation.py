@@ -11,13 +11,18 @@ so are the optimiser, schedule, warm-up, layer decay, epoch seeds, checkpoints a
 and flipped / rotated with their image (the one-hot map goes through the image's warp and is
 read back by argmax; pixels warped in from outside are background).
 
-Evaluation on test (:mod:`embedkit.finetune.segmetrics`), each image predicted at its mask's
-own size and scored per image, or per volume when the ids are ``<volume id>/<slice>`` (slices
-stacked back in order): Dice and IoU per class (+ HD95 for volumes), their mean over classes,
-and 95% bootstrap percentile CIs over images or volumes. The record (``task =
-"segmentation"``) keeps the per-image (per-volume) Dice as its scores (``y``: the class is in the
-truth; every entry valid), so runs pair by id in the report, and a few best and worst test cases
-beside it as ``<record>.overlays.npz`` (:mod:`embedkit.results.segmentation`).
+Label maps and classes are the frozen probe's: the manifest's ``classes:`` and ``mask`` column,
+read row by row by :class:`embedkit.data.masks.RowLabelMaps` (a volume dataset's label map slice
+by slice on the image slices' grid). Evaluation on test is the probe's too
+(:class:`embedkit.eval.segmentation.CaseScorer`, conventions in :mod:`embedkit.eval.segmentation`
+and docs/statistics.md): each image predicted at its mask's own size and scored per image, or
+per volume for a volume dataset (slices stacked back in order): Dice and IoU per class (+ HD95
+in mm for volumes; a class absent from truth and prediction has no score), their mean over
+classes, and 95% bootstrap percentile CIs over images or volumes. The record (``task =
+"segmentation"``) keeps the per-image (per-volume) Dice as its scores
+(:func:`embedkit.results.segmentation.dice_table`, the probe's table), so frozen and finetuned
+runs pair by id in the report, and a few best and worst test cases beside it as
+``<record>.overlays.npz`` (:mod:`embedkit.results.segmentation`).
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,33 +42,60 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from embedkit.data.masks import RowLabelMaps
 from embedkit.data.readers import read_image
 from embedkit.data.transforms import Preprocessing
 from embedkit.distributed import DistContext
-from embedkit.errors import ConfigError, EmbedkitError, ImageReadError
+from embedkit.errors import ConfigError, EmbedkitError, ImageReadError, ManifestError
+from embedkit.eval.segmentation import (
+    CaseScorer,
+    SegmentationScores,
+    mean_dice,
+    ranked_cases,
+    summarize_segmentation,
+)
 from embedkit.finetune import checkpoint as ckpt
 from embedkit.finetune.augment import apply as apply_augmentation
 from embedkit.finetune.augment import draw as draw_augmentation
-from embedkit.finetune.masks import MaskSet
-from embedkit.finetune.methods import count_parameters, get_method
 from embedkit.finetune.model import EncoderHead
-from embedkit.finetune.segmetrics import Scorer, volume_of
+from embedkit.manifest import DatasetTable
 from embedkit.models import EncoderSpec, get_family, load_encoder
-from embedkit.results import ResultRecord, ResultsDir, ScoreTable
-from embedkit.results.consistency import DatasetSignature, TestTargets
-from embedkit.results.segmentation import SEGMENTATION_TASK, overlays_name, write_overlays
-from embedkit.versions import package_versions
+from embedkit.results import ResultRecord, ResultsDir
+from embedkit.results.consistency import DatasetSignature, TestTargets, segmentation_reference
+from embedkit.results.segmentation import (
+    SEGMENTATION_TASK,
+    Overlays,
+    dice_table,
+    overlays_name,
+    write_overlays,
+)
 
 if TYPE_CHECKING:
     from embedkit.finetune.request import FinetuneRequest
     from embedkit.finetune.train import EpochLog, FinetuneOutcome, _Plan
 
 __all__ = [
+    "OVERLAY_CASES",
     "Segmenter",
     "expected_results",
+    "label_maps",
     "run_segmentation",
     "segmentation_loss",
 ]
+
+
+#: Best and worst test cases kept for the report's overlay figure (each).
+OVERLAY_CASES = 3
+
+
+def label_maps(table: DatasetTable, dataset: str) -> RowLabelMaps:
+    """The label map of every row of ``table`` (the manifest's ``classes:`` and ``mask``)."""
+    if table.classes is None or table.masks is None:
+        raise ManifestError(
+            f"dataset {dataset!r} has no label maps: add `classes:` (background first) to its "
+            "manifest entry and a `mask` column of label-map paths to its index"
+        )
+    return RowLabelMaps(table.masks, table.paths, table.classes, table.volume_slices)
 
 
 class Segmenter(EncoderHead):
@@ -114,19 +146,17 @@ class _Pairs(Dataset[tuple[torch.Tensor, torch.Tensor, int, str]]):
     """(pixels, label map resized to the input, row, error) of a row; on an unreadable image
     or mask, zeros and the error."""
 
-    def __init__(
-        self, ids: Sequence[str], paths: Sequence[Path], masks: MaskSet, prep: Preprocessing
-    ):
-        self.ids, self.paths, self.masks, self.prep = list(ids), list(paths), masks, prep
+    def __init__(self, table: DatasetTable, masks: RowLabelMaps, prep: Preprocessing):
+        self.sources, self.masks, self.prep = table.sources, masks, prep
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.sources)
 
     def __getitem__(self, row: int) -> tuple[torch.Tensor, torch.Tensor, int, str]:
         side = self.prep.size
         try:
-            pixels = self.prep(read_image(self.paths[row]))
-            label = torch.from_numpy(self.masks.read(row, self.ids[row]))
+            pixels = self.prep(read_image(self.sources[row]))
+            label = torch.from_numpy(self.masks.row(row)[0])
         except ImageReadError as exc:
             return (
                 torch.zeros(3, side, side),
@@ -167,13 +197,13 @@ class _SegRun:
         request: FinetuneRequest,
         plan: _Plan,
         model: Segmenter,
-        masks: MaskSet,
+        masks: RowLabelMaps,
         device: torch.device,
     ):
         self.request, self.plan, self.model, self.masks = request, plan, model, masks
         self.device = device
         table = plan.table
-        self.pairs = _Pairs(table.ids, table.paths, masks, plan.preprocessing)
+        self.pairs = _Pairs(table, masks, plan.preprocessing)
         self.skipped: dict[str, str] = {}
 
     def batches(self, rows: np.ndarray) -> DataLoader[tuple[torch.Tensor, torch.Tensor, int, str]]:
@@ -199,19 +229,27 @@ class _SegRun:
             return None
         return pixels[ok], target[ok], rows[ok]
 
-    def mean_loss(self, rows: np.ndarray) -> float:
+    def predict(
+        self, rows: np.ndarray
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(pixels, targets at the input size, rows, logits) of each batch of the readable
+        rows of ``rows``, in eval mode without gradients."""
         self.model.eval()
-        total, count = 0.0, 0
         with torch.no_grad():
             for batch in self.batches(rows):
                 part = self.readable(batch)
                 if part is None:
                     continue
-                pixels, target, _ = part
+                pixels, target, kept = part
                 with _autocast(self.device):
                     logits = self.model(pixels.to(self.device))
-                loss = segmentation_loss(logits, target.to(self.device))
-                total, count = total + float(loss) * len(target), count + len(target)
+                yield pixels, target, kept, logits
+
+    def mean_loss(self, rows: np.ndarray) -> float:
+        total, count = 0.0, 0
+        for _, target, _, logits in self.predict(rows):
+            loss = segmentation_loss(logits, target.to(self.device))
+            total, count = total + float(loss) * len(target), count + len(target)
         return total / max(count, 1)
 
 
@@ -235,6 +273,8 @@ def run_segmentation(
         _lr_factor,
         _param_groups,
         _trainable,
+        prepare_model,
+        split_rows,
     )
 
     if ctx.world_size > 1:
@@ -255,30 +295,12 @@ def run_segmentation(
 
     started = time.perf_counter()
     table = plan.table
-    rows = {s: table.indices(s) for s in ("train", "val", "test")}
-    for name in ("train", "test"):
-        if len(rows[name]) == 0:
-            raise EmbedkitError(
-                f"the {name} split of {request.dataset} is empty; check the manifest's splits"
-            )
+    rows = split_rows(request, table)
     notes: list[str] = []
-    if masks.inferred:
-        notes.append(
-            f"the manifest names no classes: {len(masks.classes)} classes counted from the "
-            "training label maps, named by their label value"
-        )
     encoder = load_encoder(request.model, device="cpu", cache_dir=cache_dir)
     torch.manual_seed(request.seed)
-    model = Segmenter(encoder.model, plan.spec, len(masks.classes))
-    method = get_method(request.method)
-    method.prepare(model, request.lora_settings())
-    model.to(ctx.device)
-    counts = count_parameters(model)
-    if plan.params["gradient_checkpointing"]:
-        if getattr(model.encoder, "supports_gradient_checkpointing", False):
-            model.encoder.gradient_checkpointing_enable()  # type: ignore[operator]
-        else:
-            notes.append(f"{plan.spec.family} does not support gradient checkpointing; off")
+    model = Segmenter(encoder.model, plan.spec, len(masks.classes) - 1)
+    counts = prepare_model(model, request, plan, ctx.device, notes)
     run = _SegRun(request, plan, model, masks, ctx.device)
 
     lr = request.effective_lr
@@ -354,7 +376,8 @@ def run_segmentation(
             on_epoch(log)
 
     _load_trainable(model, state.best)
-    scorer = _evaluate(run, rows["test"], ctx.device)
+    scores, shown = _evaluate(run, rows["test"])
+    overlays = _overlays(run, scores, shown, ctx.device)
     if run.skipped:
         notes.append(
             f"{len(run.skipped)} unreadable images or masks left out: "
@@ -362,39 +385,66 @@ def run_segmentation(
         )
     record, path = _write_record(
         request, plan, out, encoder.source, encoder.weights_fingerprint, run_dir, state, counts,
-        scorer, rows, notes, resumed_from, str(ctx.device), started, requested_resolution,
+        scores, overlays, rows, notes, resumed_from, str(ctx.device), started,
+        requested_resolution,
     )  # fmt: skip
     return FinetuneOutcome(record, path, False, run_dir, resumed_from, record.notes)
 
 
-def _evaluate(run: _SegRun, rows: np.ndarray, device: torch.device) -> Scorer:
-    """Score every readable test image at its mask's size (volumes: every volume)."""
-    model, masks, table = run.model, run.masks, run.plan.table
-    scorer = Scorer(masks.classes, [table.ids[r] for r in rows])
+def _predict(
+    run: _SegRun, rows: np.ndarray
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(row, pixels, target at the input size, logits at the input size) of every readable row
+    of ``rows``, in eval mode."""
+    for pixels, target, kept, logits in run.predict(rows):
+        cpu = logits.float().cpu()
+        for i, row in enumerate(kept.tolist()):
+            yield row, pixels[i], target[i], cpu[i]
+
+
+def _evaluate(run: _SegRun, rows: np.ndarray) -> tuple[SegmentationScores, dict[str, int]]:
+    """Score every readable test image at its mask's size (volume datasets: every volume), and
+    the row shown for each case in the overlays."""
+    table, masks = run.plan.table, run.masks
+    volumes = table.volumes if table.volume_slices is not None else None
+    expected = Counter(volumes[r] for r in rows) if volumes is not None else None
+    scorer = CaseScorer(masks.classes, expected=expected)
+    for row, _, _, logits in _predict(run, rows):
+        truth, spacing = masks.row(row)
+        full = logits[None]
+        if truth.shape != tuple(full.shape[2:]):
+            full = F.interpolate(full, size=truth.shape, mode="bilinear", align_corners=False)
+        pred = full[0].argmax(0).numpy()
+        if volumes is None or table.slices is None:
+            scorer.add(table.ids[row], truth, [pred], key=row)
+        else:
+            scorer.add(volumes[row], truth, [pred], spacing, key=row, slice_at=table.slices[row])
+    if not scorer.shown:
+        raise EmbedkitError("no test image and label map could be read; see the notes")
+    (scores,) = scorer.finish()
+    return scores, scorer.shown
+
+
+def _overlays(
+    run: _SegRun, scores: SegmentationScores, shown: dict[str, int], device: torch.device
+) -> Overlays:
+    """The best and worst test cases by mean Dice, best first, at the input resolution."""
+    picks = ranked_cases(scores, OVERLAY_CASES)
+    rows = np.array([shown[scores.ids[k]] for k in picks], dtype=np.int64)
     mean = torch.tensor(run.plan.preprocessing.mean).view(3, 1, 1)
     std = torch.tensor(run.plan.preprocessing.std).view(3, 1, 1)
-    model.eval()
-    with torch.no_grad():
-        for batch in run.batches(rows):
-            part = run.readable(batch)
-            if part is None:
-                continue
-            pixels, target, kept = part
-            with _autocast(device):
-                logits = model(pixels.to(device)).float().cpu()
-            for i, row in enumerate(kept.tolist()):
-                truth = masks.read(row, table.ids[row])
-                full = logits[i : i + 1]
-                if truth.shape != tuple(full.shape[2:]):
-                    full = F.interpolate(full, size=truth.shape, mode="bilinear",
-                                         align_corners=False)  # fmt: skip
-                grey = (pixels[i] * std + mean).mean(0).clamp(0, 1)
-                view = (grey.numpy(), target[i].numpy(), logits[i].argmax(0).numpy())
-                scorer.add(table.ids[row], full[0].argmax(0).numpy(), truth, view)
-    scorer.finish()
-    if not scorer.units:
-        raise EmbedkitError("no test image and label map could be read; see the notes")
-    return scorer
+    views = {
+        row: ((pixels * std + mean).mean(0).clamp(0, 1).numpy(), target.numpy(),
+              logits.argmax(0).numpy())
+        for row, pixels, target, logits in _predict(run, rows)
+    }  # fmt: skip
+    return Overlays(
+        image=np.stack([views[int(r)][0] for r in rows]).astype(np.float32),
+        truth=np.stack([views[int(r)][1] for r in rows]).astype(np.int64),
+        pred=np.stack([views[int(r)][2] for r in rows]).astype(np.int64),
+        ids=np.asarray([scores.ids[k] for k in picks]),
+        mean_dice=mean_dice(scores)[picks].astype(np.float64),
+    )
 
 
 def _write_record(
@@ -406,7 +456,8 @@ def _write_record(
     run_dir: Path,
     state: ckpt.Checkpoint,
     counts: dict[str, int],
-    scorer: Scorer,
+    scores: SegmentationScores,
+    overlays: Overlays,
     rows: dict[str, np.ndarray],
     notes: list[str],
     resumed_from: int,
@@ -414,85 +465,31 @@ def _write_record(
     started: float,
     requested_resolution: int,
 ) -> tuple[ResultRecord, Path]:
-    labels = list(scorer.labels)
-    metrics, per_label = scorer.metrics(request.n_boot, request.seed)
-    dice = np.stack(scorer.dice)
-    has_val = len(rows["val"]) > 0
-    record = ResultRecord(
-        record_id=plan.run_id,
-        kind=f"finetune-{request.method}",
-        dataset=request.dataset,
-        model=plan.spec.name,
-        resolution=plan.size,
-        pooling=plan.pooling,
-        task=SEGMENTATION_TASK,
-        labels=labels,
-        entry={
-            "source": source,
-            "weights": weights,
-            "preprocessing": plan.identity["preprocessing"],
-            "ids_digest": plan.identity["ids"],
-            "masks_digest": plan.identity["masks"],
-            "run_dir": str(run_dir),
-        },
-        params=plan.params,
-        selected={"epoch": state.best_epoch, "lr": request.effective_lr},
-        seed=request.seed,
-        metrics=metrics,
-        per_label=per_label,
-        n={s: len(r) for s, r in rows.items()},
-        versions=package_versions(*get_method(request.method).packages),
-        elapsed_s=round(time.perf_counter() - started, 3),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        notes=notes,
+    labels = list(scores.labels)
+    metrics, per_label = summarize_segmentation(scores, n_boot=request.n_boot, seed=request.seed)
+    from embedkit.finetune.train import finetune_record
+
+    record = finetune_record(
+        request, plan, task=SEGMENTATION_TASK, labels=labels, source=source, weights=weights,
+        run_dir=run_dir, state=state, rows=rows, metrics=metrics, per_label=per_label,
+        notes=notes, started=started, requested_resolution=requested_resolution,
         extra={
-            "parameters": counts,
-            "history": state.history,
-            "best_val_loss": state.best_loss if has_val else None,
-            "resumed_from_epoch": resumed_from,
-            "device": device,
-            "world_size": 1,
-            "batch_per_rank": request.batch_size,
-            "n_scored": {"test": len(scorer.units)},
-            "scored_per": "volume" if scorer.volumes else "image",
+            "parameters": counts, "resumed_from_epoch": resumed_from, "device": device,
+            "world_size": 1, "batch_per_rank": request.batch_size,
+            "n_scored": {"test": len(scores.ids)},
+            "scored_per": "volume" if plan.table.volume_slices is not None else "image",
         },
-        requested_resolution=requested_resolution,
-    )
+    )  # fmt: skip
     record.extra["overlays"] = overlays_name(record)
-    scores = ScoreTable(
-        tuple(scorer.units),
-        tuple(labels),
-        np.stack(scorer.present).astype(np.float32),
-        np.ones(dice.shape, dtype=bool),
-        dice,
-    )
-    write_overlays(out, record, scorer.overlays())
-    path = out.write(record, scores, overwrite=request.overwrite)
+    write_overlays(out, record, overlays)
+    path = out.write(record, dice_table(scores), overwrite=request.overwrite)
     return record, path
 
 
 def expected_results(plan: _Plan) -> tuple[DatasetSignature, TestTargets]:
-    """What records of this segmentation dataset must agree on: the image list, the classes,
-    the task, and per test image which classes its truth holds (an unreadable map: none)."""
-    masks, table = plan.masks, plan.table
-    if masks is None:
+    """What records of this segmentation dataset must agree on
+    (:func:`~embedkit.results.consistency.segmentation_reference`, as the frozen probe)."""
+    reference = segmentation_reference(plan.table)
+    if reference is None:
         raise EmbedkitError("internal: a segmentation plan without masks")
-    test = table.indices("test")
-    present = np.zeros((len(test), len(masks.classes)), dtype=np.float32)
-    for i, row in enumerate(test):
-        try:
-            truth = masks.read(int(row), table.ids[row])
-        except ImageReadError:
-            continue
-        present[i] = np.bincount(truth.ravel(), minlength=len(masks.classes) + 1)[1:] > 0
-    units = [table.ids[r] for r in test]
-    if Scorer(masks.classes, units).volumes:  # scored per volume: a class anywhere in it
-        volumes = list(dict.fromkeys(volume_of(i) for i in units))
-        at = {v: k for k, v in enumerate(volumes)}
-        per_volume = np.zeros((len(volumes), present.shape[1]), dtype=np.float32)
-        for i, unit in enumerate(units):
-            per_volume[at[volume_of(unit)]] = np.maximum(per_volume[at[volume_of(unit)]],
-                                                         present[i])  # fmt: skip
-        units, present = volumes, per_volume
-    signature = DatasetSignature(plan.identity["ids"], masks.classes, SEGMENTATION_TASK)
-    return signature, TestTargets(tuple(units), present, np.ones(present.shape, bool))
+    return reference

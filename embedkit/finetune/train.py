@@ -44,6 +44,7 @@ import torch
 
 from embedkit import distributed
 from embedkit.data.dataset import Batch, ImageDataset, make_loader
+from embedkit.data.masks import RowLabelMaps
 from embedkit.data.transforms import Preprocessing
 from embedkit.distributed import DistContext
 from embedkit.errors import ConfigError, EmbedkitError
@@ -54,7 +55,6 @@ from embedkit.finetune.augment import MAX_ROTATION_DEG
 from embedkit.finetune.augment import apply as apply_augmentation
 from embedkit.finetune.augment import draw as draw_augmentation
 from embedkit.finetune.losses import masked_loss, pos_weight
-from embedkit.finetune.masks import MaskSet
 from embedkit.finetune.methods import count_parameters, get_method
 from embedkit.finetune.model import Classifier, EncoderHead, default_pooling
 from embedkit.finetune.request import FinetuneRequest
@@ -110,7 +110,7 @@ class _Plan:
     identity: dict[str, Any]
     run_id: str
     relpath: str
-    masks: MaskSet | None = None  # segmentation: the label map of every row and the classes
+    masks: RowLabelMaps | None = None  # segmentation: the label map of every row, the classes
 
 
 def _plan(
@@ -125,7 +125,11 @@ def _plan(
     table = config.load()
     preprocessing = Preprocessing(size=size, mean=spec.mean, std=spec.std)
     segmentation = request.task == "segmentation"
-    masks = MaskSet.load(config, table) if segmentation else None
+    masks = None
+    if segmentation:
+        from embedkit.finetune.segmentation import label_maps
+
+        masks = label_maps(table, request.dataset)
     pooling = "patch" if segmentation else request.pooling or default_pooling(spec)
     if request.layer_decay != 1.0 and not get_family(spec.family).supports_layer_decay:
         raise ConfigError(
@@ -167,8 +171,6 @@ def _plan(
         "params": params,
         "seed": request.seed,
     }
-    if masks is not None:
-        identity["masks"] = masks.digest(config.images)
     run_id = record_id(identity)
     relpath = f"{request.dataset}/{spec.name.replace('/', '--')}/{size}px/{kind}-{run_id}"
     return _Plan(
@@ -344,6 +346,36 @@ class _Run:
         return {i for part in ddp.gather(self.ctx, sorted(self.skipped)) for i in part}
 
 
+def split_rows(request: FinetuneRequest, table: DatasetTable) -> dict[str, np.ndarray]:
+    """The rows of each split; an empty train or test split is an error."""
+    rows = {s: table.indices(s) for s in ("train", "val", "test")}
+    for name in ("train", "test"):
+        if len(rows[name]) == 0:
+            raise EmbedkitError(
+                f"the {name} split of {request.dataset} is empty; check the manifest's splits"
+            )
+    return rows
+
+
+def prepare_model(
+    model: EncoderHead,
+    request: FinetuneRequest,
+    plan: _Plan,
+    device: torch.device,
+    notes: list[str],
+) -> dict[str, int]:
+    """Apply the method (which parameters train), move the model to ``device``, turn on
+    gradient checkpointing where asked and supported (else a note); the parameter counts."""
+    get_method(request.method).prepare(model, request.lora_settings())
+    model.to(device)
+    if plan.params["gradient_checkpointing"]:
+        if getattr(model.encoder, "supports_gradient_checkpointing", False):
+            model.encoder.gradient_checkpointing_enable()  # type: ignore[operator]
+        else:
+            notes.append(f"{plan.spec.family} does not support gradient checkpointing; off")
+    return count_parameters(model)
+
+
 def _trainable(model: EncoderHead) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -450,26 +482,13 @@ def _train(
 
     started = time.perf_counter()
     table = plan.table
-    rows = {s: table.indices(s) for s in ("train", "val", "test")}
-    for name in ("train", "test"):
-        if len(rows[name]) == 0:
-            raise EmbedkitError(
-                f"the {name} split of {request.dataset} is empty; check the manifest's splits"
-            )
+    rows = split_rows(request, table)
     notes: list[str] = []
     device = ctx.device
     encoder = load_encoder(request.model, device="cpu", cache_dir=cache_dir)
     torch.manual_seed(request.seed)
     model = Classifier(encoder.model, plan.spec, len(table.labels.names), plan.pooling)
-    method = get_method(request.method)
-    method.prepare(model, request.lora_settings())
-    model.to(device)
-    if plan.params["gradient_checkpointing"]:
-        if getattr(model.encoder, "supports_gradient_checkpointing", False):
-            model.encoder.gradient_checkpointing_enable()  # type: ignore[operator]
-        else:
-            notes.append(f"{plan.spec.family} does not support gradient checkpointing; off")
-    counts = count_parameters(model)
+    counts = prepare_model(model, request, plan, device, notes)
 
     weight: torch.Tensor | None = None
     train_rows = rows["train"]
@@ -589,6 +608,64 @@ def _train(
     )
 
 
+def finetune_record(
+    request: FinetuneRequest,
+    plan: _Plan,
+    *,
+    task: str,
+    labels: list[str],
+    source: str,
+    weights: str,
+    run_dir: Path,
+    state: ckpt.Checkpoint,
+    rows: dict[str, np.ndarray],
+    metrics: dict[str, Any],
+    per_label: list[dict[str, Any]],
+    notes: list[str],
+    started: float,
+    requested_resolution: int,
+    extra: dict[str, Any],
+    operating_point: str | None = None,
+) -> ResultRecord:
+    """The record of a finished finetuning run (classification or segmentation): identity,
+    hyper-parameters, selection, metrics and the history; ``extra`` adds to its ``extra``."""
+    has_val = len(rows["val"]) > 0
+    return ResultRecord(
+        record_id=plan.run_id,
+        kind=f"finetune-{request.method}",
+        dataset=request.dataset,
+        model=plan.spec.name,
+        resolution=plan.size,
+        pooling=plan.pooling,
+        task=task,
+        labels=labels,
+        entry={
+            "source": source,
+            "weights": weights,
+            "preprocessing": plan.identity["preprocessing"],
+            "ids_digest": plan.identity["ids"],
+            "run_dir": str(run_dir),
+        },
+        params=plan.params,
+        selected={"epoch": state.best_epoch, "lr": request.effective_lr},
+        seed=request.seed,
+        metrics=metrics,
+        per_label=per_label,
+        n={s: len(r) for s, r in rows.items()},
+        versions=package_versions(*get_method(request.method).packages),
+        elapsed_s=round(time.perf_counter() - started, 3),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        notes=notes,
+        extra={
+            "history": state.history,
+            "best_val_loss": state.best_loss if has_val else None,
+            **extra,
+        },
+        operating_point=operating_point,
+        requested_resolution=requested_resolution,
+    )
+
+
 def _write_record(
     request: FinetuneRequest,
     plan: _Plan,
@@ -622,45 +699,16 @@ def _write_record(
     notes = [*notes, *more]
     if skipped:
         notes.append(f"{len(skipped)} unreadable images left out: {sorted(skipped)[:5]}")
-    has_val = len(rows["val"]) > 0
-    record = ResultRecord(
-        record_id=plan.run_id,
-        kind=f"finetune-{request.method}",
-        dataset=request.dataset,
-        model=plan.spec.name,
-        resolution=plan.size,
-        pooling=plan.pooling,
-        task=table.labels.kind,
-        labels=labels,
-        entry={
-            "source": encoder.source,
-            "weights": encoder.weights_fingerprint,
-            "preprocessing": plan.identity["preprocessing"],
-            "ids_digest": plan.identity["ids"],
-            "run_dir": str(run_dir),
-        },
-        params=plan.params,
-        selected={"epoch": state.best_epoch, "lr": request.effective_lr},
-        seed=request.seed,
-        metrics=metrics,
-        per_label=per_label,
-        n={s: len(r) for s, r in rows.items()},
-        versions=package_versions(*get_method(request.method).packages),
-        elapsed_s=round(time.perf_counter() - started, 3),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        notes=notes,
+    record = finetune_record(
+        request, plan, task=table.labels.kind, labels=labels, source=encoder.source,
+        weights=encoder.weights_fingerprint, run_dir=run_dir, state=state, rows=rows,
+        metrics=metrics, per_label=per_label, notes=notes, started=started,
+        requested_resolution=requested_resolution, operating_point=operating_point,
         extra={
-            "parameters": counts,
-            "history": state.history,
-            "best_val_loss": state.best_loss if has_val else None,
-            "resumed_from_epoch": resumed_from,
-            "device": str(ctx.device),
-            "world_size": ctx.world_size,
-            "batch_per_rank": request.batch_size,
+            "parameters": counts, "resumed_from_epoch": resumed_from, "device": str(ctx.device),
+            "world_size": ctx.world_size, "batch_per_rank": request.batch_size,
         },
-        operating_point=operating_point,
-        requested_resolution=requested_resolution,
-    )
+    )  # fmt: skip
     score_table = ScoreTable(
         tuple(table.ids[i] for i in test_rows), tuple(labels), table.labels.y[test_rows],
         table.labels.mask[test_rows], scores,

@@ -40,6 +40,7 @@ import numpy as np
 from embedkit.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
+    from embedkit.data.volumes import VolumeSlice
     from embedkit.probes.features import SplitFeatures
     from embedkit.probes.request import ProbeRequest
     from embedkit.results import ScoreTable
@@ -79,7 +80,8 @@ class ProbeData:
 class PatchSplit:
     """One split of a dataset with label maps, row i for image ``ids[i]`` (images skipped as
     unreadable at extraction are left out). For volumes, ``volumes[i]`` / ``slices[i]`` say
-    which volume and slice row i is, so slice predictions stack back into volumes."""
+    which volume and slice row i is, so slice predictions stack back into volumes, and
+    ``volume_slices[i]`` how the slice is read (its volume file and slice axis)."""
 
     split: str
     ids: tuple[str, ...]
@@ -89,6 +91,7 @@ class PatchSplit:
     n_skipped: int
     volumes: tuple[str, ...] | None = None
     slices: tuple[int, ...] | None = None
+    volume_slices: tuple[VolumeSlice, ...] | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -50,7 +50,7 @@ from embedkit.probes.request import ProbeRequest
 from embedkit.progress import progress_scope
 from embedkit.report.tables import headline
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
-from embedkit.results.consistency import check_results_dataset
+from embedkit.results.consistency import check_results_dataset, segmentation_reference
 from embedkit.store import CacheRoot, FeatureEntry, find_entry, list_entries, open_local_copy
 from embedkit.store.readcache import ProgressFactory
 from embedkit.versions import package_versions
@@ -207,7 +207,9 @@ def run_probe(
     pooling, params, rid, relpath = probe_plan(request, entry, table)
     out = ResultsDir(results)
     # A results folder holding records of another dataset under this name is refused.
-    check_results_dataset(results, request.dataset, table)
+    segmentation = kind_inputs(get_kind(request.kind)) == "patches"
+    expected = segmentation_reference(table) if segmentation else None
+    check_results_dataset(results, request.dataset, table, expected=expected)
     found = out.find(relpath)
     if found is not None and not request.overwrite:
         return ProbeOutcome(found, (out.root / relpath).with_suffix(".json"), True)
@@ -388,7 +390,8 @@ def patch_data(
 
         return PatchSplit(
             name, pick(table.ids), pick(table.paths), pick(table.masks), pick(table.patients),
-            len(rows) - len(kept),
+            len(rows) - len(kept), pick(table.volumes), pick(table.slices),
+            pick(table.volume_slices),
         )  # fmt: skip
 
     resize = str(json.loads(entry.key.preprocessing).get("resize", "squash"))

@@ -26,15 +26,17 @@ Protocol:
   classes of the per-image means); without a validation split, 10% of the train patients are
   held out for it (as the other probes do).
 - **Evaluation** on test at the mask resolution: per class Dice and IoU per image (2D), or per
-  volume (3D: rows with a volume id and slice index, predictions stacked back into the volume
-  along its last axis, the slice axis) with HD95 in the label map's voxel spacing; bootstrap CIs
-  over images or volumes (:mod:`embedkit.eval.segmentation`, conventions there).
+  volume (3D: rows of a volume dataset, predictions stacked back into the volume along the
+  slice axis, the label map read slice by slice on the image slices' grid and orientation by
+  :func:`embedkit.data.masks.read_volume_labels`) with HD95 in its voxel spacing, permuted to
+  the slice stack (mm); bootstrap CIs over images or volumes
+  (:class:`embedkit.eval.segmentation.CaseScorer`, conventions in that module).
 
 Record (the contract with the report): ``task = "segmentation"``, ``labels`` = the classes
 without the background, ``metrics = {"dice", "iou"(, "hd95")}`` each ``{"point", "low", "high"}``,
 ``per_label`` rows ``{"label", "dice", "iou"(, "hd95"), "n_cases"}``, the score table's
-``scores`` = per-case Dice ``(n, L)`` with ids the image or volume ids (``y``: 1 where the class
-is in the truth; ``mask``: where the Dice is defined), and beside the record
+``scores`` = per-case Dice ``(n, L)`` with ids the image or volume ids
+(:func:`embedkit.results.segmentation.dice_table`, as finetuning writes it), and beside the record
 ``<stem>.overlays.npz`` (the format of :mod:`embedkit.results.segmentation`) with ``image``
 (float in [0, 1]), ``truth`` and ``pred`` (int label maps), all in the encoder's square frame,
 ``ids`` and ``mean_dice`` of the best and worst cases by mean Dice, best first
@@ -62,7 +64,7 @@ from embedkit.store.layout import PATCH_POOLING
 if TYPE_CHECKING:
     import torch
 
-    from embedkit.data.masks import LabelMap
+    from embedkit.data.masks import RowLabelMaps
     from embedkit.data.policies import ResizeMode
     from embedkit.eval.segmentation import SegmentationScores
     from embedkit.probes.request import ProbeRequest
@@ -96,44 +98,11 @@ class SegmentationSettings:
 # ---- label maps of rows ----------------------------------------------------------------------
 
 
-class _Masks:
-    """Label maps of a split's rows, checked against the classes (and, in 2D, the image shape);
-    the last volume read is kept, so the slices of one volume read its file once."""
+def _label_maps(split: PatchSplit, classes: Sequence[str]) -> RowLabelMaps:
+    """The label maps of ``split``'s rows (:class:`~embedkit.data.masks.RowLabelMaps`)."""
+    from embedkit.data.masks import RowLabelMaps
 
-    def __init__(self, split: PatchSplit, classes: Sequence[str]) -> None:
-        self.split = split
-        self.classes = tuple(classes)
-        self._volume: LabelMap | None = None
-
-    def row(self, i: int) -> tuple[np.ndarray, tuple[float, ...]]:
-        """(2D label map, its spacing) of row ``i``."""
-        from embedkit.data.masks import check_label_map, image_shape, read_label_map
-
-        path = self.split.masks[i]
-        slices = self.split.slices
-        if slices is not None:
-            if self._volume is None or self._volume.path != path:
-                self._volume = check_label_map(read_label_map(path), self.classes)
-            volume = self._volume
-            k = slices[i]
-            if volume.ids.ndim != 3:
-                raise ProbeInputError(
-                    f"{path}: row {self.split.ids[i]!r} is slice {k} of a volume, but its "
-                    f"label map has shape {volume.ids.shape}; expected 3D"
-                )
-            if not 0 <= k < volume.ids.shape[-1]:
-                raise ProbeInputError(
-                    f"{path}: slice {k} of row {self.split.ids[i]!r} is outside the label "
-                    f"map's {volume.ids.shape[-1]} slices"
-                )
-            return volume.ids[..., k], volume.spacing
-        label_map = read_label_map(path)
-        if label_map.ids.ndim != 2:
-            raise ProbeInputError(
-                f"{path}: a 2D image needs a 2D label map, got shape {label_map.ids.shape}"
-            )
-        check_label_map(label_map, self.classes, image_shape(self.split.images[i]))
-        return label_map.ids, label_map.spacing
+    return RowLabelMaps(split.masks, split.images, classes, split.volume_slices)
 
 
 def _grid_masks(
@@ -142,7 +111,7 @@ def _grid_masks(
     """``(len(rows), size, size)`` uint8 / int16 training targets in the encoder's frame."""
     from embedkit.data.masks import to_model_grid
 
-    masks = _Masks(split, classes)
+    masks = _label_maps(split, classes)
     dtype = np.uint8 if len(classes) <= 256 else np.int16
     out = np.empty((len(rows), size, size), dtype=dtype)
     for j, i in enumerate(rows):
@@ -342,7 +311,7 @@ def _predict_rows(
 
     from embedkit.data.masks import logits_to_mask, scored_region
 
-    masks = _Masks(split, data.classes)
+    masks = _label_maps(split, data.classes)
     resize = _resize(data)
     with torch.no_grad():
         for rows, tokens in _read_blocks(data, split, order, block):
@@ -364,16 +333,6 @@ def _volume_order(split: PatchSplit) -> np.ndarray:
     return np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
 
 
-@dataclass
-class _Cases:
-    """Per-case scores of one head, which classes each case's truth holds, and the row shown
-    for each case in the overlays (3D: the slice with the most foreground)."""
-
-    scores: SegmentationScores
-    in_truth: np.ndarray  # (n, L) bool
-    shown_row: dict[str, int]
-
-
 def _score_cases(
     data: PatchData,
     split: PatchSplit,
@@ -382,90 +341,39 @@ def _score_cases(
     block: int,
     *,
     with_hd95: bool = True,
-) -> list[_Cases]:
-    """Per-image (2D) or per-volume (3D) scores of each head in ``which`` on ``split``."""
-    from embedkit.eval.segmentation import SegmentationScores, case_scores
+) -> tuple[list[SegmentationScores], dict[str, int]]:
+    """Per-image (2D) or per-volume (3D) scores of each head in ``which`` on ``split``, and the
+    row shown for each case in the overlays (3D: the slice with the most foreground)."""
+    from collections import Counter
 
-    n_classes = len(data.classes)
-    labels = data.classes[1:]
-    volumetric = split.volumes is not None and split.slices is not None
-    order = _volume_order(split) if volumetric else _storage_order(data, split)
-    n_heads = len(which)
-    ids: list[str] = []
-    per_head: list[dict[str, list[np.ndarray]]] = [{} for _ in which]
-    shown: dict[str, int] = {}
-    in_truth: list[np.ndarray] = []
+    from embedkit.eval.segmentation import CaseScorer
 
-    def add(case: str, truth: np.ndarray, preds: list[np.ndarray], spacing: Any) -> None:
-        ids.append(case)
-        in_truth.append(np.bincount(truth.ravel(), minlength=n_classes)[1:] > 0)
-        hd = volumetric and with_hd95
-        for k in range(n_heads):
-            out = case_scores(truth, preds[k], n_classes, spacing=spacing, with_hd95=hd)
-            for name, values in out.items():
-                per_head[k].setdefault(name, []).append(values)
-
-    pending: list[_Row] = []
-    best_fg = -1
+    volumes = split.volumes if split.volume_slices is not None else None
+    order = _volume_order(split) if volumes is not None else _storage_order(data, split)
+    expected = Counter(volumes) if volumes is not None else None
+    scorer = CaseScorer(data.classes, n_preds=len(which), expected=expected, with_hd95=with_hd95)
     for row in _predict_rows(data, split, heads, order, which, block):
-        if not volumetric:
-            case = split.ids[row.index]
-            add(case, row.truth, row.preds, row.spacing[:2])
-            shown[case] = row.index
-            continue
-        assert split.volumes is not None
-        volume = split.volumes[row.index]
-        if pending and split.volumes[pending[0].index] != volume:
-            _flush_volume(pending, add, split)
-            pending, best_fg = [], -1
-        pending.append(row)
-        fg = int((row.truth > 0).sum())
-        if fg > best_fg:
-            shown[volume], best_fg = row.index, fg
-    if pending:
-        _flush_volume(pending, add, split)
-    out = []
-    for k in range(n_heads):
-        arrays = {name: np.stack(v) for name, v in per_head[k].items()}
-        scores = SegmentationScores(ids, labels, arrays["dice"], arrays["iou"], arrays.get("hd95"))
-        out.append(_Cases(scores, np.array(in_truth, dtype=bool).reshape(len(ids), -1), shown))
-    return out
-
-
-def _flush_volume(rows: list[_Row], add: Any, split: PatchSplit) -> None:
-    assert split.volumes is not None
-    truth = np.stack([r.truth for r in rows], axis=-1)
-    preds = [np.stack([r.preds[k] for r in rows], axis=-1) for k in range(len(rows[0].preds))]
-    spacing = rows[0].spacing
-    add(split.volumes[rows[0].index], truth, preds, spacing if len(spacing) == 3 else None)
-
-
-def _macro_dice(scores: SegmentationScores) -> float:
-    dice = scores.dice
-    with np.errstate(invalid="ignore"):
-        finite = ~np.isnan(dice)
-        means = np.where(finite, dice, 0).sum(0) / np.maximum(finite.sum(0), 1)
-        means[finite.sum(0) == 0] = np.nan
-    return float(np.nanmean(means)) if np.isfinite(means).any() else float("nan")
+        i = row.index
+        if volumes is None:
+            scorer.add(split.ids[i], row.truth, row.preds, key=i)
+        else:
+            at = split.slices[i] if split.slices is not None else None
+            scorer.add(volumes[i], row.truth, row.preds, row.spacing, key=i, slice_at=at)
+    return scorer.finish(), scorer.shown
 
 
 # ---- overlays ---------------------------------------------------------------------------------
 
 
 def _image01(split: PatchSplit, i: int) -> np.ndarray:
-    """Row ``i``'s image (the slice of a volume) as grayscale in [0, 1], min-max scaled."""
-    from embedkit.data.masks import NIFTI_SUFFIXES
-
-    path = split.images[i]
-    if path.name.lower().endswith(NIFTI_SUFFIXES) and split.slices is not None:
-        import nibabel as nib
-
-        volume: Any = nib.load(str(path))
-        pixels = np.asarray(volume.dataobj[..., split.slices[i]], dtype=np.float64)
+    """Row ``i``'s image (the slice of a volume, as the encoder saw it) as grayscale in [0, 1],
+    min-max scaled."""
+    if split.volume_slices is not None:
+        pixels = split.volume_slices[i].read().astype(np.float64)
     else:
         from embedkit.data.readers import read_image
 
-        pixels = read_image(path).astype(np.float64)
+        pixels = read_image(split.images[i]).astype(np.float64)
         pixels = pixels.mean(-1) if pixels.ndim == 3 else pixels
     low, high = float(pixels.min()), float(pixels.max())
     scaled = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
@@ -473,20 +381,25 @@ def _image01(split: PatchSplit, i: int) -> np.ndarray:
 
 
 def _overlays(
-    data: PatchData, split: PatchSplit, heads: _Heads, head: int, cases: _Cases, block: int
+    data: PatchData,
+    split: PatchSplit,
+    heads: _Heads,
+    head: int,
+    scores: SegmentationScores,
+    shown: dict[str, int],
+    block: int,
 ) -> dict[str, np.ndarray]:
     """Best and worst cases by mean Dice in the encoder's square frame."""
     from embedkit.data.masks import scored_region, to_model_grid
+    from embedkit.eval.segmentation import mean_dice, ranked_cases
 
-    mean = np.array([np.nanmean(r) if np.isfinite(r).any() else np.nan for r in cases.scores.dice])
-    ranked = np.argsort(-np.nan_to_num(mean, nan=-1.0), kind="stable").tolist()
-    best = ranked[:N_OVERLAYS]  # then the worst, so the cases go from best to worst
-    picks = best + [k for k in ranked[-N_OVERLAYS:] if k not in best]
-    rows = np.array([cases.shown_row[cases.scores.ids[k]] for k in picks], dtype=np.int64)
+    mean = mean_dice(scores)
+    picks = ranked_cases(scores, N_OVERLAYS)
+    rows = np.array([shown[scores.ids[k]] for k in picks], dtype=np.int64)
     size, resize = _frame_size(data), _resize(data)
     images, truths, preds = [], [], []
     by_row = {r.index: r for r in _predict_rows(data, split, heads, rows, [head], block)}
-    masks = _Masks(split, data.classes)
+    masks = _label_maps(split, data.classes)
     for i in rows:
         full_truth = masks.row(int(i))[0]
         shape = (int(full_truth.shape[0]), int(full_truth.shape[1]))
@@ -500,7 +413,7 @@ def _overlays(
         "image": np.stack(images),
         "truth": np.stack(truths),
         "pred": np.stack(preds),
-        "ids": np.array([cases.scores.ids[k] for k in picks], dtype=str),
+        "ids": np.array([scores.ids[k] for k in picks], dtype=str),
         "mean_dice": mean[picks].astype(np.float64),
     }
 
@@ -515,7 +428,6 @@ class SegmentationFit:
     lr: float
     val_dice: dict[float, float]
     scores: SegmentationScores
-    in_truth: np.ndarray  # (n, L) bool: the class is in the case's truth
     overlays: dict[str, np.ndarray]
     notes: list[str]
 
@@ -526,7 +438,7 @@ def _subset(split: PatchSplit, rows: np.ndarray, name: str) -> PatchSplit:
 
     return PatchSplit(
         name, pick(split.ids), pick(split.images), pick(split.masks), pick(split.patients), 0,
-        pick(split.volumes), pick(split.slices),
+        pick(split.volumes), pick(split.slices), pick(split.volume_slices),
     )  # fmt: skip
 
 
@@ -555,18 +467,19 @@ def fit_segmentation(
     val_dice: dict[float, float] = {}
     if len(val.ids) and len(settings.lrs) > 1:
         every = range(len(settings.lrs))
-        for lr, cases in zip(
-            settings.lrs, _score_cases(data, val, heads, every, block, with_hd95=False), strict=True
-        ):
-            val_dice[lr] = _macro_dice(cases.scores)
+        from embedkit.eval.segmentation import macro_dice
+
+        val_scores = _score_cases(data, val, heads, every, block, with_hd95=False)[0]
+        for lr, scores in zip(settings.lrs, val_scores, strict=True):
+            val_dice[lr] = macro_dice(scores)
         finite = {lr: v for lr, v in val_dice.items() if np.isfinite(v)}
         best = max(finite, key=lambda lr: finite[lr]) if finite else settings.lrs[0]
     else:
         best = settings.lrs[0]
     head = settings.lrs.index(best)
-    (cases,) = _score_cases(data, data.test, heads, [head], block)
-    overlays = _overlays(data, data.test, heads, head, cases, block)
-    return SegmentationFit(best, val_dice, cases.scores, cases.in_truth, overlays, notes)
+    (scores,), shown = _score_cases(data, data.test, heads, [head], block)
+    overlays = _overlays(data, data.test, heads, head, scores, shown, block)
+    return SegmentationFit(best, val_dice, scores, overlays, notes)
 
 
 class SegmentationKind:
@@ -589,17 +502,14 @@ class SegmentationKind:
 
     def fit_score(self, request: ProbeRequest, data: PatchData) -> KindResult:
         from embedkit.eval.segmentation import summarize_segmentation
-        from embedkit.results import ScoreTable
+        from embedkit.results.segmentation import dice_table
 
         fit = fit_segmentation(data, self.settings, request.seed)
         scores = fit.scores
         metrics, per_label = summarize_segmentation(
             scores, n_boot=request.n_boot, seed=request.seed
         )
-        table = ScoreTable(
-            scores.ids, scores.labels, fit.in_truth.astype(np.float32),
-            ~np.isnan(scores.dice), scores.dice,
-        )  # fmt: skip
+        table = dice_table(scores)
         return KindResult(
             {"lr": fit.lr},
             {"val_dice_per_lr": {float(k): v for k, v in fit.val_dice.items()}},

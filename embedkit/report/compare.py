@@ -20,9 +20,10 @@ indices depend only on the test set and the seed, so every comparison on a test 
 same resamples). The p-values are adjusted across the whole report (Holm by default).
 
 Segmentation runs (``task = "segmentation"``) pair only with segmentation runs, by the same
-rules; their metric is the mean per-image Dice (:func:`paired_dice_test`: sign-flip
-permutation test and paired bootstrap CI of the mean difference), and their p-values are
-adjusted together with the classification ones.
+rules; frozen-probe and finetuned records of one dataset pair like any two runs (both write the
+same score table, :func:`embedkit.results.segmentation.dice_table`). Their metric is the mean
+per-image Dice (:func:`paired_dice_test`: sign-flip permutation test and paired bootstrap CI of
+the mean difference), and their p-values are adjusted together with the classification ones.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 from embedkit.eval import adjust_pvalues, paired_bootstrap_test
 from embedkit.eval.bootstrap import Correction, bootstrap_indices, label_set_indices
 from embedkit.eval.permutation import paired_permutation_test
+from embedkit.eval.segmentation import case_means
 from embedkit.report.tables import SEGMENTATION_HEADLINE
 from embedkit.results import ResultRecord, ScoreTable, load_scores
 from embedkit.results.segmentation import is_segmentation
@@ -227,7 +229,10 @@ def paired_dice_test(
 ) -> PairedDice:
     """Compare two runs' per-image Dice (n, L), rows aligned by image.
 
-    The per-image difference ``d_i`` of the mean Dice over classes is the unit: the observed
+    An image's Dice is its mean over the classes it has a score for in that run
+    (:func:`~embedkit.eval.segmentation.case_means`: NaN, a class absent from truth and
+    prediction, is left out); images without a score in either run are left out of the pair.
+    The per-image difference ``d_i`` of those means is the unit: the observed
     statistic is ``mean(d)``; the two-sided p-value is the share of sign flips (under the null,
     A's and B's Dice of an image are exchangeable, so each ``d_i`` is as likely negated) whose
     ``|mean(s * d)|`` is at least the observed (+1 in both counts); the 95% CI is the percentile
@@ -238,7 +243,10 @@ def paired_dice_test(
             f"Expected two per-image Dice arrays of one shape (n, L), got {a.shape} and "
             f"{b.shape} instead"
         )
-    d = a.mean(1) - b.mean(1)
+    d = case_means(a) - case_means(b)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        raise ValueError("no image has a Dice score in both runs")
     observed = float(d.mean())
     idx = bootstrap_indices(d.size, n_boot, seed)
     low, high = np.percentile(d[idx].mean(1), [2.5, 97.5])

@@ -11,7 +11,9 @@ images out) and the targets of a test image must be the same in every record.
 
 :func:`check_records` checks a set of records among themselves (the report);
 :func:`check_results_dataset` checks a results folder against the dataset a manifest defines
-now (before a probe, finetune or pipeline run adds to it).
+now (before a probe, finetune or pipeline run adds to it). Segmentation records (frozen probe
+and finetuned alike) have their own targets, :func:`segmentation_reference`: which classes each
+test case's truth holds, never anything a prediction decides, so both kinds agree.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.errors import MixedResultsError
+from embedkit.errors import ImageReadError, MixedResultsError
 from embedkit.manifest import DatasetTable
 from embedkit.results.records import ResultRecord, load_record, load_scores
 from embedkit.results.segmentation import SEGMENTATION_TASK
@@ -38,6 +40,7 @@ __all__ = [
     "check_results_dataset",
     "dataset_signature",
     "record_signature",
+    "segmentation_reference",
 ]
 
 
@@ -75,6 +78,33 @@ def test_targets(table: DatasetTable) -> TestTargets:
         ids += tuple(table.volumes[i] for i in firsts)
         rows = np.concatenate([rows, firsts])
     return TestTargets(ids, table.labels.y[rows], table.labels.mask[rows])
+
+
+def segmentation_reference(table: DatasetTable) -> tuple[DatasetSignature, TestTargets] | None:
+    """What every segmentation record of ``table`` (frozen probe or finetuned) must agree on:
+    the image list, the classes without the background, the task, and per test case (image, or
+    volume of a volume dataset) which classes its truth holds (an unreadable label map: none),
+    the targets of :func:`~embedkit.results.segmentation.dice_table`. None without label maps."""
+    from embedkit.data.masks import RowLabelMaps
+
+    if table.classes is None or table.masks is None:
+        return None
+    masks = RowLabelMaps(table.masks, table.paths, table.classes, table.volume_slices)
+    test = table.indices("test")
+    volumes = table.volumes if table.volume_slices is not None else None
+    units = [table.ids[r] if volumes is None else volumes[r] for r in test]
+    cases = list(dict.fromkeys(units))
+    at = {c: k for k, c in enumerate(cases)}
+    present = np.zeros((len(cases), len(table.classes) - 1), dtype=np.float32)
+    for unit, row in zip(units, test, strict=True):
+        try:
+            truth = masks.row(int(row))[0]
+        except ImageReadError:
+            continue
+        in_truth = np.bincount(truth.ravel(), minlength=len(table.classes))[1:] > 0
+        present[at[unit]] = np.maximum(present[at[unit]], in_truth)
+    signature = DatasetSignature(digest_ids(table.ids), table.classes[1:], SEGMENTATION_TASK)
+    return signature, TestTargets(tuple(cases), present, np.ones(present.shape, bool))
 
 
 def record_signature(record: ResultRecord) -> DatasetSignature | None:

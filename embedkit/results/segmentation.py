@@ -4,7 +4,11 @@ A segmentation record (``task = "segmentation"``, frozen probe or finetuned) has
 class names without background, ``metrics`` = ``{"dice": {point, low, high}, "iou": {...}}``
 (+ ``"hd95"`` for volumes), ``per_label`` = one ``{"label", "dice", "iou"(, "hd95")}`` per class,
 and as its scores the per-image (2D) or per-volume (3D) Dice, shape (n, L), keyed by image or
-volume id, so the report pairs two runs by id as it does for classification.
+volume id, so the report pairs two runs by id as it does for classification. Both record kinds
+write this table with :func:`dice_table`, so the targets are the same for every run on the
+data: ``y`` 1 where the class is in the case's truth, ``mask`` 1 everywhere (targets depend on
+the data only, never on a prediction), ``scores`` the Dice, NaN where the class is absent from
+both truth and prediction (no score; left out of every mean, docs/statistics.md).
 
 Beside ``<record>.json`` lies ``<record>.overlays.npz`` (its file name in
 ``record.extra["overlays"]``): a few best and worst test cases as ``image`` (k, H, W) float in
@@ -17,17 +21,22 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from embedkit.atomic import atomic_write
 from embedkit.errors import CacheNotFoundError, IntegrityError
-from embedkit.results.records import ResultRecord, ResultsDir
+from embedkit.results.records import ResultRecord, ResultsDir, ScoreTable
+
+if TYPE_CHECKING:
+    from embedkit.eval.segmentation import SegmentationScores
 
 __all__ = [
     "OVERLAYS_SUFFIX",
     "SEGMENTATION_TASK",
     "Overlays",
+    "dice_table",
     "is_segmentation",
     "load_overlays",
     "overlays_name",
@@ -40,6 +49,17 @@ OVERLAYS_SUFFIX = ".overlays.npz"
 
 def is_segmentation(record: ResultRecord) -> bool:
     return record.task == SEGMENTATION_TASK
+
+
+def dice_table(scores: SegmentationScores) -> ScoreTable:
+    """The score table of a segmentation record (semantics in the module docstring)."""
+    return ScoreTable(
+        scores.ids,
+        scores.labels,
+        scores.in_truth.astype(np.float32),
+        np.ones(scores.dice.shape, dtype=bool),
+        scores.dice,
+    )
 
 
 @dataclass(frozen=True, eq=False)

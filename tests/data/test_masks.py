@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from embedkit.data import masks as M
+from embedkit.data.policies import SliceAxis
 from embedkit.data.transforms import Preprocessing
 from embedkit.errors import ImageNotFoundError, ImageReadError, ManifestError
 
@@ -151,3 +152,34 @@ def test_manifest_mask_errors(tmp_path: Path) -> None:
     blank = "id,site,split,mask\na.png,x,train,\nb.png,y,test,m/b.png\n"
     with pytest.raises(ManifestError, match="empty 'mask' cell"):
         load_manifest(_seg_manifest(tmp_path, blank)).dataset("seg").load()
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_volume_label_slices_and_spacing_follow_the_image_slices(
+    tmp_path: Path, axis: SliceAxis
+) -> None:
+    """A label map stored LAS-like with permuted axes reads back on the image slices' grid, and
+    its spacing is permuted with the axes (checked against nibabel's canonical zooms)."""
+    import nibabel as nib
+
+    from embedkit.data.masks import read_volume_labels, stack_geometry
+    from embedkit.data.volumes import SLICE_AXES, volume_stack
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (5, 7, 4)).astype(np.uint8)
+    # array axes: 0 -> S, 1 -> L (flipped R), 2 -> A; spacings 2.0, 0.5, 3.0
+    affine = np.array([[0, -0.5, 0, 0], [0, 0, 3.0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1.0]])
+    path = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(labels, affine), path)
+    read = read_volume_labels(path, axis)
+    np.testing.assert_array_equal(read.ids, volume_stack(path, axis))
+    canonical = nib.as_closest_canonical(nib.load(path))
+    ras = np.asarray(canonical.header.get_zooms()[:3], dtype=float)  # R, A, S spacing
+    s = SLICE_AXES[axis]
+    p, q = (a for a in range(3) if a != s)
+    assert read.spacing == (ras[s], ras[q], ras[p])
+    assert stack_geometry(path, axis) == (read.ids.shape, read.spacing)
+    # the stack's slice k is the canonical array cut at k, shown radiologically
+    data = np.asarray(canonical.dataobj)
+    cut = np.take(data, 2, axis=s)
+    np.testing.assert_array_equal(read.ids[2], cut[::-1, ::-1].T)

@@ -114,3 +114,50 @@ def test_summary_means_classes_of_case_means_and_bootstraps_cases() -> None:
     # the CI of a mean of 40 uniforms: about ±1.96 * 0.29 / sqrt(40) = ±0.09
     width = per_label[0]["dice"]["high"] - per_label[0]["dice"]["low"]
     assert 0.1 < width < 0.25
+
+
+def test_case_scorer_stacks_a_volumes_slices_in_order_and_scores_images_at_once() -> None:
+    from embedkit.eval.segmentation import CaseScorer, case_scores
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, (4, 6, 5))  # (slices, H, W)
+    pred = np.where(rng.random(truth.shape) < 0.8, truth, 0)
+    image_t, image_p = rng.integers(0, 2, (6, 5)), rng.integers(0, 2, (6, 5))
+    scorer = CaseScorer(("bg", "a", "b"), expected={"vol": 4})
+    for k in (2, 0, 3):  # out of order; the volume is scored when its last slice comes
+        scorer.add("vol", truth[k], [pred[k]], (2.0, 1.0, 0.5), key=10 + k, slice_at=k)
+    scorer.add("img", image_t, [image_p], key=99)
+    scorer.add("vol", truth[1], [pred[1]], (2.0, 1.0, 0.5), key=11, slice_at=1)
+    (scores,) = scorer.finish()
+    assert scores.ids == ("img", "vol") and scores.labels == ("a", "b")
+    want = case_scores(truth, pred, 3, spacing=(2.0, 1.0, 0.5), with_hd95=True)
+    np.testing.assert_allclose(scores.dice[1], want["dice"])
+    np.testing.assert_allclose(scores.iou[1], want["iou"])
+    assert scores.hd95 is None  # an image has no HD95, so the set of cases has none
+    np.testing.assert_allclose(scores.dice[0], case_scores(image_t, image_p, 3)["dice"])
+    np.testing.assert_array_equal(scores.in_truth[0], [(image_t == 1).any(), False])
+    fg = [(truth[k] > 0).sum() for k in range(4)]
+    assert scorer.shown == {"vol": 10 + int(np.argmax(fg)), "img": 99}
+
+
+def test_a_volume_missing_slices_is_scored_at_finish_with_hd95() -> None:
+    from embedkit.eval.segmentation import CaseScorer
+
+    truth = np.zeros((3, 8, 8), np.int64)
+    truth[:, 2:5, 2:5] = 1
+    scorer = CaseScorer(("bg", "organ"), expected={"v": 4})  # one slice never comes
+    for k in range(3):
+        scorer.add("v", truth[k], [truth[k]], (1.0, 1.0, 1.0), slice_at=k)
+    (scores,) = scorer.finish()
+    assert scores.dice[0, 0] == 1.0 and scores.hd95 is not None and scores.hd95[0, 0] == 0.0
+
+
+def test_paired_dice_leaves_out_classes_and_cases_without_a_score() -> None:
+    from embedkit.report.compare import paired_dice_test
+
+    nan = np.nan
+    a = np.array([[0.8, nan], [0.6, 0.4], [nan, nan]])
+    b = np.array([[0.7, 0.0], [0.5, nan], [0.9, nan]])
+    # case 0: 0.8 - 0.35; case 1: 0.5 - 0.5; case 2: no score in a, left out
+    result = paired_dice_test(a, b, n_boot=50, n_perm=50)
+    assert result.delta == pytest.approx(((0.8 - 0.35) + 0.0) / 2)

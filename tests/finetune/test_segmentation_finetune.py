@@ -14,20 +14,20 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from embedkit.errors import ConfigError, ImageReadError, ManifestError
+from embedkit.errors import ConfigError, ManifestError
+from embedkit.eval.segmentation import dice_iou
 from embedkit.finetune import FinetuneRequest, run_finetune
-from embedkit.finetune.masks import read_label_map, slice_index
 from embedkit.finetune.segmentation import segmentation_loss
-from embedkit.finetune.segmetrics import dice_iou
 from embedkit.manifest import load_manifest
 from embedkit.models import load_encoder
 from embedkit.report import build_report
-from embedkit.results import load_record, load_scores
+from embedkit.results import ScoreTable, load_record, load_scores
 from embedkit.results.segmentation import load_overlays
 
 VIT = "test/tiny-dinov3-vit"
 SIZE = 64  # images and masks
 RESOLUTION = 128  # the encoder input: an 8 x 8 patch grid
+CLASSES = ("background", "disk", "square")
 
 
 def _scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -72,12 +72,22 @@ def seg_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "labels": {"format": "single", "column": "kind"},
                 "splits": {"method": "patient",
                            "fractions": {"train": 0.6, "val": 0.2, "test": 0.2}, "seed": 0},
+                "classes": list(CLASSES),
             }
         },
     }  # fmt: skip
     path = root / "manifest.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def _case_means(scores: ScoreTable) -> dict[str, float]:
+    """Each case's mean Dice over its scored classes (NaN entries: no score)."""
+    means = {}
+    for case, row in zip(scores.ids, scores.scores, strict=True):
+        scored = row[np.isfinite(row)]
+        means[case] = float(scored.mean()) if scored.size else float("nan")
+    return means
 
 
 def _request(method: str, **kw: object) -> FinetuneRequest:
@@ -101,30 +111,32 @@ def test_full_finetuning_learns_the_shapes_and_writes_a_contract_record(
     )  # fmt: skip
     record = outcome.record
     assert record.task == "segmentation" and record.kind == "finetune-full"
-    assert record.labels == ["1", "2"] and record.pooling == "patch"
+    assert record.labels == ["disk", "square"] and record.pooling == "patch"
     assert steps[-1][0] == steps[-1][1] == 20 * 3  # progress per batch: 24 train images / 8
     for name in ("dice", "iou"):
         m = record.metrics[name]
         assert m["low"] <= m["point"] <= m["high"]
-    assert [row["label"] for row in record.per_label] == ["1", "2"]
+    assert [row["label"] for row in record.per_label] == ["disk", "square"]
 
-    # An empty prediction scores Dice 0 on every image holding a class, 1 where it is absent.
+    # An empty prediction scores Dice 0 on every class in the truth (absent classes: no score).
     table = load_manifest(seg_manifest).dataset("shapes").load()
     scores = load_scores(outcome.path)
     assert scores.scores.shape == (record.n["test"], 2) and scores.mask.all()
     present = scores.y.astype(bool)
-    empty_dice = np.where(present, 0.0, 1.0).mean()
+    assert np.isnan(scores.scores[~present]).all() or (scores.scores[~present] <= 1).all()
+    empty_dice = 0.0
     assert set(scores.ids) == {table.ids[i] for i in table.indices("test")}
     # the margin: half the way from an empty prediction to a perfect one
     assert record.metrics["dice"]["point"] > empty_dice + 0.5 * (1 - empty_dice)
-    assert np.isclose(scores.scores.mean(), record.metrics["dice"]["point"])
+    class_means = np.nanmean(scores.scores, axis=0)
+    assert np.isclose(class_means.mean(), record.metrics["dice"]["point"])
 
     overlays = load_overlays(outcome.path, record)
     assert overlays is not None and record.extra["overlays"].endswith(".overlays.npz")
     assert overlays.image.shape == overlays.truth.shape == overlays.pred.shape
     assert overlays.image.shape[1:] == (RESOLUTION, RESOLUTION) and 2 <= len(overlays.ids) <= 6
     assert np.all(np.diff(overlays.mean_dice) <= 0)  # best first
-    by_id = dict(zip(scores.ids, scores.scores.mean(1), strict=True))
+    by_id = _case_means(scores)
     assert np.allclose(overlays.mean_dice, [by_id[str(i)] for i in overlays.ids])
 
     again = run_finetune(_request("full", lr=1e-2, epochs=20), manifest=seg_manifest,
@@ -158,7 +170,8 @@ def test_lora_leaves_the_base_weights_unchanged_and_pairs_in_the_report(
         f"{VIT} · 128px · finetune-linear",
     }
     a, b = (lora, linear) if pair.a.endswith("lora") else (linear, lora)
-    expected = load_scores(a.path).scores.mean(1).mean() - load_scores(b.path).scores.mean(1).mean()
+    da, db = (_case_means(load_scores(r.path)) for r in (a, b))
+    expected = np.mean([da[i] - db[i] for i in da if np.isfinite(da[i]) and np.isfinite(db[i])])
     assert np.isclose(pair.delta, expected)
     page = report.html.read_text()
     assert "Segmentation" in page and "finetune-lora" in page
@@ -179,37 +192,13 @@ def test_augmentation_warps_masks_with_their_images(seg_manifest: Path, tmp_path
 def test_dice_iou_and_loss() -> None:
     truth = np.array([[0, 1, 1], [0, 2, 2], [0, 0, 0]])
     pred = np.array([[0, 1, 0], [0, 2, 2], [2, 0, 0]])
-    dice, iou = dice_iou(pred, truth, 3)
-    assert np.allclose(dice, [2 * 1 / 3, 2 * 2 / 5, 1.0])  # class 3: in neither -> 1
-    assert np.allclose(iou, [1 / 2, 2 / 3, 1.0])
+    dice, iou = dice_iou(truth, pred, 4)
+    assert np.allclose(dice[:2], [2 * 1 / 3, 2 * 2 / 5]) and np.isnan(dice[2])  # 3: no score
+    assert np.allclose(iou[:2], [1 / 2, 2 / 3]) and np.isnan(iou[2])
     target = torch.from_numpy(truth)[None]
     perfect = torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float() * 50
     assert float(segmentation_loss(perfect, target)) < 1e-3 + 1 / 3  # class 3 empty: dice 1/1
     assert float(segmentation_loss(-perfect, target)) > 1.0
-
-
-def test_label_maps_png_nifti_and_bad_input(tmp_path: Path) -> None:
-    import nibabel as nib
-
-    label = np.arange(12, dtype=np.uint8).reshape(3, 4) % 3
-    Image.fromarray(label).save(tmp_path / "m.png")
-    assert np.array_equal(read_label_map(tmp_path / "m.png"), label)
-    Image.fromarray(np.stack([label] * 3, -1)).save(tmp_path / "rgb.png")
-    assert np.array_equal(read_label_map(tmp_path / "rgb.png"), label)
-    colour = np.stack([label, label, label * 0 + 1], -1)
-    Image.fromarray(colour).save(tmp_path / "colour.png")
-    with pytest.raises(ImageReadError, match="single-channel"):
-        read_label_map(tmp_path / "colour.png")
-    volume = np.stack([label, label + 1, label * 0], axis=2).astype(np.int16)
-    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "v.nii.gz")
-    assert slice_index("case7/1") == 1 and slice_index("plain") is None
-    assert np.array_equal(read_label_map(tmp_path / "v.nii.gz", 1), label + 1)
-    with pytest.raises(ImageReadError, match="needs a slice"):
-        read_label_map(tmp_path / "v.nii.gz")
-    with pytest.raises(ImageReadError, match="outside"):
-        read_label_map(tmp_path / "v.nii.gz", 3)
-    with pytest.raises(FileNotFoundError):
-        read_label_map(tmp_path / "missing.png")
 
 
 def test_bad_requests_and_manifests(seg_manifest: Path, tmp_path: Path) -> None:
@@ -224,7 +213,11 @@ def test_bad_requests_and_manifests(seg_manifest: Path, tmp_path: Path) -> None:
     doc["datasets"]["shapes"]["index"] = str(tmp_path / "index.csv")
     doc["datasets"]["shapes"]["images"] = str(seg_manifest.parent / "images")
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc))
-    with pytest.raises(ManifestError, match="no label map"):
+    with pytest.raises(ManifestError, match="empty 'mask' cell"):
+        run_finetune(_request("full"), manifest=tmp_path / "m.yaml", results=tmp_path / "r")
+    del doc["datasets"]["shapes"]["classes"]  # label maps need the manifest's classes
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ManifestError, match="add `classes:`"):
         run_finetune(_request("full"), manifest=tmp_path / "m.yaml", results=tmp_path / "r")
 
 
@@ -260,77 +253,28 @@ def test_lora_steps_change_adapters_and_head_but_not_the_base_weights() -> None:
     assert base and all(torch.equal(before[n], after[n]) for n in base)
 
 
-def test_hd95_matches_a_brute_force_surface_distance() -> None:
-    from scipy.ndimage import binary_erosion
-    from scipy.spatial.distance import cdist
-
-    from embedkit.finetune.segmetrics import hd95
-
-    rng = np.random.default_rng(3)
-    truth = np.zeros((6, 20, 20), np.int64)
-    truth[1:5, 4:14, 5:12] = 1
-    pred = np.roll(truth, (1, 2), axis=(1, 2))
-    pred[2, 15:18, 15:18] = 1  # a stray blob
-    truth[:, 16:19, 0:3] = 2  # class 2 only in the truth: undefined
-    noise = rng.random(truth.shape) < 0.02
-    pred[noise & (truth == 1)] = 0
-
-    def surface(x: np.ndarray) -> np.ndarray:
-        return np.argwhere(x & ~binary_erosion(x, border_value=0))
-
-    d = cdist(surface(pred == 1), surface(truth == 1))
-    expected = max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
-    got = hd95(pred, truth, 3)
-    assert np.isclose(got[0], expected) and np.isnan(got[1]) and got[2] == 0.0
-
-
 def test_volumes_are_scored_per_volume_with_hd95(tmp_path: Path) -> None:
-    """Slices with ids <volume>/<slice>, label maps as one 3D NIfTI per volume."""
-    import nibabel as nib
+    """A phantom CT volume dataset (`volumes:` in the manifest): slices through the encoder,
+    label maps read slice by slice on the image slices' grid, scores per volume."""
+    from embedkit.data.phantoms import write_phantom_dataset
 
-    (tmp_path / "images").mkdir()
-    rng = np.random.default_rng(1)
-    rows = []
-    for v in range(10):
-        labels = []
-        for s in range(4):
-            image, label = _scene(rng)
-            Image.fromarray((image * 255).astype(np.uint8)).save(
-                tmp_path / "images" / f"v{v}_{s}.png"
-            )
-            labels.append(label)
-            row = {"image_id": f"vol{v}/{s}", "path": f"v{v}_{s}.png", "patient_id": f"vol{v}"}
-            rows.append({**row, "kind": "ct", "mask": f"vol{v}.nii.gz"})
-        volume = np.stack(labels, axis=2).astype(np.int16)
-        nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "images" / f"vol{v}.nii.gz")
-    with (tmp_path / "index.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    doc = {"datasets": {"shapes": {
-        "images": "images", "index": "index.csv", "id_column": "image_id", "path_column": "path",
-        "patient_column": "patient_id", "labels": {"format": "single", "column": "kind"},
-        "splits": {"method": "patient", "fractions": {"train": 0.6, "val": 0.2, "test": 0.2},
-                   "seed": 0},
-    }}}  # fmt: skip
-    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc))
+    manifest = write_phantom_dataset(tmp_path / "ct", n_volumes=12, shape=(32, 32, 4))
     results = tmp_path / "results"
-    outcome = run_finetune(_request("full", lr=1e-2, epochs=10), manifest=tmp_path / "m.yaml",
-                           results=results)  # fmt: skip
+    request = _request("full", lr=1e-2, epochs=3, dataset="phantom-ct")
+    outcome = run_finetune(request, manifest=manifest, results=results)
     record = outcome.record
     assert record.extra["scored_per"] == "volume"
-    table = load_manifest(tmp_path / "m.yaml").dataset("shapes").load()
-    test_volumes = {table.ids[i].split("/")[0] for i in table.indices("test")}
+    table = load_manifest(manifest).dataset("phantom-ct").load()
+    assert table.volumes is not None
+    test_volumes = {table.volumes[i] for i in table.indices("test")}
     scores = load_scores(outcome.path)
-    assert set(scores.ids) == test_volumes and scores.scores.shape == (len(test_volumes), 2)
+    assert set(scores.ids) == test_volumes and scores.scores.shape == (len(test_volumes), 6)
     assert {"point", "low", "high"} <= set(record.metrics["hd95"])
     assert all("hd95" in row for row in record.per_label)
-    empty_dice = np.where(scores.y.astype(bool), 0.0, 1.0).mean()
-    assert record.metrics["dice"]["point"] > empty_dice + 0.5 * (1 - empty_dice)
     overlays = load_overlays(outcome.path, record)
     assert overlays is not None and set(overlays.ids.tolist()) <= test_volumes
     # a second run with another method checks the results folder against per-volume targets
-    again = run_finetune(_request("linear", epochs=1), manifest=tmp_path / "m.yaml",
+    again = run_finetune(_request("linear", epochs=1, dataset="phantom-ct"), manifest=manifest,
                          results=results)  # fmt: skip
     assert set(load_scores(again.path).ids) == test_volumes
 
@@ -373,3 +317,72 @@ def test_cli_finetune_segmentation(seg_manifest: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Dice [95% CI]" in result.output and "mean over classes" in result.output
     assert "wrote" in result.output
+
+
+def test_a_frozen_probe_and_a_finetune_run_pair_in_the_report(
+    seg_manifest: Path, tmp_path: Path
+) -> None:
+    """The frozen segmentation probe and finetuning on the same data write the same score
+    targets: the results guard accepts both in one folder and the report pairs them."""
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+    from embedkit.results.consistency import check_records
+
+    results = tmp_path / "results"
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    common = ["--manifest", str(seg_manifest), "-d", "shapes", "--model", VIT,
+              "-r", str(RESOLUTION)]  # fmt: skip
+    runner = CliRunner()
+    extract = runner.invoke(app, ["extract", *common, "--patch-tokens", "--workers", "0"], env=env)
+    assert extract.exit_code == 0, extract.output
+    probe = runner.invoke(
+        app, ["probe", *common, "--kind", "segmentation", "--n-boot", "100", "--results",
+              str(results)], env=env,
+    )  # fmt: skip
+    assert probe.exit_code == 0, probe.output
+    tuned = run_finetune(_request("linear", epochs=2, lr=1e-2), manifest=seg_manifest,
+                         results=results)  # fmt: skip
+    (frozen_path,) = results.rglob("segmentation-*.json")
+    frozen = load_scores(frozen_path)
+    finetuned = load_scores(tuned.path)
+    # one set of targets: same cases, classes in truth, every entry a target
+    order = np.argsort(finetuned.ids)
+    assert sorted(frozen.ids) == sorted(finetuned.ids)
+    np.testing.assert_array_equal(frozen.y[np.argsort(frozen.ids)], finetuned.y[order])
+    assert frozen.mask.all() and finetuned.mask.all()
+    check_records([(load_record(frozen_path), frozen_path), (tuned.record, tuned.path)])
+    # both agree with what the manifest defines now; other classes are another dataset
+    import dataclasses
+
+    from embedkit.errors import MixedResultsError
+    from embedkit.results.consistency import (
+        check_results_dataset,
+        record_signature,
+        segmentation_reference,
+    )
+
+    table = load_manifest(seg_manifest).dataset("shapes").load()
+    reference = segmentation_reference(table)
+    assert reference is not None
+    assert (
+        reference[0] == record_signature(load_record(frozen_path)) == record_signature(tuned.record)
+    )
+    check_results_dataset(results, "shapes", table, expected=reference)
+    renamed = dataclasses.replace(table, classes=("background", "disk", "ring"))
+    with pytest.raises(MixedResultsError, match="ring"):
+        check_results_dataset(results, "shapes", renamed, expected=segmentation_reference(renamed))
+
+    report = build_report(results, tmp_path / "report", n_boot=100)
+    [pair] = report.comparisons
+    assert pair.metric == "mean_dice"
+    assert {pair.a, pair.b} == {f"{VIT} · 128px · segmentation", f"{VIT} · 128px · finetune-linear"}
+    first, second = (frozen, finetuned) if pair.a.endswith("segmentation") else (finetuned, frozen)
+    da, db = _case_means(first), _case_means(second)
+    expected = np.mean([da[i] - db[i] for i in da if np.isfinite(da[i]) and np.isfinite(db[i])])
+    assert np.isclose(pair.delta, expected) and pair.low <= pair.delta <= pair.high
+    assert "finetune-linear" in report.html.read_text()
+    from embedkit.report.compare import DICE_TEST_NAME
+
+    printed = (tmp_path / "report" / "comparisons.md").read_text()
+    assert "mean_dice" in printed and DICE_TEST_NAME in printed and "finetune-linear" in printed

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from embedkit.data.masks import nearest_resize
+from embedkit.data.volumes import VolumeSlice, VolumeSpec, Window
 from embedkit.probes.registry import PatchData, PatchSplit, kind_inputs
 from embedkit.probes.segmentation import SegmentationKind, SegmentationSettings, fit_segmentation
 from embedkit.store import CacheKey, CacheRoot, FeatureEntry, canonical_json, digest_ids
@@ -60,6 +61,7 @@ def _split(
     masks: list[Path],
     volumes: list[str] | None = None,
     slices: list[int] | None = None,
+    sources: list[VolumeSlice] | None = None,
 ) -> PatchSplit:
     patients = tuple(volumes[i] if volumes else ids[i] for i in rows)
     return PatchSplit(
@@ -71,6 +73,7 @@ def _split(
         0,
         None if volumes is None else tuple(volumes[i] for i in rows),
         None if slices is None else tuple(slices[i] for i in rows),
+        None if sources is None else tuple(sources[i] for i in rows),
     )
 
 
@@ -155,6 +158,11 @@ def test_a_linear_head_segments_separable_tokens_well_above_a_constant_predictio
     assert ov["mean_dice"][-1] == pytest.approx(np.nanmin(np.nanmean(fit.scores.dice, axis=1)))
 
 
+def _volume_sources(ipath: Path, depth: int) -> list[VolumeSlice]:
+    spec = VolumeSpec(Window(0.0, 400.0), "axial")
+    return [VolumeSlice(str(ipath), k, spec, str(ipath)) for k in range(depth)]
+
+
 def test_volumes_stack_slices_back_and_report_hd95(tmp_path: Path) -> None:
     import nibabel as nib
 
@@ -162,25 +170,32 @@ def test_volumes_stack_slices_back_and_report_hd95(tmp_path: Path) -> None:
     proj = rng.standard_normal((len(CLASSES), DIM)) * 2
     n_vol, depth = 6, 5
     ids, images, masks, volumes, slices, tokens = [], [], [], [], [], []
+    sources: list[VolumeSlice] = []
     truths = []
     for v in range(n_vol):
-        grids = [_grid_mask(rng) for _ in range(depth)]
-        label = np.stack([nearest_resize(g, (SIZE, SIZE)) for g in grids], -1).astype(np.int16)
-        truths.append(label.astype(np.int64))
+        grids = [_grid_mask(rng) for _ in range(depth)]  # slice k as displayed
+        shown = np.stack([nearest_resize(g, (SIZE, SIZE)) for g in grids]).astype(np.int16)
+        truths.append(shown.astype(np.int64))
+        # stored RAS so that the radiological display of axial slice k is shown[k]
+        label = np.ascontiguousarray(shown.transpose(2, 1, 0)[::-1, ::-1])
         mpath, ipath = tmp_path / f"v{v}_mask.nii.gz", tmp_path / f"v{v}.nii.gz"
-        nib.save(nib.Nifti1Image(label, np.diag([0.7, 0.7, 3.0, 1.0])), mpath)
+        nib.save(nib.Nifti1Image(label, np.diag([0.7, 0.9, 3.0, 1.0])), mpath)
         nib.save(nib.Nifti1Image(label.astype(np.float32) * 40 - 100, np.eye(4)), ipath)
+        vsources = _volume_sources(ipath, depth)
         for k in (3, 0, 4, 1, 2):  # rows not in slice order: the probe must restack by index
             ids.append(f"v{v}-s{k}")
             images.append(ipath)
             masks.append(mpath)
             volumes.append(f"v{v}")
             slices.append(k)
+            sources.append(vsources[k])
             tokens.append(_tokens(grids[k], rng, proj))
     entry = _entry(tmp_path, ids, np.stack(tokens), "squash")
     d = depth
     parts = {"train": range(0, 3 * d), "val": range(3 * d, 4 * d), "test": range(4 * d, 6 * d)}
-    split = {n: _split(n, r, ids, images, masks, volumes, slices) for n, r in parts.items()}
+    split = {
+        n: _split(n, r, ids, images, masks, volumes, slices, sources) for n, r in parts.items()
+    }
     data = PatchData(
         split["train"], split["val"], split["test"], CLASSES, entry, "patch", "squash", "seg"
     )
@@ -190,8 +205,13 @@ def test_volumes_stack_slices_back_and_report_hd95(tmp_path: Path) -> None:
     mean_dice = float(np.nanmean(fit.scores.dice))
     assert mean_dice > _baseline(truths[4:]) + 0.3
     # HD95 in mm: no more than the volume diagonal, and 0 only where the prediction is exact
-    diagonal = np.sqrt(np.sum((np.array([SIZE, SIZE, depth]) * [0.7, 0.7, 3.0]) ** 2))
+    diagonal = np.sqrt(np.sum((np.array([SIZE, SIZE, depth]) * [0.7, 0.9, 3.0]) ** 2))
     assert (fit.scores.hd95 <= diagonal + 1e-9).all()
+    # the overlay images are the windowed slices the encoder saw, on the label map's grid
+    first = list(fit.overlays["ids"]).index("v4") if "v4" in fit.overlays["ids"] else None
+    if first is not None:
+        image, truth = fit.overlays["image"][first], fit.overlays["truth"][first]
+        assert image[truth == 1].mean() > image[truth == 0].mean()
 
 
 def test_the_kind_declares_patch_inputs_and_refuses_pooled_entries(tmp_path: Path) -> None:
