@@ -568,6 +568,7 @@ def _entry_slot(step: Step) -> tuple[str, str, str, int]:
 
 def _run_probe(ctx: Context, step: Step) -> str:
     from embedkit.probes.run import run_probe
+    from embedkit.progress import rich_progress
 
     request = step.request(_effective_resolution(step, snap=True))
     if request.entry is None and _entry_slot(step) in ctx.extracted:
@@ -580,6 +581,7 @@ def _run_probe(ctx: Context, step: Step) -> str:
             cache=ctx.cache,
             results=ctx.results,
             local_cache=ctx.local_cache,
+            progress=lambda total, desc: rich_progress(total, f"  {desc}", console=ctx.console),
         )
     return "done (reused)" if outcome.reused else "done"
 
