@@ -24,6 +24,7 @@ from embedkit.extract.request import (
     ComputeDtype,
     DeviceMap,
     ExtractionRequest,
+    FingerprintMode,
     ResizePolicy,
     ShardPolicy,
     StorageDtype,
@@ -440,6 +441,23 @@ def extract(
             "may extract at once on every backend; they split its units (docs/sharing.md).",
         ),
     ] = EXTRACT["lease_ttl_s"],
+    fingerprint: Annotated[
+        str,
+        typer.Option(
+            **_one_of(FingerprintMode),
+            help="How an image file is recognised as unchanged, so that its row is copied from "
+            "another entry of the same feature space: quick = size, mtime and the first and "
+            "last 64 KiB; content = sha256 of every byte (reads every image once).",
+        ),
+    ] = EXTRACT["fingerprint"],
+    reuse: Annotated[
+        bool,
+        typer.Option(
+            help="Copy the rows that complete entries of the same feature space (same model, "
+            "weights, resolution, preprocessing, dtypes, poolings) hold for the same images, "
+            "and compute only the others. --no-reuse computes every image.",
+        ),
+    ] = EXTRACT["reuse"],
     nproc: Annotated[
         int,
         typer.Option(
@@ -485,8 +503,10 @@ def extract(
         out.print(f"[green]found[/green] {entry.uri} (complete; nothing to compute)")
     else:
         out.print(
-            f"[green]wrote[/green] {entry.uri}: {result.images_computed} images in "
-            f"{result.elapsed_s:.1f} s ({result.images_per_s:.1f} img/s)"
+            f"[green]wrote[/green] {entry.uri}: {result.images_computed} images computed, "
+            f"{result.images_copied} copied from {len(result.copied_from)} entries of the same "
+            f"feature space, in {result.elapsed_s:.1f} s"
+            + (f" ({result.images_per_s:.1f} img/s)" if result.images_computed else "")
             + (f" on {result.world_size} ranks" if result.world_size > 1 else "")
         )
         if result.throughput is not None:
