@@ -740,36 +740,38 @@ def _copy_claimed(
     copier: RowCopier,
     progress: ProgressFactory | None,
     prefer: Sequence[int] = (),
-) -> ExtractionResult | None:
-    """Claim and copy the units whose rows are all copies (no encoder needed); stops at the
-    first claimable unit that needs a forward pass (released again for the compute phase)."""
+) -> tuple[ExtractionResult | None, int | None]:
+    """Claim and copy the units whose rows are all copies (no encoder needed).
+
+    Stops when no copy unit is claimable; returns what it did and the claimed unit that needs
+    a forward pass (the first unit claimed after the copy units, or None): the caller computes
+    it first.
+    """
     reuse = copier.plan
     copy_units = [u for u in entry.pending_units() if reuse.is_copy_unit(*entry.unit_bounds(u))]
     if not copy_units:
-        return None
+        return None, None
     wanted = set(copy_units)
     order = [*(u for u in prefer if u in wanted), *copy_units]
     total_rows = sum(e - s for s, e in map(entry.unit_bounds, copy_units))
     started = time.perf_counter()
     writer = _UnitWriter(entry, leases)
     copied = 0
-    bar = (
-        progress(total_rows, f"copying rows from {len(reuse.sources)} entries")
-        if progress
-        else None
-    )
+    held: int | None = None
+    what = f"copying rows from {len(reuse.sources)} entries"
+    bar = progress(total_rows, what) if progress is not None else None
     with bar if bar is not None else nullcontext(lambda _n: None) as advance:
         try:
             for u in leases.iter_units(entry, order):
                 if u not in wanted:
-                    leases.release_unit(u)
+                    held = u
                     break
                 n = _copy_unit(plan, entry, copier, u, writer)
                 copied += n
                 advance(n)
         finally:
             writer.close()
-    return ExtractionResult(
+    done = ExtractionResult(
         entry=entry,
         computed_units=writer.written,
         reused=False,
@@ -779,6 +781,7 @@ def _copy_claimed(
         images_copied=copied,
         copied_from=tuple(s.relpath for s in reuse.sources),
     )
+    return done, held
 
 
 def _needs_encoder(entry: FeatureEntry, reuse: ReusePlan) -> bool:
@@ -800,14 +803,20 @@ def _copy_then_compute(
     total: ExtractionResult | None = None
     encoder: LoadedEncoder | None = None
     while True:
-        part = _copy_claimed(plan, entry, leases, copier, progress)
+        part, held = _copy_claimed(plan, entry, leases, copier, progress)
         if part is not None:
             total = _merge(total, part)
-        if _needs_encoder(entry, copier.plan):
+        if held is not None or _needs_encoder(entry, copier.plan):
             if encoder is None:
                 ctx = distributed.DistContext(distributed.rank_env({}), plan.device, None)
                 encoder = load_planned_encoder(plan, identity, ctx)
                 plan = _auto_batch(plan, encoder, ctx)
+            if held is not None:  # claimed by the copy phase: ours to compute
+                part = run_extraction(
+                    plan, encoder, entry, units=[held], leases=leases, progress=progress,
+                    copier=copier,
+                )  # fmt: skip
+                total = _merge(total, part)
             part = run_extraction(
                 plan, encoder, entry, leases=leases, progress=progress, copier=copier
             )
@@ -824,13 +833,18 @@ def _compute_claimed(
     progress: ProgressFactory | None,
     prefer: Sequence[int] = (),
     copier: RowCopier | None = None,
+    held: int | None = None,
 ) -> ExtractionResult | None:
     """Claim and compute units until every unit of ``entry`` is written (by anyone).
 
     When nothing is claimable (other jobs hold the rest) this waits, and takes over the units
-    of a job whose claims expire.
+    of a job whose claims expire. ``held``: a unit claimed already, computed first.
     """
     total: ExtractionResult | None = None
+    if held is not None:
+        total = run_extraction(
+            plan, encoder, entry, units=[held], leases=leases, progress=progress, copier=copier
+        )
     while True:
         part = run_extraction(
             plan, encoder, entry, leases=leases, progress=progress, prefer=prefer, copier=copier
@@ -864,6 +878,7 @@ def _compute_rounds(
     progress: ProgressFactory | None,
     prefer: Sequence[int],
     copier: RowCopier | None = None,
+    held: int | None = None,
 ) -> ExtractionResult | None:
     """:func:`_compute_claimed` for FSDP ranks, which must run their forwards in lockstep.
 
@@ -872,7 +887,7 @@ def _compute_rounds(
     """
     total: ExtractionResult | None = None
     while True:
-        u = leases.claim_unit(entry, prefer)
+        u, held = (held, None) if held is not None else (leases.claim_unit(entry, prefer), None)
         mine = [] if u is None else [u]
         reuse = copier.plan if copier is not None else None
         most = int(ctx.max(len(_unit_batches(entry, mine, plan.request.batch_size, reuse))))
@@ -951,11 +966,11 @@ def _extract_ranks(
     ctx.barrier()  # all ranks start claiming together, each with its own share first
     bar = progress if ctx.is_main else None
     with _leases(plan, entry, ctx.rank) as leases:
-        copied = _copy_claimed(plan, entry, leases, copier, bar, share)
+        copied, held = _copy_claimed(plan, entry, leases, copier, bar, share)
         if _is_sharded(encoder):
-            result = _compute_rounds(plan, encoder, entry, leases, ctx, bar, share, copier)
+            result = _compute_rounds(plan, encoder, entry, leases, ctx, bar, share, copier, held)
         else:
-            result = _compute_claimed(plan, encoder, entry, leases, bar, share, copier)
+            result = _compute_claimed(plan, encoder, entry, leases, bar, share, copier, held)
     if copied is not None:
         result = _merge(copied, result) if result is not None else copied
     result = result or ExtractionResult(entry, 0, False, 0.0, 0)
