@@ -532,7 +532,11 @@ def cache_ls(
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """List the entries of a cache root: dataset, model, resolution, poolings, size, state."""
+    """List the entries of a cache root: dataset, model, resolution, poolings, size, state.
+
+    An entry's state is complete, partial, or superseded (a later complete entry of the same
+    dataset and feature space holds another image list: an older snapshot of the dataset).
+    """
     from embedkit.store import CacheRoot, list_entries, render_entries
 
     root = CacheRoot.from_uri(_cache_uri(cache, manifest))
@@ -736,10 +740,21 @@ def cache_gc(
         str | None,
         typer.Option(help="Also remove complete entries not read since this date (YYYY-MM-DD)."),
     ] = None,
+    superseded: Annotated[
+        bool,
+        typer.Option(
+            "--superseded",
+            help="Also remove superseded entries: complete entries of a dataset and feature "
+            "space for which a later complete entry with another image list exists (marked in "
+            "`embedkit cache ls`). Run with --dry-run first.",
+        ),
+    ] = False,
 ) -> None:
-    """Remove abandoned partial entries and, on request, complete entries unused since a date.
+    """Remove abandoned partial entries and, on request, complete entries unused since a date
+    or superseded by a later snapshot of their dataset.
 
-    Entries with a live lease (a job is extracting into them) are never removed.
+    Entries with a live lease (a job is extracting into them) are never removed, nor entries a
+    partial entry is copying rows from.
     """
     import datetime as dt
 
@@ -751,7 +766,9 @@ def cache_gc(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     root = CacheRoot.from_uri(_cache_uri(cache, manifest))
-    found = collect_garbage(root, partial_older_than=age, unused_since=since, dry_run=dry_run)
+    found = collect_garbage(
+        root, partial_older_than=age, unused_since=since, superseded=superseded, dry_run=dry_run
+    )
     verb = "would remove" if dry_run else "removed"
     for cand in found:
         out.print(f"{verb} {cand.relpath}  ({cand.reason}, {cand.size_bytes / 1e6:.1f} MB)")

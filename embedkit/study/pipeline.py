@@ -524,10 +524,15 @@ def _status(ctx: Context, step: Step) -> str:
         res = validate_resolution(target, res, snap=snap)
     if "://" not in ctx.cache and not Path(ctx.cache).exists():
         return "to run"  # planning never creates the cache folder
+    root = CacheRoot.from_uri(ctx.cache)
     try:
-        entry = find_probe_entry(CacheRoot.from_uri(ctx.cache), step.dataset, step.model, res)
-    except CacheNotFoundError:
-        return "to run"
+        entry = find_probe_entry(root, step.dataset, step.model, res)
+    except CacheNotFoundError:  # none, or several: then the current manifest's one, if any
+        try:
+            ids = ctx.table(step.dataset).ids
+            entry = find_probe_entry(root, step.dataset, step.model, res, None, ids)
+        except EmbedkitError:
+            return "to run"
     if step.action == "extract":
         return "cached"
     if step.action == "probe":

@@ -239,3 +239,31 @@ def test_interrupted_reuse_resumes_to_the_same_bytes(
     assert resumed.entry.attrs["provenance"]["reuse"]["rows_copied"] == 24
     mixed = resumed.entry.unit_record(4)
     assert sum(n for runs in mixed[RECORD_COPIED].values() for _, _, n in runs) == 4
+
+
+def test_growing_the_demo_data_keeps_its_files_and_computes_only_new_images(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    from embedkit.manifest import load_manifest
+    from embedkit.study.demodata import ensure_demo_data
+
+    folder = tmp_path / "demo"
+    man = _manifest(tmp_path, tmp_path / "cache", "m", images=str(folder / "images"),
+                    index=str(folder / "index.csv"))  # fmt: skip
+    config = load_manifest(man).dataset("demo")
+    assert ensure_demo_data(config, DemoSpec(n_patients=4, images_per_patient=3, size=96))
+    first = extract(_request(), manifest=man, model_cache_dir=model_cache)
+    assert first.images_computed == 12
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob("images/*/*.png")}
+    assert ensure_demo_data(config, DemoSpec(n_patients=6, images_per_patient=3, size=96))
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob("images/*/*.png")}
+    assert len(after) == 18 and all(after[p] == v for p, v in before.items())
+    # Grown data equals data drawn for 6 patients at once (each patient seeds its own images).
+    fresh = tmp_path / "fresh"
+    generate_demo(fresh, DemoSpec(n_patients=6, images_per_patient=3, size=96))
+    for path, (_, data) in after.items():
+        assert (fresh / path.relative_to(folder)).read_bytes() == data
+    assert (fresh / "index.csv").read_text() == (folder / "index.csv").read_text()
+    grown = extract(_request(), manifest=man, model_cache_dir=model_cache)
+    assert (grown.images_computed, grown.images_copied) == (6, 12)
+    assert len(load_manifest(man).dataset("demo").load().ids) == 18
