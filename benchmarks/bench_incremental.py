@@ -153,27 +153,40 @@ def copy_benchmark(args: argparse.Namespace, tmp: Path) -> None:
     dst = FeatureEntry.create_or_open(
         root, dkey, ids=order, shapes=dims, unit_rows=unit_rows, provenance={}
     )
-    copier = RowCopier(root, plan)
-    t0 = time.perf_counter()
-    for u in range(dst.n_units):
-        s, e = dst.unit_bounds(u)
-        arrays, copied = copier.unit_arrays(s, e, dst.shapes, dst.dtypes)
-        dst.begin_unit(
-            u, arrays, valid=np.ones(e - s, bool), record_extra={"copied": copied}
-        ).commit()
-    t_store = time.perf_counter() - t0
+    t_store = t_np = t_np_sync = float("inf")
+    for attempt in range(args.repeats):  # best of: the machine is shared
+        if attempt:
+            root.remove_tree(dkey.relpath())
+        dst = FeatureEntry.create_or_open(
+            root, dkey, ids=order, shapes=dims, unit_rows=unit_rows, provenance={}
+        )
+        copier = RowCopier(root, plan)
+        t0 = time.perf_counter()
+        for u in range(dst.n_units):
+            s, e = dst.unit_bounds(u)
+            arrays, copied = copier.unit_arrays(s, e, dst.shapes, dst.dtypes)
+            dst.begin_unit(
+                u, arrays, valid=np.ones(e - s, bool), record_extra={"copied": copied}
+            ).commit()
+        t_store = min(t_store, time.perf_counter() - t0)
+        for sync in (False, True):  # each into a new file, as the store writes new files
+            out = tmp / f"copy-{attempt}-{sync}.npy"
+            t0 = time.perf_counter()
+            np.save(out, np.load(npy)[plan.row_of])
+            if sync:
+                fd = os.open(out, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            took = time.perf_counter() - t0
+            if sync:
+                t_np_sync = min(t_np_sync, took)
+            else:
+                t_np = min(t_np, took)
+            out.unlink()
     dst.finalize()
-    t0 = time.perf_counter()
-    np.save(tmp / "copy.npy", np.load(npy))
-    t_np = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    np.save(tmp / "copy2.npy", np.load(npy))
-    fd = os.open(tmp / "copy2.npy", os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-    t_np_sync = time.perf_counter() - t0
     gb = matrix.nbytes / 1e9
-    print(f"\nrow copy, {n} x {dim} float16 ({gb:.2f} GB), units of {unit_rows} rows")
+    print(f"\nrow copy, {n} x {dim} float16 ({gb:.2f} GB), units of {unit_rows} rows, "
+          f"best of {args.repeats}")  # fmt: skip
     print(f"  store (checked read + write + crc32c + fdatasync + record): {t_store:6.2f} s  "
           f"{gb / t_store:5.2f} GB/s")  # fmt: skip
     print(f"  np.load + np.save:                                           {t_np:6.2f} s  "
@@ -194,6 +207,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--copy-rows", type=int, default=65536)
     parser.add_argument("--copy-dim", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-extraction", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -504,8 +504,9 @@ def extract(
     else:
         out.print(
             f"[green]wrote[/green] {entry.uri}: {result.images_computed} images computed, "
-            f"{result.images_copied} copied from {len(result.copied_from)} entries of the same "
-            f"feature space, in {result.elapsed_s:.1f} s"
+            f"{result.images_copied} copied from {len(result.copied_from)} "
+            f"{'entry' if len(result.copied_from) == 1 else 'entries'} of the same feature "
+            f"space, in {result.elapsed_s:.1f} s"
             + (f" ({result.images_per_s:.1f} img/s)" if result.images_computed else "")
             + (f" on {result.world_size} ranks" if result.world_size > 1 else "")
         )

@@ -109,6 +109,8 @@ class ExtractionResult:
 
 
 ProgressFactory = Callable[[int, str], AbstractContextManager[Callable[[int], None]]]
+#: The fewest batches the computed rows of a unit with copied rows are split into.
+MIXED_UNIT_BATCHES = 4
 
 
 def content_fingerprint(
@@ -194,8 +196,12 @@ def _iter_unit_batches(
     """Row batches that start at each unit's first row to compute and never cross a unit
     boundary.
 
-    With ``reuse``, only the rows to compute are batched (the same batches on every run), and
-    a unit with none is handed to ``on_copy_unit`` instead. ``units`` is consumed lazily: with
+    With ``reuse``, only the rows to compute are batched, and a unit with none is handed to
+    ``on_copy_unit`` instead. A unit with copied rows has few rows left to compute: they go in
+    at least :data:`MIXED_UNIT_BATCHES` batches (of at most ``batch_size``), so that the loader
+    workers decode the next batches while the encoder runs (one batch would run load, then
+    forward, one after the other). The batches depend only on the unit's rows, the reuse plan
+    and ``batch_size``, so they are the same on every run. ``units`` is consumed lazily: with
     claimed units, the next unit is claimed only when the loader asks for its first batch.
     """
     for u in units:
@@ -203,8 +209,11 @@ def _iter_unit_batches(
         rows = list(range(start, stop)) if reuse is None else reuse.compute_rows(start, stop)
         if not rows and on_copy_unit is not None:
             on_copy_unit(u)
-        for b in range(0, len(rows), batch_size):
-            yield rows[b : b + batch_size]
+        size = batch_size
+        if len(rows) < stop - start:
+            size = min(batch_size, max(1, -(-len(rows) // MIXED_UNIT_BATCHES)))
+        for b in range(0, len(rows), size):
+            yield rows[b : b + size]
 
 
 def _unit_batches(
