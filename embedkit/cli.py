@@ -1095,7 +1095,13 @@ def demo(
         ),
     ] = Path("embedkit-demo"),
     patients: Annotated[
-        int | None, typer.Option(min=1, help="Synthetic patients (default: the pipeline's, 100).")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Synthetic patients (default: the pipeline's, 100). On existing demo data "
+            "another number adds (or leaves out) patients; the images on disk are kept and the "
+            "next extraction computes only the new ones.",
+        ),
     ] = None,
     images_per_patient: Annotated[
         int | None, typer.Option(min=1, help="Images per patient (default 3).")

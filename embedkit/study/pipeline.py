@@ -504,7 +504,7 @@ def _estimate(ctx: Context, step: Step) -> str:
 
 def _status(ctx: Context, step: Step) -> str:
     from embedkit.probes.run import find_probe_entry, probe_plan
-    from embedkit.store import CacheRoot
+    from embedkit.store import CacheRoot, digest_ids
 
     if step.dataset in ctx.missing:
         return "no data"
@@ -524,15 +524,17 @@ def _status(ctx: Context, step: Step) -> str:
         res = validate_resolution(target, res, snap=snap)
     if "://" not in ctx.cache and not Path(ctx.cache).exists():
         return "to run"  # planning never creates the cache folder
-    root = CacheRoot.from_uri(ctx.cache)
+    try:  # the current image list picks among snapshots (unknown while the data is missing)
+        ids: tuple[str, ...] | None = tuple(ctx.table(step.dataset).ids)
+    except (EmbedkitError, OSError):
+        ids = None
     try:
-        entry = find_probe_entry(root, step.dataset, step.model, res)
-    except CacheNotFoundError:  # none, or several: then the current manifest's one, if any
-        try:
-            ids = ctx.table(step.dataset).ids
-            entry = find_probe_entry(root, step.dataset, step.model, res, None, ids)
-        except EmbedkitError:
-            return "to run"
+        entry = find_probe_entry(CacheRoot.from_uri(ctx.cache), step.dataset, step.model, res,
+                                 None, ids)  # fmt: skip
+    except CacheNotFoundError:
+        return "to run"
+    if ids is not None and entry.key.ids_digest != digest_ids(ids):
+        return "to run"  # an older snapshot only: extraction copies its rows, computes the rest
     if step.action == "extract":
         return "cached"
     if step.action == "probe":
