@@ -24,6 +24,7 @@ from embedkit.extract.request import (
     ComputeDtype,
     DeviceMap,
     ExtractionRequest,
+    FingerprintMode,
     ResizePolicy,
     ShardPolicy,
     StorageDtype,
@@ -440,6 +441,23 @@ def extract(
             "may extract at once on every backend; they split its units (docs/sharing.md).",
         ),
     ] = EXTRACT["lease_ttl_s"],
+    fingerprint: Annotated[
+        str,
+        typer.Option(
+            **_one_of(FingerprintMode),
+            help="How an image file is recognised as unchanged, so that its row is copied from "
+            "another entry of the same feature space: quick = size, mtime and the first and "
+            "last 64 KiB; content = sha256 of every byte (reads every image once).",
+        ),
+    ] = EXTRACT["fingerprint"],
+    reuse: Annotated[
+        bool,
+        typer.Option(
+            help="Copy the rows that complete entries of the same feature space (same model, "
+            "weights, resolution, preprocessing, dtypes, poolings) hold for the same images, "
+            "and compute only the others. --no-reuse computes every image.",
+        ),
+    ] = EXTRACT["reuse"],
     nproc: Annotated[
         int,
         typer.Option(
@@ -485,8 +503,11 @@ def extract(
         out.print(f"[green]found[/green] {entry.uri} (complete; nothing to compute)")
     else:
         out.print(
-            f"[green]wrote[/green] {entry.uri}: {result.images_computed} images in "
-            f"{result.elapsed_s:.1f} s ({result.images_per_s:.1f} img/s)"
+            f"[green]wrote[/green] {entry.uri}: {result.images_computed} images computed, "
+            f"{result.images_copied} copied from {len(result.copied_from)} "
+            f"{'entry' if len(result.copied_from) == 1 else 'entries'} of the same feature "
+            f"space, in {result.elapsed_s:.1f} s"
+            + (f" ({result.images_per_s:.1f} img/s)" if result.images_computed else "")
             + (f" on {result.world_size} ranks" if result.world_size > 1 else "")
         )
         if result.throughput is not None:
@@ -512,7 +533,11 @@ def cache_ls(
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """List the entries of a cache root: dataset, model, resolution, poolings, size, state."""
+    """List the entries of a cache root: dataset, model, resolution, poolings, size, state.
+
+    An entry's state is complete, partial, or superseded (a later complete entry of the same
+    dataset and feature space holds another image list: an older snapshot of the dataset).
+    """
     from embedkit.store import CacheRoot, list_entries, render_entries
 
     root = CacheRoot.from_uri(_cache_uri(cache, manifest))
@@ -716,10 +741,21 @@ def cache_gc(
         str | None,
         typer.Option(help="Also remove complete entries not read since this date (YYYY-MM-DD)."),
     ] = None,
+    superseded: Annotated[
+        bool,
+        typer.Option(
+            "--superseded",
+            help="Also remove superseded entries: complete entries of a dataset and feature "
+            "space for which a later complete entry with another image list exists (marked in "
+            "`embedkit cache ls`). Run with --dry-run first.",
+        ),
+    ] = False,
 ) -> None:
-    """Remove abandoned partial entries and, on request, complete entries unused since a date.
+    """Remove abandoned partial entries and, on request, complete entries unused since a date
+    or superseded by a later snapshot of their dataset.
 
-    Entries with a live lease (a job is extracting into them) are never removed.
+    Entries with a live lease (a job is extracting into them) are never removed, nor entries a
+    partial entry is copying rows from.
     """
     import datetime as dt
 
@@ -731,7 +767,9 @@ def cache_gc(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     root = CacheRoot.from_uri(_cache_uri(cache, manifest))
-    found = collect_garbage(root, partial_older_than=age, unused_since=since, dry_run=dry_run)
+    found = collect_garbage(
+        root, partial_older_than=age, unused_since=since, superseded=superseded, dry_run=dry_run
+    )
     verb = "would remove" if dry_run else "removed"
     for cand in found:
         out.print(f"{verb} {cand.relpath}  ({cand.reason}, {cand.size_bytes / 1e6:.1f} MB)")
@@ -1075,7 +1113,13 @@ def demo(
         ),
     ] = Path("embedkit-demo"),
     patients: Annotated[
-        int | None, typer.Option(min=1, help="Synthetic patients (default: the pipeline's, 100).")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Synthetic patients (default: the pipeline's, 100). On existing demo data "
+            "another number adds (or leaves out) patients; the images on disk are kept and the "
+            "next extraction computes only the new ones.",
+        ),
     ] = None,
     images_per_patient: Annotated[
         int | None, typer.Option(min=1, help="Images per patient (default 3).")

@@ -74,6 +74,7 @@ def request_of(
         storage_dtype=cast(Any, key.storage_dtype),
         compression=cast(Any, entry.attrs.get("compression") or "none"),
         batch_size=int(prov["batch_size"]),
+        fingerprint=cast(Any, prov.get("fingerprint", "quick")),
         device=device,
         num_workers=num_workers,
         unit_rows=entry.unit_rows,

@@ -7,6 +7,7 @@ from typing import Literal
 
 from embedkit.data.policies import OnBadImage, ResizeMode
 from embedkit.errors import EmbedkitError
+from embedkit.extract.fingerprint import FingerprintMode
 from embedkit.models.policies import ComputeDtype, DeviceMap, ShardMode
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ComputeDtype",
     "DeviceMap",
     "ExtractionRequest",
+    "FingerprintMode",
     "ResizePolicy",
     "ShardPolicy",
     "StorageDtype",
@@ -69,6 +71,12 @@ class ExtractionRequest:
     compile: bool = False
     auto_batch: bool = False
     lease_ttl_s: float | None = None  # None: $EMBEDKIT_LEASE_TTL, else 60 s
+    #: How an image file is fingerprinted (embedkit.extract.fingerprint): what decides that a
+    #: row of another entry may be copied for it.
+    fingerprint: FingerprintMode = "quick"
+    #: Copy the rows other complete entries of the same feature space hold for the same image
+    #: bytes instead of computing them.
+    reuse: bool = True
 
     def __post_init__(self) -> None:
         if self.device_map is not None and self.shard != "none":

@@ -12,12 +12,19 @@ units and none is computed twice; a unit whose job died is taken over once its c
 
 Data loading runs in worker processes (``num_workers``) and overlaps the forward pass; a
 background thread writes finished units while the encoder works on the next ones.
+
+Each image is computed once per feature space (:mod:`embedkit.store.reuse`): before anything
+is computed, the rows whose image (same id, same content fingerprint,
+:mod:`embedkit.extract.fingerprint`) a complete entry of the same feature space already holds
+are planned as copies. Units whose rows are all copies are claimed, copied, checksummed and
+recorded like computed ones, without loading the encoder; in the other units only the rows
+to compute go through the encoder (in batches that start at the same rows on every run), and
+the copied rows fill the rest before the unit is written.
 """
 
 from __future__ import annotations
 
 import getpass
-import hashlib
 import os
 import platform
 import queue
@@ -39,6 +46,7 @@ from embedkit import distributed
 from embedkit.data.dataset import Batch, ImageDataset, collate
 from embedkit.data.transforms import Preprocessing
 from embedkit.errors import BadImagesError, CacheNotFoundError, EmbedkitError, EntryExistsError
+from embedkit.extract.fingerprint import FingerprintMode, content_digest, image_fingerprints
 from embedkit.extract.request import ExtractionRequest
 from embedkit.manifest import DatasetTable, Manifest, load_manifest
 from embedkit.models import (
@@ -63,7 +71,15 @@ from embedkit.store import (
     digest_ids,
 )
 from embedkit.store.entry import remove_entry
+from embedkit.store.layout import existing_attrs
 from embedkit.store.lease import Leases, Owner, resolve_ttl
+from embedkit.store.reuse import (
+    RECORD_COPIED,
+    RECORD_FINGERPRINTS,
+    ReusePlan,
+    RowCopier,
+    plan_reuse,
+)
 from embedkit.versions import package_versions
 
 
@@ -82,6 +98,10 @@ class ExtractionResult:
     throughput: ThroughputReport | None = None
     #: The units this process computed and wrote (another job may have written the others).
     units: tuple[int, ...] = ()
+    #: Rows this process copied from complete entries of the feature space (not computed).
+    images_copied: int = 0
+    #: The entries rows were copied from (relative paths).
+    copied_from: tuple[str, ...] = ()
 
     @property
     def images_per_s(self) -> float:
@@ -89,22 +109,16 @@ class ExtractionResult:
 
 
 ProgressFactory = Callable[[int, str], AbstractContextManager[Callable[[int], None]]]
+#: The fewest batches the computed rows of a unit with copied rows are split into.
+MIXED_UNIT_BATCHES = 4
 
 
-def content_fingerprint(ids: Sequence[str], paths: Sequence[Path]) -> str:
-    """A cheap fingerprint of the image files: sha256 over every (id, file size).
-
-    Sizes catch replaced or re-encoded files without reading them; a missing file counts as
-    size -1 (and is then reported by the bad-image policy when read).
-    """
-    h = hashlib.sha256()
-    for image_id, path in zip(ids, paths, strict=True):
-        try:
-            size = os.stat(path).st_size
-        except OSError:
-            size = -1
-        h.update(f"{image_id}\0{size}\n".encode())
-    return h.hexdigest()
+def content_fingerprint(
+    ids: Sequence[str], paths: Sequence[Path], mode: FingerprintMode = "quick"
+) -> str:
+    """The key's ``content_digest`` of the image files: sha256 over every (id, image
+    fingerprint); see :mod:`embedkit.extract.fingerprint` for what a fingerprint covers."""
+    return content_digest(ids, image_fingerprints(paths, mode))
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,16 +134,23 @@ class ExtractionPlan:
     poolings: tuple[str, ...]
     shapes: dict[str, tuple[int, ...]]
     key: CacheKey
+    #: The content fingerprint of each image (``table.ids`` order).
+    fingerprints: tuple[str, ...] = ()
 
 
 def plan_extraction(
-    request: ExtractionRequest, manifest: Manifest, encoder: EncoderIdentity
+    request: ExtractionRequest,
+    manifest: Manifest,
+    encoder: EncoderIdentity,
+    progress: ProgressFactory | None = None,
 ) -> ExtractionPlan:
     """Resolve everything that determines the entry's bytes and build its cache key.
 
-    Needs only the encoder's identity (spec + weights fingerprint), not its weights.
+    Needs only the encoder's identity (spec + weights fingerprint), not its weights; reads
+    the image files only to fingerprint them (``progress`` shows that).
     """
     table = manifest.dataset(request.dataset).load()
+    fingerprints = _fingerprints(table.paths, request.fingerprint, progress)
     spec = encoder.spec
     size = validate_resolution(spec, request.resolution, snap=request.snap_resolution)
     preprocessing = Preprocessing(size=size, resize=request.resize, mean=spec.mean, std=spec.std)
@@ -147,30 +168,61 @@ def plan_extraction(
         storage_dtype=request.storage_dtype,
         poolings=tuple(sorted(poolings)),
         ids_digest=digest_ids(table.ids),
-        content_digest=content_fingerprint(table.ids, table.paths),
+        content_digest=content_digest(table.ids, fingerprints),
         n_images=len(table.ids),
     )
     return ExtractionPlan(
-        request, table, spec, preprocessing, device, compute_dtype, poolings, shapes, key
-    )
+        request, table, spec, preprocessing, device, compute_dtype, poolings, shapes, key,
+        tuple(fingerprints),
+    )  # fmt: skip
+
+
+def _fingerprints(
+    paths: Sequence[Path], mode: FingerprintMode, progress: ProgressFactory | None
+) -> list[str]:
+    if progress is None or mode == "quick":  # quick: a stat and two small reads per image
+        return image_fingerprints(paths, mode)
+    with progress(len(paths), "fingerprinting images (full content)") as advance:
+        return image_fingerprints(paths, mode, advance=advance)
 
 
 def _iter_unit_batches(
-    entry: FeatureEntry, units: Iterable[int], batch_size: int
+    entry: FeatureEntry,
+    units: Iterable[int],
+    batch_size: int,
+    reuse: ReusePlan | None = None,
+    on_copy_unit: Callable[[int], None] | None = None,
 ) -> Iterator[list[int]]:
-    """Row batches that start at each unit's first row and never cross a unit boundary.
+    """Row batches that start at each unit's first row to compute and never cross a unit
+    boundary.
 
-    ``units`` is consumed lazily: with claimed units, the next unit is claimed only when the
-    loader asks for its first batch.
+    With ``reuse``, only the rows to compute are batched, and a unit with none is handed to
+    ``on_copy_unit`` instead. A unit with copied rows has few rows left to compute: they go in
+    at least :data:`MIXED_UNIT_BATCHES` batches (of at most ``batch_size``), so that the loader
+    workers decode the next batches while the encoder runs (one batch would run load, then
+    forward, one after the other). The batches depend only on the unit's rows, the reuse plan
+    and ``batch_size``, so they are the same on every run. ``units`` is consumed lazily: with
+    claimed units, the next unit is claimed only when the loader asks for its first batch.
     """
     for u in units:
         start, stop = entry.unit_bounds(u)
-        for b in range(start, stop, batch_size):
-            yield list(range(b, min(b + batch_size, stop)))
+        rows = list(range(start, stop)) if reuse is None else reuse.compute_rows(start, stop)
+        if not rows and on_copy_unit is not None:
+            on_copy_unit(u)
+        size = batch_size
+        if len(rows) < stop - start:
+            size = min(batch_size, max(1, -(-len(rows) // MIXED_UNIT_BATCHES)))
+        for b in range(0, len(rows), size):
+            yield rows[b : b + size]
 
 
-def _unit_batches(entry: FeatureEntry, units: Sequence[int], batch_size: int) -> list[list[int]]:
-    return list(_iter_unit_batches(entry, units, batch_size))
+def _unit_batches(
+    entry: FeatureEntry,
+    units: Sequence[int],
+    batch_size: int,
+    reuse: ReusePlan | None = None,
+) -> list[list[int]]:
+    return list(_iter_unit_batches(entry, units, batch_size, reuse))
 
 
 class _LazyBatches:
@@ -185,7 +237,7 @@ class _LazyBatches:
 
 #: Images left out of a unit: (image id, why).
 Skipped = list[tuple[str, str]]
-_QueuedUnit = tuple[int, dict[str, np.ndarray], np.ndarray, Skipped]
+_QueuedUnit = tuple[int, dict[str, np.ndarray], np.ndarray, Skipped, dict[str, object]]
 
 
 class _UnitWriter:
@@ -202,9 +254,7 @@ class _UnitWriter:
     def __init__(self, entry: FeatureEntry, leases: Leases | None = None) -> None:
         self._entry = entry
         self._leases = leases
-        self._queue: queue.Queue[
-            tuple[int, dict[str, np.ndarray], np.ndarray, list[tuple[str, str]]] | None
-        ]
+        self._queue: queue.Queue[_QueuedUnit | None]
         self._queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self.units: list[int] = []
@@ -220,11 +270,11 @@ class _UnitWriter:
         while (item := self._queue.get()) is not None:
             if self._error is not None:
                 continue
-            u, arrays, valid, skipped = item
+            u, arrays, valid, skipped, extra = item
             try:
                 if self._leases is not None and not self._leases.holds_unit(u):
                     continue  # our claim expired and another job took the unit over
-                begun = self._begin(u, arrays, valid, skipped)
+                begun = self._begin(u, arrays, valid, skipped, extra)
                 if pending is not None:  # the pool writes unit u meanwhile
                     self._commit(*pending)
                     pending = None
@@ -249,9 +299,12 @@ class _UnitWriter:
         arrays: dict[str, np.ndarray],
         valid: np.ndarray,
         skipped: list[tuple[str, str]],
+        extra: dict[str, object],
     ) -> PendingUnit | None:
         try:
-            return self._entry.begin_unit(u, arrays, valid=valid, skipped=skipped)
+            return self._entry.begin_unit(
+                u, arrays, valid=valid, skipped=skipped, record_extra=extra
+            )
         except EntryExistsError:
             if self._leases is None:
                 raise
@@ -274,9 +327,11 @@ class _UnitWriter:
         arrays: dict[str, np.ndarray],
         valid: np.ndarray,
         skipped: list[tuple[str, str]],
+        extra: dict[str, object] | None = None,
     ) -> None:
+        """Queue unit ``u`` for writing; ``extra``: more fields of its record."""
         self.raise_if_failed()
-        self._queue.put((u, arrays, valid, skipped))
+        self._queue.put((u, arrays, valid, skipped, dict(extra or {})))
 
     def raise_if_failed(self) -> None:
         if self._error is not None:
@@ -289,9 +344,16 @@ class _UnitWriter:
 
 
 class _UnitBuffer:
-    """Collects one unit's rows until all of them have been computed."""
+    """Collects one unit's rows until all of them have been computed (copied rows, if any, are
+    filled in when the buffer is made)."""
 
-    def __init__(self, start: int, stop: int, shapes: dict[str, tuple[int, ...]]) -> None:
+    def __init__(
+        self,
+        start: int,
+        stop: int,
+        shapes: dict[str, tuple[int, ...]],
+        copier: RowCopier | None = None,
+    ) -> None:
         n = stop - start
         self.start = start
         self.remaining = n
@@ -301,6 +363,30 @@ class _UnitBuffer:
         self.valid = np.zeros(n, dtype=bool)
         self.skipped: list[tuple[str, str]] = []
         self.failed = False
+        self.extra: dict[str, object] = {}
+        self.copied = 0
+        if copier is not None and (copied := copier.plan.copied_in(start, stop)):
+            self.extra[RECORD_COPIED] = copier.fill(start, stop, self.arrays)
+            self.valid[copier.plan.source_of[start:stop] >= 0] = True
+            self.remaining -= copied
+            self.copied = copied
+
+
+def _unit_record(plan: ExtractionPlan, entry: FeatureEntry, u: int) -> dict[str, object]:
+    """Fields every unit record of an extraction holds: the fingerprints of its rows."""
+    start, stop = entry.unit_bounds(u)
+    return {RECORD_FINGERPRINTS: list(plan.fingerprints[start:stop])} if plan.fingerprints else {}
+
+
+def _copy_unit(
+    plan: ExtractionPlan, entry: FeatureEntry, copier: RowCopier, u: int, writer: _UnitWriter
+) -> int:
+    """Read unit ``u``'s rows (all copies) from their sources and queue the unit; its rows."""
+    start, stop = entry.unit_bounds(u)
+    arrays, copied = copier.unit_arrays(start, stop, entry.shapes, entry.dtypes)
+    extra = {**_unit_record(plan, entry, u), RECORD_COPIED: copied}
+    writer.submit(u, arrays, np.ones(stop - start, dtype=bool), [], extra)
+    return stop - start
 
 
 def _batches_from_loader(
@@ -328,8 +414,12 @@ def run_extraction(
     progress: ProgressFactory | None = None,
     min_forwards: int = 0,
     prefer: Sequence[int] = (),
+    copier: RowCopier | None = None,
 ) -> ExtractionResult:
     """Compute and write units of ``entry``.
+
+    With ``copier`` (a reuse plan), only the rows it does not copy are computed; the copied
+    rows fill the rest of each unit, and a unit with no row to compute is copied whole.
 
     Without ``leases``: the given ``units`` (default: every pending unit). With ``leases``
     (and no ``units``): pending units claimed one by one as the loader needs them, ``prefer``
@@ -340,20 +430,33 @@ def run_extraction(
     many forward calls were made (FSDP ranks must all make the same number of calls).
     """
     request = plan.request
+    reuse = copier.plan if copier is not None else None
+    writer = _UnitWriter(entry, leases)
+    copied = 0
+
+    def copy_whole(u: int) -> None:
+        nonlocal copied
+        if copier is not None:
+            copied += _copy_unit(plan, entry, copier, u, writer)
+
     batches: Iterable[list[int]]
     if leases is not None and units is None:
-        n_images = sum(e - s for s, e in map(entry.unit_bounds, entry.pending_units()))
-        claimed = _iter_unit_batches(entry, leases.iter_units(entry, prefer), request.batch_size)
+        n_images = sum(
+            len(reuse.compute_rows(s, e)) if reuse is not None else e - s
+            for s, e in map(entry.unit_bounds, entry.pending_units())
+        )
+        claimed = _iter_unit_batches(
+            entry, leases.iter_units(entry, prefer), request.batch_size, reuse, copy_whole
+        )
         batches = _LazyBatches(claimed)
     else:
         todo = sorted(entry.pending_units() if units is None else units)
-        batches = _unit_batches(entry, todo, request.batch_size)
+        batches = list(_iter_unit_batches(entry, todo, request.batch_size, reuse, copy_whole))
         n_images = sum(len(b) for b in batches)
     dataset = ImageDataset(plan.table.ids, plan.table.sources, plan.preprocessing)
     buffers: dict[int, _UnitBuffer] = {}
     failures: list[tuple[str, str]] = []
     skipped: list[tuple[str, str]] = []
-    writer = _UnitWriter(entry, leases)
     started = time.perf_counter()
     stored = tuple(plan.shapes)
     computed = forwards = 0
@@ -366,7 +469,9 @@ def run_extraction(
                 first = int(batch.indices[0])
                 u = first // entry.unit_rows
                 start, stop = entry.unit_bounds(u)
-                buf = buffers.setdefault(u, _UnitBuffer(start, stop, plan.shapes))
+                buf = buffers.get(u) or buffers.setdefault(
+                    u, _UnitBuffer(start, stop, plan.shapes, copier)
+                )
                 feats = encoder.encode(batch.pixels.to(plan.device, non_blocking=True), stored)
                 forwards += 1
                 computed += len(batch.indices)
@@ -389,7 +494,9 @@ def run_extraction(
                     del buffers[u]
                     skipped.extend(buf.skipped)
                     if not buf.failed:
-                        writer.submit(u, buf.arrays, buf.valid, buf.skipped)
+                        extra = {**_unit_record(plan, entry, u), **buf.extra}
+                        writer.submit(u, buf.arrays, buf.valid, buf.skipped, extra)
+                        copied += buf.copied
                 advance(len(rows))
             side = plan.key.resolution
             for _ in range(min_forwards - forwards):
@@ -407,6 +514,8 @@ def run_extraction(
         images_computed=computed,
         skipped=skipped,
         units=tuple(writer.units),
+        images_copied=copied,
+        copied_from=tuple(s.relpath for s in reuse.sources) if reuse is not None else (),
     )
 
 
@@ -428,6 +537,7 @@ def _provenance(plan: ExtractionPlan, encoder: EncoderIdentity) -> dict[str, obj
         "requested_resolution": plan.request.resolution,
         "preprocessing": plan.preprocessing.describe(),
         "poolings": list(plan.poolings),
+        "fingerprint": plan.request.fingerprint,
         "dataset": plan.request.dataset,
         "n_images": len(plan.table.ids),
         "batch_size": plan.request.batch_size,
@@ -460,7 +570,7 @@ def extract(
         revision=request.revision,
         cache_dir=Path(model_cache_dir) if model_cache_dir is not None else None,
     )
-    plan = plan_extraction(request, man, identity)
+    plan = plan_extraction(request, man, identity, progress)
     with distributed.session(plan.device) as ctx:
         if ctx.device != plan.device:
             plan = replace(plan, device=ctx.device)
@@ -560,16 +670,48 @@ def _finish(entry: FeatureEntry, elapsed: float, result: ExtractionResult | None
         entry.finalize(extra)
 
 
-def _open_entry(plan: ExtractionPlan, identity: EncoderIdentity, root: CacheRoot) -> FeatureEntry:
-    return FeatureEntry.create_or_open(
+def _open_entry(
+    plan: ExtractionPlan, identity: EncoderIdentity, root: CacheRoot
+) -> tuple[FeatureEntry, ReusePlan]:
+    """The entry (created now, or found to resume) and the reuse plan it records.
+
+    A new entry records the sources of its reuse plan in its provenance; a resumed one is
+    planned against the sources it recorded (by whichever job created it), so every job and
+    every run of one entry copies the same rows from the same places.
+    """
+    reuse = _plan_reuse(plan, root, _recorded_sources(existing_attrs(root, plan.key.relpath())))
+    provenance = _provenance(plan, identity)
+    provenance["reuse"] = reuse.provenance()
+    entry = FeatureEntry.create_or_open(
         root,
         plan.key,
         ids=plan.table.ids,
         shapes=plan.shapes,
         unit_rows=plan.request.unit_rows,
-        provenance=_provenance(plan, identity),
+        provenance=provenance,
         compression=plan.request.compression,
         lease_ttl_s=plan.request.lease_ttl_s,
+    )
+    recorded = _recorded_sources(entry.attrs)
+    if recorded != [s.relpath for s in reuse.sources]:  # another job created it meanwhile
+        reuse = _plan_reuse(plan, root, recorded)
+    return entry, reuse
+
+
+def _recorded_sources(attrs: dict[str, Any] | None) -> list[str] | None:
+    """The reuse sources an existing entry recorded (None: no entry yet; [] for entries made
+    without reuse, which stay without it)."""
+    if attrs is None:
+        return None
+    reuse = (attrs.get("provenance") or {}).get("reuse") or {}
+    return [str(s["relpath"]) for s in reuse.get("sources", [])]
+
+
+def _plan_reuse(plan: ExtractionPlan, root: CacheRoot, sources: list[str] | None) -> ReusePlan:
+    if not plan.request.reuse or not plan.fingerprints:
+        return ReusePlan.compute_all(len(plan.table.ids))
+    return plan_reuse(
+        root, plan.key, plan.table.ids, plan.fingerprints, plan.shapes, sources=sources
     )
 
 
@@ -595,7 +737,101 @@ def _merge(total: ExtractionResult | None, part: ExtractionResult) -> Extraction
     total.elapsed_s += part.elapsed_s
     total.skipped.extend(part.skipped)
     total.units += part.units
+    total.images_copied += part.images_copied
+    total.copied_from = tuple(dict.fromkeys((*total.copied_from, *part.copied_from)))
     return total
+
+
+def _copy_claimed(
+    plan: ExtractionPlan,
+    entry: FeatureEntry,
+    leases: Leases,
+    copier: RowCopier,
+    progress: ProgressFactory | None,
+    prefer: Sequence[int] = (),
+) -> tuple[ExtractionResult | None, int | None]:
+    """Claim and copy the units whose rows are all copies (no encoder needed).
+
+    Stops when no copy unit is claimable; returns what it did and the claimed unit that needs
+    a forward pass (the first unit claimed after the copy units, or None): the caller computes
+    it first.
+    """
+    reuse = copier.plan
+    copy_units = [u for u in entry.pending_units() if reuse.is_copy_unit(*entry.unit_bounds(u))]
+    if not copy_units:
+        return None, None
+    wanted = set(copy_units)
+    order = [*(u for u in prefer if u in wanted), *copy_units]
+    total_rows = sum(e - s for s, e in map(entry.unit_bounds, copy_units))
+    started = time.perf_counter()
+    writer = _UnitWriter(entry, leases)
+    copied = 0
+    held: int | None = None
+    what = f"copying rows from {len(reuse.sources)} entries"
+    bar = progress(total_rows, what) if progress is not None else None
+    with bar if bar is not None else nullcontext(lambda _n: None) as advance:
+        try:
+            for u in leases.iter_units(entry, order):
+                if u not in wanted:
+                    held = u
+                    break
+                n = _copy_unit(plan, entry, copier, u, writer)
+                copied += n
+                advance(n)
+        finally:
+            writer.close()
+    done = ExtractionResult(
+        entry=entry,
+        computed_units=writer.written,
+        reused=False,
+        elapsed_s=time.perf_counter() - started,
+        images_computed=0,
+        units=tuple(writer.units),
+        images_copied=copied,
+        copied_from=tuple(s.relpath for s in reuse.sources),
+    )
+    return done, held
+
+
+def _needs_encoder(entry: FeatureEntry, reuse: ReusePlan) -> bool:
+    """Whether a pending unit of ``entry`` has a row to compute."""
+    return any(not reuse.is_copy_unit(*entry.unit_bounds(u)) for u in entry.pending_units())
+
+
+def _copy_then_compute(
+    plan: ExtractionPlan,
+    identity: EncoderIdentity,
+    entry: FeatureEntry,
+    leases: Leases,
+    copier: RowCopier,
+    progress: ProgressFactory | None,
+) -> ExtractionResult | None:
+    """Copy what can be copied, then compute the rest (the encoder is loaded only when a unit
+    needs it); waits for other jobs and takes over their expired units, as
+    :func:`_compute_claimed` does."""
+    total: ExtractionResult | None = None
+    encoder: LoadedEncoder | None = None
+    while True:
+        part, held = _copy_claimed(plan, entry, leases, copier, progress)
+        if part is not None:
+            total = _merge(total, part)
+        if held is not None or _needs_encoder(entry, copier.plan):
+            if encoder is None:
+                ctx = distributed.DistContext(distributed.rank_env({}), plan.device, None)
+                encoder = load_planned_encoder(plan, identity, ctx)
+                plan = _auto_batch(plan, encoder, ctx)
+            if held is not None:  # claimed by the copy phase: ours to compute
+                part = run_extraction(
+                    plan, encoder, entry, units=[held], leases=leases, progress=progress,
+                    copier=copier,
+                )  # fmt: skip
+                total = _merge(total, part)
+            part = run_extraction(
+                plan, encoder, entry, leases=leases, progress=progress, copier=copier
+            )
+            total = _merge(total, part)
+        if not _wait_for_others(entry, leases, progress):
+            return total
 
 
 def _compute_claimed(
@@ -605,15 +841,23 @@ def _compute_claimed(
     leases: Leases,
     progress: ProgressFactory | None,
     prefer: Sequence[int] = (),
+    copier: RowCopier | None = None,
+    held: int | None = None,
 ) -> ExtractionResult | None:
     """Claim and compute units until every unit of ``entry`` is written (by anyone).
 
     When nothing is claimable (other jobs hold the rest) this waits, and takes over the units
-    of a job whose claims expire.
+    of a job whose claims expire. ``held``: a unit claimed already, computed first.
     """
     total: ExtractionResult | None = None
+    if held is not None:
+        total = run_extraction(
+            plan, encoder, entry, units=[held], leases=leases, progress=progress, copier=copier
+        )
     while True:
-        part = run_extraction(plan, encoder, entry, leases=leases, progress=progress, prefer=prefer)
+        part = run_extraction(
+            plan, encoder, entry, leases=leases, progress=progress, prefer=prefer, copier=copier
+        )
         total = _merge(total, part)
         if not _wait_for_others(entry, leases, progress):
             return total
@@ -642,6 +886,8 @@ def _compute_rounds(
     ctx: distributed.DistContext,
     progress: ProgressFactory | None,
     prefer: Sequence[int],
+    copier: RowCopier | None = None,
+    held: int | None = None,
 ) -> ExtractionResult | None:
     """:func:`_compute_claimed` for FSDP ranks, which must run their forwards in lockstep.
 
@@ -650,17 +896,19 @@ def _compute_rounds(
     """
     total: ExtractionResult | None = None
     while True:
-        u = leases.claim_unit(entry, prefer)
+        u, held = (held, None) if held is not None else (leases.claim_unit(entry, prefer), None)
         mine = [] if u is None else [u]
-        most = int(ctx.max(len(_unit_batches(entry, mine, plan.request.batch_size))))
-        if most == 0:
+        reuse = copier.plan if copier is not None else None
+        most = int(ctx.max(len(_unit_batches(entry, mine, plan.request.batch_size, reuse))))
+        if most == 0 and int(ctx.max(len(mine))) == 0:
             if int(ctx.max(len(entry.pending_units()))) == 0:
                 return total
             leases.wait_for_units(entry)
             continue
         part = run_extraction(
-            plan, encoder, entry, units=mine, leases=leases, progress=progress, min_forwards=most
-        )
+            plan, encoder, entry, units=mine, leases=leases, progress=progress,
+            min_forwards=most, copier=copier,
+        )  # fmt: skip
         total = _merge(total, part)
 
 
@@ -679,22 +927,20 @@ def _extract_one(
     found = _existing(plan, root)
     if found is not None:
         return ExtractionResult(found, 0, True, 0.0, 0, found.skipped())
-    entry = _open_entry(plan, identity, root)
+    entry, reuse = _open_entry(plan, identity, root)
     if not entry.is_complete and not entry.pending_units():  # its last writer stopped early
         _finish(entry, time.perf_counter() - started, None)
     if entry.is_complete:  # another job finished it just now
         return ExtractionResult(entry, 0, True, 0.0, 0, entry.skipped())
-    ctx = distributed.DistContext(distributed.rank_env({}), plan.device, None)
-    encoder = load_planned_encoder(plan, identity, ctx)
-    plan = _auto_batch(plan, encoder, ctx)
     with _leases(plan, entry) as leases:
-        result = _compute_claimed(plan, encoder, entry, leases, progress)
+        result = _copy_then_compute(plan, identity, entry, leases, RowCopier(root, reuse), progress)
     elapsed = time.perf_counter() - started
     _finish(entry, elapsed, result)
     if result is None or not result.units:  # other jobs wrote every unit meanwhile
         return ExtractionResult(entry, 0, True, elapsed, 0, entry.skipped())
     result.elapsed_s = elapsed
-    result.throughput = _report(plan, identity, result.images_computed, elapsed, 1)
+    if result.images_computed:
+        result.throughput = _report(plan, identity, result.images_computed, elapsed, 1)
     return result
 
 
@@ -718,21 +964,26 @@ def _extract_ranks(
     if ctx.broadcast(found is not None):
         done = FeatureEntry.open(root, plan.key)
         return ExtractionResult(done, 0, True, 0.0, 0, done.skipped(), ctx.rank, ctx.world_size)
-    entry = _open_entry(plan, identity, root)  # the layout is created by exactly one rank
+    entry, reuse = _open_entry(plan, identity, root)  # the layout is made by exactly one rank
     if ctx.broadcast(entry.is_complete):  # another job finished it just now
         ctx.barrier()
         return ExtractionResult(entry, 0, True, 0.0, 0, entry.skipped(), ctx.rank, ctx.world_size)
+    copier = RowCopier(root, reuse)
     encoder = load_planned_encoder(plan, identity, ctx)
     plan = _auto_batch(plan, encoder, ctx)
     share = distributed.assign_units(entry.pending_units(), ctx.rank, ctx.world_size)
     ctx.barrier()  # all ranks start claiming together, each with its own share first
     bar = progress if ctx.is_main else None
     with _leases(plan, entry, ctx.rank) as leases:
+        copied, held = _copy_claimed(plan, entry, leases, copier, bar, share)
         if _is_sharded(encoder):
-            result = _compute_rounds(plan, encoder, entry, leases, ctx, bar, share)
+            result = _compute_rounds(plan, encoder, entry, leases, ctx, bar, share, copier, held)
         else:
-            result = _compute_claimed(plan, encoder, entry, leases, bar, share)
+            result = _compute_claimed(plan, encoder, entry, leases, bar, share, copier, held)
+    if copied is not None:
+        result = _merge(copied, result) if result is not None else copied
     result = result or ExtractionResult(entry, 0, False, 0.0, 0)
+    result.images_copied = int(ctx.sum(result.images_copied))
     images = int(ctx.sum(result.images_computed))
     seconds = ctx.max(result.elapsed_s)
     units_written = int(ctx.sum(result.computed_units))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,7 +52,15 @@ from embedkit.progress import progress_scope
 from embedkit.report.tables import headline
 from embedkit.results import ResultRecord, ResultsDir, ScoreTable, record_id
 from embedkit.results.consistency import check_results_dataset, segmentation_reference
-from embedkit.store import CacheRoot, FeatureEntry, find_entry, list_entries, open_local_copy
+from embedkit.store import (
+    CacheRoot,
+    FeatureEntry,
+    digest_ids,
+    find_entry,
+    list_entries,
+    open_local_copy,
+)
+from embedkit.store.layout import PATCH_POOLING
 from embedkit.store.readcache import ProgressFactory
 from embedkit.versions import package_versions
 
@@ -72,11 +81,43 @@ def _model_name(model: str) -> str:
 
 
 def find_probe_entry(
-    root: CacheRoot, dataset: str, model: str, resolution: int, query: str | None = None
+    root: CacheRoot,
+    dataset: str,
+    model: str,
+    resolution: int,
+    query: str | None = None,
+    ids: Sequence[str] | None = None,
+    patches: bool | None = None,
 ) -> FeatureEntry:
-    """The one complete entry of (dataset, model, resolution), or the one named by ``query``."""
+    """The complete entry of (dataset, model, resolution) to read, or the one named by
+    ``query``; see :func:`select_probe_entry`."""
+    return select_probe_entry(root, dataset, model, resolution, query, ids, patches)[0]
+
+
+def select_probe_entry(
+    root: CacheRoot,
+    dataset: str,
+    model: str,
+    resolution: int,
+    query: str | None = None,
+    ids: Sequence[str] | None = None,
+    patches: bool | None = None,
+) -> tuple[FeatureEntry, str | None]:
+    """The complete entry of (dataset, model, resolution), or the one named by ``query``, and
+    a note saying why it was chosen when several match.
+
+    Of several complete entries, the one whose image list is ``ids`` (the current manifest's
+    dataset) is the current one and is used; older snapshots (superseded, see
+    ``embedkit cache ls``) are left alone. Without ``ids``, or when none or several hold that
+    list, the choice is refused with the candidates listed.
+
+    ``patches``: True keeps only entries storing patch tokens (what a kind on the patch grid
+    reads); False prefers, of otherwise equal candidates, an entry without them (its pooled
+    features are the same; an entry made with ``--patch-tokens`` for segmentation then does not
+    make a linear probe ambiguous); None is False for ties and else no preference.
+    """
     if query is not None:
-        return find_entry(root, query, allow_partial=False)
+        return find_entry(root, query, allow_partial=False), None
     name = _model_name(model)
     matches = [
         s
@@ -91,13 +132,44 @@ def find_probe_entry(
             f"no complete cache entry for {dataset} / {name} / {resolution}px in {root.uri}"
             f"{partial}. Extract it first: {command}"
         )
+    if patches:
+        complete = [s for s in complete if PATCH_POOLING in s.poolings]
+        if not complete:
+            raise CacheNotFoundError(
+                f"no complete cache entry for {dataset} / {name} / {resolution}px in "
+                f"{root.uri} stores patch tokens; extract them: {command} --patch-tokens"
+            )
     if len(complete) > 1:
-        listing = ", ".join(f"{s.digest[:12]} ({s.storage_dtype})" for s in complete)
-        raise CacheNotFoundError(
-            f"{len(complete)} complete entries match {dataset} / {name} / {resolution}px: "
-            f"{listing}; choose one with --entry DIGEST (see `embedkit cache info DIGEST`)"
+        current = [] if ids is None else [s for s in complete if s.ids_digest == digest_ids(ids)]
+        plain = [s for s in current if PATCH_POOLING not in s.poolings]
+        if len(current) > 1 and len(plain) == 1 and not patches:
+            current = plain  # the same pooled features, without the patch grid to skip over
+        if len(current) == 1:
+            others = ", ".join(s.digest[:12] for s in complete if s is not current[0])
+            note = (
+                f"{len(complete)} complete entries match {dataset} / {name} / {resolution}px; "
+                f"used {current[0].digest[:12]}, whose image list is the current manifest's "
+                f"({current[0].n_images} images; not used: {others}, older snapshots: "
+                "`embedkit cache gc --superseded` removes them)"
+            )
+            return find_entry(root, current[0].relpath, allow_partial=False), note
+        listing = ", ".join(
+            f"{s.digest[:12]} ({s.n_images} images, {s.storage_dtype}"
+            + (", superseded" if s.superseded_by else "")
+            + ")"
+            for s in complete
         )
-    return find_entry(root, complete[0].relpath, allow_partial=False)
+        why = (
+            "none of them holds the current manifest's image list"
+            if ids is not None and not current
+            else "they differ in more than their image list"
+        )
+        raise CacheNotFoundError(
+            f"{len(complete)} complete entries match {dataset} / {name} / {resolution}px and "
+            f"{why}: {listing}; choose one with --entry DIGEST (see `embedkit cache info "
+            f"DIGEST`), or extract the current one with `{command}`"
+        )
+    return find_entry(root, complete[0].relpath, allow_partial=False), None
 
 
 def probe_plan(
@@ -200,10 +272,12 @@ def run_probe(
     """
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     root = CacheRoot.from_uri(str(cache) if cache is not None else man.cache)
-    entry = find_probe_entry(
-        root, request.dataset, request.model, request.resolution, request.entry
-    )
     table = man.dataset(request.dataset).load()
+    needs_patches = kind_inputs(get_kind(request.kind)) == "patches"
+    entry, chosen = select_probe_entry(
+        root, request.dataset, request.model, request.resolution, request.entry, table.ids,
+        patches=needs_patches,
+    )  # fmt: skip
     pooling, params, rid, relpath = probe_plan(request, entry, table)
     out = ResultsDir(results)
     # A results folder holding records of another dataset under this name is refused.
@@ -221,6 +295,8 @@ def run_probe(
     kind = get_kind(request.kind)
     fit = _FITS[kind_inputs(kind)](request, entry, table, pooling, progress)
     result, notes = fit.result, fit.notes
+    if chosen is not None:  # which of several entries was read, and why
+        notes.insert(0, chosen)
     record = ResultRecord(
         record_id=rid,
         kind=request.kind,
@@ -491,4 +567,5 @@ __all__ = [
     "probe_plan",
     "render_record",
     "run_probe",
+    "select_probe_entry",
 ]

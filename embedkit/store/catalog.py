@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from rich.table import Table
 from embedkit.errors import CacheNotFoundError
 from embedkit.store.entry import FeatureEntry
 from embedkit.store.index import indexed_summaries
+from embedkit.store.key import CacheKey
 from embedkit.store.layout import (
     COMPLETE_FILE,
     UNITS_DIR,
@@ -25,6 +27,7 @@ __all__ = [
     "EntrySummary",
     "find_entry",
     "list_entries",
+    "mark_superseded",
     "render_entries",
     "render_info",
     "verify_root",
@@ -49,10 +52,20 @@ class EntrySummary:
     bytes_on_disk: int
     created_at: str
     created_by: str
+    #: :meth:`CacheKey.feature_space` of the entry, and the digest of its ordered image ids.
+    feature_space: str = ""
+    ids_digest: str = ""
+    #: When the entry's layout was created (seconds since the epoch; orders snapshots).
+    created_unix: float = 0.0
+    #: Digest of the newer complete entry of the same dataset and feature space that
+    #: supersedes this one ("" if none; see :func:`mark_superseded`).
+    superseded_by: str = ""
 
     @property
     def status(self) -> str:
-        return "complete" if self.complete else f"partial {self.units_done}/{self.units_total}"
+        if not self.complete:
+            return f"partial {self.units_done}/{self.units_total}"
+        return f"superseded by {self.superseded_by[:12]}" if self.superseded_by else "complete"
 
 
 def _summary(root: CacheRoot, relpath: str) -> EntrySummary:
@@ -78,6 +91,9 @@ def _summary(root: CacheRoot, relpath: str) -> EntrySummary:
         bytes_on_disk=root.size_bytes(relpath),
         created_at=str(prov.get("created_at") or attrs.get("created_at", "")),
         created_by=str(by),
+        feature_space=CacheKey.from_dict(key).feature_space(),
+        ids_digest=str(key["ids_digest"]),
+        created_unix=float(attrs.get("created_unix") or 0.0),
     )
 
 
@@ -91,10 +107,44 @@ def _summary_or_none(root: CacheRoot, relpath: str) -> EntrySummary | None:
 
 
 def _from_index(summary: dict[str, Any]) -> EntrySummary | None:
+    if not summary.get("feature_space"):
+        return None  # indexed before feature spaces were summarised: summarise afresh
     try:
-        return EntrySummary(**summary)
+        return replace(EntrySummary(**summary), superseded_by="")
     except TypeError:  # written by another embedkit version: summarise afresh
         return None
+
+
+def _created_order(s: EntrySummary) -> tuple[float, str, str]:
+    return (s.created_unix, s.created_at, s.relpath)
+
+
+def mark_superseded(summaries: Sequence[EntrySummary]) -> list[EntrySummary]:
+    """``summaries`` with :attr:`EntrySummary.superseded_by` set.
+
+    A complete entry is superseded when a complete entry of the same dataset and feature space
+    with another image list was created after it: an older snapshot of that dataset (before
+    images were added, removed or re-filtered). It is set to the newest such entry. Its rows are
+    still served, and copied by new extractions, until ``embedkit cache gc --superseded``
+    removes it.
+    """
+    newest: dict[tuple[str, str], EntrySummary] = {}
+    for s in summaries:
+        if s.complete and s.feature_space:
+            group = (s.dataset, s.feature_space)
+            if group not in newest or _created_order(s) > _created_order(newest[group]):
+                newest[group] = s
+    out = []
+    for s in summaries:
+        latest = newest.get((s.dataset, s.feature_space))
+        superseded = (
+            s.complete
+            and latest is not None
+            and latest.ids_digest != s.ids_digest
+            and _created_order(latest) > _created_order(s)
+        )
+        out.append(replace(s, superseded_by=latest.digest if superseded and latest else ""))
+    return out
 
 
 def list_entries(
@@ -126,7 +176,7 @@ def list_entries(
         found = [s for rp in entry_relpaths(root) if (s := _summary_or_none(root, rp)) is not None]
     return [
         s
-        for s in found
+        for s in mark_superseded(found)
         if (dataset is None or s.dataset == dataset) and (model is None or s.model == model)
     ]
 

@@ -267,8 +267,12 @@ class FeatureEntry:
         *,
         valid: np.ndarray,
         skipped: Sequence[tuple[str, str]] = (),
+        record_extra: Mapping[str, Any] | None = None,
     ) -> PendingUnit:
         """Start writing unit ``u`` (as :meth:`write_unit`); :meth:`PendingUnit.commit` ends it.
+
+        ``record_extra`` adds fields to the unit's completion record (the extraction stores
+        the rows' image fingerprints there, and which rows were copied from which entry).
 
         On local roots the chunks are written by the pool while this returns, so a writer
         can begin unit ``k + 1`` and then commit unit ``k``: the pool then never waits for
@@ -277,7 +281,9 @@ class FeatureEntry:
         another job meanwhile raise from ``commit``, which writes the record only after every
         chunk is written (and synced, with FSYNC).
         """
-        return self._writer.begin_unit(u, arrays, valid=valid, skipped=skipped)
+        return self._writer.begin_unit(
+            u, arrays, valid=valid, skipped=skipped, record_extra=record_extra
+        )
 
     def finalize(self, extra: Mapping[str, object] | None = None) -> bool:
         """Create COMPLETE.json once every unit has its record; the entry is then immutable.

@@ -1,6 +1,6 @@
 """Garbage collection of a cache root (``embedkit cache gc``).
 
-Two rules, each explicit:
+Three rules, each explicit:
 
 * **Abandoned partial entries**: an entry without ``COMPLETE.json`` whose newest object (unit
   record, chunk, metadata, lease, or its ``.lock`` file on local roots) is older than
@@ -11,6 +11,10 @@ Two rules, each explicit:
   ``unused_since``. Readers record use in ``<entry>/last_used.json``, refreshed by the first read
   of an opened entry at most once a day (so the mark is accurate to a day); an entry that was
   never read since that mark existed counts as used when it was completed.
+* **Superseded complete entries** (only when asked): a complete entry for which a later
+  complete entry of the same dataset and feature space exists with another image list (an
+  older snapshot of the dataset; see :func:`embedkit.store.catalog.mark_superseded`). An entry
+  that a partial entry records as a source of copied rows is kept until that entry is complete.
 
 Writers heartbeat their leases every ttl/3, so an entry being written always has a fresh
 object: on every backend the age threshold alone already protects it, and the live-lease check
@@ -22,17 +26,25 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import filelock
 
-from embedkit.store.layout import COMPLETE_FILE, LAST_USED_FILE, LEGACY_COMPLETE_FILE
+from embedkit.store.catalog import list_entries
+from embedkit.store.layout import COMPLETE_FILE, LAST_USED_FILE, LEGACY_COMPLETE_FILE, read_attrs
 from embedkit.store.lease import live_claims
 from embedkit.store.root import CacheRoot
 
-__all__ = ["DEFAULT_PARTIAL_AGE", "GcCandidate", "collect_garbage", "parse_age", "plan_gc"]
+__all__ = [
+    "DEFAULT_PARTIAL_AGE",
+    "GcCandidate",
+    "collect_garbage",
+    "parse_age",
+    "plan_gc",
+    "superseded_entries",
+]
 
 DEFAULT_PARTIAL_AGE = _dt.timedelta(days=7)
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -99,12 +111,16 @@ def _candidate(
     partial_older_than: _dt.timedelta | None,
     unused_since: _dt.datetime | None,
     now: _dt.datetime,
+    superseded: Mapping[str, str] | None = None,
 ) -> GcCandidate | None:
     files = root.entry_files(relpath)
     size = sum(st.size for st in files.values())
     # an entry of layout 1 (an earlier embedkit) is complete too: never an abandoned partial
     complete = files.get(COMPLETE_FILE) or files.get(LEGACY_COMPLETE_FILE)
     if complete is not None:
+        newer = (superseded or {}).get(relpath)
+        if newer:
+            return GcCandidate(relpath, True, f"superseded by {newer[:12]}", complete.mtime, size)
         if unused_since is None:
             return None
         used = _last_used(root, relpath, complete.mtime)
@@ -124,15 +140,36 @@ def _candidate(
     return GcCandidate(relpath, False, f"partial, {idle}", newest, size)
 
 
+def superseded_entries(root: CacheRoot) -> dict[str, str]:
+    """``relpath -> digest of the newer entry`` of every superseded complete entry, except the
+    entries a partial entry records as sources of copied rows (they are kept until it is
+    complete)."""
+    summaries = list_entries(root)
+    in_use: set[str] = set()
+    for s in summaries:
+        if s.complete:
+            continue
+        try:
+            reuse = (read_attrs(root, s.relpath).get("provenance") or {}).get("reuse") or {}
+            in_use.update(str(src["relpath"]) for src in reuse.get("sources", []))
+        except (FileNotFoundError, KeyError, TypeError, ValueError):
+            continue  # removed meanwhile, or not an entry that copies rows
+    return {
+        s.relpath: s.superseded_by for s in summaries if s.superseded_by and s.relpath not in in_use
+    }
+
+
 def plan_gc(
     root: CacheRoot,
     *,
     partial_older_than: _dt.timedelta | None = DEFAULT_PARTIAL_AGE,
     unused_since: _dt.datetime | None = None,
+    superseded: bool = False,
     now: _dt.datetime | None = None,
 ) -> list[GcCandidate]:
     """The entries :func:`collect_garbage` would remove now (locked entries left out)."""
     now = _utc(now or _dt.datetime.now(_dt.UTC))
+    newer = superseded_entries(root) if superseded else None
     out = []
     for relpath in root.glob("*/*/*.zarr"):  # half-created entries (no zarr.json) included
         cand = _candidate(
@@ -141,6 +178,7 @@ def plan_gc(
             partial_older_than=partial_older_than,
             unused_since=unused_since,
             now=now,
+            superseded=newer,
         )
         if cand is None:
             continue
@@ -155,22 +193,29 @@ def collect_garbage(
     *,
     partial_older_than: _dt.timedelta | None = DEFAULT_PARTIAL_AGE,
     unused_since: _dt.datetime | None = None,
+    superseded: bool = False,
     dry_run: bool = False,
     now: _dt.datetime | None = None,
 ) -> list[GcCandidate]:
     """Remove what :func:`plan_gc` finds and return it (with ``dry_run``, only return it).
 
     Each entry is re-checked under its lock right before removal, so one that a writer took up
-    or completed meanwhile is kept. ``partial_older_than=None`` turns the partial rule off.
+    or completed meanwhile is kept. ``partial_older_than=None`` turns the partial rule off;
+    ``superseded`` adds the superseded rule.
     """
     planned = plan_gc(
-        root, partial_older_than=partial_older_than, unused_since=unused_since, now=now
+        root,
+        partial_older_than=partial_older_than,
+        unused_since=unused_since,
+        superseded=superseded,
+        now=now,
     )
     if dry_run or not planned:
         return planned
     root.require_writable("remove entries from")
     removed = []
     now = _utc(now or _dt.datetime.now(_dt.UTC))
+    newer = superseded_entries(root) if superseded else None  # again: a copy may have begun
     for cand in planned:
         with _unless_locked(root, cand.relpath) as free:
             if not free:
@@ -181,6 +226,7 @@ def collect_garbage(
                 partial_older_than=partial_older_than,
                 unused_since=unused_since,
                 now=now,
+                superseded=newer,
             )
             if again is None or again.complete != cand.complete:
                 continue

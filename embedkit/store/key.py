@@ -9,6 +9,12 @@ not the feature values an entry serves (unit checksums are over the decoded valu
 uncompressed and a zstd entry of one key are interchangeable. Each entry records its codec in
 its attributes (``compression``, shown by ``embedkit cache info``) and in each array's
 ``zarr.json``.
+
+A *feature space* (:meth:`CacheKey.feature_space`) is the key without what depends only on
+which images are in the entry (:data:`IMAGE_LIST_FIELDS`: the dataset name, the id list, the
+images' content fingerprint and their number). Two entries of one feature space hold the same
+features for the same image bytes, so a new entry copies such rows from a complete one instead
+of computing them (:mod:`embedkit.store.reuse`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from embedkit.errors import InvalidKeyError
 __all__ = [
     "COMPUTE_DTYPES",
     "FEATURE_FORMAT_VERSION",
+    "IMAGE_LIST_FIELDS",
     "STORAGE_DTYPES",
     "CacheKey",
     "InvalidKeyError",
@@ -39,6 +46,9 @@ __all__ = [
 FEATURE_FORMAT_VERSION = 2
 COMPUTE_DTYPES = frozenset({"fp32", "bf16", "fp16"})
 STORAGE_DTYPES = frozenset({"float16", "float32"})
+#: The key fields that depend only on which images an entry holds; every other field is part
+#: of the entry's feature space (:meth:`CacheKey.feature_space`).
+IMAGE_LIST_FIELDS = frozenset({"dataset", "ids_digest", "content_digest", "n_images"})
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _POOLING = re.compile(r"^[a-z0-9_]+$")
@@ -197,6 +207,16 @@ class CacheKey:
     def digest(self) -> str:
         """sha256 hex of the canonical JSON of all fields."""
         return hashlib.sha256(canonical_json(self.to_dict()).encode("utf-8")).hexdigest()
+
+    def feature_space(self) -> str:
+        """sha256 hex of the canonical JSON of the fields outside :data:`IMAGE_LIST_FIELDS`:
+        model, weights fingerprint, resolution, preprocessing, dtypes, poolings, format version.
+
+        Entries with equal feature spaces hold equal features for equal image bytes (whatever
+        their dataset or image list), so rows can be copied between them.
+        """
+        d = {k: v for k, v in self.to_dict().items() if k not in IMAGE_LIST_FIELDS}
+        return hashlib.sha256(canonical_json(d).encode("utf-8")).hexdigest()
 
     def short(self) -> str:
         """The first 16 hex characters of :meth:`digest`."""

@@ -374,9 +374,11 @@ class EntryWriter:
         *,
         valid: np.ndarray,
         skipped: Sequence[tuple[str, str]] = (),
+        record_extra: Mapping[str, Any] | None = None,
     ) -> PendingUnit:
         """Check the arguments, cast the arrays and start writing unit ``u``; see
-        :meth:`FeatureEntry.begin_unit`."""
+        :meth:`FeatureEntry.begin_unit`. ``record_extra``: more fields of the unit's record
+        (e.g. the rows' image fingerprints and where copied rows came from)."""
         lay = self.layout
         if not lay.writable:
             raise CacheWriteError(
@@ -436,6 +438,7 @@ class EntryWriter:
         targets[VALID_ARRAY] = np.ascontiguousarray(valid)
         layouts = {name: lay.chunk_layout(name) for name in targets}
         pending = PendingUnit(self, u, arrays, stored, targets, valid, skipped)
+        pending.record_extra = dict(record_extra or {})
         try:
             if all(layouts.values()):  # the pool scans and writes each chunk
                 pending.submit(layouts)  # type: ignore[arg-type]
@@ -558,6 +561,8 @@ class PendingUnit:
         self._writes: list[Future[list[Path]]] = []
         self._bad: list[str] | None = None  # set once the data are written (fsspec roots)
         self._committed = False
+        #: Fields added to the unit's record (set by ``begin_unit``).
+        self.record_extra: dict[str, Any] = {}
 
     def submit(self, layouts: Mapping[str, ChunkLayout]) -> None:
         """Hand every chunk of the unit to the pool: a write job and a scan job each."""
@@ -643,4 +648,5 @@ class PendingUnit:
             "written_at": now_iso(),
             "writer": writer_identity(),
         }
+        record.update({k: v for k, v in self.record_extra.items() if k not in record})
         self.writer.commit_record(u, record)

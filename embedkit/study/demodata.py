@@ -78,6 +78,10 @@ def _existing_spec(folder: Path) -> dict[str, Any] | None:
     return asdict(DemoSpec(n_patients=len(patients), images_per_patient=per_patient, size=size))
 
 
+def _without_patients(spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in spec.items() if k != "n_patients"}
+
+
 def ensure_demo_data(
     config: DatasetConfig,
     spec: DemoSpec,
@@ -86,17 +90,25 @@ def ensure_demo_data(
 ) -> bool:
     """Generate the demo images ``config`` points at, unless they are there; True if it wrote.
 
-    Resumable (images on disk are kept, the index comes last). Data of another spec in the same
+    Resumable (images on disk are kept, the index comes last). Another number of patients
+    grows (or shrinks) the data in place: every patient's images come from a generator seeded
+    by that patient alone, so the images on disk stay as they are (not rewritten: same bytes,
+    same mtime, so a later extraction copies their features and computes only the new
+    patients' images) and only the missing ones are drawn; the index then lists exactly the
+    asked-for patients. Data of another image size, images per patient or seed in the same
     folder is refused rather than mixed: the spec is kept in ``demo-spec.json``.
     """
     folder = demo_folder(config)
     found = _existing_spec(folder)
     wanted = asdict(spec)
     if found is not None and found != wanted:
-        raise ConfigError(
-            f"{folder} holds demo data generated with {found}, not {wanted}; delete the "
-            "folder, or ask for the same settings"
-        )
+        if _without_patients(found) != _without_patients(wanted):
+            raise ConfigError(
+                f"{folder} holds demo data generated with {found}, not {wanted}; only the "
+                "number of patients can change in place: delete the folder, or ask for the "
+                "same size, images per patient and seed"
+            )
+        found = None  # another number of patients: draw the missing images, rewrite the index
     if found is not None and (folder / "index.csv").is_file():
         (folder / _SPEC_FILE).write_text(json.dumps(wanted))
         return False

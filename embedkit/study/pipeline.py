@@ -508,7 +508,8 @@ def _estimate(ctx: Context, step: Step) -> str:
 
 def _status(ctx: Context, step: Step) -> str:
     from embedkit.probes.run import find_probe_entry, probe_plan
-    from embedkit.store import CacheRoot
+    from embedkit.store import CacheRoot, digest_ids
+    from embedkit.store.layout import PATCH_POOLING
 
     if step.dataset in ctx.missing:
         return "no data"
@@ -528,10 +529,20 @@ def _status(ctx: Context, step: Step) -> str:
         res = validate_resolution(target, res, snap=snap)
     if "://" not in ctx.cache and not Path(ctx.cache).exists():
         return "to run"  # planning never creates the cache folder
+    try:  # the current image list picks among snapshots (unknown while the data is missing)
+        ids: tuple[str, ...] | None = tuple(ctx.table(step.dataset).ids)
+    except (EmbedkitError, OSError):
+        ids = None
+    patches = _block_patches(ctx, step)  # the entry this block's extract step makes
     try:
-        entry = find_probe_entry(CacheRoot.from_uri(ctx.cache), step.dataset, step.model, res)
+        entry = find_probe_entry(CacheRoot.from_uri(ctx.cache), step.dataset, step.model, res,
+                                 None, ids, patches)  # fmt: skip
     except CacheNotFoundError:
         return "to run"
+    if ids is not None and entry.key.ids_digest != digest_ids(ids):
+        return "to run"  # an older snapshot only: extraction copies its rows, computes the rest
+    if (PATCH_POOLING in entry.poolings) != patches:
+        return "to run"  # the block's entry (with or without patch tokens) is not there yet
     if step.action == "extract":
         return "cached"
     if step.action == "probe":
@@ -539,6 +550,14 @@ def _status(ctx: Context, step: Step) -> str:
         *_, relpath = probe_plan(request, entry, ctx.table(step.dataset))
         return "done" if (ctx.results / relpath).with_suffix(".json").is_file() else "to run"
     return "to run"
+
+
+def _block_patches(ctx: Context, step: Step) -> bool:
+    """Whether the extract step of ``step``'s block stores patch tokens."""
+    for block in ctx.pipeline.spec.blocks:
+        if block.name == step.block:
+            return bool(step_values(block.extract).get("patch_tokens"))
+    return False
 
 
 def _effective_resolution(step: Step, snap: bool) -> int:

@@ -142,8 +142,8 @@ def test_ensure_demo_data_generates_once_and_refuses_another_spec(
     assert ensure_demo_data(config, spec) is True
     assert _digest(tmp_path / "images") == _digest(demo_dir / "images")
     assert ensure_demo_data(config, spec) is False  # found: nothing rewritten
-    with pytest.raises(ConfigError, match=r"generated with .*'n_patients': 8.*delete the folder"):
-        ensure_demo_data(config, DemoSpec(n_patients=9, images_per_patient=3, size=128))
+    with pytest.raises(ConfigError, match=r"generated with .*'size': 128.*delete the folder"):
+        ensure_demo_data(config, DemoSpec(n_patients=9, images_per_patient=3, size=96))
 
 
 def test_demo_data_from_before_the_spec_file_is_recognised(tmp_path: Path) -> None:
