@@ -62,7 +62,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_demo_builds_checks_and_extracts_two_resolutions(demo_run: Path) -> None:
     entries = sorted(p.name for p in demo_run.glob("cache/demo/*/*.zarr"))
-    assert len(entries) == 2 and entries[0].startswith("224px-") and entries[1].startswith("512px-")
+    # 224 and 512 px, and 224 px with patch tokens for the segmentation probe
+    assert [e[:6] for e in entries] == ["224px-", "224px-", "512px-"]
     assert all((p / COMPLETE_FILE).is_file() for p in demo_run.glob("cache/demo/*/*.zarr"))
 
 
@@ -71,14 +72,14 @@ def test_cache_ls_info_verify_and_corruption(
 ) -> None:
     manifest = str(demo_run / "manifest.yaml")
     code, output = _run(["cache", "ls", "--manifest", manifest], capsys)
-    assert code == 0 and output.count("complete") == 2
+    assert code == 0 and output.count("complete") == 3
     code, output = _run(["cache", "ls", "--json", "--manifest", manifest], capsys)
     rows = json.loads(output)
-    assert code == 0 and sorted(r["resolution"] for r in rows) == [224, 512]
+    assert code == 0 and sorted(r["resolution"] for r in rows) == [224, 224, 512]
     code, output = _run(["cache", "info", rows[0]["digest"][:8], "--manifest", manifest], capsys)
     assert code == 0 and "test/tiny-dinov3-vit" in output
     code, output = _run(["cache", "verify", "--manifest", manifest], capsys)
-    assert code == 0 and "2 ok, 0 with problems" in output
+    assert code == 0 and "3 ok, 0 with problems" in output
 
     # Flip bytes of one stored chunk behind the store's back: verify must name the entry.
     chunk = next(p for p in (demo_run / "cache").rglob("cls/c.*") if p.is_file())
@@ -123,7 +124,7 @@ def _first_chunk(entry: Path, array: str = "cls") -> Path:
 def test_cache_verify_survives_anything_in_one_entry(
     damaged_cache: tuple[Path, list[Path]], damage: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cache, (bad, good) = damaged_cache
+    cache, (bad, good, *_) = damaged_cache
     if damage == "bad json":
         (bad / "zarr.json").write_text("{")
     elif damage == "bad array metadata":
@@ -131,7 +132,7 @@ def test_cache_verify_survives_anything_in_one_entry(
     else:
         shutil.rmtree(bad / "valid")
     code, output = _run(["cache", "verify", "--cache", str(cache)], capsys)
-    assert code == 1 and "1 ok, 1 with problems" in output and "Traceback" not in output
+    assert code == 1 and "2 ok, 1 with problems" in output and "Traceback" not in output
     assert f"ok  {good.relative_to(cache).as_posix()}" in output
     assert "embedkit cache repair" in output
     digest = bad.name.rsplit("-", 1)[-1].removesuffix(".zarr")[:8]
@@ -147,7 +148,7 @@ def test_cache_repair_restores_a_flipped_chunk_from_the_cli(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_run.parent / "xdg"))  # the demo's models
-    cache, (entry, _) = damaged_cache
+    cache, (entry, *_) = damaged_cache
     chunk = _first_chunk(entry)
     good = chunk.read_bytes()
     chunk.write_bytes(bytes([good[0] ^ 1]) + good[1:])
@@ -159,7 +160,7 @@ def test_cache_repair_restores_a_flipped_chunk_from_the_cli(
     assert "repaired" in output and "Traceback" not in output
     assert chunk.read_bytes() == good
     code, output = _run(["cache", "verify", *args], capsys)
-    assert code == 0 and "2 ok, 0 with problems" in output
+    assert code == 0 and "3 ok, 0 with problems" in output
 
 
 def test_probe_on_a_damaged_entry_exits_non_zero_naming_the_repair(
@@ -169,7 +170,9 @@ def test_probe_on_a_damaged_entry_exits_non_zero_naming_the_repair(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     cache, entries = damaged_cache
-    entry = next(e for e in entries if e.name.startswith("224px-"))
+    # the 224 px entry a kNN probe reads: the one without patch tokens (the other is the
+    # segmentation step's)
+    entry = next(e for e in entries if e.name.startswith("224px-") and not (e / "patch").exists())
     _first_chunk(entry).unlink()  # a deleted chunk: never read as zeros
     model = json.loads((entry / "zarr.json").read_text())["attributes"]["key"]["model"]
     code, output = _run(

@@ -174,9 +174,11 @@ def test_demo_options_override_the_demo_pipeline() -> None:
                             workers=0)  # fmt: skip
     demo = changed.spec.demo_data
     assert demo is not None and (demo.patients, demo.size, demo.images_per_patient) == (7, 256, 3)
-    frozen, tuned = changed.spec.blocks
-    assert frozen.models == tuned.models == ("test/tiny-dinov2",)
-    assert frozen.resolutions == (112, 56) and tuned.resolutions == (56,)
+    frozen, segmentation, tuned = changed.spec.blocks
+    assert frozen.models == segmentation.models == tuned.models == ("test/tiny-dinov2",)
+    # what trains a network (finetuning, a head on patch tokens) runs at the smallest only
+    assert frozen.resolutions == (112, 56)
+    assert segmentation.resolutions == tuned.resolutions == (56,)
     assert frozen.extract.model_dump()["workers"] == 0
     assert tuned.finetune[0].model_dump()["options"]["num_workers"] == 0
     with pytest.raises(ConfigError, match=r"blocks\[0\]\.models\[0\]"):

@@ -257,7 +257,7 @@ def test_growing_the_demo_data_keeps_its_files_and_computes_only_new_images(
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob("images/*/*.png")}
     assert ensure_demo_data(config, DemoSpec(n_patients=6, images_per_patient=3, size=96))
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob("images/*/*.png")}
-    assert len(after) == 18 and all(after[p] == v for p, v in before.items())
+    assert len(after) == 36 and all(after[p] == v for p, v in before.items())  # + label maps
     # Grown data equals data drawn for 6 patients at once (each patient seeds its own images).
     fresh = tmp_path / "fresh"
     generate_demo(fresh, DemoSpec(n_patients=6, images_per_patient=3, size=96))

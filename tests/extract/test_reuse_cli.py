@@ -15,6 +15,7 @@ import yaml
 
 from embedkit.data.demo import DemoSpec, generate_demo
 from embedkit.store import CacheRoot, FeatureEntry, list_entries
+from embedkit.store.layout import UNITS_DIR
 from embedkit.study.demodata import demo_dataset_config
 
 from ..conftest import cli_env, run_cli
@@ -57,7 +58,7 @@ def test_sigkill_during_a_reuse_heavy_extraction_resumes_to_the_same_bytes(
     (first,) = [s.relpath for s in list_entries(root)]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        written = [p for p in cache.glob("*/*/*.zarr/units/*.json") if not str(p).count(first)]
+        written = [p for p in cache.glob(f"*/*/*.zarr/{UNITS_DIR}/*.json") if first not in str(p)]
         if len(written) >= 10:  # the 9 copied units and a computed one
             break
         time.sleep(0.01)
