@@ -790,7 +790,9 @@ def probe(
             **_choice(probe_kinds()),
             help="linear: logistic regression, C chosen on val (DINOv2 grid); knn: cosine kNN, "
             "k chosen on val; fewshot: 1-16 examples per class/label, 5 draws; sgd: the "
-            "DINOv2/DINOv3 linear-eval SGD heads, lr chosen on val.",
+            "DINOv2/DINOv3 linear-eval SGD heads, lr chosen on val; segmentation: a linear head "
+            "on the patch tokens (extract --patch-tokens) against the label maps of the "
+            "manifest's `mask` column, lr chosen on val, Dice/IoU (HD95 for volumes).",
         ),
     ],
     model: Annotated[
@@ -801,8 +803,9 @@ def probe(
     pooling: Annotated[
         str | None,
         typer.Option(
-            help="cls, mean, cls+mean (pooled, pooled+mean for ConvNeXt). Default: cls+mean for "
-            "linear and few-shot, cls for kNN."
+            help="cls, mean, cls+mean (pooled, pooled+mean for ConvNeXt), patch (the token "
+            "grid). Default: cls+mean for linear and few-shot, cls for kNN, patch for "
+            "segmentation."
         ),
     ] = PROBE["pooling"],
     entry: Annotated[

@@ -600,7 +600,9 @@ def _run_probe(ctx: Context, step: Step) -> str:
             cache=ctx.cache,
             results=ctx.results,
             local_cache=ctx.local_cache,
-            progress=lambda total, desc: rich_progress(total, f"  {desc}", console=ctx.console),
+            progress=lambda total, desc: rich_progress(
+                total, f"  {desc}", console=ctx.console, unit="unit"
+            ),
         )
     return "done (reused)" if outcome.reused else "done"
 
